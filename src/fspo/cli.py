@@ -1,0 +1,60 @@
+"""The `fspo` command: one sub-command per stage, plus `quickstart`.
+
+Each stage owns its typer sub-app in its own package (`fspo/<stage>/cli.py`); this module only
+assembles them and turns `UserError`s into one clear line (exit status 2) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from fspo.errors import UserError
+
+app = typer.Typer(
+    name="fspo",
+    help="Few-Shot Preference Optimization: personalize an LLM to each user from a few preferences.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    from fspo.data.cli import app as data_app
+    from fspo.eval.cli import register as register_eval
+    from fspo.models.cli import app as model_app
+    from fspo.sim.cli import app as sim_app
+    from fspo.synth.cli import app as synth_app
+    from fspo.train.cli import app as train_app
+
+    app.add_typer(data_app, name="data")
+    app.add_typer(sim_app, name="sim")
+    app.add_typer(synth_app, name="synth")
+    app.add_typer(model_app, name="model")
+    app.add_typer(train_app, name="train")
+    register_eval(app)  # adds `eval`, `generate`, `report`
+
+
+_register()
+
+
+@app.command()
+def quickstart(
+    out: str = typer.Option("runs/quickstart", help="Folder for every stage's outputs (cached, resumable)."),
+    profile: str = typer.Option("default", help="Size profile: 'default' (~15 min) or 'tiny' (a smoke run)."),
+    force: bool = typer.Option(False, help="Ignore cached stage outputs and redo everything."),
+) -> None:
+    """The whole pipeline on the embedded default model; prints the results table."""
+    from fspo.quickstart import run_quickstart
+
+    run_quickstart(out=out, profile=profile, force=force)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
+        sys.exit(2)

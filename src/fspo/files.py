@@ -1,0 +1,113 @@
+"""Atomic writes and crash-safe append logs, used by every stage that writes files.
+
+Why hand-written: the stdlib gives the pieces (`os.replace`, `fsync`) but not the policy. A reader
+must never see a half-written output file, and an append log killed mid-line (even by `kill -9`)
+must be readable afterwards: a torn last line is dropped on open and its work redone, never half-kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
+    """Open a temporary file beside `path`; on success fsync it and rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def atomic_write_jsonl(path: str | Path, rows: Iterable[Any]) -> int:
+    n = 0
+    with atomic_open(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            n += 1
+    return n
+
+
+class AppendLog:
+    """A JSONL file that only grows, one complete line per record, safe against kills.
+
+    On open, a torn final line (no trailing newline, or not valid JSON) is cut off, so the log
+    holds only whole records. `append` writes one line and flushes it (fsync every `sync_every`).
+    """
+
+    def __init__(self, path: str | Path, sync_every: int = 1):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair()
+        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._sync_every = max(1, sync_every)
+        self._pending = 0
+
+    def _repair(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            if not data:
+                return
+            keep = len(data)
+            if not data.endswith(b"\n"):
+                keep = data.rfind(b"\n") + 1
+            else:
+                last_start = data.rfind(b"\n", 0, len(data) - 1) + 1
+                try:
+                    json.loads(data[last_start:])
+                except ValueError:
+                    keep = last_start
+            if keep != len(data):
+                f.truncate(keep)
+
+    def read(self) -> Iterator[Any]:
+        """Every whole record, in order (streamed: works for logs larger than memory)."""
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)
+
+    def append(self, record: Any) -> None:
+        self._f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        self._f.flush()
+        self._pending += 1
+        if self._pending >= self._sync_every:
+            os.fsync(self._f.fileno())
+            self._pending = 0
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+
+    def __enter__(self) -> AppendLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
