@@ -1,7 +1,173 @@
-"""The `fspo data` sub-commands."""
+"""The `fspo data` sub-commands: import released datasets, sample episodes, validate, convert.
+
+A data folder holds ``preferences.jsonl`` and ``users.jsonl`` (Parquet accepted); an episode
+folder holds ``train.jsonl``, ``test_seen.jsonl``, ``test_unseen.jsonl`` and ``meta.json``.
+"""
 
 from __future__ import annotations
 
-import typer
+from pathlib import Path
 
-app = typer.Typer(help="data stage", no_args_is_help=True)
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fspo.data.schema import RECORD_TYPES
+
+app = typer.Typer(
+    help="Data: import released datasets, sample few-shot episodes, validate, convert.", no_args_is_help=True
+)
+
+# soft_wrap: never break a 'file:line: field' message in the middle of a path.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def _note(message: str) -> None:
+    err_console.print(f"[yellow]note:[/] {message}", highlight=False)
+
+
+@app.command("import")
+def import_(
+    file: Path = typer.Argument(..., help="The released dataset file (.jsonl, .parquet or .csv)."),
+    format: str = typer.Option(..., "--format", "-f", help="Its schema: roleplay, review or elix."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Data folder to write (preferences.jsonl, users.jsonl)."
+    ),
+    scorer_match: bool = typer.Option(
+        True, help="ELIX: keep only rows whose scorer_level wrote one of the two answers (official filter)."
+    ),
+) -> None:
+    """Import one of the FSPO paper's released datasets into a data folder."""
+    from fspo.data.adapters import import_released
+    from fspo.data.io import write_dataset_dir
+
+    result = import_released(file, format, scorer_match=scorer_match)
+    for note in result.notes:
+        _note(note)
+    n_prefs, n_users = write_dataset_dir(out, result.preferences, result.users)
+    console.print(f"imported {n_prefs} preferences of {n_users} users from {result.rows} rows into {out}")
+
+
+@app.command()
+def episodes(
+    data: Path = typer.Option(
+        ..., "--data", "-d", help="Data folder with preferences.jsonl and users.jsonl."
+    ),
+    shots: int = typer.Option(..., "--shots", "-n", help="Shots (labeled preferences) per episode."),
+    out: Path = typer.Option(..., "--out", "-o", help="Episode folder to write."),
+    seed: int = typer.Option(0, help="Random seed; the same seed gives the same episodes."),
+    test_user_fraction: float = typer.Option(
+        0.2, help="Share of users (without metadata.split) held out as unseen test users."
+    ),
+    heldout_per_user: int = typer.Option(2, help="Questions per training user held out for test_seen."),
+    train_passes: int | None = typer.Option(
+        None, help="Passes over each training user; default 2*(shots+1)."
+    ),
+    test_passes: int = typer.Option(1, help="Passes for the test splits."),
+    skip_invalid: bool = typer.Option(False, help="Skip invalid records (and list them) instead of failing."),
+) -> None:
+    """Sample few-shot episodes (train, test_seen, test_unseen) from a data folder."""
+    from fspo.data.episodes import SPLITS, build_episodes, write_episodes
+    from fspo.data.io import read_dataset_dir
+
+    prefs, users, reports = read_dataset_dir(data, skip_invalid=skip_invalid)
+    for rep in reports:
+        if rep.skipped:
+            _note(rep.summary())
+    result = build_episodes(
+        prefs,
+        users,
+        shots=shots,
+        train_passes=train_passes,
+        test_passes=test_passes,
+        test_user_fraction=test_user_fraction,
+        heldout_per_user=heldout_per_user,
+        seed=seed,
+    )
+    for line in result.report.lines(shots):
+        _note(line)
+    meta = {
+        "source": str(data),
+        "seed": seed,
+        "shots": shots,
+        "train_passes": 2 * (shots + 1) if train_passes is None else train_passes,
+        "test_passes": test_passes,
+        "test_user_fraction": test_user_fraction,
+        "heldout_per_user": heldout_per_user,
+        "skipped_invalid_records": sum(r.skipped for r in reports),
+    }
+    write_episodes(out, result, meta)
+    rep = result.report
+    users_per_split = {
+        "train": len(rep.train_users),
+        "test_seen": len({e.user_id for e in result["test_seen"]}),
+        "test_unseen": len(rep.test_users),
+    }
+    table = Table(title=f"episodes ({shots} shots, seed {seed}) in {out}")
+    table.add_column("split")
+    table.add_column("users", justify="right")
+    table.add_column("episodes", justify="right")
+    for split in SPLITS:
+        table.add_row(split, str(users_per_split[split]), str(len(result[split])))
+    console.print(table)
+
+
+@app.command()
+def validate(
+    file: Path = typer.Argument(..., help="A .jsonl/.json/.parquet file of records."),
+    kind: str = typer.Option(..., "--kind", "-k", help="Record kind: preference, user or episode."),
+    skip_invalid: bool = typer.Option(False, help="Report invalid records instead of failing."),
+) -> None:
+    """Check every record of a file; exit status 2 and a list of 'file:line: field: message' if bad."""
+    from fspo.data.io import read_records_with_report
+    from fspo.errors import UserError
+
+    if kind not in RECORD_TYPES:
+        raise UserError(f"--kind must be one of {', '.join(RECORD_TYPES)}, got {kind!r}")
+    _, report = read_records_with_report(file, RECORD_TYPES[kind], skip_invalid=skip_invalid)  # type: ignore[arg-type]
+    if report.skipped:
+        _note(report.summary())
+    console.print(
+        f"{file}: {report.valid} valid {kind} records"
+        + (f", {report.skipped} invalid" if report.skipped else "")
+    )
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="Input file (.jsonl/.json/.parquet)."),
+    dst: Path = typer.Argument(..., help="Output file (.jsonl/.json/.parquet)."),
+    kind: str | None = typer.Option(
+        None, "--kind", "-k", help="preference, user or episode; guessed from the file name if omitted."
+    ),
+    skip_invalid: bool = typer.Option(False, help="Skip invalid records (and list them) instead of failing."),
+) -> None:
+    """Convert a record file between JSONL and Parquet (records are validated on the way)."""
+    from fspo.data.io import read_records_with_report, write_records
+    from fspo.errors import UserError
+
+    kind = kind or _guess_kind(src)
+    if kind not in RECORD_TYPES:
+        raise UserError(f"--kind must be one of {', '.join(RECORD_TYPES)}, got {kind!r}")
+    if src.resolve() == dst.resolve():
+        raise UserError(f"{dst}: input and output are the same file")
+    records, report = read_records_with_report(src, RECORD_TYPES[kind], skip_invalid=skip_invalid)  # type: ignore[arg-type]
+    if report.skipped:
+        _note(report.summary())
+    n = write_records(dst, records)
+    console.print(f"wrote {n} {kind} records to {dst}")
+
+
+def _guess_kind(path: Path) -> str:
+    """preferences.* -> preference, users.* -> user, train/test_*.* -> episode."""
+    from fspo.errors import UserError
+
+    stem = path.stem.lower()
+    if "pref" in stem:
+        return "preference"
+    if "user" in stem:
+        return "user"
+    if "episode" in stem or stem in ("train", "test_seen", "test_unseen"):
+        return "episode"
+    raise UserError(f"{path}: cannot tell the record kind from the name; pass --kind preference|user|episode")

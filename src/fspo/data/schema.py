@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 NonEmpty = Field(min_length=1)
 
@@ -39,11 +39,14 @@ class Preference(_Record):
     rejected: str = NonEmpty
     metadata: dict[str, Any] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _answers_differ(self) -> Preference:
-        if self.chosen.strip() == self.rejected.strip():
+    @field_validator("rejected", mode="after")
+    @classmethod
+    def _answers_differ(cls, rejected: str, info: ValidationInfo) -> str:
+        # A field validator (not a model one) so that the error names the field: 'rejected'.
+        chosen = info.data.get("chosen")
+        if isinstance(chosen, str) and chosen.strip() == rejected.strip():
             raise ValueError("chosen and rejected answers are identical")
-        return self
+        return rejected
 
 
 class User(_Record):

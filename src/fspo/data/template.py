@@ -51,7 +51,8 @@ TASK_RAT_PREFERRED = (
     "Then, generate a preferred response to the following question."
 )
 TASK_RAT = (
-    "Generate a user description based on the examples above. Then, generate a response to the following question."
+    "Generate a user description based on the examples above. "
+    "Then, generate a response to the following question."
 )
 TASK_PREFERRED = "Given the examples above, generate a preferred response to the following question."
 TASK_PLAIN = "Given the examples above, generate a response to the following question."
@@ -126,7 +127,9 @@ def render_context(
     parts.append(QUESTION + question.strip() + "\n")
     if options.description is DescriptionMode.PROMPT:
         if not description:
-            raise ValueError("description mode 'prompt' (teacher-forced RAT / oracle) needs a user description")
+            raise ValueError(
+                "description mode 'prompt' (teacher-forced RAT / oracle) needs a user description"
+            )
         parts.append(DESCRIPTION + description.strip() + "\n")
     return "".join(parts)
 

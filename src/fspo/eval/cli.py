@@ -1,10 +1,204 @@
-"""The `fspo eval`, `fspo generate` and `fspo report` commands."""
+"""The `fspo eval`, `fspo generate` and `fspo report` commands (thin wrappers over the Python API)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from fspo.errors import UserError
+
+console = Console()
+
+
+def _parse_shots(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise UserError(
+            f"--shots: expected comma-separated integers such as 0,1,2,4,8, got {text!r}"
+        ) from err
+    if not values or any(v < 0 for v in values):
+        raise UserError(f"--shots: expected non-negative integers, got {text!r}")
+    return values
+
+
+def accuracy(
+    model: Path = typer.Option(..., help="Model folder (the policy)."),
+    episodes: Path = typer.Option(..., help="Episodes folder (test_seen + test_unseen) or an episode file."),
+    ref: Path | None = typer.Option(
+        None, help="Reference model folder; without it, plain log-likelihood ranking."
+    ),
+    shots: str = typer.Option("0,1,2,4,8", help="Numbers of shots, comma-separated."),
+    beta: float = typer.Option(1.0, help="Implicit-reward scale (changes no ranking; recorded)."),
+    batch_size: int = typer.Option(8, min=1),
+    max_episodes: int | None = typer.Option(None, help="At most this many episodes per split (quick runs)."),
+    out: Path = typer.Option(Path("accuracy.json"), help="Output JSON."),
+) -> None:
+    """Preference accuracy of the model's implicit reward, per split, vs the number of shots."""
+    from fspo.eval.accuracy import accuracy_curve, group_by_split
+    from fspo.eval.records import load_test_episodes
+    from fspo.files import atomic_write_json
+    from fspo.models.loading import load_model, load_tokenizer
+
+    ks = _parse_shots(shots)
+    groups = group_by_split(load_test_episodes(episodes))
+    if max_episodes is not None:
+        groups = {s: eps[:max_episodes] for s, eps in groups.items()}
+    tokenizer = load_tokenizer(model)
+    result = accuracy_curve(
+        load_model(model),
+        tokenizer,
+        groups,
+        ks,
+        ref_model=load_model(ref) if ref else None,
+        beta=beta,
+        batch_size=batch_size,
+        model_name=str(model),
+    )
+    atomic_write_json(out, result)
+    table = Table(title=f"Preference accuracy ({result['scoring']})")
+    table.add_column("split")
+    for k in ks:
+        table.add_column(f"{k} shots")
+    for split, points in result["splits"].items():
+        table.add_row(
+            split,
+            *[f"{p['accuracy']:.3f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}] n={p['n']}" for p in points],
+        )
+    console.print(table)
+    if result["scoring"] == "log_likelihood":
+        console.print("[yellow]no --ref: pairs ranked by plain log-likelihood, not an implicit reward[/]")
+    console.print(f"wrote {out}")
+
+
+def winrate(
+    a: Path = typer.Option(..., "--a", help="Generations of the system under test (JSONL)."),
+    b: Path = typer.Option(..., "--b", help="Generations of the opponent, e.g. the base model (JSONL)."),
+    users: Path = typer.Option(..., help="Users file (descriptions; sim metadata for the exact judge)."),
+    judge: str = typer.Option("exact", help="exact | openai | local"),
+    judge_model: str | None = typer.Option(None, help="openai: model name; local: model folder."),
+    base_url: str | None = typer.Option(None, help="openai: endpoint (default: FSPO_JUDGE_BASE_URL/OpenAI)."),
+    cache: Path | None = typer.Option(None, help="openai: verdict cache (JSONL); default beside --out."),
+    workers: int = typer.Option(4, min=1, help="openai: concurrent requests."),
+    price_prompt: float = typer.Option(0.0, help="openai: USD per million prompt tokens (cost counter)."),
+    price_completion: float = typer.Option(0.0, help="openai: USD per million completion tokens."),
+    system: str | None = typer.Option(None, help="Name of system A (default: from the records)."),
+    opponent: str | None = typer.Option(None, help="Name of system B (default: from the records)."),
+    out: Path = typer.Option(Path("winrate.json"), help="Output JSON (results, per-pair scores, usage)."),
+) -> None:
+    """Win rate of A against B, judged pair by pair (ties count half), with a Wilson CI."""
+    from fspo.eval.judges import JUDGES
+    from fspo.eval.winrates import winrate as run_winrate
+
+    options: dict = {}
+    if judge == "openai":
+        options = {
+            "model": judge_model,
+            "base_url": base_url,
+            "cache_path": cache or out.with_suffix(".cache.jsonl"),
+            "price_prompt_per_mtok": price_prompt,
+            "price_completion_per_mtok": price_completion,
+        }
+    elif judge == "local":
+        options = {"model_path": judge_model}
+    elif judge not in JUDGES:
+        raise UserError(f"unknown judge {judge!r}; known judges: {', '.join(JUDGES)}")
+    result = run_winrate(
+        a, b, users, judge, system=system, opponent=opponent, judge_options=options, workers=workers, out=out
+    )
+    table = Table(title=f"{result.results[0].system} vs {result.results[0].opponent} (judge: {judge})")
+    for col in ("split", "win rate", "95% CI", "n", "W/T/L"):
+        table.add_column(col)
+    for r in result.results:
+        table.add_row(
+            r.split,
+            f"{r.win_rate:.3f}",
+            f"[{r.ci_low:.3f}, {r.ci_high:.3f}]",
+            str(r.n),
+            f"{r.wins}/{r.ties}/{r.losses}",
+        )
+    console.print(table)
+    if result.usage:
+        console.print(f"judge usage: {result.usage}")
+    console.print(f"wrote {out}")
+
+
+def generate(
+    model: Path = typer.Option(..., help="Model folder."),
+    episodes: Path = typer.Option(..., help="Episode file, or episodes folder (its test splits)."),
+    out: Path = typer.Option(..., help="Output JSONL (resumes if it or its .partial log exists)."),
+    mode: str = typer.Option(
+        "plain", help="plain | rat (model writes a user description) | oracle (true one)."
+    ),
+    shots: int | None = typer.Option(None, min=0, help="Use each episode's first k shots (default: all)."),
+    system: str | None = typer.Option(None, help="System name in reports (default: the mode)."),
+    users: Path | None = typer.Option(None, help="Users file: descriptions for oracle mode."),
+    max_new_tokens: int = typer.Option(256, min=1),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(8, min=1),
+) -> None:
+    """Generate a personalized answer for each test episode from its user's shots."""
+    from fspo.eval.generate import Mode, generate_for_episodes
+    from fspo.eval.records import load_test_episodes, users_by_id
+    from fspo.models.loading import load_model, load_tokenizer
+
+    try:
+        Mode(mode)
+    except ValueError as err:
+        raise UserError(f"--mode: unknown mode {mode!r}; use plain, rat or oracle") from err
+    eps = load_test_episodes(episodes)
+    records = generate_for_episodes(
+        load_model(model),
+        load_tokenizer(model),
+        eps,
+        mode=mode,
+        shots=shots,
+        system=system,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        batch_size=batch_size,
+        users=users_by_id(users) if users else None,
+        out=out,
+        progress=True,
+    )
+    truncated = sum(r["truncated"] for r in records)
+    console.print(
+        f"wrote {len(records)} generations to {out}"
+        + (f" ({truncated} hit max-new-tokens)" if truncated else "")
+    )
+
+
+def report(
+    run_dir: Path = typer.Argument(
+        ..., help="Run folder holding win-rate/accuracy JSON and generation JSONL."
+    ),
+    out: Path | None = typer.Option(None, help="Report folder (default RUN_DIR/report)."),
+    users: Path | None = typer.Option(None, help="Users file (default: users.jsonl found under RUN_DIR)."),
+    preferences: Path | None = typer.Option(None, help="Preferences for the disagreement matrix."),
+    episodes: Path | None = typer.Option(None, help="Episode file for the shot summaries of examples."),
+    title: str | None = typer.Option(None),
+) -> None:
+    """Markdown + HTML report (tables, accuracy and disagreement plots, examples) and results.json."""
+    from fspo.eval.run_report import report_from_run
+
+    paths = report_from_run(
+        run_dir, out, users=users, preferences=preferences, episodes=episodes, title=title
+    )
+    for name, path in paths.items():
+        console.print(f"{name}: {path}")
 
 
 def register(app: typer.Typer) -> None:
     eval_app = typer.Typer(help="Evaluate: preference accuracy, win rates.", no_args_is_help=True)
+    eval_app.command("accuracy")(accuracy)
+    eval_app.command("winrate")(winrate)
     app.add_typer(eval_app, name="eval")
+    app.command("generate")(generate)
+    app.command("report")(report)

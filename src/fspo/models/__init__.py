@@ -1,0 +1,1 @@
+"""The embedded default model (tokenizer + small Llama) and model loading for every stage."""

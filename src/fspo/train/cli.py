@@ -1,7 +1,131 @@
-"""The `fspo train` sub-commands."""
+"""The `fspo train` sub-commands: `sft` and `fspo`, one set of options, one training loop.
+
+Options default to None so that only what is given on the command line overrides the recipe and an
+optional `--config` file (e.g. a previous run's ``fspo_config.json``).
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
-app = typer.Typer(help="train stage", no_args_is_help=True)
+app = typer.Typer(
+    help="Train: few-shot preference fine-tuning (sft) and FSPO (IPO/DPO).", no_args_is_help=True
+)
+
+_RAT_HELP = (
+    "RAT: `--rat target` trains the model to write '## User Description' then the answer; "
+    "`--rat teacher-forced` puts the true description in the prompt; `--rat none` (default) turns it off."
+)
+
+
+def _run(stage: str, options: dict[str, Any], config: str | None, resume: bool) -> None:
+    from rich.console import Console
+
+    from fspo.train.config import load_config, make_config
+    from fspo.train.recipes import recipe
+    from fspo.train.trainer import train
+
+    lora_r = options.pop("lora_r")
+    lora_targets = options.pop("lora_target_modules")
+    use_lora = options.pop("lora")
+    if use_lora or lora_r is not None or lora_targets is not None:
+        lora: dict[str, Any] = {}
+        if lora_r is not None:
+            lora.update(r=lora_r, alpha=2 * lora_r)
+        if lora_targets is not None:
+            lora["target_modules"] = lora_targets if lora_targets == "all-linear" else lora_targets.split(",")
+        options["lora"] = lora
+    if options.get("report_to") is not None:
+        options["report_to"] = [x for x in options["report_to"].split(",") if x]
+    if options.pop("no_progress"):
+        options["progress"] = False
+    given = {k: v for k, v in options.items() if v is not None}
+    if config:
+        cfg = load_config(config, {**given, "stage": stage})
+    else:
+        cfg = make_config({**recipe(stage), **given, "stage": stage})
+    result = train(cfg, resume=resume)
+    console = Console()
+    console.print(f"model saved to [bold]{result.model_dir}[/] after {result.steps} steps")
+    shown = {**result.metrics, **result.eval_metrics}
+    if shown:
+        console.print(", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+
+
+def _options(
+    model: str | None = typer.Option(None, help="Model folder (e.g. from `fspo model init`)."),
+    episodes: str | None = typer.Option(None, help="Training episodes: a JSONL file or an episodes folder."),
+    eval_episodes: str | None = typer.Option(None, help="Held-out episodes (file, or folder: test_unseen)."),
+    out: str | None = typer.Option(None, help="Run folder: checkpoints, metrics.jsonl, model/."),
+    config: str | None = typer.Option(None, help="Config file (JSON/YAML), e.g. a run's fspo_config.json."),
+    resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out."),
+    shots: int | None = typer.Option(None, help="Use at most N shots per episode (0 = zero-shot baseline)."),
+    include_dispreferred: bool | None = typer.Option(
+        None, "--include-dispreferred/--no-include-dispreferred"
+    ),
+    rat: str | None = typer.Option(None, help=_RAT_HELP),
+    max_tokens: int | None = typer.Option(None, help="Token budget per episode; whole shots are dropped."),
+    loss: str | None = typer.Option(None, help="fspo stage: ipo | dpo."),
+    beta: float | None = typer.Option(None, help="fspo stage: β of IPO/DPO."),
+    reduction: str | None = typer.Option(None, help="Log-prob reduction over the answer: sum | mean."),
+    logps_impl: str | None = typer.Option(None, help="Pair scorer: concat | prefix."),
+    optimizer: str | None = typer.Option(None, help="adamw | rmsprop."),
+    lr: float | None = typer.Option(None),
+    scheduler: str | None = typer.Option(None, help="constant | cosine | linear (all with linear warmup)."),
+    warmup_steps: int | None = typer.Option(None),
+    batch_size: int | None = typer.Option(None, help="Episodes per micro-batch per process."),
+    grad_accum: int | None = typer.Option(None),
+    max_grad_norm: float | None = typer.Option(None),
+    epochs: float | None = typer.Option(None),
+    max_steps: int | None = typer.Option(None),
+    seed: int | None = typer.Option(None),
+    mixed_precision: str | None = typer.Option(None, help="no | bf16 | fp16."),
+    gradient_checkpointing: bool | None = typer.Option(
+        None, "--gradient-checkpointing/--no-gradient-checkpointing"
+    ),
+    lora: bool = typer.Option(False, help="Train LoRA adapters (peft) instead of all weights."),
+    lora_r: int | None = typer.Option(None),
+    lora_target_modules: str | None = typer.Option(None, help="Comma-separated module names, or all-linear."),
+    eval_every: int | None = typer.Option(None),
+    save_every: int | None = typer.Option(None, help="Checkpoint every K optimizer steps."),
+    log_every: int | None = typer.Option(None, help="Log training metrics every K optimizer steps."),
+    report_to: str | None = typer.Option(None, help="tensorboard and/or wandb, comma-separated."),
+    no_progress: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """(shared option block; not a command)"""
+
+
+def _command(stage: str, doc: str):
+    def command(**kwargs: Any) -> None:
+        config = kwargs.pop("config")
+        resume = kwargs.pop("resume")
+        _run(stage, kwargs, config, resume)
+
+    import inspect
+    import typing
+
+    # Both commands share `_options`' parameters; annotations resolved so typer sees real types.
+    hints = typing.get_type_hints(_options)
+    sig = inspect.signature(_options)
+    params = [p.replace(annotation=hints[p.name]) for p in sig.parameters.values()]
+    command.__signature__ = sig.replace(parameters=params, return_annotation=None)  # type: ignore[attr-defined]
+    command.__annotations__ = {k: v for k, v in hints.items() if k != "return"}
+    command.__doc__ = doc
+    command.__name__ = stage
+    return command
+
+
+app.command("sft")(
+    _command(
+        "sft",
+        "Few-shot preference fine-tuning: NLL of the chosen answer given the episode (--shots 0: plain SFT).",
+    )
+)
+app.command("fspo")(
+    _command(
+        "fspo",
+        "FSPO: IPO (default) or DPO against the frozen starting model (--shots 0: the population baseline).",
+    )
+)

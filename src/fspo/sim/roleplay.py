@@ -1,0 +1,264 @@
+"""Roleplay: open-ended advice questions, answered in many styles, judged by personas with 10 traits.
+
+The paper's main domain (1,500 personas). Here every persona cares about 2-4 *surface* traits of an
+answer, each detectable on any string, so a model's generated answer has a well-defined reward:
+
+    r_u(q, text) = sum_k w_k * phi_{k, v_k}(text) + 2 * relevance(q, text)
+
+with ``phi`` the feature of the persona's chosen value ``v_k`` of trait ``k`` (see `FEATURES` for the
+exact detectors) and ``relevance`` the share of the question's keywords the text names (2 of the
+topic word and its two objects are enough). Answers are written from a *viewpoint* (practical,
+scientific, emotional, historical: the paper's view-conditioning) with a random style vector, so
+any two answers to one question differ along several user-relevant dimensions.
+
+Iterative persona refinement (the paper's coherence step): a persona that decides fewer than
+`min_decided` of the pool's pairs by at least the margin gets another active trait, up to
+`max_traits`; if even that fails it is redrawn. Both counts are reported.
+
+Held-out conjunctions (`HELD_OUT`): a persona holding any of these two trait values together is a
+*test* user; no training user ever has one, so test users are genuinely new combinations.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable
+from functools import cached_property
+
+from pydantic import Field
+
+from fspo.sim import roleplay_words as W
+from fspo.sim.base import RELEVANCE, Domain, DomainOptions, Persona, Traits, register
+from fspo.sim.text import (
+    bullet_lines,
+    capped,
+    content_words,
+    count_words,
+    ends_with_question,
+    keyword_coverage,
+    phrase_pattern,
+    ramp,
+    words,
+)
+
+TRAITS: dict[str, tuple[str, ...]] = {
+    "length": ("short", "long"),
+    "format": ("bullets", "prose"),
+    "tone": ("casual", "formal"),
+    "viewpoint": W.VIEWPOINTS,
+    "examples": ("yes", "no"),
+    "enthusiasm": ("yes", "no"),
+    "followup": ("yes", "no"),
+    "first_person": ("yes", "no"),
+    "humor": ("yes", "no"),
+    "caveat": ("yes", "no"),
+}
+
+# Held-out conjunctions: a persona with both values of any pair is a test user.
+HELD_OUT: tuple[tuple[tuple[str, str], tuple[str, str]], ...] = (
+    (("length", "short"), ("viewpoint", "historical")),
+    (("length", "long"), ("humor", "no")),
+    (("format", "bullets"), ("tone", "formal")),
+    (("format", "prose"), ("caveat", "yes")),
+    (("tone", "casual"), ("first_person", "no")),
+    (("examples", "yes"), ("followup", "yes")),
+    (("examples", "no"), ("viewpoint", "scientific")),
+    (("enthusiasm", "yes"), ("caveat", "no")),
+    (("enthusiasm", "no"), ("humor", "yes")),
+    (("first_person", "yes"), ("viewpoint", "emotional")),
+    (("humor", "yes"), ("followup", "no")),
+    (("viewpoint", "practical"), ("length", "long")),
+)
+
+# Noun phrases for descriptions; `length` and `format` shape the head, the rest follow "with".
+_PHRASES: dict[str, dict[str, str]] = {
+    "length": {"short": "short", "long": "long"},
+    "format": {"bullets": "in bullet points", "prose": "in plain prose"},
+    "tone": {"casual": "a casual tone", "formal": "a formal tone"},
+    "viewpoint": {
+        "practical": "practical advice",
+        "scientific": "scientific facts",
+        "emotional": "emotional support",
+        "historical": "historical background",
+    },
+    "examples": {"yes": "an example", "no": "no examples"},
+    "enthusiasm": {"yes": "lots of enthusiasm", "no": "a calm voice"},
+    "followup": {"yes": "a question at the end", "no": "no question at the end"},
+    "first_person": {"yes": "personal opinions", "no": "an impersonal voice"},
+    "humor": {"yes": "a bit of humor", "no": "no jokes"},
+    "caveat": {"yes": "a safety warning", "no": "no warnings"},
+}
+
+_COLUMNS = tuple(f"{t}={v}" for t, values in TRAITS.items() for v in values) + (RELEVANCE,)
+_FIRST_PERSON = phrase_pattern(W.FIRST_PERSON_MARKERS)
+_EXAMPLE = phrase_pattern(W.EXAMPLE_MARKERS)
+_CAVEAT = phrase_pattern(W.CAVEAT_MARKERS)
+
+SHORT_WORDS, LONG_WORDS = 12, 36  # the length feature ramps from 0 (<= 12 words) to 1 (>= 36 words)
+
+
+class RoleplayOptions(DomainOptions):
+    min_decided: float = Field(0.8, gt=0, le=1, description="Refine personas deciding fewer pool pairs.")
+    min_traits: int = Field(2, ge=1, le=len(TRAITS))
+    max_traits: int = Field(4, ge=1, le=len(TRAITS))
+    weight_range: tuple[float, float] = (0.5, 1.5)
+    topics: int = Field(len(W.TOPICS), ge=1, le=len(W.TOPICS), description="Use the first N topics.")
+
+
+@register
+class Roleplay(Domain):
+    name = "roleplay"
+    columns = _COLUMNS
+    Options = RoleplayOptions
+    options: RoleplayOptions
+
+    @cached_property
+    def _topics(self) -> list[str]:
+        return list(W.TOPICS)[: self.options.topics]
+
+    def questions(self) -> list[str]:
+        return [q.format(topic=t) for t in self._topics for q in W.QUESTION_TEMPLATES]
+
+    def topic_of(self, question: str) -> str | None:
+        for w in words(question):
+            if w in W.TOPICS:
+                return w
+        return None
+
+    def keywords(self, question: str) -> list[str]:
+        topic = self.topic_of(question)
+        return [topic, *W.TOPICS[topic]] if topic else content_words(question)
+
+    # --- writing answers -------------------------------------------------------------------
+    def answers(self, question_index: int, rng: random.Random) -> list[str]:
+        topic = self._topics[question_index // len(W.QUESTION_TEMPLATES)]
+        pool: list[str] = []
+        for _ in range(self.options.answers_per_question * 20):
+            text = write_answer(topic, rng)
+            if text not in pool:
+                pool.append(text)
+            if len(pool) == self.options.answers_per_question:
+                break
+        return pool
+
+    # --- measuring them --------------------------------------------------------------------
+    def featurize(self, question: str, text: str) -> list[float]:
+        toks = words(text)
+        counts = Counter(toks)
+        norm = " ".join(toks)
+        long = ramp(len(toks), SHORT_WORDS, LONG_WORDS)
+        bullets = capped(bullet_lines(text), 2)
+        tone = capped(count_words(counts, W.CASUAL_MARKERS), 1) - capped(
+            count_words(counts, W.FORMAL_MARKERS), 1
+        )
+        example = capped(len(_EXAMPLE.findall(norm)), 1)
+        excited = capped(text.count("!"), 2)
+        views = [capped(count_words(counts, W.VIEW_MARKERS[v]), 2) for v in W.VIEWPOINTS]
+        follow = float(ends_with_question(text))
+        first = capped(len(_FIRST_PERSON.findall(norm)), 1)
+        humor = capped(count_words(counts, W.HUMOR_MARKERS), 2)
+        caveat = capped(len(_CAVEAT.findall(norm)), 1)
+        relevance = keyword_coverage(set(toks), self.keywords(question), needed=2)
+        return [
+            1 - long, long,
+            bullets, 1 - bullets,
+            tone, -tone,
+            *views,
+            example, 1 - example,
+            excited, 1 - excited,
+            follow, 1 - follow,
+            first, 1 - first,
+            humor, 1 - humor,
+            caveat, 1 - caveat,
+            relevance,
+        ]  # fmt: skip
+
+    # --- personas --------------------------------------------------------------------------
+    def sample_persona(self, rng: random.Random, decided: Callable[[Traits], float]) -> Persona:
+        o = self.options
+        redraws = 0
+        while True:
+            traits: Traits = {}
+            for _ in range(rng.randint(o.min_traits, max(o.min_traits, min(o.max_traits, o.min_traits + 1)))):
+                self._add_trait(traits, rng)
+            refinements = 0
+            while decided(traits) < o.min_decided and len(traits) < o.max_traits:
+                self._add_trait(traits, rng)
+                refinements += 1
+            if decided(traits) >= o.min_decided or redraws >= 50:
+                return Persona(traits, refinements, redraws)
+            redraws += 1
+
+    def _add_trait(self, traits: Traits, rng: random.Random) -> None:
+        trait = rng.choice([t for t in TRAITS if t not in traits])
+        low, high = self.options.weight_range
+        traits[trait] = {"value": rng.choice(TRAITS[trait]), "weight": round(rng.uniform(low, high), 2)}
+
+    def describe(self, traits: Traits) -> str:
+        return describe(traits)
+
+    def split(self, traits: Traits) -> str:
+        return "test" if held_out_pairs(traits) else "train"
+
+
+def held_out_pairs(traits: Traits) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """The held-out conjunctions a persona holds (non-empty means it is a test user)."""
+    has = {(t, spec["value"]) for t, spec in traits.items()}
+    return [pair for pair in HELD_OUT if pair[0] in has and pair[1] in has]
+
+
+def describe(traits: Traits) -> str:
+    """E.g. "This user prefers short answers in bullet points, with a casual tone and practical advice."."""
+    head = "answers"
+    if "length" in traits:
+        head = f"{_PHRASES['length'][traits['length']['value']]} answers"
+    if "format" in traits:
+        head += " " + _PHRASES["format"][traits["format"]["value"]]
+    extras = [
+        _PHRASES[t][traits[t]["value"]] for t in TRAITS if t in traits and t not in ("length", "format")
+    ]
+    if not extras:
+        return f"This user prefers {head}."
+    listed = extras[0] if len(extras) == 1 else ", ".join(extras[:-1]) + " and " + extras[-1]
+    comma = "," if head != "answers" else ""
+    return f"This user prefers {head}{comma} with {listed}."
+
+
+def phrase_for(trait: str, value: str) -> str:
+    """The words a description uses for one trait value (tests check every active one is there)."""
+    return _PHRASES[trait][value]
+
+
+def write_answer(topic: str, rng: random.Random) -> str:
+    """One answer from a random viewpoint and style vector; see `roleplay_words` for the pieces."""
+    a, b = W.TOPICS[topic]
+
+    def fill(template: str) -> str:
+        return template.format(t=topic, T=topic.capitalize(), a=a, b=b)
+
+    viewpoint = rng.choice(W.VIEWPOINTS)
+    long = rng.random() < 0.5
+    content = [fill(s) for s in rng.sample(W.CONTENT[viewpoint], 2 if long else 1)]
+    if rng.random() < 0.5:  # first person
+        first = content[0]
+        content[0] = "In my experience, " + first[0].lower() + first[1:]
+    tone = rng.choice(("casual", "formal", "neutral"))
+    if tone != "neutral":  # one marker word in front, so tone costs no length
+        opener = rng.choice(W.CASUAL_OPENERS if tone == "casual" else W.FORMAL_OPENERS)
+        content[0] = opener + content[0][0].lower() + content[0][1:]
+    # Extras are capped (short: 0-1, long: 1-2) so answers stay within ~10-45 words.
+    extras = set(rng.sample(_EXTRAS, rng.randint(1, 2) if long else rng.randint(0, 1)))
+    sentences = list(content)
+    for extra, pool in (("example", W.EXAMPLES), ("humor", W.HUMOR), ("caveat", W.CAVEATS)):
+        if extra in extras:
+            sentences.append(fill(rng.choice(pool)))
+    if rng.random() < 0.5:  # enthusiasm: statements end with '!'
+        sentences = [s[:-1] + "!" if s.endswith(".") else s for s in sentences]
+    follow_up = [fill(rng.choice(W.FOLLOW_UPS))] if "followup" in extras else []
+    if rng.random() < 0.5:  # bullet list; the follow-up question (if any) on its own last line
+        return "\n".join([f"- {s}" for s in sentences] + follow_up)
+    return " ".join(sentences + follow_up)
+
+
+_EXTRAS = ("example", "humor", "caveat", "followup")

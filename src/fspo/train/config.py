@@ -1,0 +1,141 @@
+"""Pydantic configuration of a training run (both stages), saved as ``fspo_config.json``.
+
+A run is reproducible from that file alone: `fspo train fspo --config run/fspo_config.json`. Field
+names are the CLI option names (dashes ↔ underscores), and an invalid value is reported by field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fspo.data.template import DescriptionMode, TemplateOptions
+from fspo.errors import UserError
+
+Stage = Literal["sft", "fspo"]
+RatMode = Literal["none", "target", "teacher-forced"]
+
+CONFIG_FILE = "fspo_config.json"
+
+
+class LoraConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # "all-linear" (peft's shortcut) or explicit module names, e.g. ["q_proj", "v_proj"] / ["c_attn"].
+    target_modules: list[str] | str = "all-linear"
+
+
+class TrainConfig(BaseModel):
+    """Everything a run needs. Defaults = the quickstart recipe for the embedded default model."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    stage: Stage = "fspo"
+    model: str = Field(..., description="model folder (or a hub id when a hub is reachable)")
+    episodes: str = Field(..., description="episodes JSONL file, or an episodes folder (split 'train')")
+    eval_episodes: str | None = None
+    out: str = "runs/train"
+
+    # Prompt template.
+    shots: int | None = Field(
+        None, ge=0, description="use at most this many shots per episode (0 = zero-shot)"
+    )
+    include_dispreferred: bool = True
+    rat: RatMode = "none"
+    max_tokens: int | None = Field(1024, ge=16)
+    chat_template: bool = False
+
+    # Loss.
+    loss: Literal["dpo", "ipo"] = "ipo"
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    reduction: Literal["sum", "mean"] = "sum"
+    logps_impl: Literal["concat", "prefix"] = "concat"
+
+    # Optimisation.
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(10, ge=0)
+    batch_size: int = Field(8, ge=1, description="per process, per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(10.0, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    seed: int = 0
+
+    # Infrastructure.
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    lora: LoraConfig | None = None
+    eval_every: int = Field(0, ge=0, description="0 = only at the end (when eval_episodes is set)")
+    eval_max_episodes: int = Field(256, ge=1)
+    save_every: int = Field(0, ge=0, description="checkpoint every K optimizer steps; 0 = never")
+    keep_checkpoints: int = Field(1, ge=1)
+    log_every: int = Field(5, ge=1)
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    progress: bool = True
+
+    def template_options(self) -> TemplateOptions:
+        mode = {
+            "none": DescriptionMode.NONE,
+            "target": DescriptionMode.TARGET,
+            "teacher-forced": DescriptionMode.PROMPT,
+        }
+        return TemplateOptions(
+            include_dispreferred=self.include_dispreferred,
+            description=mode[self.rat],
+            max_tokens=self.max_tokens,
+            chat_template=self.chat_template,
+        )
+
+    def save(self, path: str | Path) -> None:
+        from fspo.files import atomic_write_json
+
+        atomic_write_json(path, self.model_dump(mode="json"))
+
+
+def _field_errors(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(config)"
+        parts.append(f"field '{loc}': {e['msg']}")
+    return "; ".join(parts)
+
+
+def make_config(values: dict[str, Any], source: str = "options") -> TrainConfig:
+    """Validate `values` into a `TrainConfig`; a bad field becomes one `UserError` naming it."""
+    try:
+        return TrainConfig.model_validate(values)
+    except ValidationError as err:
+        raise UserError(f"invalid training config ({source}): {_field_errors(err)}") from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a config file (JSON, or YAML by extension) and apply non-None `overrides` on top."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {str(path)!r} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix in {".yaml", ".yml"}:
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as err:  # noqa: BLE001 - any parse error is the user's file
+        raise UserError(
+            f"config file {str(path)!r} is not valid {p.suffix.lstrip('.') or 'JSON'}: {err}"
+        ) from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {str(path)!r} must hold an object of fields")
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return make_config(values, source=str(path))

@@ -1,0 +1,182 @@
+"""Episodes → token ids for training: loading with clear errors, rendering, budget accounting.
+
+Rendering goes through the one template (`fspo.data.template.render`), so training sees exactly the
+layout evaluation and serving use. Episodes are tokenized once up front (a few thousand episodes take
+seconds) and kept as id lists; batching and padding happen per step (`fspo.train.logps`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from fspo.data.schema import Episode
+from fspo.data.template import DescriptionMode, TemplateOptions, render
+from fspo.errors import DataError, UserError
+from fspo.train.logps import PairBatch, pad_id_of, prompt_token_ids, target_token_ids
+
+
+@dataclass(frozen=True)
+class PairExample:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+@dataclass
+class RenderStats:
+    """What the token budget cost; logged with the run so silent truncation cannot happen."""
+
+    episodes: int = 0
+    kept: int = 0
+    shots_used: int = 0
+    shots_dropped: int = 0
+    over_budget: int = 0  # skipped: even zero shots do not fit `max_tokens`
+    episodes_with_dropped_shots: int = 0
+    prompt_tokens: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        n = max(1, self.kept)
+        return {
+            "episodes": self.episodes,
+            "kept": self.kept,
+            "over_budget_skipped": self.over_budget,
+            "shots_dropped": self.shots_dropped,
+            "episodes_with_dropped_shots": self.episodes_with_dropped_shots,
+            "mean_shots_used": self.shots_used / n,
+            "mean_prompt_tokens": sum(self.prompt_tokens) / n,
+            "max_prompt_tokens": max(self.prompt_tokens, default=0),
+        }
+
+
+def _episodes_file(path: Path, split: str) -> Path:
+    if path.is_dir():
+        for name in (f"{split}.jsonl", f"{split}_episodes.jsonl", f"episodes_{split}.jsonl"):
+            if (path / name).is_file():
+                return path / name
+        raise UserError(
+            f"episodes folder {str(path)!r} has no '{split}.jsonl'; build episodes with `fspo data episodes`"
+        )
+    if not path.is_file():
+        raise UserError(f"episodes file {str(path)!r} does not exist")
+    return path
+
+
+def load_episodes(path: str | Path, split: str = "train") -> list[Episode]:
+    """Episodes from a JSONL file (or `<folder>/<split>.jsonl`), each line validated.
+
+    A file of preferences or users passed by mistake is named as such, with what is needed instead.
+    """
+    f = _episodes_file(Path(path), split)
+    episodes: list[Episode] = []
+    problems: list[str] = []
+    with open(f, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                problems.append(f"{f}:{lineno}: not JSON ({err.msg})")
+                continue
+            if isinstance(row, dict) and "shots" not in row and "query" not in row:
+                kind = "preferences" if {"question", "chosen", "rejected"} <= row.keys() else "records"
+                raise UserError(
+                    f"{f} holds {kind}, not episodes (line {lineno} has no 'shots'/'query'): training needs "
+                    "episodes (N shots + a query pair per user); build them with `fspo data episodes`"
+                )
+            try:
+                episodes.append(Episode.model_validate(row))
+            except ValidationError as err:
+                for e in err.errors():
+                    loc = ".".join(str(x) for x in e["loc"])
+                    problems.append(f"{f}:{lineno}: {loc}: {e['msg']}")
+    if problems:
+        raise DataError(f"{len(problems)} invalid episode record(s) in {f}", problems)
+    if not episodes:
+        raise UserError(f"episodes file {f} is empty")
+    return episodes
+
+
+def limit_shots(episode: Episode, shots: int | None) -> Episode:
+    """Keep at most `shots` shots (the first ones); 0 gives the zero-shot (population) episode."""
+    if shots is None or len(episode.shots) <= shots:
+        return episode
+    return episode.model_copy(update={"shots": list(episode.shots[:shots])})
+
+
+def check_descriptions(episodes: list[Episode], options: TemplateOptions, source: str) -> None:
+    if options.description is DescriptionMode.NONE:
+        return
+    missing = sum(1 for e in episodes if not (e.description or "").strip())
+    if missing:
+        raise UserError(
+            f"{missing} of {len(episodes)} episodes in {source} have no user description, but RAT "
+            f"(description mode '{options.description.value}') needs one per episode: build episodes from "
+            "users with descriptions, or train without --rat"
+        )
+
+
+def tokenize_episodes(
+    episodes: list[Episode], tokenizer: Any, options: TemplateOptions, shots: int | None = None
+) -> tuple[list[PairExample], RenderStats]:
+    """Render and tokenize every episode; over-budget ones are skipped and counted, never cut mid-shot.
+
+    The budget passed to the template leaves room for bos and eos, which are added as ids.
+    """
+    budget_opts = options
+    if options.max_tokens is not None:
+        budget_opts = options.model_copy(update={"max_tokens": max(1, options.max_tokens - 2)})
+    stats = RenderStats()
+    out: list[PairExample] = []
+    for ep in episodes:
+        stats.episodes += 1
+        r = render(limit_shots(ep, shots), budget_opts, tokenizer)
+        if r.over_budget:
+            stats.over_budget += 1
+            continue
+        stats.kept += 1
+        stats.shots_used += r.shots_used
+        stats.shots_dropped += r.shots_dropped
+        stats.episodes_with_dropped_shots += int(r.shots_dropped > 0)
+        p = prompt_token_ids(tokenizer, r.prompt)
+        stats.prompt_tokens.append(len(p))
+        out.append(
+            PairExample(p, target_token_ids(tokenizer, r.chosen), target_token_ids(tokenizer, r.rejected))
+        )
+    return out, stats
+
+
+def make_batch(examples: list[PairExample], tokenizer: Any) -> PairBatch:
+    return PairBatch(
+        [e.prompt_ids for e in examples],
+        [e.chosen_ids for e in examples],
+        [e.rejected_ids for e in examples],
+        pad_id_of(tokenizer),
+    )
+
+
+def batch_order(
+    n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1
+) -> list[list[int]]:
+    """The batches of one epoch for process `rank`: a pure function of (seed, epoch).
+
+    Why not a shuffling DataLoader: resuming after a kill must continue with exactly the batch the
+    killed run would have taken next. With the order a function of (seed, epoch) and the position a
+    function of the step, a checkpoint only needs the step. Each global batch of `batch_size*world`
+    examples is split across processes; an incomplete final batch is dropped (as DDP does).
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    global_bs = batch_size * world
+    batches = []
+    for start in range(0, n - global_bs + 1, global_bs):
+        chunk = perm[start : start + global_bs]
+        batches.append(chunk[rank * batch_size : (rank + 1) * batch_size])
+    return batches

@@ -1,0 +1,217 @@
+"""Log-probabilities of target tokens given a prompt: the one forward pass of training and evaluation.
+
+Layout (as in the DPO reference code, which FSPO's official code builds on): the prompt and the target
+are tokenized *separately* and their ids concatenated, ``[bos] prompt_ids + target_ids + [eos]``, then
+right-padded. Labels are the input ids with ``-100`` on the prompt and on the padding, so only the
+target (and its eos) is scored. Tokenizing separately means a generator that appends the response
+heading as ids after the prompt sees exactly the token boundary used in training, and the chosen and
+rejected targets share their prompt ids token for token.
+
+Reduction: each sequence's target log-probs are returned as a *sum* together with the number of
+scored tokens; ``mean = sum / count``. `reduce` picks one. The paper's IPO uses ``sum``.
+
+The trainer selects a pair-scoring function by name (`PAIR_LOGPS`): ``concat`` here runs chosen and
+rejected as one 2B batch; a prefix-shared variant (``fspo.train.prefix``) can register itself with
+the same signature ``(model, batch: PairBatch) -> (SeqLogps, SeqLogps)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+IGNORE = -100
+Reduction = Literal["sum", "mean"]
+
+
+@dataclass(frozen=True)
+class SeqLogps:
+    """Per-sequence summed target log-probs and scored-token counts; `mean` derives from them."""
+
+    sum: Tensor  # (batch,)
+    count: Tensor  # (batch,) number of scored target tokens (including eos)
+
+    @property
+    def mean(self) -> Tensor:
+        return self.sum / self.count.clamp(min=1)
+
+    def reduce(self, reduction: Reduction) -> Tensor:
+        if reduction == "sum":
+            return self.sum
+        if reduction == "mean":
+            return self.mean
+        raise ValueError(f"unknown reduction {reduction!r} (expected 'sum' or 'mean')")
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """Unpadded token ids of a batch of (prompt, chosen, rejected) triples.
+
+    Kept as lists so each pair-scoring implementation chooses its own layout (two padded halves,
+    or one prefix-shared sequence).
+    """
+
+    prompt_ids: list[list[int]]
+    chosen_ids: list[list[int]]  # target ids, ending with eos
+    rejected_ids: list[list[int]]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(
+            2 * len(p) + len(c) + len(r)
+            for p, c, r in zip(self.prompt_ids, self.chosen_ids, self.rejected_ids, strict=True)
+        )
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer itself prepends bos (Llama-style) — then prompts start with bos here too.
+
+    Asked of the tokenizer rather than assumed, so a model trained without bos (GPT-2) sees none.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Prompt ids, with bos prepended exactly when the tokenizer would add it itself."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return ([tokenizer.bos_token_id] if adds_bos(tokenizer) else []) + ids
+
+
+def target_token_ids(tokenizer: Any, target: str) -> list[int]:
+    """Target ids followed by eos, so the model also learns where the answer stops."""
+    ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return ids + ([eos] if eos is not None else [])
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id
+    return 0 if pad is None else int(pad)
+
+
+def collate_targets(
+    prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]], pad_id: int
+) -> dict[str, Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on prompt and padding)."""
+    seqs = [list(p) + list(t) for p, t in zip(prompt_ids, target_ids, strict=True)]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (p, s) in enumerate(zip(prompt_ids, seqs, strict=True)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        attention[i, : len(s)] = 1
+        labels[i, len(p) : len(s)] = torch.tensor(s[len(p) :])
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def sequence_logps(logits: Tensor, labels: Tensor) -> SeqLogps:
+    """Sum of log p(label_t | tokens < t) over positions whose label is not -100, per row.
+
+    Logits at position t predict token t+1, hence the shift. Log-softmax in float32 so bf16 mixed
+    precision does not lose the small differences the preference losses live on.
+    """
+    logits = logits[:, :-1, :].float()
+    labels = labels[:, 1:]
+    mask = labels != IGNORE
+    safe = labels.masked_fill(~mask, 0)
+    token_logps = torch.gather(logits.log_softmax(-1), 2, safe.unsqueeze(2)).squeeze(2)
+    return SeqLogps((token_logps * mask).sum(-1), mask.sum(-1))
+
+
+def forward_logps(model: Any, batch: dict[str, Tensor]) -> SeqLogps:
+    """One forward pass of a padded batch (from `collate_targets`) → per-sequence target log-probs."""
+    device = next(model.parameters()).device
+    out = model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        use_cache=False,
+    )
+    return sequence_logps(out.logits, batch["labels"].to(device))
+
+
+def compute_pair_logps(model: Any, batch: PairBatch) -> tuple[SeqLogps, SeqLogps]:
+    """Chosen and rejected log-probs from ONE forward pass over the 2B concatenated sequences.
+
+    One pass instead of two halves the number of kernel launches and, under DDP, keeps a single
+    forward per backward (two forwards of a DDP module before one backward is an error).
+    """
+    n = len(batch)
+    padded = collate_targets(batch.prompt_ids * 2, batch.chosen_ids + batch.rejected_ids, batch.pad_id)
+    both = forward_logps(model, padded)
+    return SeqLogps(both.sum[:n], both.count[:n]), SeqLogps(both.sum[n:], both.count[n:])
+
+
+PairLogpsFn = Callable[[Any, PairBatch], tuple[SeqLogps, SeqLogps]]
+PAIR_LOGPS: dict[str, PairLogpsFn] = {"concat": compute_pair_logps}
+
+
+def _prefix_pair_logps(model: Any, batch: PairBatch) -> tuple[SeqLogps, SeqLogps]:
+    """Adapter to the prefix-shared scorer of `fspo.train.prefix` (same tokens, one pass per prompt)."""
+    from fspo.train import prefix
+
+    pairs = [
+        prefix.PairTokens(p, c, r)
+        for p, c, r in zip(batch.prompt_ids, batch.chosen_ids, batch.rejected_ids, strict=True)
+    ]
+    out = prefix.pair_logps(model, pairs, batch.pad_id)
+    return SeqLogps(out.chosen, out.chosen_tokens), SeqLogps(out.rejected, out.rejected_tokens)
+
+
+PAIR_LOGPS["prefix"] = _prefix_pair_logps
+
+
+def pair_logps_fn(name: str) -> PairLogpsFn:
+    """The pair scorer called `name` (``concat`` or ``prefix``)."""
+    if name not in PAIR_LOGPS:
+        raise ValueError(f"unknown log-prob implementation {name!r}; known: {sorted(PAIR_LOGPS)}")
+    return PAIR_LOGPS[name]
+
+
+@torch.no_grad()
+def score_targets(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int = 8,
+    reduction: Reduction = "sum",
+) -> Tensor:
+    """log π(target | prompt) for each (prompt, target) pair, as a float32 CPU tensor of shape (n,).
+
+    Stable API for evaluation (implicit-reward accuracy = compare
+    ``score(policy) − score(reference)`` of chosen and rejected). Same tokenization as training.
+    Pairs are scored in batches sorted by length to waste little padding; output order = input order.
+    """
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    was_training = model.training
+    model.eval()
+    pad = pad_id_of(tokenizer)
+    encoded = [
+        (prompt_token_ids(tokenizer, p), target_token_ids(tokenizer, t))
+        for p, t in zip(prompts, targets, strict=True)
+    ]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
+    out = torch.zeros(len(encoded), dtype=torch.float32)
+    for start in range(0, len(order), max(1, batch_size)):
+        idx = order[start : start + batch_size]
+        batch = collate_targets([encoded[i][0] for i in idx], [encoded[i][1] for i in idx], pad)
+        out[idx] = forward_logps(model, batch).reduce(reduction).float().cpu()
+    if was_training:
+        model.train()
+    return out

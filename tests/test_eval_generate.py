@@ -1,0 +1,156 @@
+"""Generation with a tiny random Llama: batching, resume, modes, stopping and parsing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fspo.data.template import PREFERRED, TemplateOptions, render_generation_prompt, response_heading
+from fspo.errors import DataError, UserError
+from fspo.eval.generate import answer_finished, generate_for_episodes, partial_path, prompt_ids
+from fspo.train.logps import prompt_token_ids
+from test_eval_helpers import toy_episodes, toy_users
+
+
+@pytest.fixture(scope="module")
+def world():
+    from test_eval_helpers import tiny_model
+
+    users = toy_users(4)
+    episodes = toy_episodes(users, per_user=2, shots=3)
+    corpus = [
+        render_generation_prompt(e.shots, e.query.question) + PREFERRED + e.query.chosen for e in episodes
+    ]
+    model, tok = tiny_model(corpus * 3)
+    return users, episodes, model, tok
+
+
+def test_batch_and_single_give_the_same_greedy_output(world):
+    _, episodes, model, tok = world
+    kw = {"max_new_tokens": 12, "seed": 0}
+    batched = generate_for_episodes(model, tok, episodes, batch_size=8, **kw)
+    single = generate_for_episodes(model, tok, episodes, batch_size=1, **kw)
+    assert [r["raw"] for r in batched] == [r["raw"] for r in single]
+    assert [r["episode_id"] for r in batched] == [e.episode_id for e in episodes]  # input order kept
+    rec = batched[0]
+    assert {
+        "episode_id",
+        "user_id",
+        "question",
+        "system",
+        "answer",
+        "description",
+        "prompt_tokens",
+        "split",
+        "mode",
+        "seed",
+    } <= rec.keys()
+    assert rec["system"] == "plain" and rec["new_tokens"] <= 12
+
+
+def test_heading_ids_are_appended_after_prompt_ids(world):
+    _, episodes, _, tok = world
+    e = episodes[0]
+    ids = prompt_ids(e, tok, "plain")
+    text = render_generation_prompt(e.shots, e.query.question)
+    heading = tok(response_heading(TemplateOptions()), add_special_tokens=False)["input_ids"]
+    assert ids == prompt_token_ids(tok, text) + heading  # separately tokenized, as in training
+    rat = prompt_ids(e, tok, "rat")
+    assert tok.decode(rat, skip_special_tokens=True).endswith(e.query.question + "\n")
+    oracle = tok.decode(prompt_ids(e, tok, "oracle"), skip_special_tokens=True)
+    assert "## User Description\n" + e.description in oracle and oracle.endswith(PREFERRED)
+
+
+def test_shots_keeps_the_first_k(world):
+    _, episodes, _, tok = world
+    text = tok.decode(prompt_ids(episodes[0], tok, "plain", shots=1), skip_special_tokens=True)
+    assert "# Example 1" in text and "# Example 2" not in text
+
+
+def test_resume_skips_done_episodes_and_writes_atomically(world, tmp_path):
+    _, episodes, model, tok = world
+    out = tmp_path / "gen.jsonl"
+    first = generate_for_episodes(model, tok, episodes[:3], max_new_tokens=6, out=out)
+    assert len(out.read_text().splitlines()) == 3 and not partial_path(out).exists()
+    calls = []
+    original = model.generate
+
+    def counting(*a, **k):
+        calls.append(k["input_ids"].shape[0])
+        return original(*a, **k)
+
+    model.generate = counting
+    try:
+        both = generate_for_episodes(model, tok, episodes, max_new_tokens=6, out=out, batch_size=8)
+    finally:
+        del model.generate
+    assert calls == [len(episodes) - 3]  # only the new episodes were generated
+    assert both[:3] == first
+    assert [json.loads(x)["episode_id"] for x in out.read_text().splitlines()] == [
+        e.episode_id for e in episodes
+    ]
+    with pytest.raises(UserError, match="other settings"):
+        generate_for_episodes(model, tok, episodes, max_new_tokens=7, out=out)
+
+
+def test_rat_and_oracle_modes(world):
+    users, episodes, model, tok = world
+    rat = generate_for_episodes(model, tok, episodes[:2], mode="rat", max_new_tokens=8)
+    assert all(r["mode"] == "rat" and "description" in r for r in rat)
+    no_desc = [e.model_copy(update={"description": None}) for e in episodes[:2]]
+    with pytest.raises(DataError, match="oracle mode needs"):
+        generate_for_episodes(model, tok, no_desc, mode="oracle", max_new_tokens=4)
+    users_map = {u.user_id: u for u in users}
+    oracle = generate_for_episodes(model, tok, no_desc, mode="oracle", max_new_tokens=4, users=users_map)
+    assert len(oracle) == 2
+
+
+def test_sampling_is_seeded(world):
+    _, episodes, model, tok = world
+    kw = {"max_new_tokens": 10, "temperature": 1.0, "top_p": 0.9}
+    a = generate_for_episodes(model, tok, episodes[:4], seed=3, **kw)
+    b = generate_for_episodes(model, tok, episodes[:4], seed=3, **kw)
+    assert [r["raw"] for r in a] == [r["raw"] for r in b]
+
+
+def test_answer_finished_rules():
+    assert not answer_finished("Take red.", rat=False)
+    assert answer_finished("Take red.\n# Example 3", rat=False)
+    assert answer_finished("# Task", rat=False)
+    rat_text = "## User Description\nLikes red.\n## Preferred Response \nTake red."
+    assert not answer_finished(rat_text, rat=True)  # the description's and answer's headings do not stop
+    assert answer_finished(rat_text + "\n## Question \n", rat=True)
+    assert not answer_finished("## User Description\nLikes", rat=True)
+
+
+def test_stopping_criterion_stops_rows_independently(world):
+    import torch
+
+    from fspo.eval.generate import _stopping_criteria
+
+    _, _, _, tok = world
+    prompt = tok("prompt", add_special_tokens=False)["input_ids"]
+    rows = [
+        prompt + tok("Take red.\n# Example", add_special_tokens=False)["input_ids"],
+        prompt + tok("Take red and", add_special_tokens=False)["input_ids"],
+    ]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    done = _stopping_criteria(tok, len(prompt), rat=False)(ids, None)
+    assert done.tolist() == [True, False]
+
+
+def test_rat_output_is_parsed(world, monkeypatch):
+    """A scripted continuation stands in for a trained RAT model; parsing keeps the description."""
+    _, episodes, model, tok = world
+    script = "## User Description\nLoves red.\n## Preferred Response \nTake red.\n# Example 9\n"
+
+    def fake_batch(model, tokenizer, batch, **kw):
+        return [tokenizer(script, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]] * len(
+            batch
+        )
+
+    monkeypatch.setattr("fspo.eval.generate.generate_batch", fake_batch)
+    rec = generate_for_episodes(model, tok, episodes[:1], mode="rat", max_new_tokens=50)[0]
+    assert rec["description"] == "Loves red." and rec["answer"] == "Take red."

@@ -1,0 +1,173 @@
+"""Judges end to end: the OpenAI judge over real HTTP against a local stub server, the exact judge."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from eval_openai_server import openai_server
+from fspo.errors import UserError
+from fspo.eval.judges import ExactRewardJudge, OpenAIJudge, make_judge, parse_verdict
+from test_eval_helpers import fav_reward_for, toy_users
+
+
+def _answers(body: dict) -> tuple[str, str]:
+    text = body["messages"][-1]["content"]
+    a = re.search(r"## Response A\n(.*?)\n\n## Response B", text, re.S).group(1)
+    b = re.search(r"## Response B\n(.*?)\n\nWhich", text, re.S).group(1)
+    return a, b
+
+
+def longer_wins(body: dict, n: int) -> str:
+    a, b = _answers(body)
+    return "A" if len(a) >= len(b) else "B"
+
+
+def judge_for(server, tmp_path, **kw) -> OpenAIJudge:
+    return OpenAIJudge(
+        model="stub-judge", base_url=server.base_url, api_key="k", cache_path=tmp_path / "cache.jsonl", **kw
+    )
+
+
+ITEMS = [("short", "a much longer answer"), ("a very long answer indeed", "tiny"), ("xx", "yyyy")]
+
+
+def test_position_bias_always_a_is_all_ties(tmp_path):
+    user = toy_users(1)[0]
+    with openai_server(lambda body, n: "A") as server:
+        judge = judge_for(server, tmp_path)
+        scores = [judge.prefer(user, "q?", a, b) for a, b in ITEMS]
+    assert scores == [0.5, 0.5, 0.5]
+    assert server.count == 2 * len(ITEMS)  # both orders asked for every pair
+    assert judge.usage.flips == len(ITEMS)
+
+
+def test_consistent_judge_decides_and_both_orders_agree(tmp_path):
+    user = toy_users(1)[0]
+    with openai_server(longer_wins) as server:
+        judge = judge_for(server, tmp_path, price_prompt_per_mtok=1.0)
+        scores = [judge.prefer(user, "q?", a, b) for a, b in ITEMS]
+    assert scores == [0.0, 1.0, 0.0]
+    assert judge.usage.requests == 6 and judge.usage.prompt_tokens == 600
+    assert judge.usage.cost_usd == pytest.approx(600 / 1e6)
+    first = server.requests[0]["messages"]
+    assert "Loves the word red." in first[-1]["content"]  # the user's description is in the prompt
+
+
+def test_identical_answers_tie_without_requests(tmp_path):
+    with openai_server(longer_wins) as server:
+        assert judge_for(server, tmp_path).prefer(toy_users(1)[0], "q?", "same", " same ") == 0.5
+    assert server.count == 0
+
+
+def test_malformed_answers_are_reasked(tmp_path):
+    def flaky(body, n):
+        return "I cannot decide." if n % 2 == 1 else longer_wins(body, n)
+
+    with openai_server(flaky) as server:
+        judge = judge_for(server, tmp_path)
+        assert judge.prefer(toy_users(1)[0], "q?", "long answer here", "short") == 1.0
+    assert server.count == 4 and judge.usage.malformed == 2
+
+
+def test_always_malformed_is_a_tie_after_bounded_retries(tmp_path):
+    with openai_server(lambda body, n: "maybe?") as server:
+        judge = judge_for(server, tmp_path, max_parse_retries=1)
+        assert judge.prefer(toy_users(1)[0], "q?", "one", "two") == 0.5
+    assert server.count == 4  # 2 orders x (1 + 1 retry)
+    assert judge.usage.unresolved == 2
+
+
+def test_retries_on_500_and_429(tmp_path):
+    def unreliable(body, n):
+        return {1: 500, 2: 429, 3: 503}.get(n) or longer_wins(body, n)
+
+    with openai_server(unreliable) as server:
+        judge = judge_for(server, tmp_path)
+        assert judge.prefer(toy_users(1)[0], "q?", "long answer here", "short") == 1.0
+    assert server.count == 5  # three failures retried by the client, then two good answers
+    assert judge.usage.requests == 2
+
+
+def test_gives_up_after_max_retries(tmp_path):
+    with openai_server(lambda body, n: 500) as server:
+        judge = judge_for(server, tmp_path, max_retries=1)
+        with pytest.raises(UserError, match="judge endpoint .*stub-judge"):
+            judge.prefer(toy_users(1)[0], "q?", "one", "two")
+    assert server.count == 2
+
+
+def test_cache_hits_on_rerun_make_no_requests(tmp_path):
+    user = toy_users(1)[0]
+    with openai_server(longer_wins) as server:
+        first = [judge_for(server, tmp_path).prefer(user, "q?", a, b) for a, b in ITEMS]
+        before = server.count
+        judge = judge_for(server, tmp_path)  # a new judge re-reads the cache file
+        second = [judge.prefer(user, "q?", a, b) for a, b in ITEMS]
+    assert second == first
+    assert server.count == before  # zero new requests
+    assert judge.usage.cache_hits == 2 * len(ITEMS) and judge.usage.requests == 0
+
+
+def test_prefer_many_in_threads(tmp_path):
+    user = toy_users(1)[0]
+    with openai_server(longer_wins) as server:
+        judge = judge_for(server, tmp_path)
+        scores = judge.prefer_many([(user, "q?", a, b) for a, b in ITEMS * 3], workers=4)
+    assert scores == [0.0, 1.0, 0.0] * 3
+
+
+def test_parse_verdict():
+    assert parse_verdict("A") == "A"
+    assert parse_verdict(" **B**") == "B"
+    assert parse_verdict("Response A is better") == "A"
+    assert parse_verdict("(b)") == "B"
+    assert parse_verdict("Both are fine") is None
+    assert parse_verdict("") is None
+
+
+def test_exact_judge_with_fake_reward():
+    user = toy_users(1)[0]  # favourite word: red
+    judge = ExactRewardJudge(reward_for=fav_reward_for)
+    assert judge.prefer(user, "q", "red red", "red blue") == 1.0
+    assert judge.prefer(user, "q", "blue", "red") == 0.0
+    assert judge.prefer(user, "q", "blue", "green") == 0.5
+
+
+def test_exact_judge_on_sim_users_agrees_with_their_labels():
+    """The simulator labels preferences with the same reward the exact judge rebuilds from metadata."""
+    sim = pytest.importorskip("fspo.sim")
+    if not hasattr(sim, "reward_for"):
+        pytest.skip("fspo.sim.reward_for is not there yet")
+    from fspo.sim.simulate import simulate
+
+    data = simulate("roleplay", n_users=2, prefs_per_user=4, seed=0)
+    users = {u.user_id: u for u in data.users}
+    judge = ExactRewardJudge()
+    scores = [judge.prefer(users[p.user_id], p.question, p.chosen, p.rejected) for p in data.preferences]
+    assert scores and min(scores) > 0.0 and sum(scores) / len(scores) > 0.9
+
+
+def test_unknown_judge_is_a_clear_error():
+    with pytest.raises(UserError, match="unknown judge 'gpt5'.*exact, openai, local"):
+        make_judge("gpt5")
+
+
+def test_openai_judge_needs_a_model(monkeypatch):
+    monkeypatch.delenv("FSPO_JUDGE_MODEL", raising=False)
+    with pytest.raises(UserError, match="model name"):
+        OpenAIJudge(base_url="http://127.0.0.1:9/v1")
+
+
+def test_local_judge_gives_order_averaged_probability():
+    from fspo.eval.judges import LocalJudge
+    from test_eval_helpers import tiny_model
+
+    model, tok = tiny_model(["Response A is better. Response B is better. A B"] * 5)
+    tok.chat_template = None  # exercise the raw-prompt path
+    judge = LocalJudge(model, tok)
+    user = toy_users(1)[0]
+    p = judge.prefer(user, "q?", "red answer", "blue answer")
+    q = judge.prefer(user, "q?", "blue answer", "red answer")
+    assert 0.0 <= p <= 1.0 and p + q == pytest.approx(1.0)  # swapping a and b mirrors the probability

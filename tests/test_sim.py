@@ -1,0 +1,217 @@
+"""Simulated users: labels follow the exact reward, rewards rebuild from records, splits hold out."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fspo.data.schema import Preference, User
+from fspo.errors import UserError
+from fspo.sim import corpus, disagreement_matrix, get_domain, prefer, reward_for, simulate, stats
+from fspo.sim.roleplay import HELD_OUT, held_out_pairs, phrase_for
+from fspo.sim.text import words
+
+SMALL = {
+    "roleplay": {"topics": 6},
+    "reviews": {"movies": 12},
+    "elix": {},
+}
+
+
+@pytest.fixture(scope="module")
+def population():
+    """The default roleplay population (1,500 personas); few preferences keep it fast."""
+    return simulate("roleplay", 1500, 4, seed=0)
+
+
+def _round_trip(user: User) -> User:
+    return User.model_validate_json(user.model_dump_json())
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(domain=st.sampled_from(sorted(SMALL)), seed=st.integers(0, 2**31 - 1))
+def test_every_label_agrees_with_the_users_exact_reward(domain: str, seed: int) -> None:
+    data = simulate(domain, 6, 15, seed=seed, **SMALL[domain])
+    margin = get_domain(domain).options.margin
+    rewards = {u.user_id: (reward_for(u), reward_for(_round_trip(u))) for u in data.users}
+    assert data.preferences
+    for p in data.preferences:
+        r, r_json = rewards[p.user_id]
+        chosen, rejected = r(p.question, p.chosen), r(p.question, p.rejected)
+        assert chosen - rejected >= margin - 1e-9
+        assert (chosen, rejected) == (r_json(p.question, p.chosen), r_json(p.question, p.rejected))
+        assert prefer(_round_trip(next(u for u in data.users if u.user_id == p.user_id)), p.question, p.chosen, p.rejected) == 1.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(question=st.text(max_size=200), text=st.text(max_size=2000))
+def test_rewards_are_defined_on_arbitrary_strings(question: str, text: str) -> None:
+    for domain in SMALL:
+        value = reward_for(_USERS[domain])(question, text)
+        assert isinstance(value, float) and math.isfinite(value)
+
+
+_USERS = {d: simulate(d, 3, 2, seed=3, **SMALL[d]).users[0] for d in SMALL}
+
+
+@pytest.mark.parametrize("domain", sorted(SMALL))
+def test_rewards_on_extreme_strings_and_off_topic_garbage(domain: str) -> None:
+    data = simulate(domain, 5, 5, seed=2, **SMALL[domain])
+    huge = ("haha! for example - be careful? " * 20_000) + "\n- x" * 1000
+    for user in data.users:
+        r = reward_for(user)
+        for text in ("", " ", "\n\n", "???", "!!!!!!!!", huge, "\x00\ud7ff漢字"):
+            assert math.isfinite(r("", text)) and math.isfinite(r(data.preferences[0].question, text))
+    # Relevance is shared by every user: the same answer with its topic words blanked out loses.
+    topic = _topic_words(domain)
+    for user in data.users:
+        r = reward_for(user)
+        for p in [p for p in data.preferences if p.user_id == user.user_id][:3]:
+            off_topic = " ".join("zzz" if w.lower().strip(".,!?") in topic else w for w in p.chosen.split(" "))
+            assert r(p.question, off_topic) < r(p.question, p.chosen)
+
+
+def _topic_words(domain: str) -> set[str]:
+    from fspo.sim import elix, reviews, roleplay_words
+
+    if domain == "roleplay":
+        return {w for t, objs in roleplay_words.TOPICS.items() for w in (t, *objs)}
+    if domain == "reviews":
+        return {w.lower() for w in (*reviews.ADJECTIVES, *reviews.NOUNS, *reviews.GENRES)}
+    return set(elix.CONCEPTS)
+
+
+def test_test_users_hold_combinations_no_training_user_has(population) -> None:
+    train = [u for u in population.users if u.metadata["split"] == "train"]
+    test = [u for u in population.users if u.metadata["split"] == "test"]
+    assert 0.15 <= len(test) / len(population.users) <= 0.25
+    assert all(held_out_pairs(u.metadata["traits"]) for u in test)
+    train_pairs = set()
+    for u in train:
+        values = [(t, s["value"]) for t, s in u.metadata["traits"].items()]
+        train_pairs |= {(a, b) for a in values for b in values}
+    for combo in HELD_OUT:
+        assert combo not in train_pairs and combo[::-1] not in train_pairs
+    seen_in_test = {c for u in test for c in held_out_pairs(u.metadata["traits"])}
+    assert len(seen_in_test) == len(HELD_OUT)  # every held-out combination is actually tested
+
+
+def test_descriptions_name_every_active_trait(population) -> None:
+    for u in population.users:
+        traits = u.metadata["traits"]
+        assert 2 <= len(traits) <= 4
+        for trait, spec in traits.items():
+            assert phrase_for(trait, spec["value"]) in u.description
+    example = {"length": "short", "format": "bullets", "tone": "casual", "viewpoint": "practical"}
+    dom = get_domain("roleplay")
+    text = dom.describe({t: {"value": v, "weight": 1.0} for t, v in example.items()})
+    assert text == "This user prefers short answers in bullet points, with a casual tone and practical advice."
+
+
+def test_refinement_makes_personas_decisive(population) -> None:
+    refined = [u for u in population.users if u.metadata["refinements"] > 0]
+    assert 0 < len(refined) < len(population.users)
+    assert population.info["refined_personas"] == len(refined)
+
+
+def test_users_disagree_on_shared_pairs() -> None:
+    data = simulate("roleplay", 300, 60, seed=4)
+    dis = disagreement_matrix(data.users, data.preferences)
+    off = dis.matrix[~np.eye(len(dis.labels), dtype=bool)]
+    assert np.nanmax(off) > 0.6 and np.nanmin(off) < np.nanmax(off)
+    assert dis.contested_pairs > 0.5
+    # Directly: two users with opposite values of one trait label some shared pair oppositely.
+    by_pair: dict[tuple[str, str, str], dict[str, str]] = {}
+    for p in data.preferences:
+        key = (p.question, *sorted((p.chosen, p.rejected)))
+        by_pair.setdefault(key, {})[p.user_id] = p.chosen
+    assert any(len(set(labels.values())) > 1 for labels in by_pair.values())
+    per_user = disagreement_matrix(data.users, data.preferences, group_by="user", max_groups=300)
+    assert per_user.matrix.shape == (300, 300)
+
+
+def test_reviews_and_elix_hold_out_interpolated_users() -> None:
+    reviews = simulate("reviews", 200, 5, seed=0, movies=20)
+    for u in reviews.users:
+        assert (len(u.metadata["traits"]) > 1) == (u.metadata["split"] == "test")
+    assert {u.metadata["group"] for u in reviews.users if u.metadata["split"] == "test"} <= {
+        "positive+concise", "positive+verbose", "negative+concise", "negative+verbose"
+    }  # fmt: skip
+    elix = simulate("elix", 200, 5, seed=0)
+    for u in elix.users:
+        level = u.metadata["traits"]["level"]["value"]
+        assert (level % 1 == 0.5) == (u.metadata["split"] == "test")
+    assert {u.metadata["split"] for u in elix.users} == {"train", "test"}
+
+
+def test_elix_level_estimate_orders_written_levels() -> None:
+    from fspo.sim.elix import SENTENCES, estimate_level
+
+    means = [np.mean([estimate_level(s.format(c="gravity", C="Gravity")) for s in SENTENCES[lv]]) for lv in range(5)]
+    assert means == sorted(means) and means[0] < 0.5 and means[4] > 3.5
+    assert estimate_level("") == 0.0
+
+
+def test_roleplay_detectors_read_the_surface() -> None:
+    dom = get_domain("roleplay")
+    q = "How can I get better at cooking?"
+
+    def f(text: str) -> dict[str, float]:
+        return dict(zip(dom.columns, dom.featurize(q, text), strict=True))
+
+    plain = f("Practice cooking daily with your recipes.")
+    assert plain["format=prose"] == 1 and plain["length=short"] == 1 and plain["relevance"] == 1
+    assert plain["viewpoint=practical"] == 1 and plain["viewpoint=historical"] == 0
+    rich = f(
+        "- Hey, in my experience cooking is fun!\n- For example, try spices!\n"
+        "- Be careful, haha, a funny joke.\nWhat will you try first?"
+    )
+    assert rich["format=bullets"] == 1 and rich["tone=casual"] == 1 and rich["tone=formal"] == -1
+    assert rich["examples=yes"] == rich["enthusiasm=yes"] == rich["followup=yes"] == 1
+    assert rich["first_person=yes"] == rich["humor=yes"] == rich["caveat=yes"] == 1
+    assert f("banana " * 100)["length=long"] == 1 and f("banana")["relevance"] == 0
+
+
+def test_same_seed_same_population_other_seed_differs() -> None:
+    a = simulate("roleplay", 20, 10, seed=7, topics=10)
+    b = simulate("roleplay", 20, 10, seed=7, topics=10)
+    c = simulate("roleplay", 20, 10, seed=8, topics=10)
+    dump = lambda d: [r.model_dump() for r in (*d.users, *d.preferences)]  # noqa: E731
+    assert dump(a) == dump(b)
+    assert dump(a) != dump(c)
+
+
+def test_records_are_valid_and_answers_regular(population) -> None:
+    data = simulate("roleplay", 50, 40, seed=5)
+    for p in data.preferences:
+        Preference.model_validate(p.model_dump())
+        assert 8 <= len(words(p.chosen)) <= 60
+    s = stats(data)
+    assert 200 <= s["vocabulary"] <= 2000
+    assert s["preferences"] == 50 * 40 and s["splits"].keys() <= {"train", "test"}
+
+
+def test_corpus_is_deterministic_small_language() -> None:
+    docs = corpus("roleplay", seed=0, n=500)
+    assert len(docs) == 500 and docs == corpus("roleplay", seed=0, n=500)
+    assert any(d.startswith("This user prefers") for d in docs)
+    assert len({w for d in docs for w in words(d)}) < 2000
+    assert len(corpus("elix", seed=1, n=50)) == 50
+
+
+def test_bad_input_raises_user_error() -> None:
+    with pytest.raises(UserError, match="unknown sim domain"):
+        simulate("nope", 1, 1, seed=0)
+    with pytest.raises(UserError, match="bogus"):
+        simulate("roleplay", 1, 1, seed=0, bogus=3)
+    with pytest.raises(UserError):
+        simulate("roleplay", 0, 1, seed=0)
+    with pytest.raises(UserError, match="not a simulated user"):
+        reward_for(User(user_id="u"))
+    with pytest.raises(UserError, match="unknown roleplay trait"):
+        reward_for(User(user_id="u", metadata={"domain": "roleplay", "traits": {"tone": {"value": "x", "weight": 1}}}))
