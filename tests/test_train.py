@@ -186,7 +186,6 @@ def test_cli_trains_with_rat_flag(world: dict[str, Path], tmp_path: Path) -> Non
         "--out",
         str(tmp_path / "cli2"),
         "--rat",
-        "target",
         "teacher-forced",
         "--no-progress",
     )

@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable
 from functools import cached_property
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fspo.sim import roleplay_words as W
 from fspo.sim.base import RELEVANCE, Domain, DomainOptions, Persona, Traits, register
@@ -105,6 +105,15 @@ class RoleplayOptions(DomainOptions):
     weight_range: tuple[float, float] = (0.5, 1.5)
     topics: int = Field(len(W.TOPICS), ge=1, le=len(W.TOPICS), description="Use the first N topics.")
 
+    @model_validator(mode="after")
+    def _ordered(self) -> RoleplayOptions:
+        if self.min_traits > self.max_traits:
+            raise ValueError(f"min_traits ({self.min_traits}) exceeds max_traits ({self.max_traits})")
+        low, high = self.weight_range
+        if not 0 < low <= high:
+            raise ValueError(f"weight_range must be 0 < low <= high, got {self.weight_range}")
+        return self
+
 
 @register
 class Roleplay(Domain):
@@ -180,13 +189,15 @@ class Roleplay(Domain):
         redraws = 0
         while True:
             traits: Traits = {}
-            for _ in range(rng.randint(o.min_traits, max(o.min_traits, min(o.max_traits, o.min_traits + 1)))):
+            for _ in range(rng.randint(o.min_traits, min(o.max_traits, o.min_traits + 1))):
                 self._add_trait(traits, rng)
             refinements = 0
-            while decided(traits) < o.min_decided and len(traits) < o.max_traits:
-                self._add_trait(traits, rng)
+            share = decided(traits)
+            while share < o.min_decided and len(traits) < o.max_traits:
+                self._add_trait(traits, rng)  # refinement: one more trait to decide more pairs
                 refinements += 1
-            if decided(traits) >= o.min_decided or redraws >= 50:
+                share = decided(traits)
+            if share >= o.min_decided or redraws >= 50:
                 return Persona(traits, refinements, redraws)
             redraws += 1
 
