@@ -1,0 +1,330 @@
+"""`fspo quickstart`: the whole FSPO pipeline on the embedded default model, in one command.
+
+simulate users → episodes → tokenizer + model + LM pretraining → few-shot Pref-FT (SFT) → FSPO (IPO),
+the same with RAT, and the zero-shot population baseline → personalized generation for every system
+of the paper → win rates judged by each simulated user's exact reward → accuracy vs shots → report.
+
+Every stage is cached under `out/<stage>/` (see `fspo.stages`), so a second run only redoes what
+changed; training stages resume from their checkpoints after a kill. The numbers printed at the end
+are the ones written to `out/report/results.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+from rich.table import Table
+
+from fspo.errors import UserError
+from fspo.stages import StageRunner
+
+
+class Profile(BaseModel):
+    """Sizes and budgets of one quickstart run. `default` targets ~15 min on a 2-core CPU."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    domain: str = "roleplay"
+    users: int = 1500
+    prefs_per_user: int = 40
+    shots: int = 4
+    seed: int = 0
+    model_size: str = "small"
+    corpus_docs: int = 20_000
+    pretrain_steps: int = 400
+    sft_steps: int = 300
+    fspo_steps: int = 300
+    pop_steps: int = 150
+    sft_lr: float = 1e-3
+    fspo_lr: float = 1e-4
+    beta: float = 0.1
+    batch_size: int = 8
+    max_tokens: int = 1024
+    eval_episodes: int = 200  # per test split, for generation and win rates
+    accuracy_shots: tuple[int, ...] = (0, 1, 2, 4)
+    max_new_tokens: int = 96
+    gen_batch_size: int = 16
+    sim_options: dict[str, Any] = Field(default_factory=dict)
+
+
+PROFILES: dict[str, Profile] = {
+    "default": Profile(),
+    # A smoke run of every stage in well under a minute (tests, CI); its numbers mean nothing.
+    "tiny": Profile(
+        users=60,
+        prefs_per_user=12,
+        shots=2,
+        model_size="tiny",
+        corpus_docs=400,
+        pretrain_steps=4,
+        sft_steps=3,
+        fspo_steps=3,
+        pop_steps=2,
+        batch_size=4,
+        max_tokens=512,
+        eval_episodes=6,
+        accuracy_shots=(0, 1, 2),
+        max_new_tokens=16,
+        gen_batch_size=6,
+    ),
+}
+
+# The paper's systems: (name, trained model stage or None for the pretrained base, generation mode,
+# number of shots (None = all of the episode's shots)).
+SYSTEMS: tuple[tuple[str, str | None, str, int | None], ...] = (
+    ("base", None, "plain", 0),
+    ("few-shot-prompting", None, "plain", None),
+    ("population-ipo", "pop_ipo", "plain", 0),
+    ("few-shot-pref-ft", "sft", "plain", None),
+    ("fspo", "fspo", "plain", None),
+    ("fspo-rat", "fspo_rat", "rat", None),
+    ("oracle", "fspo_rat", "oracle", None),
+)
+
+
+def run_quickstart(
+    out: str | Path = "runs/quickstart", profile: str = "default", force: bool = False
+) -> dict[str, Any]:
+    if profile not in PROFILES:
+        raise UserError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    p = PROFILES[profile]
+    console = Console()
+    runner = StageRunner(Path(out), force=force, console=console)
+    params = p.model_dump(mode="json")
+
+    runner.run("sim", _pick(params, "domain users prefs_per_user seed sim_options"), lambda d: _sim(p, d))
+    runner.run("episodes", _pick(params, "shots seed"), lambda d: _episodes(p, runner, d), ("sim",))
+    runner.run(
+        "model",
+        _pick(params, "model_size corpus_docs pretrain_steps seed"),
+        lambda d: _model(p, runner, d),
+        ("sim",),
+    )
+    model_dir = str(runner.folder("model") / "model")
+    trainings = _trainings(p, model_dir)
+    for name, (cfg, upstream) in trainings.items():
+        start = upstream and str(runner.folder(upstream) / "model")
+        runner.run(
+            name,
+            {k: v for k, v in cfg.items() if k not in ("model", "out", "episodes", "eval_episodes")},
+            lambda d, cfg=cfg, start=start: _train(cfg, runner, d, start or model_dir),
+            ("episodes", "model") + ((upstream,) if upstream else ()),
+        )
+    trained = tuple(trainings)
+    runner.run(
+        "generate",
+        _pick(params, "eval_episodes max_new_tokens seed"),
+        lambda d: _generate(p, runner, d, model_dir),
+        ("episodes", "model", *trained),
+    )
+    runner.run(
+        "accuracy", _pick(params, "accuracy_shots eval_episodes beta"), lambda d: _accuracy(p, runner, d),
+        ("episodes", *trained),
+    )
+    summary = runner.run(
+        "report", {"systems": [s[0] for s in SYSTEMS]}, lambda d: _report(p, runner, d),
+        ("sim", "generate", "accuracy"),
+    )
+    _print_table(console, summary, runner.timings)
+    return summary
+
+
+def _pick(params: dict[str, Any], names: str) -> dict[str, Any]:
+    return {k: params[k] for k in names.split()}
+
+
+def _sim(p: Profile, folder: Path) -> dict[str, Any]:
+    from fspo.sim import simulate, write_sim
+
+    data = simulate(p.domain, n_users=p.users, prefs_per_user=p.prefs_per_user, seed=p.seed, **p.sim_options)
+    write_sim(folder, data)
+    return {"users": len(data.users), "preferences": len(data.preferences)}
+
+
+def _episodes(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
+    from fspo.data.episodes import build_episodes, write_episodes
+    from fspo.data.io import read_dataset_dir
+
+    prefs, users, _ = read_dataset_dir(runner.folder("sim"))
+    splits = build_episodes(prefs, users, shots=p.shots, seed=p.seed)
+    for line in splits.report.lines(p.shots):
+        runner.console.print(f"  {line}")
+    write_episodes(folder, splits, meta={"shots": p.shots, "seed": p.seed, "source": "sim"})
+    return splits.counts()
+
+
+def _model(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
+    from fspo.data.io import read_dataset_dir
+    from fspo.models.default import init_model
+    from fspo.models.pretrain import pretrain, template_documents
+    from fspo.sim import corpus
+
+    prefs, _, _ = read_dataset_dir(runner.folder("sim"))
+    texts = corpus(p.domain, seed=p.seed, n=p.corpus_docs)
+    texts += template_documents(prefs, shots=p.shots, seed=p.seed)
+    model_dir = init_model(folder / "model", texts, size=p.model_size, seed=p.seed)
+    return pretrain(model_dir, texts, steps=p.pretrain_steps, seed=p.seed)
+
+
+def _trainings(p: Profile, model_dir: str) -> dict[str, tuple[dict[str, Any], str | None]]:
+    """Six runs: (SFT → FSPO) with and without RAT, and the zero-shot population pair."""
+    common = {"batch_size": p.batch_size, "max_tokens": p.max_tokens, "seed": p.seed, "progress": True}
+    sft = {**common, "stage": "sft", "lr": p.sft_lr, "scheduler": "cosine", "max_steps": p.sft_steps}
+    ipo = {
+        **common, "stage": "fspo", "loss": "ipo", "beta": p.beta, "lr": p.fspo_lr,
+        "scheduler": "cosine", "max_steps": p.fspo_steps,
+    }
+    pop = {"shots": 0, "max_steps": p.pop_steps}
+    return {
+        "sft": (sft, None),
+        "fspo": (ipo, "sft"),
+        "sft_rat": ({**sft, "rat": "target"}, None),
+        "fspo_rat": ({**ipo, "rat": "target"}, "sft_rat"),
+        "pop_sft": ({**sft, **pop}, None),
+        "pop_ipo": ({**ipo, **pop}, "pop_sft"),
+    }
+
+
+def _train(cfg: dict[str, Any], runner: StageRunner, folder: Path, start: str) -> dict[str, Any]:
+    from fspo.train.config import TrainConfig
+    from fspo.train.trainer import train
+
+    episodes = runner.folder("episodes")
+    config = TrainConfig(
+        **cfg,
+        model=start,
+        episodes=str(episodes / "train.jsonl"),
+        eval_episodes=str(episodes / "test_unseen.jsonl"),
+        out=str(folder),
+        save_every=max(1, cfg["max_steps"] // 4),
+    )
+    resume = (folder / "checkpoints").exists()
+    result = train(config, resume=resume)
+    return {"steps": result.steps, **{k: round(v, 4) for k, v in result.eval_metrics.items()}}
+
+
+def _test_episodes(p: Profile, runner: StageRunner) -> list:
+    from fspo.data.episodes import load_episodes
+
+    episodes = []
+    for split in ("test_unseen", "test_seen"):
+        episodes += load_episodes(runner.folder("episodes"), split)[: p.eval_episodes]
+    return episodes
+
+
+def _generate(p: Profile, runner: StageRunner, folder: Path, model_dir: str) -> dict[str, Any]:
+    from fspo.eval import generate_for_episodes
+    from fspo.models.loading import load_model, load_tokenizer
+
+    episodes = _test_episodes(p, runner)
+    counts = {}
+    for system, stage, mode, shots in SYSTEMS:
+        path = model_dir if stage is None else str(runner.folder(stage) / "model")
+        model, tokenizer = load_model(path), load_tokenizer(path)
+        runner.console.print(f"  generating: {system} ({len(episodes)} episodes, mode {mode})")
+        records = generate_for_episodes(
+            model, tokenizer, episodes, mode=mode, shots=shots, system=system,
+            max_new_tokens=p.max_new_tokens, seed=p.seed, batch_size=p.gen_batch_size,
+            out=folder / f"{system}.jsonl", progress=True,
+        )
+        counts[system] = len(records)
+    return counts
+
+
+def _accuracy(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
+    from fspo.data.template import DescriptionMode, TemplateOptions
+    from fspo.eval import accuracy_curve
+    from fspo.files import atomic_write_json
+    from fspo.models.loading import load_model, load_tokenizer
+
+    episodes = {
+        split: episodes
+        for split in ("test_seen", "test_unseen")
+        if (episodes := [e for e in _test_episodes(p, runner) if e.split == split])
+    }
+    curves = {}
+    for label, stage, ref, rat in (
+        ("fspo", "fspo", "sft", False),
+        ("fspo-rat", "fspo_rat", "sft_rat", True),
+        ("population-ipo", "pop_ipo", "pop_sft", False),
+    ):
+        path = runner.folder(stage) / "model"
+        options = TemplateOptions(description=DescriptionMode.TARGET if rat else DescriptionMode.NONE)
+        curves[label] = accuracy_curve(
+            load_model(path), load_tokenizer(path), episodes, shots=p.accuracy_shots,
+            ref_model=load_model(runner.folder(ref) / "model"), beta=p.beta, options=options,
+            model_name=label,
+        )
+    atomic_write_json(folder / "accuracy.json", curves)
+    return {label: _acc_at(c, p.shots) for label, c in curves.items()}
+
+
+def _acc_at(curve: dict[str, Any], shots: int) -> dict[str, float]:
+    out = {}
+    for split, points in curve["splits"].items():
+        best = [pt for pt in points if pt["shots"] <= shots]
+        if best:
+            out[split] = round(best[-1]["accuracy"], 4)
+    return out
+
+
+def _report(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
+    from fspo.data.io import read_dataset_dir
+    from fspo.eval import collect_examples, winrate, write_report
+    from fspo.sim import disagreement_matrix
+
+    gen = runner.folder("generate")
+    users_file = runner.folder("sim") / "users.jsonl"
+    results = []
+    pairs = [(s[0], "base") for s in SYSTEMS if s[0] != "base"]
+    pairs += [("fspo", "population-ipo"), ("fspo", "few-shot-prompting"), ("fspo-rat", "fspo")]
+    for system, opponent in pairs:
+        res = winrate(
+            gen / f"{system}.jsonl", gen / f"{opponent}.jsonl", users_file, "exact",
+            system=system, opponent=opponent,
+        )
+        results.extend(res.results)
+    prefs, users, _ = read_dataset_dir(runner.folder("sim"))
+    generations = {
+        s[0]: [json.loads(line) for line in (gen / f"{s[0]}.jsonl").read_text().splitlines()] for s in SYSTEMS
+    }
+    examples = collect_examples(generations, _test_episodes(p, runner), {u.user_id: u for u in users})
+    accuracy = json.loads((runner.folder("accuracy") / "accuracy.json").read_text())
+    notes = [
+        f"Profile: {p.model_dump_json()}",
+        "Win rates are judged by each simulated user's exact reward r_u(text); ties count as half.",
+        "'unseen' users hold trait combinations that no training user has.",
+    ]
+    write_report(
+        folder, results, accuracy, examples, disagreement_matrix(users, prefs),
+        title="FSPO quickstart: simulated roleplay users", notes=notes,
+    )
+    merged: dict[str, dict[str, Any]] = {}
+    for w in results:
+        merged.setdefault(f"{w.system} vs {w.opponent}", {})[w.split] = {
+            "win_rate": round(w.win_rate, 4), "ci": [round(w.ci_low, 4), round(w.ci_high, 4)], "n": w.n,
+        }
+    return {"winrates": merged, "report": str(folder / "report.md")}
+
+
+def _print_table(console: Console, summary: dict[str, Any], timings: dict[str, float]) -> None:
+    table = Table(title="FSPO quickstart: win rate (exact-reward judge), 95% CI, n")
+    table.add_column("system vs opponent")
+    for split in ("unseen", "seen"):
+        table.add_column(f"{split} users", justify="right")
+    for row, cells in summary.get("winrates", {}).items():
+        table.add_row(row, *(_fmt(cells.get(split)) for split in ("unseen", "seen")))
+    console.print(table)
+    total = sum(timings.values())
+    console.print(f"Report: {summary.get('report')}   (this run: {total / 60:.1f} min)")
+
+
+def _fmt(cell: dict[str, Any] | None) -> str:
+    if not cell:
+        return "-"
+    lo, hi = cell["ci"]
+    return f"{100 * cell['win_rate']:.1f}% [{100 * lo:.0f}–{100 * hi:.0f}] n={cell['n']}"
