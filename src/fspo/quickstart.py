@@ -35,6 +35,9 @@ class Profile(BaseModel):
     seed: int = 0
     model_size: str = "small"
     corpus_docs: int = 20_000
+    # Share of pretraining documents in which one "author" answers several questions in a consistent
+    # style: the in-context ability a real instruct model brings (see fspo.sim.corpus).
+    corpus_consistent: float = 0.5
     pretrain_steps: int = 400
     sft_steps: int = 300
     fspo_steps: int = 300
@@ -100,7 +103,7 @@ def run_quickstart(
     runner.run("episodes", _pick(params, "shots seed"), lambda d: _episodes(p, runner, d), ("sim",))
     runner.run(
         "model",
-        _pick(params, "model_size corpus_docs pretrain_steps seed"),
+        _pick(params, "model_size corpus_docs corpus_consistent pretrain_steps seed"),
         lambda d: _model(p, runner, d),
         ("sim",),
     )
@@ -164,7 +167,7 @@ def _model(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
     from fspo.sim import corpus
 
     prefs, _, _ = read_dataset_dir(runner.folder("sim"))
-    texts = corpus(p.domain, seed=p.seed, n=p.corpus_docs)
+    texts = corpus(p.domain, seed=p.seed, n=p.corpus_docs, consistent=p.corpus_consistent)
     texts += template_documents(prefs, shots=p.shots, seed=p.seed)
     model_dir = init_model(folder / "model", texts, size=p.model_size, seed=p.seed)
     return pretrain(model_dir, texts, steps=p.pretrain_steps, seed=p.seed)

@@ -14,13 +14,14 @@ from typing import Literal
 
 from fspo.files import atomic_write_json
 
-Size = Literal["tiny", "small", "base"]
+Size = Literal["tiny", "small", "medium", "base"]
 
 # Figures on the 2-core reference machine (ENV_NOTES): ~1M params ≈ 14.5k train tok/s, ~5M ≈ 3.7k.
 _LLAMA = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(zip(_LLAMA, (1024, 64, 2, 4, 176), strict=True)),  # ~0.15M params: tests
     "small": dict(zip(_LLAMA, (2048, 96, 3, 4, 256), strict=True)),  # ~0.5M params: the quickstart
+    "medium": dict(zip(_LLAMA, (1024, 128, 4, 4, 384), strict=True)),  # ~1M params
     "base": dict(zip(_LLAMA, (4096, 256, 4, 8, 704), strict=True)),  # ~4M params
 }
 

@@ -16,12 +16,19 @@ from fspo.sim.base import get_domain
 
 
 def corpus(
-    domain: str, seed: int = 0, n: int = 10_000, descriptions: float = 0.1, **options: Any
+    domain: str,
+    seed: int = 0,
+    n: int = 10_000,
+    descriptions: float = 0.1,
+    consistent: float = 0.0,
+    consistent_answers: int = 4,
+    **options: Any,
 ) -> list[str]:
     """`n` documents: mostly ``question + "\\n" + answer``, plus a share of user descriptions.
 
     Deterministic for a seed. `descriptions` is the share of documents that are persona
-    descriptions (what RAT teaches the model to write).
+    descriptions (what RAT teaches the model to write). `consistent` is the share of
+    *author-consistent* documents (see `consistent_documents`).
     """
     if n < 0:
         raise UserError(f"corpus size must be >= 0, got {n}")
@@ -30,9 +37,12 @@ def corpus(
     dom = get_domain(domain, **options)
     rng = random.Random(seed)
     questions = dom.questions()
+    if not 0 <= consistent <= 1 - descriptions:
+        raise UserError(f"consistent must be a share in [0, 1 - descriptions], got {consistent}")
     n_desc = round(n * descriptions)
-    docs = [dom.describe(dom.sample_persona(rng, lambda _traits: 1.0).traits) for _ in range(n_desc)]
-    while len(docs) < n:
+    docs = consistent_documents(dom, round(n * consistent), consistent_answers, rng)
+    docs += [dom.describe(dom.sample_persona(rng, lambda _traits: 1.0).traits) for _ in range(n_desc)]
+    while len(docs) < n:  # the rest: single question/answer documents
         order = list(range(len(questions)))
         rng.shuffle(order)
         for qi in order:
@@ -42,4 +52,33 @@ def corpus(
                 break
     docs = docs[:n]
     rng.shuffle(docs)
+    return docs
+
+
+def consistent_documents(dom: Any, n: int, answers: int, rng: random.Random) -> list[str]:
+    """`n` documents of `answers` answers each, all written by one "author" with a consistent taste.
+
+    Why: the paper starts from a pretrained instruct model, which can already continue a text in
+    the style of the examples it was shown. Our from-scratch model only gets that ability from text
+    where style is consistent within a document, as it is in real corpora (one author, one voice).
+    Each author is a freshly drawn persona restricted to *training* trait combinations (so test
+    users' combinations stay unseen), and picks, for random questions, the answer of the question's
+    pool it likes best. Documents use the template's shot layout without dispreferred answers
+    (``# Example i`` / ``## Question`` / ``## Response``); there are no users, pairs or labels.
+    """
+    from fspo.data.template import QUESTION, RESPONSE
+
+    questions = dom.questions()
+    docs: list[str] = []
+    while len(docs) < n:
+        persona = dom.sample_persona(rng, lambda _traits: 1.0)
+        if dom.split(persona.traits) != "train":
+            continue
+        parts = []
+        for i in range(1, answers + 1):
+            qi = rng.randrange(len(questions))
+            pool = dom.answers(qi, rng)
+            best = pool[int(dom.score(persona.traits, dom.features(questions[qi], pool)).argmax())]
+            parts.append(f"# Example {i}\n{QUESTION}{questions[qi]}\n{RESPONSE}{best}\n\n")
+        docs.append("".join(parts))
     return docs

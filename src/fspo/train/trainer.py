@@ -191,12 +191,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
 
     model, tokenizer = _build_model(cfg)
     fn = pair_logps_fn(cfg.logps_impl)
-    examples, stats = _load_split(cfg, cfg.episodes, "train", tokenizer)
+    world = accelerator.num_processes
+    # A run bounded by max_steps reads only the episodes it will consume (the sampler already
+    # shuffled the file; 5% spare covers over-budget skips): rendering and tokenizing a
+    # 100k-episode file for a 1k-episode run would take longer than the run itself.
+    needed = None
+    if cfg.max_steps:
+        needed = math.ceil(cfg.max_steps * cfg.batch_size * cfg.grad_accum * world * 1.05) + 8
+    examples, stats = _load_split(cfg, cfg.episodes, "train", tokenizer, needed)
     if not examples:
         raise UserError(
             f"no training episode fits max_tokens={cfg.max_tokens} (all {stats.episodes} are over budget)"
         )
-    world = accelerator.num_processes
     batches_per_epoch = len(examples) // (cfg.batch_size * world)
     steps_per_epoch = batches_per_epoch // cfg.grad_accum
     if steps_per_epoch == 0:
