@@ -32,23 +32,25 @@ class Profile(BaseModel):
     users: int = 1500
     prefs_per_user: int = 40
     shots: int = 4
+    # Show the dispreferred answers of the shots (the official default) or only the preferred ones.
+    include_dispreferred: bool = True
     seed: int = 0
-    model_size: str = "small"
+    model_size: str = "medium"
     corpus_docs: int = 20_000
     # Share of pretraining documents in which one "author" answers several questions in a consistent
     # style: the in-context ability a real instruct model brings (see fspo.sim.corpus).
     corpus_consistent: float = 0.5
     pretrain_steps: int = 400
     sft_steps: int = 300
-    fspo_steps: int = 300
-    pop_steps: int = 150
+    fspo_steps: int = 150
+    pop_steps: int = 100
     sft_lr: float = 1e-3
     fspo_lr: float = 1e-4
     beta: float = 0.1
     batch_size: int = 8
     max_tokens: int = 1024
-    eval_episodes: int = 200  # per test split, for generation and win rates
-    accuracy_shots: tuple[int, ...] = (0, 1, 2, 4)
+    eval_episodes: int = 150  # per test split, for generation and win rates
+    accuracy_shots: tuple[int, ...] = (0, 2, 4)
     max_new_tokens: int = 96
     gen_batch_size: int = 16
     sim_options: dict[str, Any] = Field(default_factory=dict)
@@ -120,7 +122,7 @@ def run_quickstart(
     trained = tuple(trainings)
     runner.run(
         "generate",
-        _pick(params, "eval_episodes max_new_tokens seed"),
+        _pick(params, "eval_episodes max_new_tokens seed include_dispreferred"),
         lambda d: _generate(p, runner, d, model_dir),
         ("episodes", "model", *trained),
     )
@@ -175,7 +177,10 @@ def _model(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
 
 def _trainings(p: Profile, model_dir: str) -> dict[str, tuple[dict[str, Any], str | None]]:
     """Six runs: (SFT → FSPO) with and without RAT, and the zero-shot population pair."""
-    common = {"batch_size": p.batch_size, "max_tokens": p.max_tokens, "seed": p.seed, "progress": True}
+    common = {
+        "batch_size": p.batch_size, "max_tokens": p.max_tokens, "seed": p.seed, "progress": True,
+        "include_dispreferred": p.include_dispreferred,
+    }
     sft = {**common, "stage": "sft", "lr": p.sft_lr, "scheduler": "cosine", "max_steps": p.sft_steps}
     ipo = {
         **common, "stage": "fspo", "loss": "ipo", "beta": p.beta, "lr": p.fspo_lr,
@@ -220,6 +225,7 @@ def _test_episodes(p: Profile, runner: StageRunner) -> list:
 
 
 def _generate(p: Profile, runner: StageRunner, folder: Path, model_dir: str) -> dict[str, Any]:
+    from fspo.data.template import TemplateOptions
     from fspo.eval import generate_for_episodes
     from fspo.models.loading import load_model, load_tokenizer
 
@@ -232,6 +238,7 @@ def _generate(p: Profile, runner: StageRunner, folder: Path, model_dir: str) -> 
         records = generate_for_episodes(
             model, tokenizer, episodes, mode=mode, shots=shots, system=system,
             max_new_tokens=p.max_new_tokens, seed=p.seed, batch_size=p.gen_batch_size,
+            options=TemplateOptions(include_dispreferred=p.include_dispreferred),
             out=folder / f"{system}.jsonl", progress=True,
         )
         counts[system] = len(records)
@@ -256,7 +263,10 @@ def _accuracy(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
         ("population-ipo", "pop_ipo", "pop_sft", False),
     ):
         path = runner.folder(stage) / "model"
-        options = TemplateOptions(description=DescriptionMode.TARGET if rat else DescriptionMode.NONE)
+        options = TemplateOptions(
+            include_dispreferred=p.include_dispreferred,
+            description=DescriptionMode.TARGET if rat else DescriptionMode.NONE,
+        )
         curves[label] = accuracy_curve(
             load_model(path), load_tokenizer(path), episodes, shots=p.accuracy_shots,
             ref_model=load_model(runner.folder(ref) / "model"), beta=p.beta, options=options,
