@@ -88,6 +88,9 @@ SYSTEMS: tuple[tuple[str, str | None, str, int | None], ...] = (
     ("fspo", "fspo", "plain", None),
     ("fspo-rat", "fspo_rat", "rat", None),
     ("oracle", "fspo_rat", "oracle", None),
+    # Control: the FSPO model without the user's shots. FSPO beating it is personalization; FSPO
+    # beating the baselines but not this control is only a better general model.
+    ("fspo-no-shots", "fspo", "plain", 0),
 )
 
 
@@ -122,7 +125,7 @@ def run_quickstart(
     trained = tuple(trainings)
     runner.run(
         "generate",
-        _pick(params, "eval_episodes max_new_tokens seed include_dispreferred"),
+        {**_pick(params, "eval_episodes max_new_tokens seed include_dispreferred"), "systems": SYSTEMS},
         lambda d: _generate(p, runner, d, model_dir),
         ("episodes", "model", *trained),
     )
@@ -294,7 +297,10 @@ def _report(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
     users_file = runner.folder("sim") / "users.jsonl"
     results = []
     pairs = [(s[0], "base") for s in SYSTEMS if s[0] != "base"]
-    pairs += [("fspo", "population-ipo"), ("fspo", "few-shot-prompting"), ("fspo-rat", "fspo")]
+    pairs += [
+        ("fspo", "population-ipo"), ("fspo", "few-shot-prompting"), ("fspo", "fspo-no-shots"),
+        ("fspo-rat", "fspo"),
+    ]
     for system, opponent in pairs:
         res = winrate(
             gen / f"{system}.jsonl", gen / f"{opponent}.jsonl", users_file, "exact",
@@ -312,6 +318,7 @@ def _report(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
         "Win rates are judged by each simulated user's exact reward r_u(text); ties count as half.",
         "'unseen' users hold trait combinations that no training user has.",
     ]
+    notes += _findings(results)
     write_report(
         folder, results, accuracy, examples, disagreement_matrix(users, prefs),
         title="FSPO quickstart: simulated roleplay users", notes=notes,
@@ -322,6 +329,35 @@ def _report(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
             "win_rate": round(w.win_rate, 4), "ci": [round(w.ci_low, 4), round(w.ci_high, 4)], "n": w.n,
         }
     return {"winrates": merged, "report": str(folder / "report.md")}
+
+
+def _findings(results: list) -> list[str]:
+    """Plain-language verdicts on unseen users, derived from the table (never hard-coded)."""
+    cell = {(w.system, w.opponent): w for w in results if w.split == "unseen"}
+
+    def verdict(system: str, opponent: str) -> str | None:
+        w = cell.get((system, opponent))
+        if w is None:
+            return None
+        word = "beats" if w.ci_low > 0.5 else "loses to" if w.ci_high < 0.5 else "is not distinguishable from"
+        return f"{system} {word} {opponent} on unseen users ({100 * w.win_rate:.1f}%, n={w.n})"
+
+    found = [v for v in (verdict("fspo", "fspo-no-shots"), verdict("fspo", "population-ipo")) if v]
+    rat = cell.get(("fspo-rat", "fspo"))
+    oracle, fspo = cell.get(("oracle", "base")), cell.get(("fspo", "base"))
+    if rat and rat.ci_high < 0.5 and oracle and fspo:
+        if oracle.win_rate <= fspo.win_rate:
+            found.append(
+                "RAT did not help: even the oracle (true description in the prompt) does no better than "
+                "FSPO without descriptions, so this model does not yet condition on descriptions; writing "
+                "one first only spends generation budget and shifts the answer's distribution."
+            )
+        else:
+            found.append(
+                "RAT did not help, but the oracle did: the model uses true descriptions, and the "
+                "descriptions it infers from the shots are not yet accurate enough."
+            )
+    return found
 
 
 def _print_table(console: Console, summary: dict[str, Any], timings: dict[str, float]) -> None:

