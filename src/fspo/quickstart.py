@@ -147,9 +147,11 @@ def _pick(params: dict[str, Any], names: str) -> dict[str, Any]:
 
 def _sim(p: Profile, folder: Path) -> dict[str, Any]:
     from fspo.sim import simulate, write_sim
+    from fspo.sim.cli import print_stats
 
     data = simulate(p.domain, n_users=p.users, prefs_per_user=p.prefs_per_user, seed=p.seed, **p.sim_options)
-    write_sim(folder, data)
+    meta = write_sim(folder, data)
+    print_stats(meta["stats"], data.info)  # the dataset the demo made: diversity and disagreement
     return {"users": len(data.users), "preferences": len(data.preferences)}
 
 
@@ -162,7 +164,9 @@ def _episodes(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
     for line in splits.report.lines(p.shots):
         runner.console.print(f"  {line}")
     write_episodes(folder, splits, meta={"shots": p.shots, "seed": p.seed, "source": "sim"})
-    return splits.counts()
+    counts = splits.counts()
+    runner.console.print("  episodes: " + ", ".join(f"{split} {n}" for split, n in counts.items()))
+    return counts
 
 
 def _model(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:

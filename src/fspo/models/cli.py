@@ -68,3 +68,12 @@ def pretrain(
         model, texts, steps=steps, lr=lr, batch_size=batch_size, block_size=block_size, seed=seed
     )
     Console().print(f"loss {s['first_loss']:.3f} → {s['final_loss']:.3f} ({s['tokens_per_s']:.0f} tok/s)")
+
+
+def _mount_import() -> None:
+    from fspo.models.gguf_import import register_import_command
+
+    register_import_command(app)  # `fspo model import SOURCE`: a GGUF file -> a Hugging Face model folder
+
+
+_mount_import()

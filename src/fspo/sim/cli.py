@@ -46,7 +46,7 @@ def run(
         data = simulate(domain, users, prefs_per_user, seed, **_parse_options(option))
         summary = stats(data)
         write_sim(out, data, summary)
-    _print_stats(summary, data.info)
+    print_stats(summary, data.info)
     console.print(f"[green]wrote[/] {out}/users.jsonl, preferences.jsonl, sim_meta.json")
 
 
@@ -58,7 +58,7 @@ def stats_cmd(folder: Path = typer.Argument(..., help="A folder written by `fspo
     users, prefs = read_sim(folder)
     meta_path = folder / "sim_meta.json"
     info = json.loads(meta_path.read_text()).get("info", {}) if meta_path.exists() else {}
-    _print_stats(stats(users=users, preferences=prefs), info)
+    print_stats(stats(users=users, preferences=prefs), info)
 
 
 @app.command()
@@ -85,7 +85,7 @@ def corpus(
     console.print(f"[green]wrote[/] {len(docs)} documents to {out}")
 
 
-def _print_stats(summary: dict[str, Any], info: dict[str, Any]) -> None:
+def print_stats(summary: dict[str, Any], info: dict[str, Any]) -> None:
     table = Table(title=f"simulated population: {summary['domain']}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
