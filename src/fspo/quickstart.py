@@ -238,9 +238,12 @@ def _generate(p: Profile, runner: StageRunner, folder: Path, model_dir: str) -> 
 
     episodes = _test_episodes(p, runner)
     counts = {}
+    loaded: dict[str, tuple[Any, Any]] = {}  # several systems share a model (base, fspo, fspo_rat)
     for system, stage, mode, shots in SYSTEMS:
         path = model_dir if stage is None else str(runner.folder(stage) / "model")
-        model, tokenizer = load_model(path), load_tokenizer(path)
+        if path not in loaded:
+            loaded[path] = (load_model(path), load_tokenizer(path))
+        model, tokenizer = loaded[path]
         runner.console.print(f"  generating: {system} ({len(episodes)} episodes, mode {mode})")
         records = generate_for_episodes(
             model, tokenizer, episodes, mode=mode, shots=shots, system=system,
@@ -258,11 +261,7 @@ def _accuracy(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
     from fspo.files import atomic_write_json
     from fspo.models.loading import load_model, load_tokenizer
 
-    episodes = {
-        split: episodes
-        for split in ("test_seen", "test_unseen")
-        if (episodes := [e for e in _test_episodes(p, runner) if e.split == split])
-    }
+    episodes = _test_episodes(p, runner)  # accuracy_curve groups them by split
     curves = {}
     for label, stage, ref, rat in (
         ("fspo", "fspo", "sft", False),

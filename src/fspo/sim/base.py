@@ -74,6 +74,17 @@ class Domain(ABC):
         """A pool of distinct candidate answers for one question, drawn with `rng` (random.Random)."""
 
     # --- measurement -------------------------------------------------------------------------
+    def _distinct_pool(self, write: Callable[[], str]) -> list[str]:
+        """Up to `answers_per_question` distinct texts from `write`, giving up after 20x as many tries."""
+        pool: list[str] = []
+        for _ in range(self.options.answers_per_question * 20):
+            text = write()
+            if text not in pool:
+                pool.append(text)
+            if len(pool) == self.options.answers_per_question:
+                break
+        return pool
+
     @abstractmethod
     def featurize(self, question: str, text: str) -> list[float]:
         """`phi(question, text)`, one value per entry of `columns`; must accept any string."""

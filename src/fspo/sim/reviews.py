@@ -110,14 +110,7 @@ class Reviews(Domain):
 
     def answers(self, question_index: int, rng: random.Random) -> list[str]:
         genre, adj, noun = self._movies[question_index]
-        pool: list[str] = []
-        for _ in range(self.options.answers_per_question * 20):
-            text = write_review(f"The {adj} {noun}", genre, rng)
-            if text not in pool:
-                pool.append(text)
-            if len(pool) == self.options.answers_per_question:
-                break
-        return pool
+        return self._distinct_pool(lambda: write_review(f"The {adj} {noun}", genre, rng))
 
     def featurize(self, question: str, text: str) -> list[float]:
         toks = words(text)

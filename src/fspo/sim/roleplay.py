@@ -142,14 +142,7 @@ class Roleplay(Domain):
     # --- writing answers -------------------------------------------------------------------
     def answers(self, question_index: int, rng: random.Random) -> list[str]:
         topic = self._topics[question_index // len(W.QUESTION_TEMPLATES)]
-        pool: list[str] = []
-        for _ in range(self.options.answers_per_question * 20):
-            text = write_answer(topic, rng)
-            if text not in pool:
-                pool.append(text)
-            if len(pool) == self.options.answers_per_question:
-                break
-        return pool
+        return self._distinct_pool(lambda: write_answer(topic, rng))
 
     # --- measuring them --------------------------------------------------------------------
     def featurize(self, question: str, text: str) -> list[float]:

@@ -13,7 +13,6 @@ timing or on where a previous run stopped.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import json
 import math
@@ -28,6 +27,7 @@ from typing import Any
 from tqdm import tqdm
 
 from fspo.files import AppendLog, atomic_open, atomic_write_json, atomic_write_text
+from fspo.stages import fingerprint
 from fspo.synth.backends import make_backend
 from fspo.synth.cache import RequestCache
 from fspo.synth.client import LLMClient, ParseFailure
@@ -48,7 +48,7 @@ STAGES = ("traits", "personas", "questions", "answers", "labels", "export")
 
 
 def _fp(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint(parts)
 
 
 def _rng(seed: int, *parts: Any) -> random.Random:
