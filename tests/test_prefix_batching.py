@@ -10,7 +10,9 @@ from transformers import PreTrainedTokenizerFast
 
 from fspo.data.schema import Episode, Preference
 from fspo.errors import UserError
-from fspo.train.prefix import bucketed_batches, padding_fraction, tokenize_contexts, tokenize_pair
+from fspo.train.buckets import bucketed_batches, epoch_batches, padding_fraction
+from fspo.train.contexts import tokenize_contexts, tokenize_pair
+from fspo.train.prefix import ContextTokens
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def test_k1_is_plain_tokenization(tokenizer):
 
 
 def test_k_groups_same_shots_and_matches_plain_pairs(tokenizer):
-    from fspo.data.template import render
+    from fspo.data.template import QUESTION, render
 
     eps = episodes()
     got = tokenize_contexts(tokenizer, eps, k=2)
@@ -59,7 +61,11 @@ def test_k_groups_same_shots_and_matches_plain_pairs(tokenizer):
     for group, ctx in got:
         assert len({by_id[i].user_id for i in group}) == 1 and 1 <= len(group) <= 2
         assert ctx.shared[0] == tokenizer.bos_token_id
-        assert all(q.question[0] != tokenizer.bos_token_id for q in ctx.items)
+        heading = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+        if len(group) > 1:  # split at the query's question block
+            assert all(q.question[: len(heading)] == heading for q in ctx.items)
+        else:  # a context of one is exactly the one-question row
+            assert ctx == ContextTokens.of(ctx.pairs()[0])
         for eid, pair in zip(group, ctx.pairs(), strict=True):
             r = render(by_id[eid])
             assert pair == tokenize_pair(tokenizer, r.prompt, r.chosen, r.rejected)
@@ -86,3 +92,19 @@ def test_bucketing_is_deterministic_per_seed():
     lengths = list(range(100))
     assert bucketed_batches(lengths, 4, seed=3) == bucketed_batches(lengths, 4, seed=3)
     assert bucketed_batches(lengths, 4, seed=3) != bucketed_batches(lengths, 4, seed=4)
+
+
+def test_epoch_batches_are_a_function_of_seed_and_epoch_split_across_processes():
+    rng = random.Random(1)
+    lengths = [rng.randint(50, 900) for _ in range(203)]
+    one = epoch_batches(lengths, 4, epoch=2, seed=7)
+    assert one == epoch_batches(lengths, 4, epoch=2, seed=7)  # what --resume relies on
+    assert one != epoch_batches(lengths, 4, epoch=3, seed=7)
+    assert len(one) == 203 // 4 and all(len(b) == 4 for b in one)  # incomplete batches dropped
+    assert len({i for b in one for i in b}) == 4 * len(one)
+    ranks = [epoch_batches(lengths, 2, epoch=2, seed=7, rank=r, world=2) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 203 // 4
+    # the two processes' batches together are the one-process run's global batches
+    assert [sorted(a + b) for a, b in zip(*ranks, strict=True)] == [sorted(b) for b in one]
+    naive = [list(range(i, i + 4)) for i in range(0, 200, 4)]
+    assert padding_fraction(lengths, one) < padding_fraction(lengths, naive) / 3

@@ -9,16 +9,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fspo.errors import UserError
-from fspo.train import prefix
-from fspo.train.prefix import (
-    ContextTokens,
-    PairTokens,
-    QuestionTokens,
+from fspo.train import refcache
+from fspo.train.prefix import ContextTokens, PairTokens, QuestionTokens, plain_pair_logps
+from fspo.train.refcache import (
     ReferenceCache,
     cached_reference_logps,
     compute_reference_logps,
     model_fingerprint,
-    plain_pair_logps,
     sidecar_path,
 )
 
@@ -69,21 +66,24 @@ def test_context_items_take_one_id_per_question(model):
 
 def count_computed(monkeypatch) -> list[int]:
     seen: list[int] = []
-    real = prefix.compute_reference_logps
+    real = refcache.compute_reference_logps
 
     def spy(model, batches, pad_id, shared=True):
         batches = list(batches)
         seen.append(sum(len(b) for b in batches))
         return real(model, batches, pad_id, shared=shared)
 
-    monkeypatch.setattr(prefix, "compute_reference_logps", spy)
+    monkeypatch.setattr(refcache, "compute_reference_logps", spy)
     return seen
 
 
 def test_cache_reuse_and_invalidation(model, tmp_path, monkeypatch):
     seen = count_computed(monkeypatch)
-    path = sidecar_path(tmp_path / "episodes.jsonl")
-    assert path.name == "episodes.jsonl.reflogps.json"
+    path = sidecar_path(tmp_path / "episodes.jsonl", "fp1", {"shots": 4})
+    assert path.parent == tmp_path and path.name.startswith("episodes.jsonl.reflogps-")
+    assert sidecar_path(tmp_path / "episodes.jsonl", "fp1", {"shots": 4}) == path
+    assert sidecar_path(tmp_path / "episodes.jsonl", "fp2", {"shots": 4}) != path  # one file per reference
+    assert sidecar_path(tmp_path / "episodes.jsonl", "fp1", {"shots": 8}) != path
     data = items()
     first = cached_reference_logps(model, data, ReferenceCache(path, "fp1", {"shots": 4}), pad_id=0)
     assert seen == [6] and path.exists()
@@ -122,3 +122,12 @@ def test_corrupt_cache_is_a_user_error(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(UserError, match="delete it"):
         ReferenceCache(bad, "fp")
+
+
+def test_save_keeps_entries_another_run_saved(model, tmp_path):
+    path = sidecar_path(tmp_path / "episodes.jsonl", "fp", None)
+    data = items(n=6)
+    a, b = ReferenceCache(path, "fp"), ReferenceCache(path, "fp")  # both read the (absent) file
+    cached_reference_logps(model, data[:3], a, pad_id=0)
+    cached_reference_logps(model, data[3:], b, pad_id=0)  # saved last, without a's entries in memory
+    assert len(ReferenceCache(path, "fp")) == 6

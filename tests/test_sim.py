@@ -225,3 +225,13 @@ def test_bad_input_raises_user_error() -> None:
                 user_id="u", metadata={"domain": "roleplay", "traits": {"tone": {"value": "x", "weight": 1}}}
             )
         )
+
+
+def test_traits_option_restricts_what_personas_care_about() -> None:
+    data = simulate("roleplay", 40, 5, seed=1, traits=("format", "length"), min_traits=1, max_traits=2)
+    cared = {t for u in data.users for t in u.metadata["traits"]}
+    assert cared == {"format", "length"}
+    with pytest.raises(UserError, match="unknown traits"):
+        simulate("roleplay", 2, 2, traits=("colour",))
+    with pytest.raises(UserError, match="max_traits"):
+        simulate("roleplay", 2, 2, traits=("format",), max_traits=2)

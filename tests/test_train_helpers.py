@@ -88,3 +88,33 @@ def tiny_gpt2(folder: Path, llama_folder: Path) -> Path:
     GPT2LMHeadModel(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def toy_preferences(
+    n_users: int = 6, per_user: int = 12, prefix: str = "u", seed: int = 0
+) -> tuple[list[Preference], list]:
+    """(preferences, users) of the toy world with `per_user` distinct questions per user.
+
+    Input for `fspo.data.episodes.build_episodes`, which decides which episodes share their shots.
+    """
+    from fspo.data.schema import User
+
+    rng = random.Random(seed)
+    prefs, users = [], []
+    for u in range(n_users):
+        uid = f"{prefix}{u}"
+        fav = COLOURS[u % len(COLOURS)]
+        users.append(User(user_id=uid, description=f"This user loves the colour {fav}."))
+        for i in range(per_user):
+            thing = THINGS[(u + i) % len(THINGS)]
+            other = rng.choice([c for c in COLOURS if c != fav])
+            words = " very" * (i % 4)  # answers of different lengths: something for bucketing to sort
+            prefs.append(
+                Preference(
+                    user_id=uid,
+                    question=f"Which {thing} should I get for room {i}?",
+                    chosen=f"Get the{words} {fav} {thing}.",
+                    rejected=f"Get the{words} {other} {thing}.",
+                )
+            )
+    return prefs, users

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_helpers import tiny_llama, toy_corpus, toy_episodes, write_jsonl
+from test_train_helpers import tiny_llama, toy_corpus, toy_episodes, toy_preferences, write_jsonl
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -27,17 +28,34 @@ def _command(model: Path, episodes: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def _shared_shot_episodes() -> list:
+    """Episodes in pairs that share their shots (for --questions-per-context 2)."""
+    from fspo.data.episodes import build_episodes
+
+    prefs, users = toy_preferences(n_users=5, per_user=8)
+    eps = build_episodes(prefs, users, shots=1, train_passes=2, test_user_fraction=0, heldout_per_user=0,
+                         questions_per_context=2)["train"]  # fmt: skip
+    return eps
+
+
+SPEED = ("--logps-impl", "prefix", "--questions-per-context", "2")  # bucketing is on with prefix
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
-    eps = toy_episodes(n_users=8, per_user=4, shots=1)  # 32 episodes: 8 steps/epoch, so 24 steps cross epochs
+@pytest.mark.parametrize("speed", [False, True], ids=["default", "prefix-k2-bucketed"])
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, speed: bool) -> None:
+    # 32 episodes: 8 steps/epoch, so 24 steps cross epochs. With K=2: 24 contexts, 6 steps/epoch.
+    eps = _shared_shot_episodes()[:40] if speed else toy_episodes(n_users=8, per_user=4, shots=1)
     episodes = write_jsonl(tmp_path / "train.jsonl", eps)
     model = tiny_llama(tmp_path / "llama", toy_corpus(eps) * 3)
+    extra = SPEED if speed else ()
 
     ref_out = tmp_path / "straight"
-    subprocess.run(_command(model, episodes, ref_out), env=ENV, check=True, capture_output=True, timeout=120)
+    subprocess.run(_command(model, episodes, ref_out, *extra), env=ENV, check=True, capture_output=True,
+                   timeout=120)  # fmt: skip
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_command(model, episodes, out), env=ENV, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_command(model, episodes, out, *extra), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 90
     while time.time() < deadline and not list((out / "checkpoints").glob("step-*")):
@@ -51,10 +69,14 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     killed_at = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
     assert killed_at < 24
 
-    done = subprocess.run(_command(model, episodes, out, "--resume"), env=ENV, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    done = subprocess.run(_command(model, episodes, out, *extra, "--resume"), env=ENV, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "resuming from" in done.stdout + done.stderr
+
+    if speed:  # the options really took effect
+        start = json.loads((ref_out / "metrics.jsonl").read_text().splitlines()[0])
+        assert start["questions_per_context"] > 1.5 and start["group_by_length"] and start["shared_rows"]
 
     a = load_file(ref_out / "model" / "model.safetensors")
     b = load_file(out / "model" / "model.safetensors")

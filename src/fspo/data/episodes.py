@@ -22,6 +22,13 @@ episodes, as long as the user split is unchanged (`metadata.split` pins it; the
 `test_user_fraction` draw is over all unmarked users). ``test_seen`` draws N shots uniformly
 without replacement for each held-out query.
 
+Several queries per shot set (``questions_per_context=K``, default 1): blocks are N+K long, the
+first N are the shots and each of the other K is the query of its own episode, so K episodes share
+one shot set (ids ``{split}-{user}-{pass}-{block}-{j}``; a final leftover of N+1..N+K-1 preferences
+makes a block with fewer queries). ``test_seen`` draws one shot set per K held-out queries. The
+trainer's ``questions_per_context=K`` then scores those K queries in one row, running the shots once
+(docs/speed.md). K=1 gives exactly the episodes (ids, order, shots) this module always gave.
+
 Nothing is dropped silently: users too small to sample, duplicate preferences and preferences
 without a `User` record are counted in the `SamplingReport` attached to the result.
 """
@@ -140,15 +147,23 @@ def split_users(user_ids: Sequence[str], users: dict[str, User], test_user_fract
     return sorted(train), sorted(test)
 
 
-def _blocks(pool: list[Preference], shots: int, passes: int, rng: random.Random):
-    """Yield (pass, index, shots, query): per pass, shuffle and cut into blocks of shots + 1."""
-    size = shots + 1
+def _blocks(pool: list[Preference], shots: int, passes: int, rng: random.Random, queries: int = 1):
+    """Yield (pass, index, shots, queries): per pass, shuffle and cut into blocks of shots + `queries`.
+
+    With queries > 1 a final leftover that still holds shots + 1 preferences is a shorter block, so
+    a user is never left out for want of K queries. With queries = 1 there is no such leftover.
+    """
+    size = shots + queries
     for p in range(passes):
         order = list(pool)
         rng.shuffle(order)
-        for i in range(len(order) // size):
-            block = order[i * size : (i + 1) * size]
-            yield p, i, block[:shots], block[shots]
+        starts = list(range(0, len(order) - size + 1, size))
+        tail = len(starts) * size
+        if len(order) - tail >= shots + 1:
+            starts.append(tail)
+        for i, start in enumerate(starts):
+            block = order[start : start + size]
+            yield p, i, block[:shots], block[shots:]
 
 
 def build_episodes(
@@ -160,17 +175,29 @@ def build_episodes(
     test_user_fraction: float = 0.2,
     heldout_per_user: int = 2,
     seed: int = 0,
+    questions_per_context: int = 1,
 ) -> EpisodeSplits:
     """Sample train / test_seen / test_unseen episodes; see the module docstring for the rules.
 
     `heldout_per_user` counts distinct questions of each training user held out as test_seen
     queries (all that user's preferences on those questions leave the training pool). A training
     user needs at least ``shots + 1 + heldout_per_user`` distinct preferences to get test_seen
-    episodes; with fewer it still trains. Deterministic for a given `seed`.
+    episodes; with fewer it still trains. `questions_per_context` = K queries per drawn shot set
+    (K episodes sharing their shots, adjacent in the train file). Deterministic for a given `seed`.
     """
+    if questions_per_context < 1:
+        raise UserError(f"questions_per_context must be >= 1, got {questions_per_context}")
     with gc_paused():
         return _build(
-            preferences, users, shots, train_passes, test_passes, test_user_fraction, heldout_per_user, seed
+            preferences,
+            users,
+            shots,
+            train_passes,
+            test_passes,
+            test_user_fraction,
+            heldout_per_user,
+            seed,
+            questions_per_context,
         )
 
 
@@ -183,6 +210,7 @@ def _build(
     test_user_fraction: float,
     heldout_per_user: int,
     seed: int,
+    k: int = 1,
 ) -> EpisodeSplits:
     if shots < 0:
         raise UserError(f"shots must be >= 0, got {shots}")
@@ -213,10 +241,12 @@ def _build(
     out = EpisodeSplits({split: [] for split in SPLITS})
     out.report = report
 
-    def make(split: str, uid: str, p: int, i: int, shot_list: list[Preference], query: Preference) -> Episode:
+    def make(
+        split: str, uid: str, p: int, i: int | str, shot_list: list[Preference], query: Preference
+    ) -> Episode:
         user = user_by_id.get(uid)
         return Episode(
-            episode_id=f"{split}-{uid}-{p}-{i}",
+            episode_id=f"{split}-{uid}-{p}-{i}",  # unique: `i` is a block, or a block-query pair
             user_id=uid,
             shots=shot_list,
             query=query,
@@ -225,25 +255,38 @@ def _build(
             metadata={"pass": p, "seed": seed},
         )
 
+    def block_episodes(split: str, uid: str, blocks) -> list[list[Episode]]:
+        """One group of episodes per block; K > 1 numbers each query within its block."""
+        groups = []
+        for p, i, shot_list, queries in blocks:
+            ids = [i] if k == 1 else [f"{i}-{j}" for j in range(len(queries))]
+            groups.append([make(split, uid, p, n, shot_list, q) for n, q in zip(ids, queries, strict=True)])
+        return groups
+
+    train_groups: list[list[Episode]] = []
     for uid in train_ids:
         pool, heldout = _hold_out(by_user[uid], shots, heldout_per_user, _rng(seed, uid, "heldout"))
         if heldout_per_user and not heldout:
             report.no_heldout[uid] = len(by_user[uid])
         rng = _rng(seed, uid, "train")
-        for p, i, shot_list, query in _blocks(pool, shots, train_passes, rng):
-            out["train"].append(make("train", uid, p, i, shot_list, query))
+        train_groups += block_episodes("train", uid, _blocks(pool, shots, train_passes, rng, k))
         rng = _rng(seed, uid, "test_seen")
         for p in range(test_passes):
-            for i, query in enumerate(heldout):
-                out["test_seen"].append(make("test_seen", uid, p, i, rng.sample(pool, shots), query))
+            for start in range(0, len(heldout), k):
+                shot_list = rng.sample(pool, shots)  # one shot set per K held-out queries
+                for i, query in enumerate(heldout[start : start + k], start=start):
+                    out["test_seen"].append(make("test_seen", uid, p, i, shot_list, query))
 
     for uid in test_ids:
         rng = _rng(seed, uid, "test_unseen")
-        for p, i, shot_list, query in _blocks(by_user[uid], shots, test_passes, rng):
-            out["test_unseen"].append(make("test_unseen", uid, p, i, shot_list, query))
+        for group in block_episodes("test_unseen", uid, _blocks(by_user[uid], shots, test_passes, rng, k)):
+            out["test_unseen"].extend(group)
 
-    # Training reads episodes in file order; mixing users makes every batch a mix of users.
-    _rng(seed, "train-order").shuffle(out["train"])
+    # Training reads episodes in file order; mixing users makes every batch a mix of users. Whole
+    # groups are shuffled, so the K episodes sharing a shot set stay adjacent (with K = 1 this is
+    # the same permutation as shuffling the episodes: `shuffle` depends only on the length).
+    _rng(seed, "train-order").shuffle(train_groups)
+    out["train"] = [e for group in train_groups for e in group]
     return out
 
 

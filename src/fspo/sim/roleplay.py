@@ -104,11 +104,20 @@ class RoleplayOptions(DomainOptions):
     max_traits: int = Field(4, ge=1, le=len(TRAITS))
     weight_range: tuple[float, float] = (0.5, 1.5)
     topics: int = Field(len(W.TOPICS), ge=1, le=len(W.TOPICS), description="Use the first N topics.")
+    traits: tuple[str, ...] = Field(
+        tuple(TRAITS), min_length=1, description="The traits personas may care about (a subset of TRAITS)."
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> RoleplayOptions:
         if self.min_traits > self.max_traits:
             raise ValueError(f"min_traits ({self.min_traits}) exceeds max_traits ({self.max_traits})")
+        unknown = [t for t in self.traits if t not in TRAITS]
+        if unknown:
+            raise ValueError(f"unknown traits {unknown}; choose from {', '.join(TRAITS)}")
+        if self.max_traits > len(set(self.traits)):
+            allowed = len(set(self.traits))
+            raise ValueError(f"max_traits ({self.max_traits}) exceeds the {allowed} traits allowed")
         low, high = self.weight_range
         if not 0 < low <= high:
             raise ValueError(f"weight_range must be 0 < low <= high, got {self.weight_range}")
@@ -195,7 +204,7 @@ class Roleplay(Domain):
             redraws += 1
 
     def _add_trait(self, traits: Traits, rng: random.Random) -> None:
-        trait = rng.choice([t for t in TRAITS if t not in traits])
+        trait = rng.choice([t for t in TRAITS if t in self.options.traits and t not in traits])
         low, high = self.options.weight_range
         traits[trait] = {"value": rng.choice(TRAITS[trait]), "weight": round(rng.uniform(low, high), 2)}
 

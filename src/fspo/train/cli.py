@@ -70,7 +70,25 @@ def _options(
     loss: str | None = typer.Option(None, help="fspo stage: ipo | dpo."),
     beta: float | None = typer.Option(None, help="fspo stage: β of IPO/DPO."),
     reduction: str | None = typer.Option(None, help="Log-prob reduction over the answer: sum | mean."),
-    logps_impl: str | None = typer.Option(None, help="Pair scorer: concat | prefix."),
+    logps_impl: str | None = typer.Option(
+        None, help="Pair scorer: concat | prefix (the prompt runs once per pair)."
+    ),
+    questions_per_context: int | None = typer.Option(
+        None,
+        help="Score up to K questions of one user sharing the same shots in one row (needs --logps-impl "
+        "prefix and episodes built with questions_per_context=K); --batch-size then counts contexts.",
+    ),
+    group_by_length: bool | None = typer.Option(
+        None,
+        "--group-by-length/--no-group-by-length",
+        help="Length-bucketed batches (less padding). Default: on with --logps-impl prefix.",
+    ),
+    reference_cache: bool | None = typer.Option(
+        None,
+        "--reference-cache/--no-reference-cache",
+        help="Reference log-probs computed once and cached beside the episodes (default), "
+        "or a reference forward in every step.",
+    ),
     optimizer: str | None = typer.Option(None, help="adamw | rmsprop."),
     lr: float | None = typer.Option(None),
     scheduler: str | None = typer.Option(None, help="constant | cosine | linear (all with linear warmup)."),

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from fspo.data.template import DescriptionMode, TemplateOptions
 from fspo.errors import UserError
@@ -58,6 +58,23 @@ class TrainConfig(BaseModel):
     reduction: Literal["sum", "mean"] = "sum"
     logps_impl: Literal["concat", "prefix"] = "concat"
 
+    # Speed (docs/speed.md). None of these changes what is learned, only how fast.
+    questions_per_context: int = Field(
+        1,
+        ge=1,
+        description="score up to K questions of one user that share the same shots in one row "
+        "(needs logps_impl 'prefix' and episodes built with questions_per_context=K); "
+        "batch_size then counts contexts",
+    )
+    group_by_length: bool | None = Field(
+        None, description="length-bucketed batches; None = on exactly when logps_impl is 'prefix'"
+    )
+    reference_cache: bool = Field(
+        True,
+        description="compute reference log-probs once before training and keep them in a sidecar "
+        "file beside the episodes; False = a reference forward in every step",
+    )
+
     # Optimisation.
     optimizer: Literal["adamw", "rmsprop"] = "adamw"
     lr: float = Field(1e-4, gt=0)
@@ -82,6 +99,18 @@ class TrainConfig(BaseModel):
     log_every: int = Field(5, ge=1)
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
     progress: bool = True
+
+    @field_validator("questions_per_context")
+    @classmethod
+    def _k_needs_prefix(cls, k: int, info: ValidationInfo) -> int:
+        if k > 1 and info.data.get("logps_impl") != "prefix":
+            raise ValueError("questions_per_context > 1 needs logps_impl 'prefix' (the shared-row scorer)")
+        return k
+
+    @property
+    def bucketed(self) -> bool:
+        """Whether batches are length-bucketed (`group_by_length`, resolved)."""
+        return self.logps_impl == "prefix" if self.group_by_length is None else self.group_by_length
 
     def template_options(self) -> TemplateOptions:
         mode = {

@@ -15,16 +15,25 @@ from typing import Any
 from pydantic import ValidationError
 
 from fspo.data.schema import Episode
-from fspo.data.template import DescriptionMode, TemplateOptions, render
+from fspo.data.template import QUESTION, DescriptionMode, TemplateOptions, render
 from fspo.errors import DataError, UserError
 from fspo.train.logps import PairBatch, pad_id_of, prompt_token_ids, target_token_ids
 
 
 @dataclass(frozen=True)
 class PairExample:
+    """One tokenized episode. `shared` counts the leading prompt tokens that are the user's shots.
+
+    `shared` is only measured when asked (``split_shared=True``): episodes whose first `shared`
+    tokens are equal can share one context row (`fspo.train.contexts`). 0 = not measured / none.
+    """
+
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    episode_id: str = ""
+    user_id: str = ""
+    shared: int = 0
 
 
 @dataclass
@@ -53,7 +62,7 @@ class RenderStats:
         }
 
 
-def _episodes_file(path: Path, split: str) -> Path:
+def episodes_file(path: Path, split: str) -> Path:
     if path.is_dir():
         for name in (f"{split}.jsonl", f"{split}_episodes.jsonl", f"episodes_{split}.jsonl"):
             if (path / name).is_file():
@@ -71,7 +80,7 @@ def load_episodes(path: str | Path, split: str = "train") -> list[Episode]:
 
     A file of preferences or users passed by mistake is named as such, with what is needed instead.
     """
-    f = _episodes_file(Path(path), split)
+    f = episodes_file(Path(path), split)
     episodes: list[Episode] = []
     problems: list[str] = []
     with open(f, encoding="utf-8") as fh:
@@ -122,17 +131,26 @@ def check_descriptions(episodes: list[Episode], options: TemplateOptions, source
 
 
 def tokenize_episodes(
-    episodes: list[Episode], tokenizer: Any, options: TemplateOptions, shots: int | None = None
+    episodes: list[Episode],
+    tokenizer: Any,
+    options: TemplateOptions,
+    shots: int | None = None,
+    split_shared: bool = False,
 ) -> tuple[list[PairExample], RenderStats]:
     """Render and tokenize every episode; over-budget ones are skipped and counted, never cut mid-shot.
 
     The budget passed to the template leaves room for bos and eos, which are added as ids.
+    Example ids are the episode ids, made unique (``id#2`` for a repeated id) because reference
+    log-probs are cached per id. `split_shared` also measures each prompt's shared part (see
+    `shared_prefix_length`); the prompt ids are the same either way.
     """
     budget_opts = options
     if options.max_tokens is not None:
         budget_opts = options.model_copy(update={"max_tokens": max(1, options.max_tokens - 2)})
     stats = RenderStats()
     out: list[PairExample] = []
+    seen: dict[str, int] = {}
+    shared_ids: dict[str, list[int]] = {}  # shared text -> its ids: a user's K questions share one
     for ep in episodes:
         stats.episodes += 1
         r = render(limit_shots(ep, shots), budget_opts, tokenizer)
@@ -145,10 +163,53 @@ def tokenize_episodes(
         stats.episodes_with_dropped_shots += int(r.shots_dropped > 0)
         p = prompt_token_ids(tokenizer, r.prompt)
         stats.prompt_tokens.append(len(p))
+        n = seen[ep.episode_id] = seen.get(ep.episode_id, 0) + 1
+        shared = 0
+        if split_shared:
+            shared = shared_prefix_length(tokenizer, p, r.prompt, ep.query.question, shared_ids)
         out.append(
-            PairExample(p, target_token_ids(tokenizer, r.chosen), target_token_ids(tokenizer, r.rejected))
+            PairExample(
+                p,
+                target_token_ids(tokenizer, r.chosen),
+                target_token_ids(tokenizer, r.rejected),
+                ep.episode_id if n == 1 else f"{ep.episode_id}#{n}",
+                ep.user_id,
+                shared,
+            )
         )
     return out, stats
+
+
+def shared_prefix_length(
+    tokenizer: Any,
+    prompt_ids: list[int],
+    prompt: str,
+    question: str,
+    memo: dict[str, list[int]] | None = None,
+) -> int:
+    """How many leading ids of `prompt_ids` encode only the text before the query's question block.
+
+    That text (the shots and the task sentence) is what K questions of one user can share. Its ids
+    are found as the common prefix of the whole prompt's ids and the shared text's own ids, so a
+    pair scored in a shared row has exactly the ids it has alone, even where a tokenizer merges
+    across the cut. 0 when the question block is not found (the episode then stays alone).
+    """
+    cut = prompt.rfind(QUESTION + question.strip())
+    if cut <= 0:
+        return 0
+    text = prompt[:cut]
+    ids = memo.get(text) if memo is not None else None
+    if ids is None:
+        ids = prompt_token_ids(tokenizer, text)
+        if memo is not None:
+            memo.clear()  # siblings are adjacent in the file; keep one entry, not the whole corpus
+            memo[text] = ids
+    n = 0
+    for a, b in zip(ids, prompt_ids, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n if n < len(prompt_ids) else 0
 
 
 def make_batch(examples: list[PairExample], tokenizer: Any) -> PairBatch:

@@ -9,11 +9,10 @@ gradients (they flow through the shared prefix), about 2(P+R)/(P+2R) times less 
 A row may also carry K held-out questions of the same user (``[shots | q1 | c1 | r1 | q2 | c2 | r2 ...]``):
 each question sees the shots, each answer sees the shots and its own question, nothing of q2 sees q1.
 
-Contents (one module because of file ownership; the sections are independent):
-  * token records (`PairTokens`, `ContextTokens`) and the tokenizing helpers;
-  * `plain_pair_logps` (the reference semantics) and `shared_pair_logps` / `pair_logps`;
-  * length-bucketed batching and its padding fraction;
-  * reference log-probs computed once and cached in a sidecar file (`ReferenceCache`).
+This module holds the token records (`PairTokens`, `ContextTokens`) and the scorer
+(`plain_pair_logps`, the reference semantics; `shared_pair_logps`; `pair_logps`, which picks one).
+Its neighbours: `fspo.train.contexts` (episodes -> contexts of K questions), `fspo.train.buckets`
+(length-bucketed batches), `fspo.train.refcache` (reference log-probs computed once, cached).
 
 Why hand-written: no maintained trainer (TRL, OpenRLHF, torchtune) has prefix sharing; transformers
 gives the part that matters, a model forward that takes a custom 4D mask and per-row logit positions
@@ -22,20 +21,12 @@ gives the part that matters, a model forward that takes a custom 4D mask and per
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import random
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-
-from fspo.errors import UserError
-from fspo.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -91,71 +82,9 @@ class ContextTokens:
         return len(self.shared) + sum(len(q.question) + len(q.chosen) + len(q.rejected) for q in self.items)
 
 
-def _as_context(item: PairTokens | ContextTokens) -> ContextTokens:
+def as_context(item: PairTokens | ContextTokens) -> ContextTokens:
+    """A bare pair is a context of one question with an empty question segment."""
     return ContextTokens.of(item) if isinstance(item, PairTokens) else item
-
-
-def tokenize_pair(tokenizer: Any, prompt: str, chosen: str, rejected: str) -> PairTokens:
-    """The trainer's tokenization (`fspo.train.logps`): [bos] + prompt ids, each target alone + eos.
-
-    Tokenizing the targets separately keeps the prompt/target boundary identical for both answers,
-    which is what makes a shared prefix possible at all.
-    """
-    from fspo.train.logps import prompt_token_ids, target_token_ids
-
-    return PairTokens(
-        prompt_token_ids(tokenizer, prompt),
-        target_token_ids(tokenizer, chosen),
-        target_token_ids(tokenizer, rejected),
-    )
-
-
-def tokenize_contexts(
-    tokenizer: Any, episodes: Sequence[Any], options: Any = None, k: int = 1
-) -> list[tuple[list[str], ContextTokens]]:
-    """Render and tokenize episodes, putting up to `k` episodes with the same shots in one context.
-
-    Returns ``(episode_ids, context)`` per context, in first-seen order. The prompt is split where
-    the query's ``## Question`` block starts: that block (and anything after it, e.g. the chat
-    template's assistant header) is the question segment, everything before is shared. Episodes
-    whose rendered prefixes differ (other user, other shots, shots dropped by the token budget)
-    never share a context. With k=1 the prompt is tokenized whole, exactly as `tokenize_pair`.
-    """
-    from fspo.data.template import QUESTION, TemplateOptions, render
-
-    options = options or TemplateOptions()
-    if k < 1:
-        raise UserError(f"questions per context must be >= 1, got {k}")
-    groups: dict[tuple[str, str], list[tuple[str, str, Any]]] = {}
-    out: list[tuple[list[str], ContextTokens]] = []
-    for ep in episodes:
-        r = render(ep, options, tokenizer)
-        if k == 1:
-            pair = tokenize_pair(tokenizer, r.prompt, r.chosen, r.rejected)
-            out.append(([ep.episode_id], ContextTokens.of(pair)))
-            continue
-        cut = r.prompt.rfind(QUESTION + ep.query.question.strip())
-        shared, tail = r.prompt[:cut], r.prompt[cut:]
-        bucket = groups.setdefault((ep.user_id, shared), [])
-        bucket.append((ep.episode_id, tail, r))
-        if len(bucket) == k:
-            out.append(_group_tokens(tokenizer, shared, groups.pop((ep.user_id, shared))))
-    out.extend(_group_tokens(tokenizer, shared, b) for (_, shared), b in groups.items())
-    return out
-
-
-def _group_tokens(tokenizer: Any, shared: str, bucket: list) -> tuple[list[str], ContextTokens]:
-    from fspo.train.logps import prompt_token_ids, target_token_ids
-
-    items = [
-        QuestionTokens(
-            tokenizer(tail, add_special_tokens=False)["input_ids"],
-            target_token_ids(tokenizer, r.chosen),
-            target_token_ids(tokenizer, r.rejected),
-        )
-        for _, tail, r in bucket
-    ]
-    return [eid for eid, _, _ in bucket], ContextTokens(prompt_token_ids(tokenizer, shared), items)
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +177,10 @@ def _finish(specs: list[_RowSpec], pad_id: int, padding_side: str, n_pairs: int,
 
 
 def build_plain_rows(pairs: Sequence[PairTokens], pad_id: int, padding_side: str = "right") -> _Rows:
-    """Two rows per pair, prompt+chosen then prompt+rejected, positions 0.. from the first real token."""
+    """Two rows per pair, prompt+chosen then prompt+rejected, positions 0.. from the first real token.
+
+    An empty target gets no row (log-prob 0, count 0): SFT scores chosen answers only.
+    """
     specs = []
     for i, p in enumerate(pairs):
         if not p.prompt:
@@ -256,6 +188,8 @@ def build_plain_rows(pairs: Sequence[PairTokens], pad_id: int, padding_side: str
                 "a pair needs a non-empty prompt (its last token predicts the first answer token)"
             )
         for which, target in ((0, p.chosen), (1, p.rejected)):
+            if not target:
+                continue
             s = _RowSpec()
             s.add(p.prompt, 0, 0, 0)
             s.add(target, len(p.prompt), 1, 2 + which)
@@ -267,9 +201,12 @@ def build_plain_rows(pairs: Sequence[PairTokens], pad_id: int, padding_side: str
 def build_shared_rows(
     contexts: Sequence[PairTokens | ContextTokens], pad_id: int, padding_side: str = "right"
 ) -> _Rows:
-    """One row per context: ``[shared | q1 | c1 | r1 | q2 | c2 | r2 ...]`` with restarting positions."""
+    """One row per context: ``[shared | q1 | c1 | r1 | q2 | c2 | r2 ...]`` with restarting positions.
+
+    An empty answer is left out of the row and scores 0 over 0 tokens (SFT passes no rejected answer).
+    """
     specs, pair = [], 0
-    for ctx in map(_as_context, contexts):
+    for ctx in map(as_context, contexts):
         s = _RowSpec()
         s.add(ctx.shared, 0, 0, 0)
         for k, q in enumerate(ctx.items, start=1):
@@ -280,6 +217,8 @@ def build_shared_rows(
             start = len(ctx.shared) + len(q.question)  # position id of each answer's first token
             s.add(q.question, len(ctx.shared), k, 1)
             for which, target in ((0, q.chosen), (1, q.rejected)):
+                if not target:
+                    continue
                 s.score(len(s.ids), target, anchor, 2 * pair + which)
                 s.add(target, start, k, 2 + which)
             pair += 1
@@ -305,13 +244,20 @@ def shared_attention_mask(rows: _Rows) -> torch.Tensor:
     return ((visible & causal) | eye)[:, None]
 
 
+def _config(model: Any) -> Any:
+    """The model's config, also through a DDP wrapper (which has no `config`; its `module` has)."""
+    while not hasattr(model, "config") and hasattr(model, "module"):
+        model = model.module
+    return model.config
+
+
 def _attention(model: Any) -> str:
-    return getattr(model.config, "_attn_implementation", None) or "eager"
+    return getattr(_config(model), "_attn_implementation", None) or "eager"
 
 
 def prefix_sharing_support(model: Any) -> tuple[bool, str]:
     """Whether `model` can take the shared path, and why not when it cannot."""
-    cfg = model.config
+    cfg = _config(model)
     model_type = getattr(cfg, "model_type", "?")
     attn = _attention(model)
     if attn not in SUPPORTED_ATTENTION:
@@ -407,198 +353,5 @@ def pair_logps(
         if ok:
             return shared_pair_logps(model, contexts, pad_id, padding_side)
         _warn_once(reason)
-    pairs = [p for c in contexts for p in _as_context(c).pairs()]
+    pairs = [p for c in contexts for p in as_context(c).pairs()]
     return plain_pair_logps(model, pairs, pad_id, padding_side)
-
-
-# --------------------------------------------------------------------------------------------
-# Length-bucketed batching
-# --------------------------------------------------------------------------------------------
-
-
-def bucketed_batches(
-    lengths: Sequence[int], batch_size: int, mega_batches: int = 32, seed: int = 0, shuffle: bool = True
-) -> list[list[int]]:
-    """Batches of indices with little padding: sort by length inside mega-batches, then shuffle batches.
-
-    Sorting only within a window of `mega_batches` batches keeps the data order random at large
-    scale (no epoch-long curriculum from short to long) while rows of a batch have similar lengths.
-    """
-    order = list(range(len(lengths)))
-    rng = random.Random(seed)
-    if shuffle:
-        rng.shuffle(order)
-    window = batch_size * max(1, mega_batches)
-    batches: list[list[int]] = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda i: lengths[i], reverse=True)
-        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
-    if shuffle:
-        rng.shuffle(batches)
-    return batches
-
-
-def padding_fraction(lengths: Sequence[int], batches: Iterable[Sequence[int]]) -> float:
-    """Share of the padded batch tensors that is padding: 1 - real tokens / (rows x longest row)."""
-    real = padded = 0
-    for batch in batches:
-        if batch:
-            real += sum(lengths[i] for i in batch)
-            padded += len(batch) * max(lengths[i] for i in batch)
-    return 1.0 - real / padded if padded else 0.0
-
-
-# --------------------------------------------------------------------------------------------
-# Reference log-probs, computed once and cached beside the episodes
-# --------------------------------------------------------------------------------------------
-
-Keyed = tuple[str, PairTokens] | tuple[Sequence[str], ContextTokens]
-
-
-@contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def compute_reference_logps(
-    model: Any, batches: Iterable[Sequence[Keyed]], pad_id: int, shared: bool = True
-) -> dict[str, tuple[float, float]]:
-    """Summed (chosen, rejected) log-probs of the reference model per episode id, in eval mode.
-
-    Each batch item is ``(episode_id, PairTokens)`` or ``(episode_ids, ContextTokens)`` (one id per
-    question of the context).
-    """
-    out: dict[str, tuple[float, float]] = {}
-    with _eval_mode(model):
-        for batch in batches:
-            ids: list[str] = []
-            contexts = []
-            for key, item in batch:
-                ids.extend([key] if isinstance(key, str) else list(key))
-                contexts.append(item)
-            lp = pair_logps(model, contexts, pad_id, shared=shared)
-            if len(ids) != len(lp.chosen):
-                raise ValueError(f"{len(ids)} episode ids for {len(lp.chosen)} pairs")
-            out.update(zip(ids, zip(lp.chosen.tolist(), lp.rejected.tolist(), strict=True), strict=True))
-    return out
-
-
-def model_fingerprint(folder: str | Path) -> str:
-    """A digest of a model folder's config and weights.
-
-    The full content is hashed: a fine-tune keeps file names and sizes. ~1 s per GB, once per run.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"model folder not found: {folder}")
-    h = hashlib.sha256()
-    files = sorted(
-        p for p in folder.iterdir() if p.suffix in {".json", ".safetensors", ".bin", ".gguf"} and p.is_file()
-    )
-    if not files:
-        raise UserError(f"no model files (config.json, *.safetensors) in {folder}")
-    for p in files:
-        h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()[:32]
-
-
-def episode_key(model_fp: str, options: Any, pair: PairTokens) -> str:
-    """Invalidation key of one cached value: model, template options and the exact tokens."""
-    opts = (
-        options.model_dump_json()
-        if hasattr(options, "model_dump_json")
-        else json.dumps(options, sort_keys=True)
-    )
-    blob = json.dumps([model_fp, opts, list(pair.prompt), list(pair.chosen), list(pair.rejected)])
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
-
-
-def sidecar_path(episodes_path: str | Path) -> Path:
-    """Where an episode file's reference log-probs live: ``<episodes>.reflogps.json`` beside it."""
-    p = Path(episodes_path)
-    return p.with_name(p.name + ".reflogps.json")
-
-
-class ReferenceCache:
-    """Cached reference log-probs keyed by episode id, each valid only under its `episode_key`.
-
-    A value is reused only when the model fingerprint, template options and tokens all match, so
-    changed data or a changed model recompute just the affected episodes; resampled episodes with
-    new ids are simply new entries.
-    """
-
-    VERSION = 1
-
-    def __init__(self, path: str | Path, model_fp: str, options: Any = None):
-        self.path = Path(path)
-        self.model_fp = model_fp
-        self.options = options or {}
-        self._entries: dict[str, dict[str, Any]] = {}
-        if self.path.exists():
-            try:
-                data = json.loads(self.path.read_text(encoding="utf-8"))
-            except ValueError as e:
-                raise UserError(
-                    f"{self.path}: not a reference log-prob cache ({e}); delete it to recompute"
-                ) from e
-            if data.get("version") == self.VERSION:
-                self._entries = data.get("entries", {})
-
-    def key(self, pair: PairTokens) -> str:
-        return episode_key(self.model_fp, self.options, pair)
-
-    def get(self, episode_id: str, pair: PairTokens) -> tuple[float, float] | None:
-        e = self._entries.get(episode_id)
-        if e is None or e.get("key") != self.key(pair):
-            return None
-        return e["chosen"], e["rejected"]
-
-    def put(self, episode_id: str, pair: PairTokens, value: tuple[float, float]) -> None:
-        self._entries[episode_id] = {"key": self.key(pair), "chosen": value[0], "rejected": value[1]}
-
-    def save(self) -> None:
-        atomic_write_json(self.path, {"version": self.VERSION, "entries": self._entries})
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-def cached_reference_logps(
-    model: Any,
-    items: Sequence[Keyed],
-    cache: ReferenceCache,
-    pad_id: int,
-    batch_size: int = 8,
-    shared: bool = True,
-) -> dict[str, tuple[float, float]]:
-    """Reference log-probs for `items`, computing only the episodes the cache lacks, then saving it."""
-    result: dict[str, tuple[float, float]] = {}
-    missing: list[Keyed] = []
-    for key, item in items:
-        ids = [key] if isinstance(key, str) else list(key)
-        pairs = _as_context(item).pairs()
-        hits = [cache.get(i, p) for i, p in zip(ids, pairs, strict=True)]
-        if all(h is not None for h in hits):
-            result.update(zip(ids, hits, strict=True))  # type: ignore[arg-type]
-        else:
-            missing.append((key, item))
-    if missing:
-        lengths = [len(_as_context(it)) for _, it in missing]
-        batches = [[missing[i] for i in b] for b in bucketed_batches(lengths, batch_size, shuffle=False)]
-        fresh = compute_reference_logps(model, batches, pad_id, shared=shared)
-        for key, item in missing:
-            ids = [key] if isinstance(key, str) else list(key)
-            for i, p in zip(ids, _as_context(item).pairs(), strict=True):
-                cache.put(i, p, fresh[i])
-        result.update(fresh)
-        cache.save()
-    return result

@@ -5,9 +5,15 @@
 * ``fspo`` – DPO or IPO against a frozen reference (the starting model, usually the SFT output).
   With zero shots it is the population IPO/DPO baseline.
 
-The loop only orchestrates: log-probs come from `fspo.train.logps`, losses from
-`fspo.train.losses`, batches from `fspo.train.data`, checkpoints from `fspo.train.checkpoint`.
-With LoRA the reference is the same model with its adapters disabled (no second copy).
+The loop only orchestrates: log-probs come from `fspo.train.logps` / `fspo.train.prefix`, losses
+from `fspo.train.losses`, episodes from `fspo.train.data` grouped into contexts by
+`fspo.train.contexts`, batch order from `fspo.train.data` / `fspo.train.buckets`, reference
+log-probs from `fspo.train.refcache`, checkpoints from `fspo.train.checkpoint`.
+
+The reference (the starting model; with LoRA the same model with its adapters disabled) is scored
+once before training and cached beside the episodes (`reference_cache`, default), or in every step.
+A batch is `batch_size` contexts; a context holds one episode, or with ``questions_per_context=K``
+up to K episodes of one user sharing the same shots.
 """
 
 from __future__ import annotations
@@ -25,18 +31,29 @@ import torch
 
 from fspo.errors import UserError
 from fspo.files import AppendLog, atomic_write_json
+from fspo.train import prefix
+from fspo.train.buckets import epoch_batches
 from fspo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fspo.train.config import CONFIG_FILE, TrainConfig
+from fspo.train.contexts import Unit, group_examples, row_stats
 from fspo.train.data import (
-    PairExample,
+    RenderStats,
     batch_order,
     check_descriptions,
+    episodes_file,
     load_episodes,
-    make_batch,
     tokenize_episodes,
 )
-from fspo.train.logps import PairBatch, SeqLogps, collate_targets, forward_logps, pair_logps_fn
+from fspo.train.logps import (
+    PairBatch,
+    SeqLogps,
+    collate_targets,
+    compute_pair_logps,
+    forward_logps,
+    pad_id_of,
+)
 from fspo.train.losses import preference_loss, sft_loss
+from fspo.train.refcache import ReferenceCache, Values, model_fingerprint, reference_logps, sidecar_path
 
 SCHEDULERS = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
@@ -51,23 +68,89 @@ class TrainResult:
     render_stats: dict[str, Any] = field(default_factory=dict)
 
 
+def _score(cfg: TrainConfig, model: Any, units: list[Unit], pad_id: int) -> tuple[SeqLogps, SeqLogps]:
+    """Chosen and rejected log-probs of every pair of `units`, in order, in one forward pass.
+
+    ``concat`` is the two-sequence path (prompt+chosen and prompt+rejected as one 2B batch);
+    ``prefix`` scores each context as one row (`fspo.train.prefix`, plain fallback when the model
+    cannot take a custom mask).
+    """
+    if cfg.logps_impl == "concat":
+        pairs = [p for u in units for p in u.pairs()]
+        batch = PairBatch(
+            [list(p.prompt) for p in pairs],
+            [list(p.chosen) for p in pairs],
+            [list(p.rejected) for p in pairs],
+            pad_id,
+        )
+        return compute_pair_logps(model, batch)
+    lp = prefix.pair_logps(model, [u.context for u in units], pad_id)
+    return SeqLogps(lp.chosen, lp.chosen_tokens), SeqLogps(lp.rejected, lp.rejected_tokens)
+
+
+def _sft_context(ctx: prefix.ContextTokens) -> prefix.ContextTokens:
+    """The context without rejected answers: SFT scores the chosen ones only."""
+    return prefix.ContextTokens(
+        ctx.shared, [prefix.QuestionTokens(q.question, q.chosen, ()) for q in ctx.items]
+    )
+
+
+def _sft_logps(cfg: TrainConfig, model: Any, units: list[Unit], pad_id: int) -> SeqLogps:
+    """Chosen-answer log-probs. One question per row: the plain layout, as ever; K: shared rows."""
+    if cfg.questions_per_context == 1:
+        pairs = [p for u in units for p in u.pairs()]
+        return forward_logps(
+            model, collate_targets([p.prompt for p in pairs], [p.chosen for p in pairs], pad_id)
+        )
+    lp = prefix.pair_logps(model, [_sft_context(u.context) for u in units], pad_id)
+    return SeqLogps(lp.chosen, lp.chosen_tokens)
+
+
+def _shared_rows(cfg: TrainConfig, model: Any) -> bool:
+    """Whether the scorer really builds shared rows (prefix requested and the model can take them)."""
+    return cfg.logps_impl == "prefix" and prefix.prefix_sharing_support(model)[0]
+
+
+def _row_stats(cfg: TrainConfig, unit: Unit, shared: bool) -> tuple[int, int, int]:
+    ctx = _sft_context(unit.context) if cfg.stage == "sft" else unit.context
+    return row_stats(ctx, shared or (cfg.stage == "sft" and cfg.questions_per_context > 1))
+
+
+def _padding(stats: list[tuple[int, int, int]]) -> tuple[int, int]:
+    """(real, padded) tokens of one batch: every row is padded to the longest row of the batch."""
+    return sum(s[1] for s in stats), sum(s[0] for s in stats) * max(s[2] for s in stats)
+
+
 class _Reference:
-    """Log-probs under the frozen reference: a frozen copy, or the LoRA model with adapters off."""
+    """Per-step reference (``reference_cache=False``): a frozen copy, or the LoRA model with adapters off."""
 
     def __init__(self, model: Any, lora: bool):
         self.lora = lora
         self.copy = None if lora else copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def pair_logps(self, unwrapped: Any, fn: Any, batch: PairBatch) -> tuple[SeqLogps, SeqLogps]:
+    def pair_logps(
+        self, cfg: TrainConfig, unwrapped: Any, units: list[Unit], pad_id: int
+    ) -> tuple[SeqLogps, SeqLogps]:
         if self.lora:
             was_training = unwrapped.training
             unwrapped.eval()
             with unwrapped.disable_adapter():
-                out = fn(unwrapped, batch)
+                out = _score(cfg, unwrapped, units, pad_id)
             unwrapped.train(was_training)
             return out
-        return fn(self.copy, batch)
+        return _score(cfg, self.copy, units, pad_id)
+
+
+def _cached_ref(
+    values: Values, units: list[Unit], policy: tuple[SeqLogps, SeqLogps]
+) -> tuple[SeqLogps, SeqLogps]:
+    """The reference's summed log-probs of `units` from precomputed values (counts = the policy's)."""
+    ids = [i for u in units for i in u.ids]
+    dev = policy[0].sum.device
+    chosen = torch.tensor([values[i][0] for i in ids], dtype=torch.float32, device=dev)
+    rejected = torch.tensor([values[i][1] for i in ids], dtype=torch.float32, device=dev)
+    return SeqLogps(chosen, policy[0].count), SeqLogps(rejected, policy[1].count)
 
 
 def _fspo_losses(cfg: TrainConfig, policy: tuple[SeqLogps, SeqLogps], ref: tuple[SeqLogps, SeqLogps]) -> Any:
@@ -115,35 +198,47 @@ def _optimizer(cfg: TrainConfig, model: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _load_split(cfg: TrainConfig, path: str, split: str, tokenizer: Any, limit: int | None = None):
+def _load_split(
+    cfg: TrainConfig, path: str, split: str, tokenizer: Any, limit: int | None = None
+) -> tuple[list[Unit], RenderStats, Path]:
+    """Episodes of `path` as contexts (`questions_per_context` per row at most), their render
+    stats, and the episodes file itself (where the reference cache goes)."""
+    file = episodes_file(Path(path), split)
     episodes = load_episodes(path, split)
     if limit is not None:
         episodes = episodes[:limit]
     options = cfg.template_options()
     check_descriptions(episodes, options, path)
-    return tokenize_episodes(episodes, tokenizer, options, cfg.shots)
+    k = cfg.questions_per_context
+    examples, stats = tokenize_episodes(episodes, tokenizer, options, cfg.shots, split_shared=k > 1)
+    return group_examples(examples, k), stats, file
 
 
-@torch.no_grad()
-def _eval_logps(model: Any, fn: Any, examples: list[PairExample], tokenizer: Any, bs: int) -> list[tuple]:
-    out = []
-    for i in range(0, len(examples), bs):
-        out.append(fn(model, make_batch(examples[i : i + bs], tokenizer)))
-    return out
+def _eval_batches(cfg: TrainConfig, units: list[Unit]) -> list[list[Unit]]:
+    """Evaluation batches: in file order, or sorted by length when batches are length-bucketed."""
+    order = list(range(len(units)))
+    if cfg.bucketed:
+        order.sort(key=lambda i: len(units[i].context))
+    return [[units[i] for i in order[j : j + cfg.batch_size]] for j in range(0, len(order), cfg.batch_size)]
 
 
 def _evaluate(
-    cfg: TrainConfig, model: Any, fn: Any, examples: list[PairExample], tokenizer: Any, ref_logps: list[tuple]
+    cfg: TrainConfig, model: Any, units: list[Unit], pad_id: int, ref: Values, autocast: Any
 ) -> dict[str, float]:
     """Held-out loss, implicit-reward accuracy and margins (reference = the starting model)."""
     was_training = model.training
     model.eval()
-    pol = _eval_logps(model, fn, examples, tokenizer, cfg.batch_size)
+    pol, ids = [], []
+    with torch.no_grad(), autocast():
+        for batch in _eval_batches(cfg, units):
+            pol.append(_score(cfg, model, batch, pad_id))
+            ids.extend(i for u in batch for i in u.ids)
     model.train(was_training)
-    pc = SeqLogps(torch.cat([p[0].sum for p in pol]), torch.cat([p[0].count for p in pol]))
-    pr = SeqLogps(torch.cat([p[1].sum for p in pol]), torch.cat([p[1].count for p in pol]))
-    rc = SeqLogps(torch.cat([p[0].sum for p in ref_logps]), torch.cat([p[0].count for p in ref_logps]))
-    rr = SeqLogps(torch.cat([p[1].sum for p in ref_logps]), torch.cat([p[1].count for p in ref_logps]))
+    pc = SeqLogps(torch.cat([p[0].sum for p in pol]).float(), torch.cat([p[0].count for p in pol]))
+    pr = SeqLogps(torch.cat([p[1].sum for p in pol]).float(), torch.cat([p[1].count for p in pol]))
+    dev = pc.sum.device
+    rc = SeqLogps(torch.tensor([ref[i][0] for i in ids], device=dev), pc.count)
+    rr = SeqLogps(torch.tensor([ref[i][1] for i in ids], device=dev), pr.count)
     pl = _fspo_losses(cfg, (pc, pr), (rc, rr))
     metrics = {
         "eval/reward_accuracy": pl.accuracy.item(),
@@ -152,10 +247,67 @@ def _evaluate(
         "eval/rejected_reward": pl.rejected_rewards.mean().item(),
         "eval/chosen_nll_per_token": sft_loss(pc.sum, pc.count).item(),
         "eval/logp_accuracy": (pc.reduce(cfg.reduction) > pr.reduce(cfg.reduction)).float().mean().item(),
-        "eval/episodes": float(len(examples)),
+        "eval/episodes": float(len(ids)),
     }
     metrics["eval/loss"] = pl.loss.item() if cfg.stage == "fspo" else metrics["eval/chosen_nll_per_token"]
     return metrics
+
+
+def _reference_fingerprint(cfg: TrainConfig) -> str | None:
+    """What identifies the reference for the cache; None = no cache (switched off, or the model is a
+    hub id without a local folder to fingerprint: its values then live in memory for this run)."""
+    if not cfg.reference_cache or not Path(cfg.model).is_dir():
+        return None
+    return model_fingerprint(cfg.model)
+
+
+def _reference_values(
+    cfg: TrainConfig,
+    accelerator: Any,
+    model: Any,
+    units: list[Unit],
+    file: Path,
+    pad_id: int,
+    model_fp: str | None,
+) -> tuple[Values, dict[str, Any]]:
+    """Reference log-probs of `units` from the starting model, computed once, cached under `model_fp`.
+
+    Runs before training, so `model` still holds the starting weights; with LoRA its adapters are
+    disabled. Every process takes part (each computes a share of what is missing, see
+    `fspo.train.refcache.reference_logps`). Without `model_fp` nothing is read or saved.
+    """
+    from accelerate.utils import gather_object
+
+    cache = None
+    if model_fp is not None:
+        key = {
+            "template": cfg.template_options().model_dump(mode="json"),
+            "mixed_precision": cfg.mixed_precision,
+        }
+        cache = ReferenceCache(sidecar_path(file, model_fp, key), model_fp, key)
+    start = time.perf_counter()
+    lora = contextlib.nullcontext() if cfg.lora is None else model.disable_adapter()
+    with lora:
+        values, computed = reference_logps(
+            model,
+            units,
+            pad_id,
+            cache,
+            batch_size=cfg.batch_size,
+            shared=cfg.logps_impl == "prefix",
+            rank=accelerator.process_index,
+            world=accelerator.num_processes,
+            gather=gather_object,
+            context=accelerator.autocast,
+        )
+    accelerator.wait_for_everyone()  # the cache file is complete before any process reads another
+    info = {
+        "cache": str(cache.path) if cache is not None else None,
+        "computed": computed,
+        "reused": len(values) - computed,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    return values, info
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
@@ -190,44 +342,51 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         cfg.save(out / CONFIG_FILE)
 
     model, tokenizer = _build_model(cfg)
-    fn = pair_logps_fn(cfg.logps_impl)
+    pad_id = pad_id_of(tokenizer)
     world = accelerator.num_processes
+    k = cfg.questions_per_context
     # A run bounded by max_steps reads only the episodes it will consume (the sampler already
     # shuffled the file; 5% spare covers over-budget skips): rendering and tokenizing a
     # 100k-episode file for a 1k-episode run would take longer than the run itself.
     needed = None
     if cfg.max_steps:
-        needed = math.ceil(cfg.max_steps * cfg.batch_size * cfg.grad_accum * world * 1.05) + 8
-    examples, stats = _load_split(cfg, cfg.episodes, "train", tokenizer, needed)
-    if not examples:
+        needed = (math.ceil(cfg.max_steps * cfg.batch_size * cfg.grad_accum * world * 1.05) + 8) * k
+    units, stats, train_file = _load_split(cfg, cfg.episodes, "train", tokenizer, needed)
+    if not units:
         raise UserError(
             f"no training episode fits max_tokens={cfg.max_tokens} (all {stats.episodes} are over budget)"
         )
-    batches_per_epoch = len(examples) // (cfg.batch_size * world)
+    batches_per_epoch = len(units) // (cfg.batch_size * world)
     steps_per_epoch = batches_per_epoch // cfg.grad_accum
     if steps_per_epoch == 0:
         raise UserError(
-            f"{len(examples)} usable episodes are fewer than one optimizer step needs "
-            f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} processes)"
+            f"{len(units)} usable {'contexts' if k > 1 else 'episodes'} are fewer than one optimizer step "
+            f"needs (batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} processes)"
         )
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
-    eval_examples: list[PairExample] = []
-    eval_ref: list[tuple] = []
+    eval_units: list[Unit] = []
+    eval_ref: Values = {}
+    ref_info: dict[str, Any] = {}
+    model.to(accelerator.device)
+    model_fp = _reference_fingerprint(cfg)
     if cfg.eval_episodes:
-        split = "test_unseen"
-        eval_examples, _ = _load_split(cfg, cfg.eval_episodes, split, tokenizer, cfg.eval_max_episodes)
-        if main and eval_examples:
-            # Reference log-probs of the held-out set, once, from the starting model.
-            model.eval()
-            if cfg.lora is not None:
-                with model.disable_adapter():
-                    eval_ref = _eval_logps(model, fn, eval_examples, tokenizer, cfg.batch_size)
-            else:
-                eval_ref = _eval_logps(model, fn, eval_examples, tokenizer, cfg.batch_size)
-            model.train()
+        eval_units, _, eval_file = _load_split(
+            cfg, cfg.eval_episodes, "test_unseen", tokenizer, cfg.eval_max_episodes
+        )
+        if eval_units:  # reference log-probs of the held-out set, once, from the starting model
+            eval_ref, ref_info["eval"] = _reference_values(
+                cfg, accelerator, model, eval_units, eval_file, pad_id, model_fp
+            )
+    train_ref: Values = {}
+    reference = None
+    if cfg.stage == "fspo" and cfg.reference_cache:
+        train_ref, ref_info["train"] = _reference_values(
+            cfg, accelerator, model, units, train_file, pad_id, model_fp
+        )
+    elif cfg.stage == "fspo":
+        reference = _Reference(model, lora=cfg.lora is not None)
 
-    reference = _Reference(model, lora=cfg.lora is not None) if cfg.stage == "fspo" else None
     optimizer = _optimizer(cfg, model)
     scheduler = get_scheduler(
         SCHEDULERS[cfg.scheduler],
@@ -250,6 +409,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     if cfg.report_to:
         accelerator.init_trackers("fspo", config={k: str(v) for k, v in cfg.model_dump().items()})
 
+    shared = _shared_rows(cfg, unwrapped)
+    rows = [_row_stats(cfg, u, shared) for u in units]
+    lengths = [r[2] for r in rows]
+
+    def order(epoch: int) -> list[list[int]]:
+        """Batches of one epoch for this process: a pure function of (seed, epoch), hence resumable."""
+        rank = accelerator.process_index
+        if cfg.bucketed:
+            return epoch_batches(lengths, cfg.batch_size, epoch, cfg.seed, rank, world)
+        return batch_order(len(units), cfg.batch_size, epoch, cfg.seed, rank, world)
+
+    pairs = sum(len(u.ids) for u in units)
+    first = [_padding([rows[i] for i in b]) for b in order(0)]
     log = AppendLog(out / "metrics.jsonl") if main else None
     if log is not None:
         log.append(
@@ -258,7 +430,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
                 "step": start_step,
                 "total_steps": total_steps,
                 "processes": world,
-                "train_examples": len(examples),
+                "train_examples": pairs,
+                "contexts": len(units),
+                "questions_per_context": pairs / len(units),
+                "group_by_length": cfg.bucketed,
+                "shared_rows": shared,
+                "epoch0_padding_fraction": 1 - sum(r for r, _ in first) / max(1, sum(p for _, p in first)),
+                "reference": ref_info,
                 "render": stats.summary(),
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             }
@@ -271,29 +449,38 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
 
     orders: dict[int, list[list[int]]] = {}
 
-    def micro_batch(m: int) -> list[PairExample]:
+    def micro_batch(m: int) -> list[int]:
         epoch, b = divmod(m, batches_per_epoch)
         if epoch not in orders:
             orders.clear()
-            orders[epoch] = batch_order(
-                len(examples), cfg.batch_size, epoch, cfg.seed, accelerator.process_index, world
-            )
-        return [examples[i] for i in orders[epoch][b]]
+            orders[epoch] = order(epoch)
+        return orders[epoch][b]
 
     model.train()
     last: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
-    window_tokens, window_start = 0, time.perf_counter()
+    window = {"tokens": 0, "pairs": 0, "real": 0, "padded": 0}
+    window_start = time.perf_counter()
     for step in range(start_step, total_steps):
         sums: dict[str, torch.Tensor] = {}
-        for k in range(cfg.grad_accum):
-            batch = make_batch(micro_batch(step * cfg.grad_accum + k), tokenizer)
-            window_tokens += batch.num_tokens
-            sync = contextlib.nullcontext() if k == cfg.grad_accum - 1 else accelerator.no_sync(model)
+        for a in range(cfg.grad_accum):
+            idx = micro_batch(step * cfg.grad_accum + a)
+            batch = [units[i] for i in idx]
+            real, padded = _padding([rows[i] for i in idx])
+            window["real"] += real
+            window["padded"] += padded
+            window["pairs"] += sum(len(u.ids) for u in batch)
+            # work in plain-path tokens (2 x prompt + both answers per pair), whatever the path
+            window["tokens"] += sum(row_stats(u.context, False)[1] for u in batch)
+            sync = contextlib.nullcontext() if a == cfg.grad_accum - 1 else accelerator.no_sync(model)
             with sync, accelerator.autocast():
                 if cfg.stage == "fspo":
-                    ref = reference.pair_logps(unwrapped, fn, batch)
-                    policy = fn(model, batch)
+                    ref = (
+                        reference.pair_logps(cfg, unwrapped, batch, pad_id) if reference is not None else None
+                    )
+                    policy = _score(cfg, model, batch, pad_id)
+                    if ref is None:
+                        ref = _cached_ref(train_ref, batch, policy)
                     pl = _fspo_losses(cfg, policy, ref)
                     loss = pl.loss
                     parts = {
@@ -304,9 +491,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
                         "rejected_reward": pl.rejected_rewards.mean(),
                     }
                 else:
-                    lp = forward_logps(
-                        model, collate_targets(batch.prompt_ids, batch.chosen_ids, batch.pad_id)
-                    )
+                    lp = _sft_logps(cfg, model, batch, pad_id)
                     loss = sft_loss(lp.sum, lp.count)
                     parts = {"loss": loss.detach()}
                 accelerator.backward(loss / cfg.grad_accum)
@@ -324,15 +509,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
             reduced = {
                 k: accelerator.reduce(v.to(accelerator.device), "mean").item() for k, v in sums.items()
             }
-            elapsed = time.perf_counter() - window_start
+            elapsed = max(time.perf_counter() - window_start, 1e-9)
             last = {
                 **reduced,
                 "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": window_tokens * world / max(elapsed, 1e-9),
+                "tokens_per_s": window["tokens"] * world / elapsed,
+                "pairs_per_s": window["pairs"] * world / elapsed,
+                "padding_fraction": 1 - window["real"] / max(1, window["padded"]),
             }
             if grad_norm is not None:
                 last["grad_norm"] = float(grad_norm)
-            window_tokens, window_start = 0, time.perf_counter()
+            window = dict.fromkeys(window, 0)
+            window_start = time.perf_counter()
             if log is not None:
                 log.append({"step": done, **last})
             accelerator.log(last, step=done)
@@ -340,19 +528,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
                 progress.set_postfix(
                     {k: f"{v:.3g}" for k, v in last.items() if k in ("loss", "reward_accuracy")}
                 )
-        if eval_examples and cfg.eval_every and done % cfg.eval_every == 0 and done != total_steps:
-            eval_metrics = _eval_and_log(
-                cfg, accelerator, unwrapped, fn, eval_examples, tokenizer, eval_ref, log, done
-            )
+        if eval_units and cfg.eval_every and done % cfg.eval_every == 0 and done != total_steps:
+            eval_metrics = _eval_and_log(cfg, accelerator, unwrapped, eval_units, pad_id, eval_ref, log, done)
         if cfg.save_every and done % cfg.save_every == 0 and done != total_steps:
             save_checkpoint(accelerator, out, done, {"total_steps": total_steps}, cfg.keep_checkpoints)
         if progress is not None:
             progress.update(1)
     if progress is not None:
         progress.close()
-    if eval_examples:
+    if eval_units:
         eval_metrics = _eval_and_log(
-            cfg, accelerator, unwrapped, fn, eval_examples, tokenizer, eval_ref, log, total_steps
+            cfg, accelerator, unwrapped, eval_units, pad_id, eval_ref, log, total_steps
         )
 
     model_dir = out / "model"
@@ -369,14 +555,28 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     if log is not None:
         log.append({"event": "end", "step": total_steps, **eval_metrics})
         log.close()
+    # Drop the DDP wrapper (its reducer holds the process group) on every process while all are
+    # still here: freed after `end_training`, it sometimes waited forever for a peer that had exited.
+    del model, optimizer
+    accelerator.free_memory()
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(out, model_dir, total_steps, last, eval_metrics, stats.summary())
 
 
-def _eval_and_log(cfg, accelerator, unwrapped, fn, examples, tokenizer, ref, log, step) -> dict[str, float]:
+def _eval_and_log(
+    cfg: TrainConfig,
+    accelerator: Any,
+    unwrapped: Any,
+    units: list[Unit],
+    pad_id: int,
+    ref: Values,
+    log: AppendLog | None,
+    step: int,
+) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if accelerator.is_main_process:
-        metrics = _evaluate(cfg, unwrapped, fn, examples, tokenizer, ref)
+        metrics = _evaluate(cfg, unwrapped, units, pad_id, ref, accelerator.autocast)
         if log is not None:
             log.append({"step": step, **metrics})
         accelerator.log(metrics, step=step)

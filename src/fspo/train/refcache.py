@@ -1,0 +1,253 @@
+"""Reference log-probs, computed once per episode and cached in a sidecar file beside the episodes.
+
+Why: DPO/IPO compare the policy with a frozen reference model on every pair. Scoring the reference
+inside every step costs a forward pass per step and, without LoRA, a second copy of the model in
+memory; yet its values depend only on the reference weights and the exact tokens. So they are
+computed once (eval mode, no grad, length-bucketed batches), saved, and reused by every later run on
+the same data and reference: a sweep over β, learning rate or loss, a second epoch, a resumed run.
+
+The sidecar is ``<episodes file>.reflogps-<digest>.json``, one per reference (digest = model
+fingerprint + template options), so runs with different reference models on the same episodes do
+not overwrite each other. Inside, each value is stored under its episode id together with a key =
+sha256(model fingerprint, options, the pair's exact token ids): a changed episode, model, tokenizer
+or template option is recomputed, an unchanged one never is.
+
+Why hand-written: TRL's `precompute_ref_log_probs` recomputes on every run and keeps the values in
+the dataset object; nothing stores them across runs with invalidation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fspo.errors import UserError
+from fspo.files import atomic_write_text
+from fspo.train.buckets import bucketed_batches
+from fspo.train.prefix import ContextTokens, PairTokens, as_context, pair_logps
+
+log = logging.getLogger(__name__)
+
+Keyed = tuple[str, PairTokens] | tuple[Sequence[str], ContextTokens]
+Values = dict[str, tuple[float, float]]
+
+
+def _ids_and_pairs(item: Keyed) -> tuple[list[str], list[PairTokens]]:
+    key, tokens = item
+    ids = [key] if isinstance(key, str) else list(key)
+    return ids, as_context(tokens).pairs()
+
+
+@contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def compute_reference_logps(
+    model: Any, batches: Iterable[Sequence[Keyed]], pad_id: int, shared: bool = True
+) -> Values:
+    """Summed (chosen, rejected) log-probs of the reference model per episode id, in eval mode.
+
+    Each batch item is ``(episode_id, PairTokens)`` or ``(episode_ids, ContextTokens)`` (one id per
+    question of the context).
+    """
+    out: Values = {}
+    with _eval_mode(model):
+        for batch in batches:
+            ids: list[str] = []
+            contexts = []
+            for key, item in batch:
+                ids.extend([key] if isinstance(key, str) else list(key))
+                contexts.append(item)
+            lp = pair_logps(model, contexts, pad_id, shared=shared)
+            if len(ids) != len(lp.chosen):
+                raise ValueError(f"{len(ids)} episode ids for {len(lp.chosen)} pairs")
+            values = zip(lp.chosen.float().tolist(), lp.rejected.float().tolist(), strict=True)
+            out.update(zip(ids, values, strict=True))
+    return out
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """A digest of a model folder's config and weights.
+
+    The full content is hashed: a fine-tune keeps file names and sizes. ~1 s per GB, once per run.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"model folder not found: {folder}")
+    h = hashlib.sha256()
+    files = sorted(
+        p for p in folder.iterdir() if p.suffix in {".json", ".safetensors", ".bin", ".gguf"} and p.is_file()
+    )
+    if not files:
+        raise UserError(f"no model files (config.json, *.safetensors) in {folder}")
+    for p in files:
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()[:32]
+
+
+def _options_json(options: Any) -> str:
+    if hasattr(options, "model_dump_json"):
+        return options.model_dump_json()
+    return json.dumps(options, sort_keys=True, default=str)
+
+
+def episode_key(model_fp: str, options: Any, pair: PairTokens) -> str:
+    """Invalidation key of one cached value: model, template options and the exact tokens."""
+    blob = json.dumps(
+        [model_fp, _options_json(options), list(pair.prompt), list(pair.chosen), list(pair.rejected)]
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def sidecar_path(episodes_path: str | Path, model_fp: str, options: Any = None) -> Path:
+    """Where an episode file's reference log-probs under one reference live, beside the file.
+
+    ``<episodes>.reflogps-<digest>.json`` with digest = sha256(model fingerprint, options), so each
+    reference (model + template) has its own file and concurrent runs with other references cannot
+    drop each other's entries.
+    """
+    p = Path(episodes_path)
+    digest = hashlib.sha256(json.dumps([model_fp, _options_json(options or {})]).encode()).hexdigest()[:12]
+    return p.with_name(f"{p.name}.reflogps-{digest}.json")
+
+
+class ReferenceCache:
+    """Cached reference log-probs keyed by episode id, each valid only under its `episode_key`.
+
+    A value is reused only when the model fingerprint, template options and tokens all match, so
+    changed data or a changed model recompute just the affected episodes; resampled episodes with
+    new ids are simply new entries.
+    """
+
+    VERSION = 1
+
+    def __init__(self, path: str | Path, model_fp: str, options: Any = None):
+        self.path = Path(path)
+        self.model_fp = model_fp
+        self.options = options or {}
+        self._entries: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise UserError(
+                    f"{self.path}: not a reference log-prob cache ({e}); delete it to recompute"
+                ) from e
+            if isinstance(data, dict) and data.get("version") == self.VERSION:
+                self._entries = data.get("entries", {})
+
+    def key(self, pair: PairTokens) -> str:
+        return episode_key(self.model_fp, self.options, pair)
+
+    def get(self, episode_id: str, pair: PairTokens) -> tuple[float, float] | None:
+        e = self._entries.get(episode_id)
+        if e is None or e.get("key") != self.key(pair):
+            return None
+        return e["chosen"], e["rejected"]
+
+    def put(self, episode_id: str, pair: PairTokens, value: tuple[float, float]) -> None:
+        self._entries[episode_id] = {"key": self.key(pair), "chosen": value[0], "rejected": value[1]}
+
+    def lookup(self, items: Sequence[Keyed]) -> tuple[Values, list[Keyed]]:
+        """(values of the items fully cached, the items with at least one pair missing)."""
+        hits: Values = {}
+        missing: list[Keyed] = []
+        for item in items:
+            ids, pairs = _ids_and_pairs(item)
+            got = [self.get(i, p) for i, p in zip(ids, pairs, strict=True)]
+            if all(g is not None for g in got):
+                hits.update(zip(ids, got, strict=True))  # type: ignore[arg-type]
+            else:
+                missing.append(item)
+        return hits, missing
+
+    def save(self) -> None:
+        """Atomic, compact JSON (floats round-trip exactly: a cached value is the computed one).
+
+        Entries another run saved since this cache was read are kept (ours win on the same id), so
+        two runs sharing the sidecar, e.g. over different subsets of the episodes, do not undo each
+        other's work.
+        """
+        entries = self._entries
+        if self.path.exists():
+            try:
+                disk = json.loads(self.path.read_text(encoding="utf-8"))
+                if isinstance(disk, dict) and disk.get("version") == self.VERSION:
+                    entries = {**disk.get("entries", {}), **self._entries}
+            except ValueError:
+                pass  # unreadable: replaced by ours
+        atomic_write_text(self.path, json.dumps({"version": self.VERSION, "entries": entries}) + "\n")
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def reference_logps(
+    model: Any,
+    items: Sequence[Keyed],
+    pad_id: int,
+    cache: ReferenceCache | None = None,
+    batch_size: int = 8,
+    shared: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    gather: Callable[[list[Values]], list[Values]] | None = None,
+    context: Callable[[], AbstractContextManager[Any]] = nullcontext,
+) -> tuple[Values, int]:
+    """Reference log-probs of every item, computing only what `cache` lacks; (values, number computed).
+
+    Distributed: every process passes the same `items` (and sees the same cache file), computes
+    every `world`-th missing item from its `rank`, and `gather` (e.g. accelerate's `gather_object`)
+    hands each process all the fresh values; process 0 saves the cache. A cache that cannot be
+    written (read-only folder) is reported once and the values are used from memory.
+    `context` wraps the forward passes (the trainer's autocast, so mixed precision matches training).
+    """
+    hits, missing = cache.lookup(items) if cache is not None else ({}, list(items))
+    mine = missing[rank::world] if world > 1 else missing
+    lengths = [len(as_context(it)) for _, it in mine]
+    batches = [[mine[i] for i in b] for b in bucketed_batches(lengths, batch_size, shuffle=False)]
+    fresh: Values = {}
+    if mine:
+        with context():
+            fresh = compute_reference_logps(model, batches, pad_id, shared=shared)
+    if missing and world > 1 and gather is not None:  # `missing` is the same on every process
+        fresh = {k: v for part in gather([fresh]) for k, v in part.items()}
+    if cache is not None and missing and rank == 0:
+        for item in missing:
+            ids, pairs = _ids_and_pairs(item)
+            for i, p in zip(ids, pairs, strict=True):
+                cache.put(i, p, fresh[i])
+        try:
+            cache.save()
+        except OSError as err:
+            log.warning("reference log-probs not saved to %s (%s); using them from memory", cache.path, err)
+    return {**hits, **fresh}, sum(len(_ids_and_pairs(it)[0]) for it in missing)
+
+
+def cached_reference_logps(
+    model: Any,
+    items: Sequence[Keyed],
+    cache: ReferenceCache,
+    pad_id: int,
+    batch_size: int = 8,
+    shared: bool = True,
+) -> Values:
+    """Reference log-probs for `items`, computing only the episodes the cache lacks, then saving it."""
+    return reference_logps(model, items, pad_id, cache, batch_size, shared)[0]
