@@ -187,6 +187,9 @@ def _trainings(p: Profile, model_dir: str) -> dict[str, tuple[dict[str, Any], st
     common = {
         "batch_size": p.batch_size, "max_tokens": p.max_tokens, "seed": p.seed, "progress": True,
         "include_dispreferred": p.include_dispreferred,
+        # Prompts are ~10x the answers: score both answers against one pass over the shots, with
+        # length-bucketed batches and reference log-probs computed once (docs/speed.md).
+        "logps_impl": "prefix",
     }
     sft = {**common, "stage": "sft", "lr": p.sft_lr, "scheduler": "cosine", "max_steps": p.sft_steps}
     ipo = {
