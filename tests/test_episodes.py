@@ -246,3 +246,21 @@ def test_cli_episodes_skip_invalid_is_reported(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "6 valid of 7 records, 1 skipped" in result.output
     assert load_meta(tmp_path / "eps")["skipped_invalid_records"] == 1
+
+
+def test_cli_episodes_questions_per_context_keeps_siblings_adjacent(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fspo.data.cli import app
+    from fspo.data.io import write_dataset_dir
+
+    prefs, users = population([12, 12, 12])
+    write_dataset_dir(tmp_path / "data", prefs, users)
+    args = ["episodes", "--data", str(tmp_path / "data"), "--shots", "2", "--out", str(tmp_path / "eps")]
+    result = CliRunner().invoke(app, [*args, "--questions-per-context", "2", "--test-user-fraction", "0"])
+    assert result.exit_code == 0, result.output
+    assert load_meta(tmp_path / "eps")["questions_per_context"] == 2
+    train = load_episodes(tmp_path / "eps", "train")
+    pairs = list(zip(train[0::2], train[1::2], strict=False))
+    # consecutive siblings: one user, the very same shots, two different queries
+    assert all(a.user_id == b.user_id and a.shots == b.shots and a.query != b.query for a, b in pairs)

@@ -65,6 +65,9 @@ def episodes(
         None, help="Passes over each training user; default 2*(shots+1)."
     ),
     test_passes: int = typer.Option(1, help="Passes for the test splits."),
+    questions_per_context: int = typer.Option(
+        1, min=1, help="Queries per shot set, kept adjacent (for `fspo train --questions-per-context K`)."
+    ),
     skip_invalid: bool = typer.Option(False, help="Skip invalid records (and list them) instead of failing."),
 ) -> None:
     """Sample few-shot episodes (train, test_seen, test_unseen) from a data folder."""
@@ -84,6 +87,7 @@ def episodes(
         test_user_fraction=test_user_fraction,
         heldout_per_user=heldout_per_user,
         seed=seed,
+        questions_per_context=questions_per_context,
     )
     for line in result.report.lines(shots):
         _note(line)
@@ -91,6 +95,7 @@ def episodes(
         "source": str(data),
         "seed": seed,
         "shots": shots,
+        "questions_per_context": questions_per_context,
         "train_passes": 2 * (shots + 1) if train_passes is None else train_passes,
         "test_passes": test_passes,
         "test_user_fraction": test_user_fraction,
