@@ -130,11 +130,15 @@ def run_quickstart(
         ("episodes", "model", *trained),
     )
     runner.run(
-        "accuracy", _pick(params, "accuracy_shots eval_episodes beta"), lambda d: _accuracy(p, runner, d),
+        "accuracy",
+        _pick(params, "accuracy_shots eval_episodes beta"),
+        lambda d: _accuracy(p, runner, d),
         ("episodes", *trained),
     )
     summary = runner.run(
-        "report", {"systems": [s[0] for s in SYSTEMS]}, lambda d: _report(p, runner, d),
+        "report",
+        {"systems": [s[0] for s in SYSTEMS]},
+        lambda d: _report(p, runner, d),
         ("sim", "generate", "accuracy"),
     )
     _print_table(console, summary, runner.timings)
@@ -185,7 +189,10 @@ def _model(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
 def _trainings(p: Profile, model_dir: str) -> dict[str, tuple[dict[str, Any], str | None]]:
     """Six runs: (SFT → FSPO) with and without RAT, and the zero-shot population pair."""
     common = {
-        "batch_size": p.batch_size, "max_tokens": p.max_tokens, "seed": p.seed, "progress": True,
+        "batch_size": p.batch_size,
+        "max_tokens": p.max_tokens,
+        "seed": p.seed,
+        "progress": True,
         "include_dispreferred": p.include_dispreferred,
         # Prompts are ~10x the answers: score both answers against one pass over the shots, with
         # length-bucketed batches and reference log-probs computed once (docs/speed.md).
@@ -193,8 +200,13 @@ def _trainings(p: Profile, model_dir: str) -> dict[str, tuple[dict[str, Any], st
     }
     sft = {**common, "stage": "sft", "lr": p.sft_lr, "scheduler": "cosine", "max_steps": p.sft_steps}
     ipo = {
-        **common, "stage": "fspo", "loss": "ipo", "beta": p.beta, "lr": p.fspo_lr,
-        "scheduler": "cosine", "max_steps": p.fspo_steps,
+        **common,
+        "stage": "fspo",
+        "loss": "ipo",
+        "beta": p.beta,
+        "lr": p.fspo_lr,
+        "scheduler": "cosine",
+        "max_steps": p.fspo_steps,
     }
     pop = {"shots": 0, "max_steps": p.pop_steps}
     return {
@@ -249,10 +261,18 @@ def _generate(p: Profile, runner: StageRunner, folder: Path, model_dir: str) -> 
         model, tokenizer = loaded[path]
         runner.console.print(f"  generating: {system} ({len(episodes)} episodes, mode {mode})")
         records = generate_for_episodes(
-            model, tokenizer, episodes, mode=mode, shots=shots, system=system,
-            max_new_tokens=p.max_new_tokens, seed=p.seed, batch_size=p.gen_batch_size,
+            model,
+            tokenizer,
+            episodes,
+            mode=mode,
+            shots=shots,
+            system=system,
+            max_new_tokens=p.max_new_tokens,
+            seed=p.seed,
+            batch_size=p.gen_batch_size,
             options=TemplateOptions(include_dispreferred=p.include_dispreferred),
-            out=folder / f"{system}.jsonl", progress=True,
+            out=folder / f"{system}.jsonl",
+            progress=True,
         )
         counts[system] = len(records)
     return counts
@@ -277,8 +297,13 @@ def _accuracy(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
             description=DescriptionMode.TARGET if rat else DescriptionMode.NONE,
         )
         curves[label] = accuracy_curve(
-            load_model(path), load_tokenizer(path), episodes, shots=p.accuracy_shots,
-            ref_model=load_model(runner.folder(ref) / "model"), beta=p.beta, options=options,
+            load_model(path),
+            load_tokenizer(path),
+            episodes,
+            shots=p.accuracy_shots,
+            ref_model=load_model(runner.folder(ref) / "model"),
+            beta=p.beta,
+            options=options,
             model_name=label,
         )
     atomic_write_json(folder / "accuracy.json", curves)
@@ -304,13 +329,19 @@ def _report(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
     results = []
     pairs = [(s[0], "base") for s in SYSTEMS if s[0] != "base"]
     pairs += [
-        ("fspo", "population-ipo"), ("fspo", "few-shot-prompting"), ("fspo", "fspo-no-shots"),
+        ("fspo", "population-ipo"),
+        ("fspo", "few-shot-prompting"),
+        ("fspo", "fspo-no-shots"),
         ("fspo-rat", "fspo"),
     ]
     for system, opponent in pairs:
         res = winrate(
-            gen / f"{system}.jsonl", gen / f"{opponent}.jsonl", users_file, "exact",
-            system=system, opponent=opponent,
+            gen / f"{system}.jsonl",
+            gen / f"{opponent}.jsonl",
+            users_file,
+            "exact",
+            system=system,
+            opponent=opponent,
         )
         results.extend(res.results)
     prefs, users, _ = read_dataset_dir(runner.folder("sim"))
@@ -326,13 +357,20 @@ def _report(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
     ]
     notes += _findings(results)
     write_report(
-        folder, results, accuracy, examples, disagreement_matrix(users, prefs),
-        title="FSPO quickstart: simulated roleplay users", notes=notes,
+        folder,
+        results,
+        accuracy,
+        examples,
+        disagreement_matrix(users, prefs),
+        title="FSPO quickstart: simulated roleplay users",
+        notes=notes,
     )
     merged: dict[str, dict[str, Any]] = {}
     for w in results:
         merged.setdefault(f"{w.system} vs {w.opponent}", {})[w.split] = {
-            "win_rate": round(w.win_rate, 4), "ci": [round(w.ci_low, 4), round(w.ci_high, 4)], "n": w.n,
+            "win_rate": round(w.win_rate, 4),
+            "ci": [round(w.ci_low, 4), round(w.ci_high, 4)],
+            "n": w.n,
         }
     return {"winrates": merged, "report": str(folder / "report.md")}
 

@@ -70,6 +70,12 @@ def _options(
     loss: str | None = typer.Option(None, help="fspo stage: ipo | dpo."),
     beta: float | None = typer.Option(None, help="fspo stage: β of IPO/DPO."),
     reduction: str | None = typer.Option(None, help="Log-prob reduction over the answer: sum | mean."),
+    shot_loss: bool | None = typer.Option(
+        None,
+        "--shot-loss/--no-shot-loss",
+        help="sft stage: also train on every shot's preferred answer given the shots before it "
+        "(more in-context signal per episode).",
+    ),
     logps_impl: str | None = typer.Option(
         None, help="Pair scorer: concat | prefix (the prompt runs once per pair)."
     ),

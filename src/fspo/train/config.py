@@ -58,6 +58,14 @@ class TrainConfig(BaseModel):
     reduction: Literal["sum", "mean"] = "sum"
     logps_impl: Literal["concat", "prefix"] = "concat"
 
+    # SFT objective.
+    shot_loss: bool = Field(
+        False,
+        description="SFT: also score every shot's preferred answer, each given the shots before it "
+        "(every prefix of an episode is a few-shot example: ~(shots+1)x the in-context signal per "
+        "sequence at no extra compute); needs questions_per_context 1",
+    )
+
     # Speed (docs/speed.md). None of these changes what is learned, only how fast.
     questions_per_context: int = Field(
         1,
@@ -105,7 +113,16 @@ class TrainConfig(BaseModel):
     def _k_needs_prefix(cls, k: int, info: ValidationInfo) -> int:
         if k > 1 and info.data.get("logps_impl") != "prefix":
             raise ValueError("questions_per_context > 1 needs logps_impl 'prefix' (the shared-row scorer)")
+        if k > 1 and info.data.get("shot_loss"):
+            raise ValueError("questions_per_context > 1 cannot be combined with shot_loss")
         return k
+
+    @field_validator("shot_loss")
+    @classmethod
+    def _shot_loss_for_sft(cls, on: bool, info: ValidationInfo) -> bool:
+        if on and info.data.get("stage") != "sft":
+            raise ValueError("shot_loss is an SFT objective (stage 'sft')")
+        return on
 
     @property
     def bucketed(self) -> bool:

@@ -8,14 +8,15 @@ seconds) and kept as id lists; batching and padding happen per step (`fspo.train
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from fspo.data.schema import Episode
-from fspo.data.template import QUESTION, DescriptionMode, TemplateOptions, render
+from fspo.data.schema import Episode, Preference
+from fspo.data.template import QUESTION, DescriptionMode, TemplateOptions, render, response_heading
 from fspo.errors import DataError, UserError
 from fspo.train.logps import PairBatch, pad_id_of, prompt_token_ids, target_token_ids
 
@@ -26,6 +27,8 @@ class PairExample:
 
     `shared` is only measured when asked (``split_shared=True``): episodes whose first `shared`
     tokens are equal can share one context row (`fspo.train.contexts`). 0 = not measured / none.
+    `shot_spans` (asked with ``shot_spans=True``) are the ``[start, end)`` positions in `prompt_ids`
+    of each shot's preferred answer, the extra targets of SFT's ``shot_loss``.
     """
 
     prompt_ids: list[int]
@@ -34,6 +37,7 @@ class PairExample:
     episode_id: str = ""
     user_id: str = ""
     shared: int = 0
+    shot_spans: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -136,13 +140,15 @@ def tokenize_episodes(
     options: TemplateOptions,
     shots: int | None = None,
     split_shared: bool = False,
+    shot_spans: bool = False,
 ) -> tuple[list[PairExample], RenderStats]:
     """Render and tokenize every episode; over-budget ones are skipped and counted, never cut mid-shot.
 
     The budget passed to the template leaves room for bos and eos, which are added as ids.
     Example ids are the episode ids, made unique (``id#2`` for a repeated id) because reference
     log-probs are cached per id. `split_shared` also measures each prompt's shared part (see
-    `shared_prefix_length`); the prompt ids are the same either way.
+    `shared_prefix_length`); the prompt ids are the same either way. `shot_spans` also locates
+    each kept shot's preferred answer in the prompt ids (`preferred_answer_spans`).
     """
     budget_opts = options
     if options.max_tokens is not None:
@@ -167,6 +173,10 @@ def tokenize_episodes(
         shared = 0
         if split_shared:
             shared = shared_prefix_length(tokenizer, p, r.prompt, ep.query.question, shared_ids)
+        spans: tuple[tuple[int, int], ...] = ()
+        if shot_spans:
+            kept = limit_shots(ep, shots).shots[r.shots_dropped :]
+            spans = preferred_answer_spans(tokenizer, r.prompt, p, kept, options)
         out.append(
             PairExample(
                 p,
@@ -175,9 +185,42 @@ def tokenize_episodes(
                 ep.episode_id if n == 1 else f"{ep.episode_id}#{n}",
                 ep.user_id,
                 shared,
+                spans,
             )
         )
     return out, stats
+
+
+def preferred_answer_spans(
+    tokenizer: Any,
+    prompt: str,
+    prompt_ids: list[int],
+    shots: Sequence[Preference],
+    options: TemplateOptions,
+) -> tuple[tuple[int, int], ...]:
+    """``[start, end)`` positions in `prompt_ids` of each shot's preferred answer (with its newline).
+
+    Found the way the template writes them (heading, answer, newline), in order, then mapped to
+    tokens through the tokenizer's offsets: a token belongs to an answer when it starts inside it.
+    `prompt_ids` may lead with bos (`prompt_token_ids`); the offsets are shifted accordingly.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError("shot_loss needs a fast tokenizer (character offsets of tokens)")
+    enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    lead = len(prompt_ids) - len(enc["input_ids"])
+    heading = response_heading(options)
+    spans: list[tuple[int, int]] = []
+    at = 0
+    for shot in shots:
+        piece = heading + shot.chosen.strip() + "\n"
+        found = prompt.find(piece, at)
+        if found < 0:  # cannot happen for prompts rendered by the template; never label blindly
+            raise ValueError(f"shot answer not found in the rendered prompt: {shot.chosen[:40]!r}")
+        begin, at = found + len(heading), found + len(piece)
+        tokens = [i for i, (a, _) in enumerate(enc["offset_mapping"]) if begin <= a < at]
+        if tokens:
+            spans.append((tokens[0] + lead, tokens[-1] + 1 + lead))
+    return tuple(spans)
 
 
 def shared_prefix_length(

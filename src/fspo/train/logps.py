@@ -104,9 +104,16 @@ def pad_id_of(tokenizer: Any) -> int:
 
 
 def collate_targets(
-    prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]], pad_id: int
+    prompt_ids: Sequence[Sequence[int]],
+    target_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    prompt_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
 ) -> dict[str, Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on prompt and padding)."""
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on prompt and padding).
+
+    `prompt_spans` (per row, ``[start, end)`` positions in the prompt) are scored too: SFT's
+    ``shot_loss`` puts each shot's preferred answer there.
+    """
     seqs = [list(p) + list(t) for p, t in zip(prompt_ids, target_ids, strict=True)]
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -116,6 +123,8 @@ def collate_targets(
         input_ids[i, : len(s)] = torch.tensor(s)
         attention[i, : len(s)] = 1
         labels[i, len(p) : len(s)] = torch.tensor(s[len(p) :])
+        for a, b in prompt_spans[i] if prompt_spans is not None else ():
+            labels[i, a:b] = torch.tensor(s[a:b])
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 

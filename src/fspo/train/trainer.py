@@ -95,12 +95,20 @@ def _sft_context(ctx: prefix.ContextTokens) -> prefix.ContextTokens:
     )
 
 
-def _sft_logps(cfg: TrainConfig, model: Any, units: list[Unit], pad_id: int) -> SeqLogps:
-    """Chosen-answer log-probs. One question per row: the plain layout, as ever; K: shared rows."""
+def _sft_logps(
+    cfg: TrainConfig, model: Any, units: list[Unit], pad_id: int, spans: dict[str, Any] | None = None
+) -> SeqLogps:
+    """Chosen-answer log-probs. One question per row: the plain layout, as ever; K: shared rows.
+
+    With `spans` (``shot_loss``) each row also scores its shots' preferred answers, so the sums and
+    counts cover the query's answer and the shots' answers together.
+    """
     if cfg.questions_per_context == 1:
         pairs = [p for u in units for p in u.pairs()]
+        extra = [spans[i] for u in units for i in u.ids] if spans is not None else None
         return forward_logps(
-            model, collate_targets([p.prompt for p in pairs], [p.chosen for p in pairs], pad_id)
+            model,
+            collate_targets([p.prompt for p in pairs], [p.chosen for p in pairs], pad_id, extra),
         )
     lp = prefix.pair_logps(model, [_sft_context(u.context) for u in units], pad_id)
     return SeqLogps(lp.chosen, lp.chosen_tokens)
@@ -200,9 +208,10 @@ def _optimizer(cfg: TrainConfig, model: Any) -> torch.optim.Optimizer:
 
 def _load_split(
     cfg: TrainConfig, path: str, split: str, tokenizer: Any, limit: int | None = None
-) -> tuple[list[Unit], RenderStats, Path]:
+) -> tuple[list[Unit], RenderStats, Path, dict[str, Any]]:
     """Episodes of `path` as contexts (`questions_per_context` per row at most), their render
-    stats, and the episodes file itself (where the reference cache goes)."""
+    stats, the episodes file itself (where the reference cache goes), and with ``shot_loss`` the
+    shots' answer positions per episode id (else empty)."""
     file = episodes_file(Path(path), split)
     episodes = load_episodes(path, split)
     if limit is not None:
@@ -210,8 +219,12 @@ def _load_split(
     options = cfg.template_options()
     check_descriptions(episodes, options, path)
     k = cfg.questions_per_context
-    examples, stats = tokenize_episodes(episodes, tokenizer, options, cfg.shots, split_shared=k > 1)
-    return group_examples(examples, k), stats, file
+    examples, stats = tokenize_episodes(
+        episodes, tokenizer, options, cfg.shots, split_shared=k > 1, shot_spans=cfg.shot_loss
+    )
+    units = group_examples(examples, k)
+    spans = {u.ids[0]: e.shot_spans for u, e in zip(units, examples, strict=True)} if cfg.shot_loss else {}
+    return units, stats, file, spans
 
 
 def _eval_batches(cfg: TrainConfig, units: list[Unit]) -> list[list[Unit]]:
@@ -351,7 +364,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     needed = None
     if cfg.max_steps:
         needed = (math.ceil(cfg.max_steps * cfg.batch_size * cfg.grad_accum * world * 1.05) + 8) * k
-    units, stats, train_file = _load_split(cfg, cfg.episodes, "train", tokenizer, needed)
+    units, stats, train_file, shot_spans = _load_split(cfg, cfg.episodes, "train", tokenizer, needed)
     if not units:
         raise UserError(
             f"no training episode fits max_tokens={cfg.max_tokens} (all {stats.episodes} are over budget)"
@@ -371,7 +384,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     model.to(accelerator.device)
     model_fp = _reference_fingerprint(cfg)
     if cfg.eval_episodes:
-        eval_units, _, eval_file = _load_split(
+        eval_units, _, eval_file, _ = _load_split(
             cfg, cfg.eval_episodes, "test_unseen", tokenizer, cfg.eval_max_episodes
         )
         if eval_units:  # reference log-probs of the held-out set, once, from the starting model
@@ -491,7 +504,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
                         "rejected_reward": pl.rejected_rewards.mean(),
                     }
                 else:
-                    lp = _sft_logps(cfg, model, batch, pad_id)
+                    lp = _sft_logps(cfg, model, batch, pad_id, shot_spans if cfg.shot_loss else None)
                     loss = sft_loss(lp.sum, lp.count)
                     parts = {"loss": loss.detach()}
                 accelerator.backward(loss / cfg.grad_accum)
