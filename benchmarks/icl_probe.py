@@ -6,9 +6,14 @@ objective. This script fine-tunes a model on episodes of a simulated population 
 language-modelling objectives and measures how much the shots change its preference:
 
 * ``target`` (the trainer's SFT stage): loss on the query's chosen answer only;
-* ``shots`` (not in the trainer yet): loss also on every shot's preferred answer, each given the
-  shots before it, the usual meta-learning trick of training every prefix of the sequence. It gives
-  about (shots + 1) times the in-context signal per sequence at no extra compute.
+* ``shots`` (the trainer's ``--shot-loss``): loss also on every shot's preferred answer, each given
+  the shots before it, the usual meta-learning trick of training every prefix of the sequence. It
+  gives about (shots + 1) times the in-context signal per sequence at no extra compute.
+
+Two engines run the same objective: ``trainer`` (default) is `fspo train sft` itself (its batch
+order is a function of ``--seed``); ``loop`` is a plain AdamW loop over `model(..., labels=...)`
+(clip 1, warmup 20, cosine) whose episode order is ``random.Random(--seed)``: kept because it is
+how the order-dependence of the ``target`` objective was found (docs/train.md, fourth round).
 
 The measure, per held-out episode: the shot effect ``[lp(c|S) - lp(r|S)] - [lp(c|0) - lp(r|0)]``
 (log-probs summed over the answer); ``icl_effect_accuracy`` is the share of episodes where it is
@@ -19,9 +24,8 @@ shots whose preferred answers are all bullets vs none.
     python benchmarks/icl_probe.py --model runs/quickstart/model/model --objective shots \\
         --sim-options '{"traits": ["format"], "min_traits": 1, "max_traits": 1}' --steps 300
 
-Last line: one JSON object with the figures. The training loop is written out here (a plain
-AdamW loop over `model(..., labels=...)`) because the objective needs per-token labels inside the
-prompt, which the trainer does not offer yet.
+``--episodes FOLDER`` probes existing episodes (e.g. the quickstart's) instead of simulating.
+Last line: one JSON object with the figures.
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ from fspo.data.schema import Episode
 from fspo.data.template import PREFERRED, TemplateOptions, render
 from fspo.models.loading import load_model, load_tokenizer
 from fspo.sim import simulate
+from fspo.train.config import TrainConfig
 from fspo.train.data import limit_shots
 from fspo.train.logps import score_targets
+from fspo.train.trainer import train
 
 
 def labelled(tokenizer, episode: Episode, options: TemplateOptions, shot_loss: bool) -> tuple[list, list]:
@@ -68,7 +74,14 @@ def labelled(tokenizer, episode: Episode, options: TemplateOptions, shot_loss: b
 
 
 def finetune(
-    model, tokenizer, episodes: list[Episode], steps: int, batch_size: int, lr: float, shot_loss: bool
+    model,
+    tokenizer,
+    episodes: list[Episode],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    shot_loss: bool,
+    seed: int = 0,
 ) -> None:
     options = TemplateOptions()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -76,7 +89,7 @@ def finetune(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps))
     )
     order = list(range(len(episodes)))
-    random.Random(0).shuffle(order)
+    random.Random(seed).shuffle(order)
     model.train()
     for step in range(steps):
         rows = [
@@ -144,26 +157,48 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-episodes", type=int, default=200)
+    ap.add_argument("--engine", choices=("trainer", "loop"), default="trainer")
+    ap.add_argument("--seed", type=int, default=0, help="batch order (trainer) / episode order (loop)")
+    ap.add_argument("--episodes", help="an existing episodes folder (default: simulate --sim-options)")
     ap.add_argument("--work", default="runs/icl_probe")
     args = ap.parse_args()
 
     work = Path(args.work)
     options = json.loads(args.sim_options)
-    data = simulate("roleplay", args.users, args.prefs, seed=0, **options)
-    splits = build_episodes(data.preferences, data.users, shots=args.shots, seed=0)
-    write_episodes(work / "episodes", splits, meta={"sim_options": options})
-    train = load_episodes(work / "episodes", "train")
-    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    episodes = Path(args.episodes) if args.episodes else work / "episodes"
+    if not args.episodes:
+        data = simulate("roleplay", args.users, args.prefs, seed=0, **options)
+        splits = build_episodes(data.preferences, data.users, shots=args.shots, seed=0)
+        write_episodes(episodes, splits, meta={"sim_options": options})
     start = time.perf_counter()
-    finetune(model, tokenizer, train, args.steps, args.batch_size, args.lr, args.objective == "shots")
+    if args.engine == "trainer":
+        result = train(
+            TrainConfig(
+                stage="sft", model=args.model, episodes=str(episodes), out=str(work / "sft"),
+                shot_loss=args.objective == "shots", lr=args.lr, scheduler="cosine",
+                max_steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                logps_impl="prefix", progress=False,
+            )
+        )  # fmt: skip
+        model, tokenizer = load_model(result.model_dir), load_tokenizer(result.model_dir)
+    else:
+        train_eps = load_episodes(episodes, "train")
+        model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+        finetune(
+            model, tokenizer, train_eps, args.steps, args.batch_size, args.lr,
+            args.objective == "shots", args.seed,
+        )  # fmt: skip
     figures: dict[str, object] = {
+        "engine": args.engine,
         "objective": args.objective,
-        "sim_options": options,
+        "seed": args.seed,
+        "episodes": str(episodes),
+        "sim_options": options if not args.episodes else None,
         "steps": args.steps,
         "train_seconds": round(time.perf_counter() - start, 1),
     }
     for split in ("test_seen", "test_unseen"):
-        held_out = load_episodes(work / "episodes", split)[: args.eval_episodes]
+        held_out = load_episodes(episodes, split)[: args.eval_episodes]
         if held_out:
             figures[split] = {
                 **shot_effect(model, tokenizer, held_out, args.shots),

@@ -46,8 +46,15 @@ def main() -> None:
     start = time.perf_counter()
     for name, shots in (("smollm2-few-shot", None), ("smollm2-no-shots", 0)):
         generate_for_episodes(
-            model, tokenizer, episodes, shots=shots, system=name, max_new_tokens=args.max_new_tokens,
-            batch_size=8, options=TemplateOptions(chat_template=True), out=out / f"{name}.jsonl",
+            model,
+            tokenizer,
+            episodes,
+            shots=shots,
+            system=name,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=8,
+            options=TemplateOptions(chat_template=True),
+            out=out / f"{name}.jsonl",
         )
     result = winrate(out / "smollm2-few-shot.jsonl", out / "smollm2-no-shots.jsonl", args.users, "exact")
     overall = next(r for r in result.results if r.split == "unseen")

@@ -12,8 +12,20 @@ def test_quickstart_tiny_runs_every_stage_and_caches(tmp_path):
     out = tmp_path / "qs"
     summary = run_quickstart(out=out, profile="tiny")
 
-    for stage in ("sim", "episodes", "model", "sft", "fspo", "sft_rat", "fspo_rat", "pop_sft", "pop_ipo",
-                  "generate", "accuracy", "report"):
+    for stage in (
+        "sim",
+        "episodes",
+        "model",
+        "sft",
+        "fspo",
+        "sft_rat",
+        "fspo_rat",
+        "pop_sft",
+        "pop_ipo",
+        "generate",
+        "accuracy",
+        "report",
+    ):
         assert (out / stage / MARKER).exists(), stage
     for system, *_ in SYSTEMS:
         rows = (out / "generate" / f"{system}.jsonl").read_text().splitlines()

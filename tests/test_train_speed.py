@@ -136,7 +136,7 @@ def test_k_questions_per_row_same_loss_and_grads_as_one(
     got = {}
     for k in (1, K):
         cfg = _cfg(world, logps_impl="prefix", questions_per_context=k, loss=loss, reduction=reduction)
-        units, _, _ = T._load_split(cfg, cfg.episodes, "train", tok, limit=16)
+        units, _, _, _ = T._load_split(cfg, cfg.episodes, "train", tok, limit=16)
         ref, _ = reference_logps(ref_model, units, pad)
         policy.zero_grad()
         lp = T._score(cfg, policy, units, pad)
@@ -227,7 +227,7 @@ def test_lora_reference_is_the_base_model(world: dict[str, Path]) -> None:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    units, _, file = T._load_split(cfg, cfg.episodes, "train", tok, limit=8)
+    units, _, file, _ = T._load_split(cfg, cfg.episodes, "train", tok, limit=8)
     pad = pad_id_of(tok)
     acc = Accelerator(cpu=True)
     lora_ref, _ = T._reference_values(cfg, acc, model, units, file, pad, model_fp=None)

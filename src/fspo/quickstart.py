@@ -42,6 +42,11 @@ class Profile(BaseModel):
     corpus_consistent: float = 0.5
     pretrain_steps: int = 400
     sft_steps: int = 300
+    # SFT also trains on every shot's preferred answer given the shots before it (`shot_loss`):
+    # the in-context signal per episode grows with the shots (docs/train.md, fourth round).
+    sft_shot_loss: bool = True
+    # RAT's SFT starts from the few-shot SFT model (it already answers; it learns to describe first).
+    rat_sft_steps: int = 100
     fspo_steps: int = 150
     pop_steps: int = 100
     sft_lr: float = 1e-3
@@ -67,6 +72,7 @@ PROFILES: dict[str, Profile] = {
         corpus_docs=400,
         pretrain_steps=4,
         sft_steps=3,
+        rat_sft_steps=2,
         fspo_steps=3,
         pop_steps=2,
         batch_size=4,
@@ -187,7 +193,7 @@ def _model(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
 
 
 def _trainings(p: Profile, model_dir: str) -> dict[str, tuple[dict[str, Any], str | None]]:
-    """Six runs: (SFT → FSPO) with and without RAT, and the zero-shot population pair."""
+    """Six runs: SFT → FSPO, SFT → RAT SFT → FSPO with RAT, and the zero-shot population pair."""
     common = {
         "batch_size": p.batch_size,
         "max_tokens": p.max_tokens,
@@ -198,7 +204,14 @@ def _trainings(p: Profile, model_dir: str) -> dict[str, tuple[dict[str, Any], st
         # length-bucketed batches and reference log-probs computed once (docs/speed.md).
         "logps_impl": "prefix",
     }
-    sft = {**common, "stage": "sft", "lr": p.sft_lr, "scheduler": "cosine", "max_steps": p.sft_steps}
+    sft = {
+        **common,
+        "stage": "sft",
+        "lr": p.sft_lr,
+        "scheduler": "cosine",
+        "max_steps": p.sft_steps,
+        "shot_loss": p.sft_shot_loss,
+    }
     ipo = {
         **common,
         "stage": "fspo",
@@ -208,11 +221,11 @@ def _trainings(p: Profile, model_dir: str) -> dict[str, tuple[dict[str, Any], st
         "scheduler": "cosine",
         "max_steps": p.fspo_steps,
     }
-    pop = {"shots": 0, "max_steps": p.pop_steps}
+    pop = {"shots": 0, "max_steps": p.pop_steps, "shot_loss": False}
     return {
         "sft": (sft, None),
         "fspo": (ipo, "sft"),
-        "sft_rat": ({**sft, "rat": "target"}, None),
+        "sft_rat": ({**sft, "rat": "target", "max_steps": p.rat_sft_steps}, "sft"),
         "fspo_rat": ({**ipo, "rat": "target"}, "sft_rat"),
         "pop_sft": ({**sft, **pop}, None),
         "pop_ipo": ({**ipo, **pop}, "pop_sft"),
