@@ -6,6 +6,8 @@ the simulator, judged by each user's exact reward:
 
 * FSPO (LoRA SFT with `shot_loss` -> LoRA IPO) vs the untuned model without shots (the paper's
   "base") and vs few-shot prompting of the untuned model (same shots), plus the SFT stage alone;
+* with ``--rat``, also FSPO + RAT (LoRA SFT on "user description, then answer" starting from the SFT
+  adapter -> LoRA IPO on the same targets), which writes a description of the user before answering;
 * held-out preference accuracy of the FSPO model by its implicit reward (reference = the SFT
   model), with and without shots;
 * the wall time of every stage and the training curves (from each run's ``metrics.jsonl``).
@@ -88,6 +90,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rat", action="store_true", help="also train and evaluate FSPO + RAT")
+    ap.add_argument("--rat-sft-steps", type=int, default=20)
     ap.add_argument("--out", default="runs/smollm2_fspo")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -95,7 +99,8 @@ def main() -> None:
     console = Console()
     runner = StageRunner(Path(args.out), console=console)
     base = str(import_gguf("smollm2-135m-instruct"))
-    budget = {k: v for k, v in vars(args).items() if k not in ("out", "threads", "n", "max_new_tokens")}
+    skip = ("out", "threads", "n", "max_new_tokens", "rat", "rat_sft_steps")
+    budget = {k: v for k, v in vars(args).items() if k not in skip}
     runner.run(
         "sft",
         {**budget, "stage": "sft"},
@@ -120,6 +125,32 @@ def main() -> None:
         ("sft",),
     )
     fspo = str(runner.folder("fspo") / "model")
+    if args.rat:  # as the quickstart: RAT SFT continues from the SFT model, then IPO on RAT targets
+        rat_budget = {**budget, "rat_sft_steps": args.rat_sft_steps}
+        runner.run(
+            "sft_rat",
+            {**rat_budget, "stage": "sft_rat"},
+            lambda d: _train(
+                args, d, sft, stage="sft", rat="target", lr=args.sft_lr, max_steps=args.rat_sft_steps
+            ),
+            ("sft",),
+        )
+        runner.run(
+            "fspo_rat",
+            {**rat_budget, "stage": "fspo_rat"},
+            lambda d: _train(
+                args,
+                d,
+                str(runner.folder("sft_rat") / "model"),
+                stage="fspo",
+                rat="target",
+                loss="ipo",
+                beta=args.beta,
+                lr=args.fspo_lr,
+                max_steps=args.fspo_steps,
+            ),  # fmt: skip
+            ("sft_rat",),
+        )
     episodes = load_episodes(args.episodes, "test_unseen")[: args.n]
     systems = (  # name, model folder, shots (None = the episode's shots)
         ("base", base, 0),
@@ -128,7 +159,7 @@ def main() -> None:
         ("fspo", fspo, None),
     )
 
-    def generate(folder: Path) -> dict[str, int]:
+    def generate(folder: Path, systems: tuple = systems, mode: str = "plain", new_tokens: int = 0) -> dict:
         counts = {}
         for name, path, shots in systems:
             model, tokenizer = load_model(path), load_tokenizer(path)
@@ -138,10 +169,11 @@ def main() -> None:
                     model,
                     tokenizer,
                     episodes,
+                    mode=mode,
                     shots=shots,
                     system=name,
                     seed=0,
-                    max_new_tokens=args.max_new_tokens,
+                    max_new_tokens=new_tokens or args.max_new_tokens,
                     batch_size=8,
                     options=CHAT,
                     out=folder / f"{name}.jsonl",
@@ -151,6 +183,14 @@ def main() -> None:
         return counts
 
     runner.run("generate", {"n": args.n, "max_new_tokens": args.max_new_tokens}, generate, ("sft", "fspo"))
+    if args.rat:  # its own stage, so that adding --rat later keeps the other generations
+        rat_model = str(runner.folder("fspo_rat") / "model")
+        runner.run(  # the description comes first, so it gets its own budget of tokens
+            "generate_rat",
+            {"n": args.n, "max_new_tokens": 2 * args.max_new_tokens},
+            lambda d: generate(d, (("fspo-rat", rat_model, None),), "rat", 2 * args.max_new_tokens),
+            ("fspo_rat",),
+        )
 
     def accuracy(folder: Path) -> dict[str, Any]:
         curve = accuracy_curve(
@@ -161,11 +201,15 @@ def main() -> None:
 
     acc = runner.run("accuracy", {"n": args.n}, accuracy, ("sft", "fspo"))
 
-    gen = runner.folder("generate")
+    files = {name: runner.folder("generate") / f"{name}.jsonl" for name, _, _ in systems}
+    pairs = [("fspo", "base"), ("fspo", "few-shot-prompting"), ("sft", "base"),
+             ("few-shot-prompting", "base"), ("fspo", "sft")]  # fmt: skip
+    if args.rat:
+        files["fspo-rat"] = runner.folder("generate_rat") / "fspo-rat.jsonl"
+        pairs += [("fspo-rat", "base"), ("fspo-rat", "fspo")]
     rows = []
-    for a, b in (("fspo", "base"), ("fspo", "few-shot-prompting"), ("sft", "base"),
-                 ("few-shot-prompting", "base"), ("fspo", "sft")):  # fmt: skip
-        result = winrate(gen / f"{a}.jsonl", gen / f"{b}.jsonl", args.users, "exact")
+    for a, b in pairs:
+        result = winrate(files[a], files[b], args.users, "exact")
         r = next(x for x in result.results if x.split == "unseen")
         rows.append({"system": a, "opponent": b, **r.model_dump()})
 
@@ -183,9 +227,9 @@ def main() -> None:
             f"[{p['ci_low']:.2f}-{p['ci_high']:.2f}] n={p['n']}"
         )
     seconds = {name: round((runner.marker(name) or {}).get("seconds", 0), 1) for name in
-               ("sft", "fspo", "generate", "accuracy")}  # fmt: skip
+               ("sft", "fspo", "sft_rat", "fspo_rat", "generate", "generate_rat", "accuracy")}  # fmt: skip
     console.print(f"stage seconds (when they ran): {seconds}")
-    curves = {s: _curve(runner.folder(s)) for s in ("sft", "fspo")}
+    curves = {s: _curve(runner.folder(s)) for s in ("sft", "fspo", "sft_rat", "fspo_rat") if runner.marker(s)}
     print(
         json.dumps(
             {
