@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from fspo.data.template import PREFERRED, TemplateOptions, render_generation_prompt, response_heading
+from fspo.data.template import (
+    PREFERRED,
+    TemplateOptions,
+    render_generation_prompt,
+    render_target,
+    response_heading_ids,
+)
 from fspo.errors import DataError, UserError
 from fspo.eval.generate import answer_finished, generate_for_episodes, partial_path, prompt_ids
 from fspo.train.logps import prompt_token_ids
@@ -54,8 +60,10 @@ def test_heading_ids_are_appended_after_prompt_ids(world):
     e = episodes[0]
     ids = prompt_ids(e, tok, "plain")
     text = render_generation_prompt(e.shots, e.query.question)
-    heading = tok(response_heading(TemplateOptions()), add_special_tokens=False)["input_ids"]
+    heading = response_heading_ids(TemplateOptions(), tok)
     assert ids == prompt_token_ids(tok, text) + heading  # separately tokenized, as in training
+    target = tok(render_target(e.query.chosen, TemplateOptions()), add_special_tokens=False)["input_ids"]
+    assert target[: len(heading)] == heading  # the model continues where training targets go on
     rat = prompt_ids(e, tok, "rat")
     assert tok.decode(rat, skip_special_tokens=True).endswith(e.query.question + "\n")
     oracle = tok.decode(prompt_ids(e, tok, "oracle"), skip_special_tokens=True)

@@ -7,7 +7,7 @@ layout cannot pass unnoticed.
 from __future__ import annotations
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from fspo.data.schema import Episode, Preference
@@ -17,7 +17,9 @@ from fspo.data.template import (
     parse_generation,
     render,
     render_generation_prompt,
+    render_target,
     response_heading,
+    response_heading_ids,
 )
 
 DESC = "Likes short answers."
@@ -223,3 +225,26 @@ def test_generation_prompt_matches_training_prompt() -> None:
 def test_parse_generation(text: str, description: str | None, answer: str) -> None:
     parsed = parse_generation(text)
     assert (parsed.description, parsed.answer) == (description, answer)
+
+
+def _bpe_that_merges_space_newline():
+    """A GPT-2-style byte-level BPE (as SmolLM2, Llama 3, Qwen) that learned the ``" \\n"`` merge."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = ["## Preferred Response \n", "end of line \n", "Try it - daily.\n"] * 50
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.mark.parametrize("include_dispreferred", [True, False])
+def test_heading_ids_match_the_training_target_tokenization(include_dispreferred):
+    tok = _bpe_that_merges_space_newline()
+    options = TemplateOptions(include_dispreferred=include_dispreferred)
+    heading = response_heading(options)
+    alone = tok(heading, add_special_tokens=False)["input_ids"]
+    target = tok(render_target("- Try it daily.", options), add_special_tokens=False)["input_ids"]
+    assert target[: len(alone)] != alone  # the trap: " \n" merges only at the end of a string
+    ids = response_heading_ids(options, tok)
+    assert target[: len(ids)] == ids and tok.decode(ids) == heading

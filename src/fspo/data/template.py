@@ -93,6 +93,25 @@ def response_heading(options: TemplateOptions) -> str:
     return PREFERRED if options.include_dispreferred else RESPONSE
 
 
+def response_heading_ids(options: TemplateOptions, tokenizer: Any) -> list[int]:
+    """The heading's token ids *as they appear in a training target*, i.e. with an answer after it.
+
+    Byte-level BPE tokenizers with GPT-2-style pre-tokenization (SmolLM2, Llama 3, Qwen) split the
+    heading's trailing ``" \n"`` into ``" "`` + ``"\n"`` when text follows it, but merge it into one
+    token at the end of a string. Generation prompts end with the heading, so tokenizing it alone
+    gives the model a token it never saw there in training, and a fine-tuned model then "closes"
+    the empty answer (``"\n##"``). Tokenizing heading + a sentinel answer character and keeping the
+    ids that decode to the heading reproduces the training tokenization; tokenizers where no
+    prefix decodes exactly (e.g. SentencePiece's leading-space handling) fall back to the heading alone.
+    """
+    heading = response_heading(options)
+    ids = tokenizer(heading + "x", add_special_tokens=False)["input_ids"]
+    for k in range(len(ids), 0, -1):
+        if tokenizer.decode(ids[:k]) == heading:
+            return list(ids[:k])
+    return list(tokenizer(heading, add_special_tokens=False)["input_ids"])
+
+
 def task_sentence(num_shots: int, options: TemplateOptions) -> str:
     with_description = options.description is not DescriptionMode.NONE
     if num_shots == 0:

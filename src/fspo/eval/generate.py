@@ -30,7 +30,7 @@ from fspo.data.template import (
     TemplateOptions,
     parse_generation,
     render_generation_prompt,
-    response_heading,
+    response_heading_ids,
 )
 from fspo.errors import DataError, UserError
 from fspo.files import AppendLog, atomic_write_jsonl
@@ -75,7 +75,7 @@ def prompt_ids(
     text = render_generation_prompt(used, episode.query.question, opts, tokenizer, description=desc)
     ids = prompt_token_ids(tokenizer, text)  # exactly as training tokenizes prompts
     if mode is not Mode.RAT:
-        ids += tokenizer(response_heading(opts), add_special_tokens=False)["input_ids"]
+        ids += response_heading_ids(opts, tokenizer)  # as in training targets, not tokenized alone
     return ids
 
 
