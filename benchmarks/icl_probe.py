@@ -41,7 +41,7 @@ import torch
 
 from fspo.data.episodes import build_episodes, load_episodes, write_episodes
 from fspo.data.schema import Episode
-from fspo.data.template import PREFERRED, TemplateOptions, render
+from fspo.data.template import PREFERRED, TemplateOptions, render, response_heading
 from fspo.models.loading import load_model, load_tokenizer
 from fspo.sim import simulate
 from fspo.train.config import TrainConfig
@@ -112,8 +112,9 @@ def finetune(
 
 
 @torch.no_grad()
-def shot_effect(model, tokenizer, episodes: list[Episode], shots: int) -> dict[str, float]:
-    options = TemplateOptions()
+def shot_effect(
+    model, tokenizer, episodes: list[Episode], shots: int, options: TemplateOptions
+) -> dict[str, float]:
     gaps = {}
     for k in (0, shots):
         rs = [render(limit_shots(e, k), options) for e in episodes]
@@ -130,7 +131,7 @@ def shot_effect(model, tokenizer, episodes: list[Episode], shots: int) -> dict[s
 
 
 @torch.no_grad()
-def bullet_probe(model, tokenizer, episodes: list[Episode]) -> dict[str, float]:
+def bullet_probe(model, tokenizer, episodes: list[Episode], options: TemplateOptions) -> dict[str, float]:
     """Mean P(first answer token is the bullet dash) after all-bullet vs no-bullet preferred shots."""
     dash = tokenizer.encode("- x", add_special_tokens=False)[0]
     groups: dict[str, list[float]] = {"all_bullets": [], "no_bullets": []}
@@ -138,7 +139,7 @@ def bullet_probe(model, tokenizer, episodes: list[Episode]) -> dict[str, float]:
         n = sum(s.chosen.startswith("- ") for s in e.shots)
         if n not in (0, len(e.shots)):
             continue
-        prompt = render(e, TemplateOptions()).prompt + PREFERRED
+        prompt = render(e, options).prompt + response_heading(options)
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         p = model(ids).logits[0, -1].softmax(-1)[dash].item()
         groups["all_bullets" if n else "no_bullets"].append(p)
@@ -161,7 +162,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="batch order (trainer) / episode order (loop)")
     ap.add_argument("--episodes", help="an existing episodes folder (default: simulate --sim-options)")
     ap.add_argument("--work", default="runs/icl_probe")
+    ap.add_argument(
+        "--no-dispreferred",
+        action="store_true",
+        help="shots show only the preferred answer (trainer engine; template include_dispreferred=False)",
+    )
     args = ap.parse_args()
+    if args.no_dispreferred and args.engine != "trainer":
+        ap.error("--no-dispreferred needs --engine trainer")
+    template = TemplateOptions(include_dispreferred=not args.no_dispreferred)
 
     work = Path(args.work)
     options = json.loads(args.sim_options)
@@ -177,7 +186,7 @@ def main() -> None:
                 stage="sft", model=args.model, episodes=str(episodes), out=str(work / "sft"),
                 shot_loss=args.objective == "shots", lr=args.lr, scheduler="cosine",
                 max_steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                logps_impl="prefix", progress=False,
+                logps_impl="prefix", progress=False, include_dispreferred=not args.no_dispreferred,
             )
         )  # fmt: skip
         model, tokenizer = load_model(result.model_dir), load_tokenizer(result.model_dir)
@@ -195,14 +204,15 @@ def main() -> None:
         "episodes": str(episodes),
         "sim_options": options if not args.episodes else None,
         "steps": args.steps,
+        "include_dispreferred": not args.no_dispreferred,
         "train_seconds": round(time.perf_counter() - start, 1),
     }
     for split in ("test_seen", "test_unseen"):
         held_out = load_episodes(episodes, split)[: args.eval_episodes]
         if held_out:
             figures[split] = {
-                **shot_effect(model, tokenizer, held_out, args.shots),
-                **bullet_probe(model, tokenizer, held_out),
+                **shot_effect(model, tokenizer, held_out, args.shots, template),
+                **bullet_probe(model, tokenizer, held_out, template),
             }
             print(split, figures[split], flush=True)
     print(json.dumps(figures))
