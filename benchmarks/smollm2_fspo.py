@@ -127,19 +127,11 @@ def main() -> None:
         ),
     )
     sft = str(runner.folder("sft") / "model")
+    ipo = dict(stage="fspo", loss="ipo", beta=args.beta, lr=args.fspo_lr, max_steps=args.fspo_steps)
     runner.run(
         "fspo",
         {**budget, "stage": "fspo"},
-        lambda d: _train(
-            args,
-            d,
-            sft,
-            stage="fspo",
-            loss="ipo",
-            beta=args.beta,
-            lr=args.fspo_lr,
-            max_steps=args.fspo_steps,
-        ),  # fmt: skip
+        lambda d: _train(args, d, sft, **ipo),
         ("sft",),
     )
     fspo = str(runner.folder("fspo") / "model")
@@ -156,17 +148,7 @@ def main() -> None:
         runner.run(
             "fspo_rat",
             {**rat_budget, "stage": "fspo_rat"},
-            lambda d: _train(
-                args,
-                d,
-                str(runner.folder("sft_rat") / "model"),
-                stage="fspo",
-                rat="target",
-                loss="ipo",
-                beta=args.beta,
-                lr=args.fspo_lr,
-                max_steps=args.fspo_steps,
-            ),  # fmt: skip
+            lambda d: _train(args, d, str(runner.folder("sft_rat") / "model"), rat="target", **ipo),
             ("sft_rat",),
         )
     episodes = load_episodes(args.episodes, "test_unseen")[: args.n]
