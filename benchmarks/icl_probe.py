@@ -25,6 +25,15 @@ shots whose preferred answers are all bullets vs none.
         --sim-options '{"traits": ["format"], "min_traits": 1, "max_traits": 1}' --steps 300
 
 ``--episodes FOLDER`` probes existing episodes (e.g. the quickstart's) instead of simulating.
+A finished SFT model in ``--work`` is reused (delete ``<work>/sft`` to train again).
+
+Two more figures, to explain when copying can be learned at all (docs/train.md, fifth round):
+
+* ``format_agreement`` (training episodes): among episodes whose shots all prefer the same format
+  and whose query pair differs in format, the share whose chosen answer has the shots' format, and
+  ``ln 2 - H(agreement)``, the most a model can gain (nats per such answer) by copying it;
+* with ``--ipo-steps N``, IPO on top of the SFT model (reference = SFT, first N x batch training
+  episodes) and its implicit-reward accuracy with 0 vs all shots on the held-out splits.
 Last line: one JSON object with the figures.
 """
 
@@ -34,6 +43,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -42,6 +52,8 @@ import torch
 from fspo.data.episodes import build_episodes, load_episodes, write_episodes
 from fspo.data.schema import Episode
 from fspo.data.template import PREFERRED, TemplateOptions, render, response_heading
+from fspo.eval import accuracy_curve
+from fspo.files import atomic_write_text
 from fspo.models.loading import load_model, load_tokenizer
 from fspo.sim import simulate
 from fspo.train.config import TrainConfig
@@ -146,6 +158,58 @@ def bullet_probe(model, tokenizer, episodes: list[Episode], options: TemplateOpt
     return {f"p_dash_after_{k}": sum(v) / len(v) for k, v in groups.items() if v}
 
 
+def format_agreement(episodes: list[Episode]) -> dict[str, float]:
+    """How well the shots' format predicts the query's chosen format, and the copying incentive."""
+    bullets = lambda text: text.lstrip().startswith("- ")  # noqa: E731
+    agree = n = 0
+    for e in episodes:
+        k = sum(bullets(s.chosen) for s in e.shots)
+        if e.shots and k in (0, len(e.shots)) and bullets(e.query.chosen) != bullets(e.query.rejected):
+            n += 1
+            agree += bullets(e.query.chosen) == (k > 0)
+    a = agree / n if n else float("nan")
+    entropy = -sum(q * math.log(q) for q in (a, 1 - a) if q > 0) if n else float("nan")
+    return {"agreement": a, "n": n, "of": len(episodes), "max_gain_nats": math.log(2) - entropy}
+
+
+def ipo_on_top(args: argparse.Namespace, sft_dir: Path, episodes: Path, work: Path) -> dict[str, object]:
+    """IPO from the SFT model on the first ``ipo_steps * batch_size`` training episodes, then the
+    implicit-reward accuracy with 0 vs all shots (the reference cache covers only those episodes)."""
+    subset = work / "ipo_episodes"
+    if not (subset / "train.jsonl").exists():
+        subset.mkdir(parents=True, exist_ok=True)
+        for f in episodes.iterdir():
+            if f.is_file() and not f.name.startswith("train"):
+                shutil.copy(f, subset / f.name)
+        lines = (episodes / "train.jsonl").read_text().splitlines()[: (args.ipo_steps + 1) * args.batch_size]
+        atomic_write_text(subset / "train.jsonl", "\n".join(lines) + "\n")  # last: marks it complete
+    result = train(
+        TrainConfig(
+            stage="fspo", loss="ipo", beta=args.beta, model=str(sft_dir),
+            episodes=str(subset / "train.jsonl"), out=str(work / "ipo"), lr=args.ipo_lr,
+            scheduler="cosine", max_steps=args.ipo_steps,
+            batch_size=args.batch_size, seed=args.seed, logps_impl="prefix", progress=False,
+            include_dispreferred=not args.no_dispreferred,
+        )
+    )  # fmt: skip
+    held = {s: load_episodes(episodes, s)[: args.eval_episodes] for s in ("test_seen", "test_unseen")}
+    curve = accuracy_curve(
+        load_model(result.model_dir), load_tokenizer(result.model_dir), {k: v for k, v in held.items() if v},
+        shots=(0, args.shots), ref_model=load_model(sft_dir), beta=args.beta,
+        options=TemplateOptions(include_dispreferred=not args.no_dispreferred),
+    )  # fmt: skip
+    accuracy = {
+        split: {p["shots"]: round(p["accuracy"], 3) for p in points}
+        for split, points in curve["splits"].items()
+    }
+    return {
+        "steps": args.ipo_steps,
+        "lr": args.ipo_lr,
+        "beta": args.beta,
+        "implicit_reward_accuracy": accuracy,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="a pretrained model folder (e.g. the quickstart's)")
@@ -167,6 +231,10 @@ def main() -> None:
         action="store_true",
         help="shots show only the preferred answer (trainer engine; template include_dispreferred=False)",
     )
+    ap.add_argument("--ipo-steps", type=int, default=0, help="IPO steps on top of the SFT model (0 = none)")
+    ap.add_argument("--ipo-lr", type=float, default=3e-4)
+    ap.add_argument("--beta", type=float, default=0.1, help="IPO beta")
+    ap.add_argument("--agreement-only", action="store_true", help="print format_agreement only (no training)")
     args = ap.parse_args()
     if args.no_dispreferred and args.engine != "trainer":
         ap.error("--no-dispreferred needs --engine trainer")
@@ -179,8 +247,14 @@ def main() -> None:
         data = simulate("roleplay", args.users, args.prefs, seed=0, **options)
         splits = build_episodes(data.preferences, data.users, shots=args.shots, seed=0)
         write_episodes(episodes, splits, meta={"sim_options": options})
+    if args.agreement_only:
+        print(json.dumps({"episodes": str(episodes), **format_agreement(load_episodes(episodes, "train"))}))
+        return
     start = time.perf_counter()
-    if args.engine == "trainer":
+    if args.engine == "trainer" and (work / "sft" / "model").exists():
+        print(f"reusing the finished SFT model in {work / 'sft'}", flush=True)
+        model, tokenizer = load_model(work / "sft" / "model"), load_tokenizer(work / "sft" / "model")
+    elif args.engine == "trainer":
         result = train(
             TrainConfig(
                 stage="sft", model=args.model, episodes=str(episodes), out=str(work / "sft"),
@@ -215,6 +289,13 @@ def main() -> None:
                 **bullet_probe(model, tokenizer, held_out, template),
             }
             print(split, figures[split], flush=True)
+    figures["format_agreement"] = format_agreement(load_episodes(episodes, "train"))
+    print("format_agreement", figures["format_agreement"], flush=True)
+    if args.ipo_steps:
+        if args.engine != "trainer":
+            raise SystemExit("--ipo-steps needs --engine trainer")
+        figures["ipo"] = ipo_on_top(args, work / "sft" / "model", episodes, work)
+        print("ipo", figures["ipo"], flush=True)
     print(json.dumps(figures))
 
 
