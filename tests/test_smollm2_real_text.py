@@ -113,7 +113,6 @@ def test_local_judge_on_real_answers(smollm2: Path) -> None:
     )
     p = judge.prefer(user, "How do I cook rice?", short, long)
     q = judge.prefer(user, "How do I cook rice?", long, short)
-    assert 0.0 < p < 1.0 and p + q == pytest.approx(
-        1.0, abs=1e-6
-    )  # order-averaged: a verdict, not a position
+    assert 0.0 < p < 1.0
+    assert p + q == pytest.approx(1.0, abs=1e-6)  # order-averaged: a verdict, not a position
     assert judge.prefer(user, "How do I cook rice?", short, short) == pytest.approx(0.5, abs=1e-6)
