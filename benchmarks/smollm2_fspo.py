@@ -37,6 +37,7 @@ from rich.table import Table
 from fspo.data.episodes import load_episodes
 from fspo.data.template import TemplateOptions
 from fspo.eval import accuracy_curve, generate_for_episodes, winrate
+from fspo.eval.records import read_generations
 from fspo.files import atomic_write_jsonl
 from fspo.models.gguf_import import import_gguf
 from fspo.models.loading import load_model, load_tokenizer
@@ -68,7 +69,7 @@ def _train(args: argparse.Namespace, folder: Path, start: str, **stage: Any) -> 
     return {"steps": result.steps, **{k: round(v, 4) for k, v in result.metrics.items()}}
 
 
-def _cap_answers(src: Path, dst: Path, tokenizer: Any, max_tokens: int) -> Path:
+def _cap_answers(rows: list[dict[str, Any]], dst: Path, tokenizer: Any, max_tokens: int) -> Path:
     """Copy generations with each answer cut to its first `max_tokens` tokens.
 
     RAT generates with twice the budget because the description comes first; a model that skips
@@ -76,7 +77,7 @@ def _cap_answers(src: Path, dst: Path, tokenizer: Any, max_tokens: int) -> Path:
     and keyword coverage are part of the simulated users' reward. Capping the *answer* keeps the
     comparison at equal answer budgets whatever the model does with the description.
     """
-    rows = [json.loads(line) for line in src.read_text().splitlines() if line]
+    rows = [dict(row) for row in rows]
     for row in rows:
         ids = tokenizer(row["answer"], add_special_tokens=False)["input_ids"]
         if len(ids) > max_tokens:
@@ -205,10 +206,9 @@ def main() -> None:
     pairs = [("fspo", "base"), ("fspo", "few-shot-prompting"), ("sft", "base"),
              ("few-shot-prompting", "base"), ("fspo", "sft")]  # fmt: skip
     if args.rat:
-        raw = runner.folder("generate_rat") / "fspo-rat.jsonl"
-        files["fspo-rat"] = _cap_answers(
-            raw, Path(args.out) / "fspo-rat.answer-capped.jsonl", load_tokenizer(base), args.max_new_tokens
-        )
+        rat_rows = [row for _, row in read_generations(runner.folder("generate_rat") / "fspo-rat.jsonl")]
+        capped = Path(args.out) / "fspo-rat.answer-capped.jsonl"
+        files["fspo-rat"] = _cap_answers(rat_rows, capped, load_tokenizer(base), args.max_new_tokens)
         pairs += [("fspo-rat", "base"), ("fspo-rat", "fspo")]
     rows = []
     for a, b in pairs:
@@ -233,7 +233,6 @@ def main() -> None:
                ("sft", "fspo", "sft_rat", "fspo_rat", "generate", "generate_rat", "accuracy")}  # fmt: skip
     rat_described = None
     if args.rat:  # did RAT write the description it was trained to write?
-        rat_rows = [json.loads(line) for line in raw.read_text().splitlines() if line]
         rat_described = sum(bool(r.get("description")) for r in rat_rows)
         console.print(f"fspo-rat wrote a user description in {rat_described}/{len(rat_rows)} generations")
     console.print(f"stage seconds (when they ran): {seconds}")
