@@ -25,15 +25,15 @@ shots whose preferred answers are all bullets vs none.
         --sim-options '{"traits": ["format"], "min_traits": 1, "max_traits": 1}' --steps 300
 
 ``--episodes FOLDER`` probes existing episodes (e.g. the quickstart's) instead of simulating.
-A finished SFT model in ``--work`` is reused (delete ``<work>/sft`` to train again).
+A finished SFT run of the same config in ``--work`` is reused (one of another config is refused).
 
 Two more figures, to explain when copying can be learned at all (docs/train.md, fifth round):
 
 * ``format_agreement`` (training episodes): among episodes whose shots all prefer the same format
   and whose query pair differs in format, the share whose chosen answer has the shots' format, and
   ``ln 2 - H(agreement)``, the most a model can gain (nats per such answer) by copying it;
-* with ``--ipo-steps N``, IPO on top of the SFT model (reference = SFT, first N x batch training
-  episodes) and its implicit-reward accuracy with 0 vs all shots on the held-out splits.
+* with ``--ipo-steps N``, IPO on top of the SFT model (reference = SFT) and its implicit-reward
+  accuracy with 0 vs all shots on the held-out splits.
 Last line: one JSON object with the figures.
 """
 
@@ -43,7 +43,6 @@ import argparse
 import json
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -53,10 +52,9 @@ from fspo.data.episodes import build_episodes, load_episodes, write_episodes
 from fspo.data.schema import Episode
 from fspo.data.template import PREFERRED, TemplateOptions, render, response_heading
 from fspo.eval import accuracy_curve
-from fspo.files import atomic_write_text
 from fspo.models.loading import load_model, load_tokenizer
 from fspo.sim import simulate
-from fspo.train.config import TrainConfig
+from fspo.train.config import CONFIG_FILE, TrainConfig, load_config
 from fspo.train.data import limit_shots
 from fspo.train.logps import score_targets
 from fspo.train.trainer import train
@@ -172,31 +170,26 @@ def format_agreement(episodes: list[Episode]) -> dict[str, float]:
     return {"agreement": a, "n": n, "of": len(episodes), "max_gain_nats": math.log(2) - entropy}
 
 
-def ipo_on_top(args: argparse.Namespace, sft_dir: Path, episodes: Path, work: Path) -> dict[str, object]:
-    """IPO from the SFT model on the first ``ipo_steps * batch_size`` training episodes, then the
-    implicit-reward accuracy with 0 vs all shots (the reference cache covers only those episodes)."""
-    subset = work / "ipo_episodes"
-    if not (subset / "train.jsonl").exists():
-        subset.mkdir(parents=True, exist_ok=True)
-        for f in episodes.iterdir():
-            if f.is_file() and not f.name.startswith("train"):
-                shutil.copy(f, subset / f.name)
-        lines = (episodes / "train.jsonl").read_text().splitlines()[: (args.ipo_steps + 1) * args.batch_size]
-        atomic_write_text(subset / "train.jsonl", "\n".join(lines) + "\n")  # last: marks it complete
+def ipo_on_top(
+    args: argparse.Namespace, sft_dir: Path, episodes: Path, work: Path, template: TemplateOptions
+) -> dict[str, object]:
+    """IPO from the SFT model (the reference), then the implicit-reward accuracy with 0 vs all shots.
+
+    The trainer reads only the training episodes ``--ipo-steps`` consume, so the reference cache
+    covers those, not the whole file."""
     result = train(
         TrainConfig(
             stage="fspo", loss="ipo", beta=args.beta, model=str(sft_dir),
-            episodes=str(subset / "train.jsonl"), out=str(work / "ipo"), lr=args.ipo_lr,
+            episodes=str(episodes / "train.jsonl"), out=str(work / "ipo"), lr=args.ipo_lr,
             scheduler="cosine", max_steps=args.ipo_steps,
             batch_size=args.batch_size, seed=args.seed, logps_impl="prefix", progress=False,
-            include_dispreferred=not args.no_dispreferred,
+            include_dispreferred=template.include_dispreferred,
         )
     )  # fmt: skip
     held = {s: load_episodes(episodes, s)[: args.eval_episodes] for s in ("test_seen", "test_unseen")}
     curve = accuracy_curve(
         load_model(result.model_dir), load_tokenizer(result.model_dir), {k: v for k, v in held.items() if v},
-        shots=(0, args.shots), ref_model=load_model(sft_dir), beta=args.beta,
-        options=TemplateOptions(include_dispreferred=not args.no_dispreferred),
+        shots=(0, args.shots), ref_model=load_model(sft_dir), beta=args.beta, options=template,
     )  # fmt: skip
     accuracy = {
         split: {p["shots"]: round(p["accuracy"], 3) for p in points}
@@ -236,8 +229,8 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.1, help="IPO beta")
     ap.add_argument("--agreement-only", action="store_true", help="print format_agreement only (no training)")
     args = ap.parse_args()
-    if args.no_dispreferred and args.engine != "trainer":
-        ap.error("--no-dispreferred needs --engine trainer")
+    if (args.no_dispreferred or args.ipo_steps) and args.engine != "trainer":
+        ap.error("--no-dispreferred and --ipo-steps need --engine trainer")
     template = TemplateOptions(include_dispreferred=not args.no_dispreferred)
 
     work = Path(args.work)
@@ -251,19 +244,23 @@ def main() -> None:
         print(json.dumps({"episodes": str(episodes), **format_agreement(load_episodes(episodes, "train"))}))
         return
     start = time.perf_counter()
-    if args.engine == "trainer" and (work / "sft" / "model").exists():
-        print(f"reusing the finished SFT model in {work / 'sft'}", flush=True)
-        model, tokenizer = load_model(work / "sft" / "model"), load_tokenizer(work / "sft" / "model")
-    elif args.engine == "trainer":
-        result = train(
-            TrainConfig(
-                stage="sft", model=args.model, episodes=str(episodes), out=str(work / "sft"),
-                shot_loss=args.objective == "shots", lr=args.lr, scheduler="cosine",
-                max_steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                logps_impl="prefix", progress=False, include_dispreferred=not args.no_dispreferred,
-            )
+    if args.engine == "trainer":
+        sft = TrainConfig(
+            stage="sft", model=args.model, episodes=str(episodes), out=str(work / "sft"),
+            shot_loss=args.objective == "shots", lr=args.lr, scheduler="cosine",
+            max_steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+            logps_impl="prefix", progress=False, include_dispreferred=template.include_dispreferred,
         )  # fmt: skip
-        model, tokenizer = load_model(result.model_dir), load_tokenizer(result.model_dir)
+        model_dir = work / "sft" / "model"
+        if model_dir.exists():  # a finished run of this very config is reused, any other refused
+            if load_config(work / "sft" / CONFIG_FILE) != sft:
+                raise SystemExit(
+                    f"{work / 'sft'} holds an SFT run of another config: delete it or pick --work"
+                )
+            print(f"reusing the finished SFT model in {work / 'sft'}", flush=True)
+        else:
+            model_dir = train(sft).model_dir
+        model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
     else:
         train_eps = load_episodes(episodes, "train")
         model, tokenizer = load_model(args.model), load_tokenizer(args.model)
@@ -292,9 +289,7 @@ def main() -> None:
     figures["format_agreement"] = format_agreement(load_episodes(episodes, "train"))
     print("format_agreement", figures["format_agreement"], flush=True)
     if args.ipo_steps:
-        if args.engine != "trainer":
-            raise SystemExit("--ipo-steps needs --engine trainer")
-        figures["ipo"] = ipo_on_top(args, work / "sft" / "model", episodes, work)
+        figures["ipo"] = ipo_on_top(args, work / "sft" / "model", episodes, work, template)
         print("ipo", figures["ipo"], flush=True)
     print(json.dumps(figures))
 
