@@ -41,3 +41,29 @@ def test_quickstart_tiny_runs_every_stage_and_caches(tmp_path):
     again = run_quickstart(out=out, profile="tiny")
     assert again == summary
     assert {p: p.stat().st_mtime_ns for p in out.glob(f"*/{MARKER}")} == marker_times
+
+
+def test_findings_follow_the_table_on_unseen_users():
+    from types import SimpleNamespace
+
+    from fspo.quickstart import _findings
+
+    def cell(system, opponent, rate, lo, hi, split="unseen"):
+        return SimpleNamespace(
+            system=system, opponent=opponent, split=split, win_rate=rate, ci_low=lo, ci_high=hi, n=150
+        )
+
+    found = _findings(
+        [
+            cell("fspo", "fspo-no-shots", 0.483, 0.40, 0.56),
+            cell("fspo", "population-ipo", 0.88, 0.82, 0.92),
+            cell("fspo-rat", "fspo", 0.30, 0.23, 0.38),
+            cell("fspo-rat", "fspo", 0.90, 0.85, 0.94, split="seen"),  # seen users never decide a verdict
+            cell("oracle", "base", 0.70, 0.62, 0.77),
+            cell("fspo", "base", 0.85, 0.78, 0.90),
+        ]
+    )
+    assert found[0] == "fspo is not distinguishable from fspo-no-shots on unseen users (48.3%, n=150)"
+    assert found[1].startswith("fspo beats population-ipo")
+    assert found[2].startswith("fspo-rat loses to fspo")
+    assert found[3].startswith("RAT did not help: even the oracle")

@@ -210,6 +210,37 @@ def test_corpus_is_deterministic_small_language() -> None:
     assert len(corpus("elix", seed=1, n=50)) == 50
 
 
+def test_described_documents_answer_as_their_description_says() -> None:
+    """Each described document states its author's description, then an answer written to it."""
+    from fspo.data.template import DESCRIPTION, RESPONSE
+
+    fmt = {"traits": ["format"], "min_traits": 1, "max_traits": 1}
+    docs = corpus(
+        "roleplay",
+        seed=0,
+        n=200,
+        descriptions=0.0,
+        consistent=1.0,
+        consistent_answers=3,
+        described=0.5,
+        **fmt,
+    )
+    described = [d for d in docs if DESCRIPTION in d]
+    assert 60 <= len(described) <= 140  # about half, drawn per document
+    follows, shown = [], set()
+    for doc in described:
+        description = doc.split(DESCRIPTION)[1].split("\n")[0]
+        answer = doc.rsplit(RESPONSE, 1)[1]
+        shown.add(doc.count("# Example "))
+        follows.append(answer.startswith("- ") == ("bullet points" in description))
+    assert shown == {0, 1, 2}  # 0 to all-but-one of the author's answers come first as examples
+    # The author picks the best answer of the question's pool, which has the author's format unless
+    # the shared relevance term outweighs it.
+    assert sum(follows) / len(follows) > 0.8
+    with pytest.raises(UserError, match="described"):
+        corpus("roleplay", n=10, described=1.5)
+
+
 def test_bad_input_raises_user_error() -> None:
     with pytest.raises(UserError, match="unknown sim domain"):
         simulate("nope", 1, 1, seed=0)

@@ -37,9 +37,18 @@ class Profile(BaseModel):
     seed: int = 0
     model_size: str = "medium"
     corpus_docs: int = 20_000
-    # Share of pretraining documents in which one "author" answers several questions in a consistent
-    # style: the in-context ability a real instruct model brings (see fspo.sim.corpus).
-    corpus_consistent: float = 0.5
+    # Share of pretraining documents written by one "author" (a training persona) in its style; each
+    # has `corpus_consistent_answers` answers, and a share `corpus_described` of them also states the
+    # author's description in RAT's layout. Those teach what the paper's instruct model brings:
+    # answering as a stated preference says (the oracle, RAT). Learned only when present from the
+    # first step (a model pretrained without them never picks it up later; docs/train.md, sixth round).
+    corpus_consistent: float = 0.8
+    corpus_consistent_answers: int = 1
+    corpus_described: float = 1.0
+    # FSPO-layout documents of the simulated preferences added to pretraining (-1: all of them).
+    # Off: they crowd out the described documents, and with them in, no description-following is
+    # learned at this budget (docs/train.md, sixth round); SFT teaches the layout anyway.
+    template_docs: int = 0
     pretrain_steps: int = 400
     sft_steps: int = 300
     # SFT also trains on every shot's preferred answer given the shots before it (`shot_loss`):
@@ -114,7 +123,11 @@ def run_quickstart(
     runner.run("episodes", _pick(params, "shots seed"), lambda d: _episodes(p, runner, d), ("sim",))
     runner.run(
         "model",
-        _pick(params, "model_size corpus_docs corpus_consistent pretrain_steps seed"),
+        _pick(
+            params,
+            "model_size corpus_docs corpus_consistent corpus_consistent_answers corpus_described "
+            "template_docs pretrain_steps seed",
+        ),
         lambda d: _model(p, runner, d),
         ("sim",),
     )
@@ -185,9 +198,18 @@ def _model(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
     from fspo.models.pretrain import pretrain, template_documents
     from fspo.sim import corpus
 
-    prefs, _, _ = read_dataset_dir(runner.folder("sim"))
-    texts = corpus(p.domain, seed=p.seed, n=p.corpus_docs, consistent=p.corpus_consistent)
-    texts += template_documents(prefs, shots=p.shots, seed=p.seed)
+    texts = corpus(
+        p.domain,
+        seed=p.seed,
+        n=p.corpus_docs,
+        consistent=p.corpus_consistent,
+        consistent_answers=p.corpus_consistent_answers,
+        described=p.corpus_described,
+    )
+    if p.template_docs:
+        prefs, _, _ = read_dataset_dir(runner.folder("sim"))
+        extra = template_documents(prefs, shots=p.shots, seed=p.seed)  # shuffled: a prefix is a random subset
+        texts += extra if p.template_docs < 0 else extra[: p.template_docs]
     model_dir = init_model(folder / "model", texts, size=p.model_size, seed=p.seed)
     return pretrain(model_dir, texts, steps=p.pretrain_steps, seed=p.seed)
 
@@ -399,7 +421,8 @@ def _findings(results: list) -> list[str]:
         word = "beats" if w.ci_low > 0.5 else "loses to" if w.ci_high < 0.5 else "is not distinguishable from"
         return f"{system} {word} {opponent} on unseen users ({100 * w.win_rate:.1f}%, n={w.n})"
 
-    found = [v for v in (verdict("fspo", "fspo-no-shots"), verdict("fspo", "population-ipo")) if v]
+    pairs = (("fspo", "fspo-no-shots"), ("fspo", "population-ipo"), ("fspo-rat", "fspo"))
+    found = [v for v in (verdict(*pair) for pair in pairs) if v]
     rat = cell.get(("fspo-rat", "fspo"))
     oracle, fspo = cell.get(("oracle", "base")), cell.get(("fspo", "base"))
     if rat and rat.ci_high < 0.5 and oracle and fspo:

@@ -22,13 +22,15 @@ def corpus(
     descriptions: float = 0.1,
     consistent: float = 0.0,
     consistent_answers: int = 4,
+    described: float = 0.0,
     **options: Any,
 ) -> list[str]:
     """`n` documents: mostly ``question + "\\n" + answer``, plus a share of user descriptions.
 
     Deterministic for a seed. `descriptions` is the share of documents that are persona
     descriptions (what RAT teaches the model to write). `consistent` is the share of
-    *author-consistent* documents (see `consistent_documents`).
+    *author-consistent* documents (see `consistent_documents`), and `described` the share of those
+    that also carry the author's description (see `described_document`).
     """
     if n < 0:
         raise UserError(f"corpus size must be >= 0, got {n}")
@@ -39,8 +41,10 @@ def corpus(
     questions = dom.questions()
     if not 0 <= consistent <= 1 - descriptions:
         raise UserError(f"consistent must be a share in [0, 1 - descriptions], got {consistent}")
+    if not 0 <= described <= 1:
+        raise UserError(f"described must be a share in [0, 1], got {described}")
     n_desc = round(n * descriptions)
-    docs = consistent_documents(dom, round(n * consistent), consistent_answers, rng)
+    docs = consistent_documents(dom, round(n * consistent), consistent_answers, rng, described)
     docs += [dom.describe(dom.sample_persona(rng, lambda _traits: 1.0).traits) for _ in range(n_desc)]
     while len(docs) < n:  # the rest: single question/answer documents
         order = list(range(len(questions)))
@@ -55,7 +59,9 @@ def corpus(
     return docs
 
 
-def consistent_documents(dom: Any, n: int, answers: int, rng: random.Random) -> list[str]:
+def consistent_documents(
+    dom: Any, n: int, answers: int, rng: random.Random, described: float = 0.0
+) -> list[str]:
     """`n` documents of `answers` answers each, all written by one "author" with a consistent taste.
 
     Why: the paper starts from a pretrained instruct model, which can already continue a text in
@@ -65,6 +71,7 @@ def consistent_documents(dom: Any, n: int, answers: int, rng: random.Random) -> 
     users' combinations stay unseen), and picks, for random questions, the answer of the question's
     pool it likes best. Documents use the template's shot layout without dispreferred answers
     (``# Example i`` / ``## Question`` / ``## Response``); there are no users, pairs or labels.
+    A share `described` of them is a `described_document` instead.
     """
     from fspo.data.template import QUESTION, RESPONSE
 
@@ -74,11 +81,38 @@ def consistent_documents(dom: Any, n: int, answers: int, rng: random.Random) -> 
         persona = dom.sample_persona(rng, lambda _traits: 1.0)
         if dom.split(persona.traits) != "train":
             continue
-        parts = []
-        for i in range(1, answers + 1):
+        picks = []
+        for _ in range(answers):
             qi = rng.randrange(len(questions))
             pool = dom.answers(qi, rng)
             best = pool[int(dom.score(persona.traits, dom.features(questions[qi], pool)).argmax())]
-            parts.append(f"# Example {i}\n{QUESTION}{questions[qi]}\n{RESPONSE}{best}\n\n")
-        docs.append("".join(parts))
+            picks.append((questions[qi], best))
+        if rng.random() < described:
+            docs.append(described_document(dom.describe(persona.traits), picks, rng))
+            continue
+        docs.append(
+            "".join(
+                f"# Example {i}\n{QUESTION}{q}\n{RESPONSE}{a}\n\n" for i, (q, a) in enumerate(picks, start=1)
+            )
+        )
     return docs
+
+
+def described_document(description: str, picks: list[tuple[str, str]], rng: random.Random) -> str:
+    """Some of an author's answers as examples, then its description and one more answer, in RAT's layout.
+
+    Why: an instruct model follows a stated preference ("answer in bullet points") and can say
+    what a set of examples has in common; the oracle baseline and RAT rely on both. Our model only
+    learns them from text where a description sits next to answers written to it. The layout is
+    the template's RAT/oracle one (``# Task`` / ``## Question`` / ``## User Description`` /
+    response), with 0 to all-but-one examples before it, so both skills appear: describing from
+    examples, and answering as a description says (alone when there are no examples).
+    """
+    from fspo.data.template import DESCRIPTION, QUESTION, RESPONSE, TASK, TASK_RAT, TASK_ZERO_SHOT
+
+    shown = rng.randrange(len(picks))
+    parts = [f"# Example {i}\n{QUESTION}{q}\n{RESPONSE}{a}\n\n" for i, (q, a) in enumerate(picks[:shown], 1)]
+    question, answer = picks[shown]
+    task = TASK_RAT if shown else TASK_ZERO_SHOT
+    parts.append(f"{TASK}{task}\n{QUESTION}{question}\n{DESCRIPTION}{description}\n{RESPONSE}{answer}\n")
+    return "".join(parts)

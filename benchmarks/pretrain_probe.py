@@ -1,0 +1,215 @@
+"""Does the pretrained embedded model follow a stated preference, or continue an author's style?
+
+Why this exists: the oracle baseline (true description in the prompt) and RAT only work if the
+model answers as a description says, and FSPO needs it to continue the style of a user's
+examples. The paper's instruct model can do both before FSPO starts; ours must learn them in
+pretraining (`fspo.sim.corpus`, `consistent` / `described` documents). This script pretrains a
+fresh model on a given corpus mix, exactly as the quickstart's `model` stage does, then measures:
+
+* ``p_bullet``: P(the answer's first token is "-") right after ``## User Description`` of a
+  held-out described document, for descriptions that say "bullet points", "plain prose", or
+  neither. A model that reads the description puts these far apart (the data: ~0.9 / ~0.15 / ~0.5);
+* ``description_effect``: over all traits, for a training persona and a question, whether stating
+  the description moves ``lp(best) - lp(worst)`` of the question's answer pool towards the
+  persona's best answer (share of 200 cases; 0.5 = the description does nothing);
+* ``style_effect``: the same with three of the persona's best answers as examples instead of a
+  description (``# Example i`` documents): does the model continue an author's style?
+
+    python benchmarks/pretrain_probe.py --work runs/pretrain_probe/em --consistent 0.8 \\
+        --described 1.0 --answers 1 --template-docs 0 --block-size 512 --batch-size 8
+
+``--template-docs -1`` adds every preference of ``--sim`` in the FSPO layout, as the quickstart
+did before (``template_documents``); ``N > 0`` adds a random N of them.
+
+``--probe MODEL`` skips pretraining and measures an existing model (e.g. a quickstart stage), adding
+``oracle_p_bullet``: P("-") at the oracle's answer position of the first 150 unseen episodes of
+``--episodes`` (true description in the prompt, 0 shots), by what the description says. That is
+where the oracle baseline needs the description to matter. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fspo.data.io import read_dataset_dir
+from fspo.data.template import DESCRIPTION, QUESTION, RESPONSE, TASK, TASK_ZERO_SHOT
+from fspo.models.default import init_model
+from fspo.models.loading import load_model, load_tokenizer
+from fspo.models.pretrain import pretrain, template_documents
+from fspo.sim import corpus, get_domain
+
+
+class Scorer:
+    """Summed log-probs of a continuation, and next-token probabilities, under one model."""
+
+    def __init__(self, model_dir: Path):
+        self.tok = load_tokenizer(model_dir)
+        self.model = load_model(model_dir).eval()
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    @torch.no_grad()
+    def logp(self, prefix: str, continuation: str) -> float:
+        a, b = self._ids(prefix), self._ids(prefix + continuation)
+        if b[: len(a)] != a:  # the prefix's last token merged with the continuation: score the tail
+            raise ValueError(f"prefix {prefix[-20:]!r} does not tokenize as a prefix")
+        logits = self.model(torch.tensor([b])).logits[0, len(a) - 1 : -1].log_softmax(-1)
+        return float(logits.gather(-1, torch.tensor(b[len(a) :])[:, None]).sum())
+
+    @torch.no_grad()
+    def p_next(self, prefix: str, token: str) -> float:
+        logits = self.model(torch.tensor([self._ids(prefix)])).logits[0, -1]
+        return float(logits.softmax(-1)[self.tok.convert_tokens_to_ids(token)])
+
+
+def p_bullet(scorer: Scorer, seed: int, n: int = 300) -> dict[str, float]:
+    """P(first answer token is "-") after held-out described documents, by what the description says."""
+    docs = corpus(
+        "roleplay", seed=seed, n=n, descriptions=0.0, consistent=1.0, consistent_answers=1, described=1.0
+    )
+    by_kind: dict[str, list[float]] = {"bullets": [], "prose": [], "neither": []}
+    for doc in docs:
+        prefix = doc.split(RESPONSE)[0] + RESPONSE
+        description = doc.split(DESCRIPTION)[1]
+        kind = (
+            "bullets"
+            if "bullet points" in description
+            else "prose"
+            if "plain prose" in description
+            else "neither"
+        )
+        by_kind[kind].append(scorer.p_next(prefix, "-"))
+    return {k: round(float(np.mean(v)), 3) for k, v in by_kind.items() if v}
+
+
+def oracle_p_bullet(scorer: Scorer, episodes_dir: Path, n: int = 150) -> dict[str, float]:
+    """P("-") where the oracle starts answering (true description in the prompt, no shots)."""
+    from fspo.data.io import find_data_file, read_records
+    from fspo.data.schema import Episode
+    from fspo.data.template import PREFERRED, DescriptionMode, TemplateOptions, render_context
+
+    episodes = read_records(find_data_file(episodes_dir, "test_unseen"), Episode)[:n]
+    options = TemplateOptions(description=DescriptionMode.PROMPT)
+    by_kind: dict[str, list[float]] = {"bullets": [], "prose": [], "neither": []}
+    for ep in episodes:
+        prompt = render_context([], ep.query.question, options, ep.description) + PREFERRED
+        d = ep.description or ""
+        kind = "bullets" if "bullet points" in d else "prose" if "plain prose" in d else "neither"
+        by_kind[kind].append(scorer.p_next(prompt, "-"))
+    return {k: round(float(np.mean(v)), 3) for k, v in by_kind.items() if v}
+
+
+def effects(scorer: Scorer, seed: int, n: int = 200) -> dict[str, float]:
+    """Shares of cases where a description / three examples move the model towards a persona's best answer."""
+    dom = get_domain("roleplay")
+    questions = dom.questions()
+    rng = random.Random(seed)
+    style, described = [], []
+    while len(style) < n:
+        persona = dom.sample_persona(rng, lambda _traits: 1.0)
+        if dom.split(persona.traits) != "train":
+            continue
+        examples = []
+        for i in range(1, 4):
+            qi = rng.randrange(len(questions))
+            pool = dom.answers(qi, rng)
+            best = pool[int(dom.score(persona.traits, dom.features(questions[qi], pool)).argmax())]
+            examples.append(f"# Example {i}\n{QUESTION}{questions[qi]}\n{RESPONSE}{best}\n\n")
+        qi = rng.randrange(len(questions))
+        pool = dom.answers(qi, rng)
+        scores = dom.score(persona.traits, dom.features(questions[qi], pool))
+        if scores.max() - scores.min() < 0.5:
+            continue
+        best, worst = pool[int(scores.argmax())], pool[int(scores.argmin())]
+
+        def margin(prefix: str, best: str = best, worst: str = worst) -> float:
+            return scorer.logp(prefix, best) - scorer.logp(prefix, worst)
+
+        ask = f"{QUESTION}{questions[qi]}\n{RESPONSE}"
+        style.append(margin("".join(examples) + "# Example 4\n" + ask) > margin("# Example 1\n" + ask))
+        zero = f"{TASK}{TASK_ZERO_SHOT}\n{QUESTION}{questions[qi]}\n"
+        with_description = zero + f"{DESCRIPTION}{dom.describe(persona.traits)}\n{RESPONSE}"
+        described.append(margin(with_description) > margin(zero + RESPONSE))
+    return {"description_effect": float(np.mean(described)), "style_effect": float(np.mean(style)), "n": n}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, help="folder for the pretrained model (not with --probe)")
+    ap.add_argument("--sim", type=Path, default=Path("runs/quickstart/sim"), help="for --template-docs")
+    ap.add_argument("--size", default="medium")
+    ap.add_argument("--docs", type=int, default=20_000, help="corpus documents (before template documents)")
+    ap.add_argument("--consistent", type=float, default=0.8)
+    ap.add_argument("--answers", type=int, default=1, help="answers per author-consistent document")
+    ap.add_argument("--described", type=float, default=1.0)
+    ap.add_argument("--template-docs", type=int, default=0, help="-1: all, 0: none, N: a random N")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--block-size", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--probe", type=Path, help="measure this model folder instead of pretraining one")
+    ap.add_argument("--episodes", type=Path, default=Path("runs/quickstart/episodes"), help="for --probe")
+    args = ap.parse_args()
+
+    if args.probe:
+        scorer = Scorer(args.probe)
+        result = {
+            "model": str(args.probe),
+            "p_bullet": p_bullet(scorer, seed=args.seed + 1000),
+            "oracle_p_bullet": oracle_p_bullet(scorer, args.episodes),
+            **effects(scorer, seed=123),
+        }
+        print(f"P(answer starts '-') after a description saying: {result['p_bullet']}")
+        print(f"... at the oracle's position (unseen episodes, 0 shots): {result['oracle_p_bullet']}")
+        print(json.dumps(result))
+        return
+    if args.work is None:
+        ap.error("--work is required unless --probe is given")
+    start = time.perf_counter()
+    texts = corpus(
+        "roleplay",
+        seed=args.seed,
+        n=args.docs,
+        consistent=args.consistent,
+        consistent_answers=args.answers,
+        described=args.described,
+    )
+    if args.template_docs:
+        prefs, _, _ = read_dataset_dir(args.sim)
+        extra = template_documents(prefs, shots=4, seed=args.seed)  # shuffled: a prefix is a random subset
+        texts += extra if args.template_docs < 0 else extra[: args.template_docs]
+    model_dir = init_model(args.work / "model", texts, size=args.size, seed=args.seed)
+    summary: dict[str, Any] = pretrain(
+        model_dir,
+        texts,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        seed=args.seed,
+    )
+    pretrain_s = time.perf_counter() - start
+    scorer = Scorer(model_dir)
+    result = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "documents": len(texts),
+        "final_loss": round(summary["final_loss"], 3),
+        "p_bullet": p_bullet(scorer, seed=args.seed + 1000),
+        **effects(scorer, seed=123),
+        "pretrain_seconds": round(pretrain_s),
+    }
+    print(f"P(answer starts '-') after a description saying: {result['p_bullet']}")
+    print(f"description effect {result['description_effect']:.3f}, style effect {result['style_effect']:.3f}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
