@@ -87,7 +87,7 @@ def consistent_documents(
             pool = dom.answers(qi, rng)
             best = pool[int(dom.score(persona.traits, dom.features(questions[qi], pool)).argmax())]
             picks.append((questions[qi], best))
-        if rng.random() < described:
+        if described and rng.random() < described:  # no draw at 0: older corpora stay byte-identical
             docs.append(described_document(dom.describe(persona.traits), picks, rng))
             continue
         docs.append(
