@@ -39,12 +39,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from fspo.data.io import read_dataset_dir
-from fspo.data.template import DESCRIPTION, QUESTION, RESPONSE, TASK, TASK_ZERO_SHOT
+from fspo.data.episodes import load_episodes
+from fspo.data.template import (
+    DESCRIPTION,
+    PREFERRED,
+    QUESTION,
+    RESPONSE,
+    TASK,
+    TASK_ZERO_SHOT,
+    DescriptionMode,
+    TemplateOptions,
+    render_context,
+)
 from fspo.models.default import init_model
 from fspo.models.loading import load_model, load_tokenizer
-from fspo.models.pretrain import pretrain, template_documents
+from fspo.models.pretrain import pretrain
+from fspo.quickstart import Profile, pretraining_texts
 from fspo.sim import corpus, get_domain
+from fspo.sim.corpus import author_examples, favourite_answer
 
 
 class Scorer:
@@ -71,6 +83,17 @@ class Scorer:
         return float(logits.softmax(-1)[self.tok.convert_tokens_to_ids(token)])
 
 
+def format_said(description: str) -> str:
+    """What a description says about the answer's format: bullets, prose, or neither."""
+    return (
+        "bullets"
+        if "bullet points" in description
+        else "prose"
+        if "plain prose" in description
+        else "neither"
+    )
+
+
 def p_bullet(scorer: Scorer, seed: int, n: int = 300) -> dict[str, float]:
     """P(first answer token is "-") after held-out described documents, by what the description says."""
     docs = corpus(
@@ -79,32 +102,18 @@ def p_bullet(scorer: Scorer, seed: int, n: int = 300) -> dict[str, float]:
     by_kind: dict[str, list[float]] = {"bullets": [], "prose": [], "neither": []}
     for doc in docs:
         prefix = doc.split(RESPONSE)[0] + RESPONSE
-        description = doc.split(DESCRIPTION)[1]
-        kind = (
-            "bullets"
-            if "bullet points" in description
-            else "prose"
-            if "plain prose" in description
-            else "neither"
-        )
-        by_kind[kind].append(scorer.p_next(prefix, "-"))
+        by_kind[format_said(doc.split(DESCRIPTION)[1])].append(scorer.p_next(prefix, "-"))
     return {k: round(float(np.mean(v)), 3) for k, v in by_kind.items() if v}
 
 
 def oracle_p_bullet(scorer: Scorer, episodes_dir: Path, n: int = 150) -> dict[str, float]:
     """P("-") where the oracle starts answering (true description in the prompt, no shots)."""
-    from fspo.data.io import find_data_file, read_records
-    from fspo.data.schema import Episode
-    from fspo.data.template import PREFERRED, DescriptionMode, TemplateOptions, render_context
-
-    episodes = read_records(find_data_file(episodes_dir, "test_unseen"), Episode)[:n]
+    episodes = load_episodes(episodes_dir, "test_unseen")[:n]
     options = TemplateOptions(description=DescriptionMode.PROMPT)
     by_kind: dict[str, list[float]] = {"bullets": [], "prose": [], "neither": []}
     for ep in episodes:
         prompt = render_context([], ep.query.question, options, ep.description) + PREFERRED
-        d = ep.description or ""
-        kind = "bullets" if "bullet points" in d else "prose" if "plain prose" in d else "neither"
-        by_kind[kind].append(scorer.p_next(prompt, "-"))
+        by_kind[format_said(ep.description or "")].append(scorer.p_next(prompt, "-"))
     return {k: round(float(np.mean(v)), 3) for k, v in by_kind.items() if v}
 
 
@@ -118,12 +127,12 @@ def effects(scorer: Scorer, seed: int, n: int = 200) -> dict[str, float]:
         persona = dom.sample_persona(rng, lambda _traits: 1.0)
         if dom.split(persona.traits) != "train":
             continue
-        examples = []
-        for i in range(1, 4):
+        picks = []
+        for _ in range(3):
             qi = rng.randrange(len(questions))
-            pool = dom.answers(qi, rng)
-            best = pool[int(dom.score(persona.traits, dom.features(questions[qi], pool)).argmax())]
-            examples.append(f"# Example {i}\n{QUESTION}{questions[qi]}\n{RESPONSE}{best}\n\n")
+            picks.append(
+                (questions[qi], favourite_answer(dom, persona.traits, questions[qi], dom.answers(qi, rng)))
+            )
         qi = rng.randrange(len(questions))
         pool = dom.answers(qi, rng)
         scores = dom.score(persona.traits, dom.features(questions[qi], pool))
@@ -135,7 +144,7 @@ def effects(scorer: Scorer, seed: int, n: int = 200) -> dict[str, float]:
             return scorer.logp(prefix, best) - scorer.logp(prefix, worst)
 
         ask = f"{QUESTION}{questions[qi]}\n{RESPONSE}"
-        style.append(margin("".join(examples) + "# Example 4\n" + ask) > margin("# Example 1\n" + ask))
+        style.append(margin(author_examples(picks) + "# Example 4\n" + ask) > margin("# Example 1\n" + ask))
         zero = f"{TASK}{TASK_ZERO_SHOT}\n{QUESTION}{questions[qi]}\n"
         with_description = zero + f"{DESCRIPTION}{dom.describe(persona.traits)}\n{RESPONSE}"
         described.append(margin(with_description) > margin(zero + RESPONSE))
@@ -175,18 +184,15 @@ def main() -> None:
     if args.work is None:
         ap.error("--work is required unless --probe is given")
     start = time.perf_counter()
-    texts = corpus(
-        "roleplay",
+    mix = Profile(
         seed=args.seed,
-        n=args.docs,
-        consistent=args.consistent,
-        consistent_answers=args.answers,
-        described=args.described,
+        corpus_docs=args.docs,
+        corpus_consistent=args.consistent,
+        corpus_consistent_answers=args.answers,
+        corpus_described=args.described,
+        template_docs=args.template_docs,
     )
-    if args.template_docs:
-        prefs, _, _ = read_dataset_dir(args.sim)
-        extra = template_documents(prefs, shots=4, seed=args.seed)  # shuffled: a prefix is a random subset
-        texts += extra if args.template_docs < 0 else extra[: args.template_docs]
+    texts = pretraining_texts(mix, args.sim)  # exactly the quickstart's `model` stage corpus
     model_dir = init_model(args.work / "model", texts, size=args.size, seed=args.seed)
     summary: dict[str, Any] = pretrain(
         model_dir,

@@ -193,9 +193,19 @@ def _episodes(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
 
 
 def _model(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
-    from fspo.data.io import read_dataset_dir
     from fspo.models.default import init_model
-    from fspo.models.pretrain import pretrain, template_documents
+    from fspo.models.pretrain import pretrain
+
+    texts = pretraining_texts(p, runner.folder("sim"))
+    model_dir = init_model(folder / "model", texts, size=p.model_size, seed=p.seed)
+    return pretrain(model_dir, texts, steps=p.pretrain_steps, seed=p.seed)
+
+
+def pretraining_texts(p: Profile, sim_folder: Path) -> list[str]:
+    """The `model` stage's corpus: domain text by `p`'s corpus options, plus `p.template_docs`
+    FSPO-layout documents of the preferences in `sim_folder` (read only when any are asked for)."""
+    from fspo.data.io import read_dataset_dir
+    from fspo.models.pretrain import template_documents
     from fspo.sim import corpus
 
     texts = corpus(
@@ -207,11 +217,10 @@ def _model(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
         described=p.corpus_described,
     )
     if p.template_docs:
-        prefs, _, _ = read_dataset_dir(runner.folder("sim"))
+        prefs, _, _ = read_dataset_dir(sim_folder)
         extra = template_documents(prefs, shots=p.shots, seed=p.seed)  # shuffled: a prefix is a random subset
         texts += extra if p.template_docs < 0 else extra[: p.template_docs]
-    model_dir = init_model(folder / "model", texts, size=p.model_size, seed=p.seed)
-    return pretrain(model_dir, texts, steps=p.pretrain_steps, seed=p.seed)
+    return texts
 
 
 def _trainings(p: Profile, model_dir: str) -> dict[str, tuple[dict[str, Any], str | None]]:

@@ -73,8 +73,6 @@ def consistent_documents(
     (``# Example i`` / ``## Question`` / ``## Response``); there are no users, pairs or labels.
     A share `described` of them is a `described_document` instead.
     """
-    from fspo.data.template import QUESTION, RESPONSE
-
     questions = dom.questions()
     docs: list[str] = []
     while len(docs) < n:
@@ -84,18 +82,28 @@ def consistent_documents(
         picks = []
         for _ in range(answers):
             qi = rng.randrange(len(questions))
-            pool = dom.answers(qi, rng)
-            best = pool[int(dom.score(persona.traits, dom.features(questions[qi], pool)).argmax())]
-            picks.append((questions[qi], best))
+            picks.append(
+                (questions[qi], favourite_answer(dom, persona.traits, questions[qi], dom.answers(qi, rng)))
+            )
         if described and rng.random() < described:  # no draw at 0: older corpora stay byte-identical
             docs.append(described_document(dom.describe(persona.traits), picks, rng))
-            continue
-        docs.append(
-            "".join(
-                f"# Example {i}\n{QUESTION}{q}\n{RESPONSE}{a}\n\n" for i, (q, a) in enumerate(picks, start=1)
-            )
-        )
+        else:
+            docs.append(author_examples(picks))
     return docs
+
+
+def favourite_answer(dom: Any, traits: Any, question: str, pool: list[str]) -> str:
+    """The answer of `pool` that a persona with `traits` rewards most (the first one on a tie)."""
+    return pool[int(dom.score(traits, dom.features(question, pool)).argmax())]
+
+
+def author_examples(picks: list[tuple[str, str]]) -> str:
+    """(question, answer) pairs in the template's shot layout without dispreferred answers."""
+    from fspo.data.template import QUESTION, RESPONSE
+
+    return "".join(
+        f"# Example {i}\n{QUESTION}{q}\n{RESPONSE}{a}\n\n" for i, (q, a) in enumerate(picks, start=1)
+    )
 
 
 def described_document(description: str, picks: list[tuple[str, str]], rng: random.Random) -> str:
@@ -111,8 +119,8 @@ def described_document(description: str, picks: list[tuple[str, str]], rng: rand
     from fspo.data.template import DESCRIPTION, QUESTION, RESPONSE, TASK, TASK_RAT, TASK_ZERO_SHOT
 
     shown = rng.randrange(len(picks))
-    parts = [f"# Example {i}\n{QUESTION}{q}\n{RESPONSE}{a}\n\n" for i, (q, a) in enumerate(picks[:shown], 1)]
     question, answer = picks[shown]
     task = TASK_RAT if shown else TASK_ZERO_SHOT
-    parts.append(f"{TASK}{task}\n{QUESTION}{question}\n{DESCRIPTION}{description}\n{RESPONSE}{answer}\n")
-    return "".join(parts)
+    return author_examples(picks[:shown]) + (
+        f"{TASK}{task}\n{QUESTION}{question}\n{DESCRIPTION}{description}\n{RESPONSE}{answer}\n"
+    )
