@@ -151,6 +151,36 @@ def effects(scorer: Scorer, seed: int, n: int = 200) -> dict[str, float]:
     return {"description_effect": float(np.mean(described)), "style_effect": float(np.mean(style)), "n": n}
 
 
+def copy_effects(scorer: Scorer, seed: int, n: int = 200) -> dict[str, Any]:
+    """Does the model continue the fixed style of three examples (`Domain.writer`)?
+
+    ``copy_effect``: share of cases where the three examples move ``lp(answer in the writer's
+    style) - lp(answer in another random style)`` towards the writer's (0.5 = nothing);
+    ``p_bullet_examples``: P("-") for the fourth answer after three bulleted vs three prose examples.
+    """
+    dom = get_domain("roleplay")
+    questions = dom.questions()
+    rng = random.Random(seed)
+    moved, p_after = [], {"bullets": [], "prose": []}
+    for _ in range(n):
+        write, other = dom.writer(rng), dom.writer(rng)
+        picks = [(questions[qi], write(qi)) for qi in rng.sample(range(len(questions)), 3)]
+        qi = rng.randrange(len(questions))
+        same, different = write(qi), other(qi)
+        ask = f"{QUESTION}{questions[qi]}\n{RESPONSE}"
+        prefix = author_examples(picks) + "# Example 4\n" + ask
+
+        def margin(context: str, a: str = same, b: str = different) -> float:
+            return scorer.logp(context, a) - scorer.logp(context, b)
+
+        moved.append(margin(prefix) > margin("# Example 1\n" + ask))
+        p_after["bullets" if picks[0][1].startswith("- ") else "prose"].append(scorer.p_next(prefix, "-"))
+    return {
+        "copy_effect": float(np.mean(moved)),
+        "p_bullet_examples": {k: round(float(np.mean(v)), 3) for k, v in p_after.items() if v},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, help="folder for the pretrained model (not with --probe)")
@@ -160,6 +190,11 @@ def main() -> None:
     ap.add_argument("--consistent", type=float, default=0.8)
     ap.add_argument("--answers", type=int, default=1, help="answers per author-consistent document")
     ap.add_argument("--described", type=float, default=1.0)
+    ap.add_argument("--styled", type=float, default=0.0, help="share of fixed-style writer documents")
+    ap.add_argument("--styled-answers", type=int, default=4)
+    ap.add_argument(
+        "--styled-contrast", action="store_true", help="writer documents in the preference layout"
+    )
     ap.add_argument("--template-docs", type=int, default=0, help="-1: all, 0: none, N: a random N")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -176,9 +211,13 @@ def main() -> None:
             "p_bullet": p_bullet(scorer, seed=args.seed + 1000),
             "oracle_p_bullet": oracle_p_bullet(scorer, args.episodes),
             **effects(scorer, seed=123),
+            **copy_effects(scorer, seed=321),
         }
         print(f"P(answer starts '-') after a description saying: {result['p_bullet']}")
         print(f"... at the oracle's position (unseen episodes, 0 shots): {result['oracle_p_bullet']}")
+        print(
+            f"copy effect {result['copy_effect']:.3f}, P('-') after examples: {result['p_bullet_examples']}"
+        )
         print(json.dumps(result))
         return
     if args.work is None:
@@ -190,6 +229,9 @@ def main() -> None:
         corpus_consistent=args.consistent,
         corpus_consistent_answers=args.answers,
         corpus_described=args.described,
+        corpus_styled=args.styled,
+        corpus_styled_answers=args.styled_answers,
+        corpus_styled_contrast=args.styled_contrast,
         template_docs=args.template_docs,
     )
     texts = pretraining_texts(mix, args.sim)  # exactly the quickstart's `model` stage corpus
@@ -210,10 +252,12 @@ def main() -> None:
         "final_loss": round(summary["final_loss"], 3),
         "p_bullet": p_bullet(scorer, seed=args.seed + 1000),
         **effects(scorer, seed=123),
+        **copy_effects(scorer, seed=321),
         "pretrain_seconds": round(pretrain_s),
     }
     print(f"P(answer starts '-') after a description saying: {result['p_bullet']}")
     print(f"description effect {result['description_effect']:.3f}, style effect {result['style_effect']:.3f}")
+    print(f"copy effect {result['copy_effect']:.3f}, P('-') after examples: {result['p_bullet_examples']}")
     print(json.dumps(result))
 
 

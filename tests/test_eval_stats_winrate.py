@@ -171,3 +171,26 @@ def test_accuracy_curve_with_a_tiny_model(files):
     for points in res["splits"].values():
         assert [p["shots"] for p in points] == [0, 1, 3]
         assert all(0 <= p["ci_low"] <= p["accuracy"] <= p["ci_high"] <= 1 for p in points)
+
+
+def test_prefix_shared_pair_scores_equal_separate_target_scores(files):
+    """The accuracy curve's default scorer (one prompt pass per pair) gives `score_targets`' numbers."""
+    from fspo.data.template import render
+    from fspo.eval.accuracy import pair_margins
+    from fspo.train.logps import score_pairs, score_targets
+    from test_eval_helpers import tiny_model
+
+    episodes = files["episodes"]
+    rendered = [render(e) for e in episodes]
+    model, tok = tiny_model([r.prompt + r.chosen for r in rendered])
+    prompts = [r.prompt for r in rendered]
+    chosen, rejected = score_pairs(
+        model, tok, prompts, [r.chosen for r in rendered], [r.rejected for r in rendered], 3
+    )
+    separate = score_targets(
+        model, tok, prompts * 2, [r.chosen for r in rendered] + [r.rejected for r in rendered], 3
+    )
+    assert torch.allclose(torch.cat([chosen, rejected]), separate, atol=1e-4)
+    shared = pair_margins(model, tok, episodes, 1, batch_size=3)
+    plain = pair_margins(model, tok, episodes, 1, batch_size=3, score_fn=score_targets)
+    assert shared == pytest.approx(plain, abs=1e-4)

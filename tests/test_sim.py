@@ -266,3 +266,28 @@ def test_traits_option_restricts_what_personas_care_about() -> None:
         simulate("roleplay", 2, 2, traits=("colour",))
     with pytest.raises(UserError, match="max_traits"):
         simulate("roleplay", 2, 2, traits=("format",), max_traits=2)
+
+
+def test_styled_documents_keep_one_style_and_contrast_it():
+    """Writer documents: every answer of a document has the same style (format, enthusiasm, first
+    person), writers differ; `contrast` adds a dispreferred answer per example; other domains say
+    they have no writer."""
+
+    def style(answer: str) -> tuple[bool, ...]:
+        return (answer.startswith("- "), "!" in answer, "in my experience" in answer.lower())
+
+    seen = set()
+    for doc in corpus("roleplay", seed=3, n=30, descriptions=0, styled=1.0, styled_answers=3):
+        answers = [part.split("\n\n")[0].strip() for part in doc.split("## Response \n")[1:]]
+        assert len(answers) == 3
+        assert len({style(a) for a in answers}) == 1, answers
+        seen.add(style(answers[0]))
+    assert len(seen) > 3
+    docs = corpus(
+        "roleplay", seed=3, n=30, descriptions=0, styled=1.0, styled_answers=3, styled_contrast=True
+    )
+    assert all(d.count("## Preferred Response") == d.count("## Dispreferred Response") == 3 for d in docs)
+    with pytest.raises(UserError, match="no fixed-style writer"):
+        corpus("elix", n=10, descriptions=0, styled=0.5)
+    with pytest.raises(UserError, match="styled must be a share"):
+        corpus("roleplay", n=10, consistent=0.8, styled=0.5)

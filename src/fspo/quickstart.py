@@ -45,6 +45,11 @@ class Profile(BaseModel):
     corpus_consistent: float = 0.8
     corpus_consistent_answers: int = 1
     corpus_described: float = 1.0
+    # Share of *writer* documents: several answers in one fixed style (`fspo.sim.corpus`, `styled`),
+    # `corpus_styled_answers` each. They teach continuing the style of the answers in context.
+    corpus_styled: float = 0.0
+    corpus_styled_answers: int = 4
+    corpus_styled_contrast: bool = False
     # FSPO-layout documents of the simulated preferences added to pretraining (-1: all of them).
     # Off: they crowd out the described documents, and with them in, no description-following is
     # learned at this budget (docs/train.md, sixth round); SFT teaches the layout anyway.
@@ -126,7 +131,7 @@ def run_quickstart(
         _pick(
             params,
             "model_size corpus_docs corpus_consistent corpus_consistent_answers corpus_described "
-            "template_docs pretrain_steps seed",
+            "corpus_styled corpus_styled_answers corpus_styled_contrast template_docs pretrain_steps seed",
         ),
         lambda d: _model(p, runner, d),
         ("sim",),
@@ -215,6 +220,9 @@ def pretraining_texts(p: Profile, sim_folder: Path) -> list[str]:
         consistent=p.corpus_consistent,
         consistent_answers=p.corpus_consistent_answers,
         described=p.corpus_described,
+        styled=p.corpus_styled,
+        styled_answers=p.corpus_styled_answers,
+        styled_contrast=p.corpus_styled_contrast,
     )
     if p.template_docs:
         prefs, _, _ = read_dataset_dir(sim_folder)

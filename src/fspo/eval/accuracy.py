@@ -46,10 +46,20 @@ def pair_margins(
     options: TemplateOptions | None = None,
     score_fn: ScoreFn | None = None,
 ) -> list[float]:
-    """r(chosen) − r(rejected) for each episode rendered with its first `k` shots."""
-    if score_fn is None:
-        from fspo.train.logps import score_targets as score_fn
+    """r(chosen) − r(rejected) for each episode rendered with its first `k` shots.
+
+    With no `score_fn`, both answers are scored against one pass over the prompt (`score_pairs`).
+    """
     rendered = [render(e.model_copy(update={"shots": e.shots[:k]}), options, tokenizer) for e in episodes]
+    if score_fn is None:
+        from fspo.train.logps import score_pairs
+
+        args = ([r.prompt for r in rendered], [r.chosen for r in rendered], [r.rejected for r in rendered])
+        chosen, rejected = score_pairs(model, tokenizer, *args, batch_size=batch_size)
+        if ref_model is not None:
+            ref_c, ref_r = score_pairs(ref_model, tokenizer, *args, batch_size=batch_size)
+            chosen, rejected = chosen - ref_c, rejected - ref_r
+        return [beta * (float(c) - float(r)) for c, r in zip(chosen, rejected, strict=True)]
     prompts = [r.prompt for r in rendered] * 2
     targets = [r.chosen for r in rendered] + [r.rejected for r in rendered]
     n = len(rendered)

@@ -73,6 +73,14 @@ class Domain(ABC):
     def answers(self, question_index: int, rng: Any) -> list[str]:
         """A pool of distinct candidate answers for one question, drawn with `rng` (random.Random)."""
 
+    def writer(self, rng: Any) -> Callable[[int], str]:
+        """A "writer" with one fixed style, drawn with `rng`: answers question `i` in that style.
+
+        Optional: only domains whose answers are written from an explicit style vector have one
+        (the pretraining corpus's `styled` documents need it).
+        """
+        raise UserError(f"sim domain {self.name!r} has no fixed-style writer (needed for styled documents)")
+
     # --- measurement -------------------------------------------------------------------------
     def _distinct_pool(self, write: Callable[[], str]) -> list[str]:
         """Up to `answers_per_question` distinct texts from `write`, giving up after 20x as many tries."""

@@ -23,6 +23,9 @@ def corpus(
     consistent: float = 0.0,
     consistent_answers: int = 4,
     described: float = 0.0,
+    styled: float = 0.0,
+    styled_answers: int = 4,
+    styled_contrast: bool = False,
     **options: Any,
 ) -> list[str]:
     """`n` documents: mostly ``question + "\\n" + answer``, plus a share of user descriptions.
@@ -30,7 +33,8 @@ def corpus(
     Deterministic for a seed. `descriptions` is the share of documents that are persona
     descriptions (what RAT teaches the model to write). `consistent` is the share of
     *author-consistent* documents (see `consistent_documents`), and `described` the share of those
-    that also carry the author's description (see `described_document`).
+    that also carry the author's description (see `described_document`). `styled` is the share of
+    *writer* documents (see `styled_documents`), `styled_answers` answers each.
     """
     if n < 0:
         raise UserError(f"corpus size must be >= 0, got {n}")
@@ -41,10 +45,16 @@ def corpus(
     questions = dom.questions()
     if not 0 <= consistent <= 1 - descriptions:
         raise UserError(f"consistent must be a share in [0, 1 - descriptions], got {consistent}")
+    if not 0 <= styled <= 1 - descriptions - consistent:
+        raise UserError(f"styled must be a share in [0, 1 - descriptions - consistent], got {styled}")
+    if styled_answers < 1:
+        raise UserError(f"styled_answers must be >= 1, got {styled_answers}")
     if not 0 <= described <= 1:
         raise UserError(f"described must be a share in [0, 1], got {described}")
     n_desc = round(n * descriptions)
     docs = consistent_documents(dom, round(n * consistent), consistent_answers, rng, described)
+    if styled:  # no draw at 0: older corpora stay byte-identical
+        docs += styled_documents(dom, round(n * styled), styled_answers, rng, styled_contrast)
     docs += [dom.describe(dom.sample_persona(rng, lambda _traits: 1.0).traits) for _ in range(n_desc)]
     while len(docs) < n:  # the rest: single question/answer documents
         order = list(range(len(questions)))
@@ -89,6 +99,43 @@ def consistent_documents(
             docs.append(described_document(dom.describe(persona.traits), picks, rng))
         else:
             docs.append(author_examples(picks))
+    return docs
+
+
+def styled_documents(dom: Any, n: int, answers: int, rng: random.Random, contrast: bool = False) -> list[str]:
+    """`n` documents of `answers` answers each, all in one writer's fixed style (`Domain.writer`).
+
+    Why: FSPO needs a model that continues the style of the answers in its context, as a
+    pretrained instruct model does. Author documents (`consistent_documents`) did not teach it:
+    a persona's favourite answers agree on a given feature only loosely, so copying barely pays
+    (docs/train.md, sixth round). Here every feature agrees across the document, the strongest
+    incentive there is. Layout: the template's shots without dispreferred answers, or with
+    `contrast`, its preference layout: the writer's answer as the preferred one and an answer in
+    a fresh random style as the dispreferred one, so what to copy is the *difference*.
+
+    No leak of the simulated population: styles are uniform over every combination (the test
+    users' held-out ones included, as any real corpus would have them), and nothing here says
+    which combinations users hold, so a zero-shot model learns nothing about the population.
+    """
+    from fspo.data.template import DISPREFERRED, PREFERRED, QUESTION
+
+    questions = dom.questions()
+    docs = []
+    for _ in range(n):
+        write = dom.writer(rng)
+        picks = []
+        for _ in range(answers):
+            qi = rng.randrange(len(questions))
+            picks.append((questions[qi], write(qi), dom.writer(rng)(qi) if contrast else ""))
+        if contrast:
+            docs.append(
+                "".join(
+                    f"# Example {i}\n{QUESTION}{q}\n{PREFERRED}{a}\n{DISPREFERRED}{b}\n\n"
+                    for i, (q, a, b) in enumerate(picks, start=1)
+                )
+            )
+        else:
+            docs.append(author_examples([(q, a) for q, a, _ in picks]))
     return docs
 
 

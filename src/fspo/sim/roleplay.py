@@ -24,6 +24,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cached_property
 
 from pydantic import Field, model_validator
@@ -153,6 +154,10 @@ class Roleplay(Domain):
         topic = self._topics[question_index // len(W.QUESTION_TEMPLATES)]
         return self._distinct_pool(lambda: write_answer(topic, rng))
 
+    def writer(self, rng: random.Random) -> Callable[[int], str]:
+        style = draw_style(rng)
+        return lambda qi: write_answer(self._topics[qi // len(W.QUESTION_TEMPLATES)], rng, style)
+
     # --- measuring them --------------------------------------------------------------------
     def featurize(self, question: str, text: str) -> list[float]:
         toks = words(text)
@@ -243,33 +248,67 @@ def phrase_for(trait: str, value: str) -> str:
     return _PHRASES[trait][value]
 
 
-def write_answer(topic: str, rng: random.Random) -> str:
-    """One answer from a random viewpoint and style vector; see `roleplay_words` for the pieces."""
+@dataclass(frozen=True)
+class AnswerStyle:
+    """Every style choice `write_answer` makes, fixed: one "writer" answering many questions alike."""
+
+    viewpoint: str
+    long: bool
+    first_person: bool
+    tone: str  # casual, formal or neutral
+    extras: frozenset[str]  # of `_EXTRAS`; at most 1 for short answers, 1-2 for long ones
+    enthusiasm: bool
+    bullets: bool
+
+
+def draw_style(rng: random.Random) -> AnswerStyle:
+    """A random `AnswerStyle`, with the same distribution as the per-answer choices of `write_answer`."""
+    long = rng.random() < 0.5
+    return AnswerStyle(
+        viewpoint=rng.choice(W.VIEWPOINTS),
+        long=long,
+        first_person=rng.random() < 0.5,
+        tone=rng.choice(("casual", "formal", "neutral")),
+        extras=frozenset(rng.sample(_EXTRAS, rng.randint(1, 2) if long else rng.randint(0, 1))),
+        enthusiasm=rng.random() < 0.5,
+        bullets=rng.random() < 0.5,
+    )
+
+
+def write_answer(topic: str, rng: random.Random, style: AnswerStyle | None = None) -> str:
+    """One answer from a random viewpoint and style vector (or from `style`, fixed); see `roleplay_words`.
+
+    Only the wording (sentences, openers, extras' phrasings) is drawn when `style` is given. Without
+    it the draws are made in their historical order, so simulations stay byte-identical.
+    """
     a, b = W.TOPICS[topic]
 
     def fill(template: str) -> str:
         return template.format(t=topic, T=topic.capitalize(), a=a, b=b)
 
-    viewpoint = rng.choice(W.VIEWPOINTS)
-    long = rng.random() < 0.5
+    viewpoint = style.viewpoint if style else rng.choice(W.VIEWPOINTS)
+    long = style.long if style else rng.random() < 0.5
     content = [fill(s) for s in rng.sample(W.CONTENT[viewpoint], 2 if long else 1)]
-    if rng.random() < 0.5:  # first person
+    if style.first_person if style else rng.random() < 0.5:
         first = content[0]
         content[0] = "In my experience, " + first[0].lower() + first[1:]
-    tone = rng.choice(("casual", "formal", "neutral"))
+    tone = style.tone if style else rng.choice(("casual", "formal", "neutral"))
     if tone != "neutral":  # one marker word in front, so tone costs no length
         opener = rng.choice(W.CASUAL_OPENERS if tone == "casual" else W.FORMAL_OPENERS)
         content[0] = opener + content[0][0].lower() + content[0][1:]
     # Extras are capped (short: 0-1, long: 1-2) so answers stay within ~10-45 words.
-    extras = set(rng.sample(_EXTRAS, rng.randint(1, 2) if long else rng.randint(0, 1)))
+    if style:
+        extras = set(style.extras)
+    else:
+        extras = set(rng.sample(_EXTRAS, rng.randint(1, 2) if long else rng.randint(0, 1)))
     sentences = list(content)
     for extra, pool in (("example", W.EXAMPLES), ("humor", W.HUMOR), ("caveat", W.CAVEATS)):
         if extra in extras:
             sentences.append(fill(rng.choice(pool)))
-    if rng.random() < 0.5:  # enthusiasm: statements end with '!'
+    if style.enthusiasm if style else rng.random() < 0.5:  # enthusiasm: statements end with '!'
         sentences = [s[:-1] + "!" if s.endswith(".") else s for s in sentences]
     follow_up = [fill(rng.choice(W.FOLLOW_UPS))] if "followup" in extras else []
-    if rng.random() < 0.5:  # bullet list; the follow-up question (if any) on its own last line
+    if style.bullets if style else rng.random() < 0.5:  # bullets; a follow-up question on its own last line
         return "\n".join([f"- {s}" for s in sentences] + follow_up)
     return " ".join(sentences + follow_up)
 

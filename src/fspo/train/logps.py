@@ -224,3 +224,48 @@ def score_targets(
     if was_training:
         model.train()
     return out
+
+
+def score_pairs(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    chosen: Sequence[str],
+    rejected: Sequence[str],
+    batch_size: int = 8,
+) -> tuple[Tensor, Tensor]:
+    """log π(chosen | prompt) and log π(rejected | prompt) per pair (summed), as float32 CPU tensors.
+
+    The same numbers as two `score_targets` calls, but both answers are scored against one pass over
+    the prompt (`fspo.train.prefix`, falling back to two rows where the model does not support it):
+    FSPO prompts are ~10x the answers, so evaluation runs about twice as fast.
+    """
+    from fspo.train.prefix import PairTokens, pair_logps
+
+    if not len(prompts) == len(chosen) == len(rejected):
+        raise ValueError(f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected")
+    was_training = model.training
+    model.eval()
+    pad = pad_id_of(tokenizer)
+    pairs = [
+        PairTokens(
+            prompt_token_ids(tokenizer, p), target_token_ids(tokenizer, c), target_token_ids(tokenizer, r)
+        )
+        for p, c, r in zip(prompts, chosen, rejected, strict=True)
+    ]
+    order = sorted(
+        range(len(pairs)), key=lambda i: len(pairs[i].prompt) + len(pairs[i].chosen) + len(pairs[i].rejected)
+    )
+    out_c = torch.zeros(len(pairs), dtype=torch.float32)
+    out_r = torch.zeros(len(pairs), dtype=torch.float32)
+    with torch.no_grad():
+        for start in range(0, len(order), max(1, batch_size)):
+            idx = order[start : start + batch_size]
+            scored = pair_logps(
+                model, [pairs[i] for i in idx], pad, getattr(tokenizer, "padding_side", "right")
+            )
+            out_c[idx] = scored.chosen.float().cpu()
+            out_r[idx] = scored.rejected.float().cpu()
+    if was_training:
+        model.train()
+    return out_c, out_r
