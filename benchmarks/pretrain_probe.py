@@ -24,7 +24,12 @@ did before (``template_documents``); ``N > 0`` adds a random N of them.
 ``--probe MODEL`` skips pretraining and measures an existing model (e.g. a quickstart stage), adding
 ``oracle_p_bullet``: P("-") at the oracle's answer position of the first 150 unseen episodes of
 ``--episodes`` (true description in the prompt, 0 shots), by what the description says. That is
-where the oracle baseline needs the description to matter. Last line: one JSON object.
+where the oracle baseline needs the description to matter. And ``episodes``: the shot effect of
+the model as it is on the FSPO episodes of ``--episodes`` (`episode_shot_effect`).
+
+``copy_effect`` / ``p_bullet_examples`` / ``p_bullet_preferred`` (`copy_effects`): does the model
+continue the fixed style of a writer's examples (``--styled`` documents teach it)?
+Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import torch
 from fspo.data.episodes import load_episodes
 from fspo.data.template import (
     DESCRIPTION,
+    DISPREFERRED,
     PREFERRED,
     QUESTION,
     RESPONSE,
@@ -156,29 +162,73 @@ def copy_effects(scorer: Scorer, seed: int, n: int = 200) -> dict[str, Any]:
 
     ``copy_effect``: share of cases where the three examples move ``lp(answer in the writer's
     style) - lp(answer in another random style)`` towards the writer's (0.5 = nothing);
-    ``p_bullet_examples``: P("-") for the fourth answer after three bulleted vs three prose examples.
+    ``p_bullet_examples``: P("-") for the fourth answer after three bulleted vs three prose examples;
+    ``p_bullet_preferred``: the same in the preference layout (each example's writer answer as the
+    preferred one, an answer in another style as the dispreferred one: `styled_contrast` documents).
     """
     dom = get_domain("roleplay")
     questions = dom.questions()
     rng = random.Random(seed)
-    moved, p_after = [], {"bullets": [], "prose": []}
+    moved, p_after, p_preferred = [], {"bullets": [], "prose": []}, {"bullets": [], "prose": []}
     for _ in range(n):
         write, other = dom.writer(rng), dom.writer(rng)
-        picks = [(questions[qi], write(qi)) for qi in rng.sample(range(len(questions)), 3)]
+        picks = [(questions[qi], write(qi), other(qi)) for qi in rng.sample(range(len(questions)), 3)]
         qi = rng.randrange(len(questions))
         same, different = write(qi), other(qi)
         ask = f"{QUESTION}{questions[qi]}\n{RESPONSE}"
-        prefix = author_examples(picks) + "# Example 4\n" + ask
+        prefix = author_examples([(q, a) for q, a, _ in picks]) + "# Example 4\n" + ask
 
         def margin(context: str, a: str = same, b: str = different) -> float:
             return scorer.logp(context, a) - scorer.logp(context, b)
 
         moved.append(margin(prefix) > margin("# Example 1\n" + ask))
-        p_after["bullets" if picks[0][1].startswith("- ") else "prose"].append(scorer.p_next(prefix, "-"))
+        kind = "bullets" if picks[0][1].startswith("- ") else "prose"
+        p_after[kind].append(scorer.p_next(prefix, "-"))
+        contrast = "".join(
+            f"# Example {i}\n{QUESTION}{q}\n{PREFERRED}{a}\n{DISPREFERRED}{b}\n\n"
+            for i, (q, a, b) in enumerate(picks, start=1)
+        )
+        p_preferred[kind].append(
+            scorer.p_next(f"{contrast}# Example 4\n{QUESTION}{questions[qi]}\n{PREFERRED}", "-")
+        )
     return {
         "copy_effect": float(np.mean(moved)),
         "p_bullet_examples": {k: round(float(np.mean(v)), 3) for k, v in p_after.items() if v},
+        "p_bullet_preferred": {k: round(float(np.mean(v)), 3) for k, v in p_preferred.items() if v},
     }
+
+
+def episode_shot_effect(scorer: Scorer, episodes_dir: Path, n: int = 200) -> dict[str, dict[str, float]]:
+    """Do the user's shots move the (untuned) model towards the user's choice on FSPO episodes?
+
+    Per split and template layout (with and without dispreferred answers), the share of the first
+    `n` episodes where ``[lp(c|shots) - lp(r|shots)] - [lp(c|0) - lp(r|0)] > 0`` (0.5 = the shots
+    do nothing), and the log-prob accuracy with shots: what a pretrained model's copying is worth
+    before any FSPO training (`icl_probe.py` measures it after SFT).
+    """
+    out: dict[str, dict[str, float]] = {}
+    for dispreferred in (False, True):
+        options = TemplateOptions(include_dispreferred=dispreferred)
+        heading = PREFERRED if dispreferred else RESPONSE
+        for split in ("test_unseen", "test_seen"):
+            effect, correct = [], []
+            for ep in load_episodes(episodes_dir, split)[:n]:
+                q = ep.query
+                margins = []
+                for shots in (ep.shots, []):
+                    context = render_context(shots, q.question, options) + heading
+                    margins.append(
+                        scorer.logp(context, q.chosen.strip() + "\n")
+                        - scorer.logp(context, q.rejected.strip() + "\n")
+                    )
+                effect.append(margins[0] > margins[1])
+                correct.append(margins[0] > 0)
+            key = f"{split}/{'with' if dispreferred else 'without'}_dispreferred"
+            out[key] = {
+                "shot_effect": round(float(np.mean(effect)), 3),
+                "logp_accuracy": round(float(np.mean(correct)), 3),
+            }
+    return out
 
 
 def main() -> None:
@@ -212,12 +262,16 @@ def main() -> None:
             "oracle_p_bullet": oracle_p_bullet(scorer, args.episodes),
             **effects(scorer, seed=123),
             **copy_effects(scorer, seed=321),
+            "episodes": episode_shot_effect(scorer, args.episodes),
         }
         print(f"P(answer starts '-') after a description saying: {result['p_bullet']}")
         print(f"... at the oracle's position (unseen episodes, 0 shots): {result['oracle_p_bullet']}")
         print(
             f"copy effect {result['copy_effect']:.3f}, P('-') after examples: {result['p_bullet_examples']}"
+            f" (preference layout: {result['p_bullet_preferred']})"
         )
+        for key, figures in result["episodes"].items():
+            print(f"FSPO episodes, {key}: {figures}")
         print(json.dumps(result))
         return
     if args.work is None:
