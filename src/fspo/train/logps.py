@@ -17,12 +17,15 @@ the same signature ``(model, batch: PairBatch) -> (SeqLogps, SeqLogps)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from fspo.train.prefix import PairTokens, pair_logps
 
 IGNORE = -100
 Reduction = Literal["sum", "mean"]
@@ -192,6 +195,26 @@ def pair_logps_fn(name: str) -> PairLogpsFn:
 
 
 @torch.no_grad()
+@contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """Score without dropout or autograd; the model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def length_sorted_batches(sizes: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices in batches of `batch_size`, shortest items first, so batches waste little padding."""
+    order = sorted(range(len(sizes)), key=sizes.__getitem__)
+    step = max(1, batch_size)
+    for start in range(0, len(order), step):
+        yield order[start : start + step]
+
+
 def score_targets(
     model: Any,
     tokenizer: Any,
@@ -208,21 +231,16 @@ def score_targets(
     """
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    was_training = model.training
-    model.eval()
     pad = pad_id_of(tokenizer)
     encoded = [
         (prompt_token_ids(tokenizer, p), target_token_ids(tokenizer, t))
         for p, t in zip(prompts, targets, strict=True)
     ]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
-    out = torch.zeros(len(encoded), dtype=torch.float32)
-    for start in range(0, len(order), max(1, batch_size)):
-        idx = order[start : start + batch_size]
-        batch = collate_targets([encoded[i][0] for i in idx], [encoded[i][1] for i in idx], pad)
-        out[idx] = forward_logps(model, batch).reduce(reduction).float().cpu()
-    if was_training:
-        model.train()
+    with eval_mode(model):
+        out = torch.zeros(len(encoded), dtype=torch.float32)
+        for idx in length_sorted_batches([len(p) + len(t) for p, t in encoded], batch_size):
+            batch = collate_targets([encoded[i][0] for i in idx], [encoded[i][1] for i in idx], pad)
+            out[idx] = forward_logps(model, batch).reduce(reduction).float().cpu()
     return out
 
 
@@ -240,32 +258,22 @@ def score_pairs(
     the prompt (`fspo.train.prefix`, falling back to two rows where the model does not support it):
     FSPO prompts are ~10x the answers, so evaluation runs about twice as fast.
     """
-    from fspo.train.prefix import PairTokens, pair_logps
-
     if not len(prompts) == len(chosen) == len(rejected):
         raise ValueError(f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected")
-    was_training = model.training
-    model.eval()
     pad = pad_id_of(tokenizer)
+    side = getattr(tokenizer, "padding_side", "right")
     pairs = [
         PairTokens(
             prompt_token_ids(tokenizer, p), target_token_ids(tokenizer, c), target_token_ids(tokenizer, r)
         )
         for p, c, r in zip(prompts, chosen, rejected, strict=True)
     ]
-    order = sorted(
-        range(len(pairs)), key=lambda i: len(pairs[i].prompt) + len(pairs[i].chosen) + len(pairs[i].rejected)
-    )
-    out_c = torch.zeros(len(pairs), dtype=torch.float32)
-    out_r = torch.zeros(len(pairs), dtype=torch.float32)
-    with torch.no_grad():
-        for start in range(0, len(order), max(1, batch_size)):
-            idx = order[start : start + batch_size]
-            scored = pair_logps(
-                model, [pairs[i] for i in idx], pad, getattr(tokenizer, "padding_side", "right")
-            )
+    with eval_mode(model):
+        out_c = torch.zeros(len(pairs), dtype=torch.float32)
+        out_r = torch.zeros(len(pairs), dtype=torch.float32)
+        sizes = [len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs]
+        for idx in length_sorted_batches(sizes, batch_size):
+            scored = pair_logps(model, [pairs[i] for i in idx], pad, side)
             out_c[idx] = scored.chosen.float().cpu()
             out_r[idx] = scored.rejected.float().cpu()
-    if was_training:
-        model.train()
     return out_c, out_r

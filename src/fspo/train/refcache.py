@@ -21,16 +21,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from fspo.errors import UserError
 from fspo.files import atomic_write_text
 from fspo.train.buckets import bucketed_batches
+from fspo.train.logps import eval_mode
 from fspo.train.prefix import ContextTokens, PairTokens, as_context, pair_logps
 
 log = logging.getLogger(__name__)
@@ -45,17 +44,6 @@ def _ids_and_pairs(item: Keyed) -> tuple[list[str], list[PairTokens]]:
     return ids, as_context(tokens).pairs()
 
 
-@contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
-
-
 def compute_reference_logps(
     model: Any, batches: Iterable[Sequence[Keyed]], pad_id: int, shared: bool = True
 ) -> Values:
@@ -65,7 +53,7 @@ def compute_reference_logps(
     question of the context).
     """
     out: Values = {}
-    with _eval_mode(model):
+    with eval_mode(model):
         for batch in batches:
             ids: list[str] = []
             contexts = []
