@@ -47,7 +47,6 @@ import torch
 from fspo.data.episodes import load_episodes
 from fspo.data.template import (
     DESCRIPTION,
-    DISPREFERRED,
     PREFERRED,
     QUESTION,
     RESPONSE,
@@ -62,7 +61,7 @@ from fspo.models.loading import load_model, load_tokenizer
 from fspo.models.pretrain import pretrain
 from fspo.quickstart import Profile, pretraining_texts
 from fspo.sim import corpus, get_domain
-from fspo.sim.corpus import author_examples, favourite_answer
+from fspo.sim.corpus import author_examples, favourite_answer, preference_examples
 
 
 class Scorer:
@@ -184,13 +183,8 @@ def copy_effects(scorer: Scorer, seed: int, n: int = 200) -> dict[str, Any]:
         moved.append(margin(prefix) > margin("# Example 1\n" + ask))
         kind = "bullets" if picks[0][1].startswith("- ") else "prose"
         p_after[kind].append(scorer.p_next(prefix, "-"))
-        contrast = "".join(
-            f"# Example {i}\n{QUESTION}{q}\n{PREFERRED}{a}\n{DISPREFERRED}{b}\n\n"
-            for i, (q, a, b) in enumerate(picks, start=1)
-        )
-        p_preferred[kind].append(
-            scorer.p_next(f"{contrast}# Example 4\n{QUESTION}{questions[qi]}\n{PREFERRED}", "-")
-        )
+        contrast = preference_examples(picks) + f"# Example 4\n{QUESTION}{questions[qi]}\n{PREFERRED}"
+        p_preferred[kind].append(scorer.p_next(contrast, "-"))
     return {
         "copy_effect": float(np.mean(moved)),
         "p_bullet_examples": {k: round(float(np.mean(v)), 3) for k, v in p_after.items() if v},
@@ -207,12 +201,13 @@ def episode_shot_effect(scorer: Scorer, episodes_dir: Path, n: int = 200) -> dic
     before any FSPO training (`icl_probe.py` measures it after SFT).
     """
     out: dict[str, dict[str, float]] = {}
-    for dispreferred in (False, True):
-        options = TemplateOptions(include_dispreferred=dispreferred)
-        heading = PREFERRED if dispreferred else RESPONSE
-        for split in ("test_unseen", "test_seen"):
+    for split in ("test_unseen", "test_seen"):
+        episodes = load_episodes(episodes_dir, split)[:n]
+        for dispreferred in (False, True):
+            options = TemplateOptions(include_dispreferred=dispreferred)
+            heading = PREFERRED if dispreferred else RESPONSE
             effect, correct = [], []
-            for ep in load_episodes(episodes_dir, split)[:n]:
+            for ep in episodes:
                 q = ep.query
                 margins = []
                 for shots in (ep.shots, []):

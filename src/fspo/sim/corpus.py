@@ -117,8 +117,6 @@ def styled_documents(dom: Any, n: int, answers: int, rng: random.Random, contras
     users' held-out ones included, as any real corpus would have them), and nothing here says
     which combinations users hold, so a zero-shot model learns nothing about the population.
     """
-    from fspo.data.template import DISPREFERRED, PREFERRED, QUESTION
-
     questions = dom.questions()
     docs = []
     for _ in range(n):
@@ -128,12 +126,7 @@ def styled_documents(dom: Any, n: int, answers: int, rng: random.Random, contras
             qi = rng.randrange(len(questions))
             picks.append((questions[qi], write(qi), dom.writer(rng)(qi) if contrast else ""))
         if contrast:
-            docs.append(
-                "".join(
-                    f"# Example {i}\n{QUESTION}{q}\n{PREFERRED}{a}\n{DISPREFERRED}{b}\n\n"
-                    for i, (q, a, b) in enumerate(picks, start=1)
-                )
-            )
+            docs.append(preference_examples(picks))
         else:
             docs.append(author_examples([(q, a) for q, a, _ in picks]))
     return docs
@@ -150,6 +143,16 @@ def author_examples(picks: list[tuple[str, str]]) -> str:
 
     return "".join(
         f"# Example {i}\n{QUESTION}{q}\n{RESPONSE}{a}\n\n" for i, (q, a) in enumerate(picks, start=1)
+    )
+
+
+def preference_examples(picks: list[tuple[str, str, str]]) -> str:
+    """(question, preferred, dispreferred) triples in the template's shot layout."""
+    from fspo.data.template import DISPREFERRED, PREFERRED, QUESTION
+
+    return "".join(
+        f"# Example {i}\n{QUESTION}{q}\n{PREFERRED}{a}\n{DISPREFERRED}{b}\n\n"
+        for i, (q, a, b) in enumerate(picks, start=1)
     )
 
 
