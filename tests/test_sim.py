@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import re
 
 import numpy as np
@@ -291,3 +292,36 @@ def test_styled_documents_keep_one_style_and_contrast_it():
         corpus("elix", n=10, descriptions=0, styled=0.5)
     with pytest.raises(UserError, match="styled must be a share"):
         corpus("roleplay", n=10, consistent=0.8, styled=0.5)
+
+
+def test_minimal_pairs_change_one_trait_and_are_decided_by_it() -> None:
+    """`pairing="minimal"`: each pair is an answer and a copy with one trait changed. The flipped
+    trait's features differ (length's unless both texts are past its ramp); no other trait's do,
+    except the count-based ones an added or removed sentence moves (length, bullet lines, '!'
+    marks). A one-trait population's every preference then names the user's value."""
+    dom = get_domain("roleplay", pairing="minimal", topics=6)
+    traits = dom.options.traits
+    incidental = {"length", "format", "enthusiasm"}
+    for qi in range(0, len(dom.questions()), 5):
+        pool, pairs = dom.answer_pairs(qi, random.Random(qi))
+        assert len(pairs) == dom.options.answers_per_question * len(traits)
+        feats = dom.features(dom.questions()[qi], pool)
+        for k, (a, b) in enumerate(pairs):
+            flipped = traits[k % len(traits)]
+            moved = {dom.columns[i].split("=")[0] for i in np.flatnonzero(feats[a] != feats[b])}
+            assert flipped in moved or flipped == "length", (pool[a], pool[b])
+            assert moved - {flipped} <= incidental, (flipped, moved, pool[a], pool[b])
+    one_trait = {"traits": ("format",), "min_traits": 1, "max_traits": 1}
+    data = simulate("roleplay", 30, 10, seed=2, topics=6, pairing="minimal", **one_trait)
+    assert len(data.preferences) == 300
+    users = {u.user_id: u.metadata["traits"]["format"]["value"] for u in data.users}
+    assert set(users.values()) == {"bullets", "prose"}
+    for p in data.preferences:
+        assert p.chosen.startswith("- ") == (users[p.user_id] == "bullets"), p
+        assert _unbulleted(p.chosen) == _unbulleted(p.rejected)
+    default = simulate("roleplay", 5, 3, seed=2, topics=6)
+    assert default.info["pair_bank"] == 6 * 4 * 28  # pool pairing: every pair of 8 answers
+
+
+def _unbulleted(text: str) -> str:
+    return text.replace("- ", "").replace("\n", " ")

@@ -73,6 +73,14 @@ class Domain(ABC):
     def answers(self, question_index: int, rng: Any) -> list[str]:
         """A pool of distinct candidate answers for one question, drawn with `rng` (random.Random)."""
 
+    def answer_pairs(self, question_index: int, rng: Any) -> tuple[list[str], list[tuple[int, int]] | None]:
+        """One question's answer pool and the pairs users are asked about (None: every pair of it).
+
+        Domains that can write *minimal pairs* (two answers differing in one trait only) return
+        those pairs here when asked to; the default asks about every pair of `answers`.
+        """
+        return self.answers(question_index, rng), None
+
     def writer(self, rng: Any) -> Callable[[int], str]:
         """A "writer" with one fixed style, drawn with `rng`: answers question `i` in that style.
 

@@ -24,8 +24,9 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -108,6 +109,11 @@ class RoleplayOptions(DomainOptions):
     traits: tuple[str, ...] = Field(
         tuple(TRAITS), min_length=1, description="The traits personas may care about (a subset of TRAITS)."
     )
+    pairing: Literal["pool", "minimal"] = Field(
+        "pool",
+        description="'pool': users compare any two answers of a question's pool; 'minimal': an answer and "
+        "a copy with one trait changed, `answers_per_question` such bases (see `minimal_pair_pool`).",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> RoleplayOptions:
@@ -153,6 +159,14 @@ class Roleplay(Domain):
     def answers(self, question_index: int, rng: random.Random) -> list[str]:
         topic = self._topics[question_index // len(W.QUESTION_TEMPLATES)]
         return self._distinct_pool(lambda: write_answer(topic, rng))
+
+    def answer_pairs(
+        self, question_index: int, rng: random.Random
+    ) -> tuple[list[str], list[tuple[int, int]] | None]:
+        if self.options.pairing == "pool":
+            return super().answer_pairs(question_index, rng)
+        topic = self._topics[question_index // len(W.QUESTION_TEMPLATES)]
+        return minimal_pair_pool(topic, self.options.answers_per_question, self.options.traits, rng)
 
     def writer(self, rng: random.Random) -> Callable[[int], str]:
         style = draw_style(rng)
@@ -281,36 +295,127 @@ def write_answer(topic: str, rng: random.Random, style: AnswerStyle | None = Non
     Only the wording (sentences, openers, extras' phrasings) is drawn when `style` is given. Without
     it the draws are made in their historical order, so simulations stay byte-identical.
     """
-    a, b = W.TOPICS[topic]
-
-    def fill(template: str) -> str:
-        return template.format(t=topic, T=topic.capitalize(), a=a, b=b)
-
+    fill = _filler(topic)
     viewpoint = style.viewpoint if style else rng.choice(W.VIEWPOINTS)
     long = style.long if style else rng.random() < 0.5
     content = [fill(s) for s in rng.sample(W.CONTENT[viewpoint], 2 if long else 1)]
-    if style.first_person if style else rng.random() < 0.5:
-        first = content[0]
-        content[0] = "In my experience, " + first[0].lower() + first[1:]
+    first_person = style.first_person if style else rng.random() < 0.5
     tone = style.tone if style else rng.choice(("casual", "formal", "neutral"))
-    if tone != "neutral":  # one marker word in front, so tone costs no length
+    opener = ""
+    if tone != "neutral":
         opener = rng.choice(W.CASUAL_OPENERS if tone == "casual" else W.FORMAL_OPENERS)
-        content[0] = opener + content[0][0].lower() + content[0][1:]
     # Extras are capped (short: 0-1, long: 1-2) so answers stay within ~10-45 words.
     if style:
         extras = set(style.extras)
     else:
         extras = set(rng.sample(_EXTRAS, rng.randint(1, 2) if long else rng.randint(0, 1)))
-    sentences = list(content)
-    for extra, pool in (("example", W.EXAMPLES), ("humor", W.HUMOR), ("caveat", W.CAVEATS)):
-        if extra in extras:
-            sentences.append(fill(rng.choice(pool)))
-    if style.enthusiasm if style else rng.random() < 0.5:  # enthusiasm: statements end with '!'
+    phrases = {e: fill(rng.choice(_PHRASE_POOLS[e])) for e in ("example", "humor", "caveat") if e in extras}
+    enthusiasm = style.enthusiasm if style else rng.random() < 0.5
+    if "followup" in extras:  # drawn after enthusiasm: the historical order
+        phrases["followup"] = fill(rng.choice(W.FOLLOW_UPS))
+    bullets = style.bullets if style else rng.random() < 0.5
+    return _render(content, first_person, opener, phrases, enthusiasm, bullets)
+
+
+def _filler(topic: str) -> Callable[[str], str]:
+    a, b = W.TOPICS[topic]
+    return lambda template: template.format(t=topic, T=topic.capitalize(), a=a, b=b)
+
+
+def _render(
+    content: list[str],
+    first_person: bool,
+    opener: str,
+    phrases: dict[str, str],
+    enthusiasm: bool,
+    bullets: bool,
+) -> str:
+    """The text of an answer whose every choice is made: `phrases` holds the extras it carries."""
+    content = list(content)
+    if first_person:
+        content[0] = "In my experience, " + content[0][0].lower() + content[0][1:]
+    if opener:  # tone: one marker word in front, so tone costs no length
+        content[0] = opener + content[0][0].lower() + content[0][1:]
+    sentences = content + [phrases[e] for e in ("example", "humor", "caveat") if e in phrases]
+    if enthusiasm:  # statements end with '!'
         sentences = [s[:-1] + "!" if s.endswith(".") else s for s in sentences]
-    follow_up = [fill(rng.choice(W.FOLLOW_UPS))] if "followup" in extras else []
-    if style.bullets if style else rng.random() < 0.5:  # bullets; a follow-up question on its own last line
+    follow_up = [phrases["followup"]] if "followup" in phrases else []
+    if bullets:  # a follow-up question on its own last line
         return "\n".join([f"- {s}" for s in sentences] + follow_up)
     return " ".join(sentences + follow_up)
 
 
+@dataclass(frozen=True)
+class Wording:
+    """Every wording choice for one answer and all its one-trait variants (see `minimal_pair_pool`)."""
+
+    content: dict[str, list[str]]  # viewpoint -> two sentences; short answers use the first
+    openers: dict[str, str]  # tone -> opener ("" for neutral)
+    phrases: dict[str, str]  # extra -> its sentence
+
+    @classmethod
+    def draw(cls, topic: str, rng: random.Random) -> Wording:
+        fill = _filler(topic)
+        return cls(
+            content={v: [fill(s) for s in rng.sample(W.CONTENT[v], 2)] for v in W.VIEWPOINTS},
+            openers={
+                "casual": rng.choice(W.CASUAL_OPENERS),
+                "formal": rng.choice(W.FORMAL_OPENERS),
+                "neutral": "",
+            },
+            phrases={extra: fill(rng.choice(_PHRASE_POOLS[extra])) for extra in _EXTRAS},
+        )
+
+    def render(self, style: AnswerStyle) -> str:
+        return _render(
+            self.content[style.viewpoint][: 2 if style.long else 1],
+            style.first_person,
+            self.openers[style.tone],
+            {e: p for e, p in self.phrases.items() if e in style.extras},
+            style.enthusiasm,
+            style.bullets,
+        )
+
+
+def flip(style: AnswerStyle, trait: str, rng: random.Random) -> AnswerStyle:
+    """`style` with the one choice that trait `trait` reads changed (to another value, for tone/viewpoint)."""
+    if trait == "length":
+        return replace(style, long=not style.long)
+    if trait == "format":
+        return replace(style, bullets=not style.bullets)
+    if trait in ("enthusiasm", "first_person"):
+        return replace(style, **{trait: not getattr(style, trait)})
+    if trait == "tone":
+        others = {"casual": ("formal",), "formal": ("casual",), "neutral": ("casual", "formal")}[style.tone]
+        return replace(style, tone=rng.choice(others))
+    if trait == "viewpoint":
+        return replace(style, viewpoint=rng.choice([v for v in W.VIEWPOINTS if v != style.viewpoint]))
+    extra = _EXTRA_OF_TRAIT[trait]
+    return replace(style, extras=style.extras ^ {extra})
+
+
+def minimal_pair_pool(
+    topic: str, bases: int, traits: tuple[str, ...], rng: random.Random
+) -> tuple[list[str], list[tuple[int, int]]]:
+    """`bases` random answers, each followed by one variant per trait in `traits` that differs from
+    it in that trait's choice only (same sentences otherwise), and the (base, variant) pairs.
+
+    Why: in a pool of independent answers two answers differ in ~5 traits at once, so a user's
+    choice tells little about any one of its traits. A minimal pair is decided by the one trait it
+    flips, so every preference of a user names one of its trait values outright.
+    """
+    pool: list[str] = []
+    pairs: list[tuple[int, int]] = []
+    for _ in range(bases):
+        style, wording = draw_style(rng), Wording.draw(topic, rng)
+        base = len(pool)
+        pool.append(wording.render(style))
+        for trait in traits:
+            pool.append(wording.render(flip(style, trait, rng)))
+            pairs.append((base, len(pool) - 1))
+    return pool, pairs
+
+
 _EXTRAS = ("example", "humor", "caveat", "followup")
+_PHRASE_POOLS = {"example": W.EXAMPLES, "humor": W.HUMOR, "caveat": W.CAVEATS, "followup": W.FOLLOW_UPS}
+_EXTRA_OF_TRAIT = {"examples": "example", "humor": "humor", "caveat": "caveat", "followup": "followup"}

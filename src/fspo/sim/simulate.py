@@ -1,10 +1,11 @@
 """`simulate`: personas + answer pools -> labelled preferences, the same way for every domain.
 
 Steps: (1) write each question's answer pool once; (2) featurize every pooled answer once
-(a matrix, one row per answer); (3) enumerate all within-question answer pairs (the *pair bank*,
-shared by all users so that users answer the same pairs and can disagree); (4) for each persona,
-score the whole pool with one vectorised product, keep the pairs whose reward gap reaches the
-margin, and sample the user's preferences from them. Chosen is always the higher-reward answer.
+(a matrix, one row per answer); (3) enumerate all within-question answer pairs, or the domain's
+minimal pairs when it writes them (the *pair bank*, shared by all users so that users answer the
+same pairs and can disagree); (4) for each persona, score the whole pool with one vectorised
+product, keep the pairs whose reward gap reaches the margin, and sample the user's preferences
+from them. Chosen is always the higher-reward answer.
 
 Randomness: one `random.Random(seed)` for text and personas, one `numpy` Generator for pair
 sampling; never global state, so a seed reproduces a population exactly.
@@ -43,12 +44,15 @@ def build_pools(domain: Domain, rng: random.Random) -> Pools:
     pair_a: list[np.ndarray] = []
     pair_b: list[np.ndarray] = []
     for qi, question in enumerate(questions):
-        pool = domain.answers(qi, rng)
+        pool, pairs = domain.answer_pairs(qi, rng)
         start = len(answers)
         answers += pool
         question_of += [qi] * len(pool)
         blocks.append(domain.features(question, pool))
-        ia, ib = np.triu_indices(len(pool), k=1)
+        if pairs is None:
+            ia, ib = np.triu_indices(len(pool), k=1)
+        else:
+            ia, ib = (np.asarray(side, dtype=np.int64) for side in zip(*pairs, strict=True))
         pair_a.append(ia + start)
         pair_b.append(ib + start)
     return Pools(
