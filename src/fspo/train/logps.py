@@ -194,7 +194,6 @@ def pair_logps_fn(name: str) -> PairLogpsFn:
     return PAIR_LOGPS[name]
 
 
-@torch.no_grad()
 @contextmanager
 def eval_mode(model: Any) -> Iterator[None]:
     """Score without dropout or autograd; the model's train/eval mode is restored afterwards."""
