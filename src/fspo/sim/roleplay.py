@@ -157,7 +157,7 @@ class Roleplay(Domain):
 
     # --- writing answers -------------------------------------------------------------------
     def answers(self, question_index: int, rng: random.Random) -> list[str]:
-        topic = self._topics[question_index // len(W.QUESTION_TEMPLATES)]
+        topic = self._topic(question_index)
         return self._distinct_pool(lambda: write_answer(topic, rng))
 
     def answer_pairs(
@@ -165,12 +165,16 @@ class Roleplay(Domain):
     ) -> tuple[list[str], list[tuple[int, int]] | None]:
         if self.options.pairing == "pool":
             return super().answer_pairs(question_index, rng)
-        topic = self._topics[question_index // len(W.QUESTION_TEMPLATES)]
-        return minimal_pair_pool(topic, self.options.answers_per_question, self.options.traits, rng)
+        o = self.options
+        return minimal_pair_pool(self._topic(question_index), o.answers_per_question, o.traits, rng)
 
     def writer(self, rng: random.Random) -> Callable[[int], str]:
         style = draw_style(rng)
-        return lambda qi: write_answer(self._topics[qi // len(W.QUESTION_TEMPLATES)], rng, style)
+        return lambda qi: write_answer(self._topic(qi), rng, style)
+
+    def _topic(self, question_index: int) -> str:
+        """The topic of question `question_index` (`questions` lists each topic's templates in a row)."""
+        return self._topics[question_index // len(W.QUESTION_TEMPLATES)]
 
     # --- measuring them --------------------------------------------------------------------
     def featurize(self, question: str, text: str) -> list[float]:
@@ -309,7 +313,7 @@ def write_answer(topic: str, rng: random.Random, style: AnswerStyle | None = Non
         extras = set(style.extras)
     else:
         extras = set(rng.sample(_EXTRAS, rng.randint(1, 2) if long else rng.randint(0, 1)))
-    phrases = {e: fill(rng.choice(_PHRASE_POOLS[e])) for e in ("example", "humor", "caveat") if e in extras}
+    phrases = {e: fill(rng.choice(_PHRASE_POOLS[e])) for e in _SENTENCE_EXTRAS if e in extras}
     enthusiasm = style.enthusiasm if style else rng.random() < 0.5
     if "followup" in extras:  # drawn after enthusiasm: the historical order
         phrases["followup"] = fill(rng.choice(W.FOLLOW_UPS))
@@ -336,7 +340,7 @@ def _render(
         content[0] = "In my experience, " + content[0][0].lower() + content[0][1:]
     if opener:  # tone: one marker word in front, so tone costs no length
         content[0] = opener + content[0][0].lower() + content[0][1:]
-    sentences = content + [phrases[e] for e in ("example", "humor", "caveat") if e in phrases]
+    sentences = content + [phrases[e] for e in _SENTENCE_EXTRAS if e in phrases]
     if enthusiasm:  # statements end with '!'
         sentences = [s[:-1] + "!" if s.endswith(".") else s for s in sentences]
     follow_up = [phrases["followup"]] if "followup" in phrases else []
@@ -416,6 +420,7 @@ def minimal_pair_pool(
     return pool, pairs
 
 
-_EXTRAS = ("example", "humor", "caveat", "followup")
+_SENTENCE_EXTRAS = ("example", "humor", "caveat")  # in this order before a follow-up question
+_EXTRAS = (*_SENTENCE_EXTRAS, "followup")
 _PHRASE_POOLS = {"example": W.EXAMPLES, "humor": W.HUMOR, "caveat": W.CAVEATS, "followup": W.FOLLOW_UPS}
 _EXTRA_OF_TRAIT = {"examples": "example", "humor": "humor", "caveat": "caveat", "followup": "followup"}
