@@ -51,6 +51,7 @@ from fspo.data.template import (
     QUESTION,
     RESPONSE,
     TASK,
+    TASK_PLAIN,
     TASK_ZERO_SHOT,
     DescriptionMode,
     TemplateOptions,
@@ -163,12 +164,15 @@ def copy_effects(scorer: Scorer, seed: int, n: int = 200) -> dict[str, Any]:
     style) - lp(answer in another random style)`` towards the writer's (0.5 = nothing);
     ``p_bullet_examples``: P("-") for the fourth answer after three bulleted vs three prose examples;
     ``p_bullet_preferred``: the same in the preference layout (each example's writer answer as the
-    preferred one, an answer in another style as the dispreferred one: `styled_contrast` documents).
+    preferred one, an answer in another style as the dispreferred one: ``contrast`` writer documents);
+    ``p_bullet_task``: the same with the fourth question in the few-shot task block, where an FSPO
+    prompt without dispreferred answers asks for the answer (``task`` writer documents).
     """
     dom = get_domain("roleplay")
     questions = dom.questions()
     rng = random.Random(seed)
-    moved, p_after, p_preferred = [], {"bullets": [], "prose": []}, {"bullets": [], "prose": []}
+    moved = []
+    p_after, p_preferred, p_task = ({"bullets": [], "prose": []} for _ in range(3))
     for _ in range(n):
         write, other = dom.writer(rng), dom.writer(rng)
         picks = [(questions[qi], write(qi), other(qi)) for qi in rng.sample(range(len(questions)), 3)]
@@ -185,10 +189,13 @@ def copy_effects(scorer: Scorer, seed: int, n: int = 200) -> dict[str, Any]:
         p_after[kind].append(scorer.p_next(prefix, "-"))
         contrast = preference_examples(picks) + f"# Example 4\n{QUESTION}{questions[qi]}\n{PREFERRED}"
         p_preferred[kind].append(scorer.p_next(contrast, "-"))
+        task = author_examples([(q, a) for q, a, _ in picks]) + f"{TASK}{TASK_PLAIN}\n{ask}"
+        p_task[kind].append(scorer.p_next(task, "-"))
     return {
         "copy_effect": float(np.mean(moved)),
         "p_bullet_examples": {k: round(float(np.mean(v)), 3) for k, v in p_after.items() if v},
         "p_bullet_preferred": {k: round(float(np.mean(v)), 3) for k, v in p_preferred.items() if v},
+        "p_bullet_task": {k: round(float(np.mean(v)), 3) for k, v in p_task.items() if v},
     }
 
 
@@ -238,7 +245,10 @@ def main() -> None:
     ap.add_argument("--styled", type=float, default=0.0, help="share of fixed-style writer documents")
     ap.add_argument("--styled-answers", type=int, default=4)
     ap.add_argument(
-        "--styled-contrast", action="store_true", help="writer documents in the preference layout"
+        "--styled-layout",
+        choices=("examples", "contrast", "task"),
+        default="examples",
+        help="writer documents' layout (`fspo.sim.corpus.styled_documents`)",
     )
     ap.add_argument("--template-docs", type=int, default=0, help="-1: all, 0: none, N: a random N")
     ap.add_argument("--steps", type=int, default=400)
@@ -263,7 +273,7 @@ def main() -> None:
         print(f"... at the oracle's position (unseen episodes, 0 shots): {result['oracle_p_bullet']}")
         print(
             f"copy effect {result['copy_effect']:.3f}, P('-') after examples: {result['p_bullet_examples']}"
-            f" (preference layout: {result['p_bullet_preferred']})"
+            f" (preference layout: {result['p_bullet_preferred']}, task layout: {result['p_bullet_task']})"
         )
         for key, figures in result["episodes"].items():
             print(f"FSPO episodes, {key}: {figures}")
@@ -280,7 +290,7 @@ def main() -> None:
         corpus_described=args.described,
         corpus_styled=args.styled,
         corpus_styled_answers=args.styled_answers,
-        corpus_styled_contrast=args.styled_contrast,
+        corpus_styled_layout=args.styled_layout,
         template_docs=args.template_docs,
     )
     texts = pretraining_texts(mix, args.sim)  # exactly the quickstart's `model` stage corpus
@@ -306,7 +316,10 @@ def main() -> None:
     }
     print(f"P(answer starts '-') after a description saying: {result['p_bullet']}")
     print(f"description effect {result['description_effect']:.3f}, style effect {result['style_effect']:.3f}")
-    print(f"copy effect {result['copy_effect']:.3f}, P('-') after examples: {result['p_bullet_examples']}")
+    print(
+        f"copy effect {result['copy_effect']:.3f}, P('-') after examples: {result['p_bullet_examples']}"
+        f" (task layout: {result['p_bullet_task']})"
+    )
     print(json.dumps(result))
 
 

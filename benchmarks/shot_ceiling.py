@@ -75,9 +75,10 @@ def main() -> None:
 
     start = time.perf_counter()
     users = read_records(args.users, User)
-    train_users = [u for u in users if (u.metadata or {}).get("split") == "train"]
+    # Unmarked users (a population held out by user) have only training combinations of traits.
+    train_users = [u for u in users if "traits" in (u.metadata or {}) and u.metadata.get("split") != "test"]
     if not train_users:
-        raise SystemExit(f"{args.users}: no user has metadata.split == 'train' (not a simulated population?)")
+        raise SystemExit(f"{args.users}: no training user with metadata.traits (not a simulated population?)")
     domain = get_domain(train_users[0].metadata["domain"])
     hypotheses = np.stack([domain.weights(domain.check_traits(u.metadata["traits"])) for u in train_users])
 

@@ -11,7 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fspo.data.episodes import build_episodes
 from fspo.data.schema import Preference, User
+from fspo.data.template import TASK, TASK_PLAIN
 from fspo.errors import UserError
 from fspo.sim import corpus, disagreement_matrix, get_domain, prefer, reward_for, simulate, stats
 from fspo.sim.roleplay import HELD_OUT, held_out_pairs, phrase_for
@@ -285,9 +287,17 @@ def test_styled_documents_keep_one_style_and_contrast_it():
         seen.add(style(answers[0]))
     assert len(seen) > 3
     docs = corpus(
-        "roleplay", seed=3, n=30, descriptions=0, styled=1.0, styled_answers=3, styled_contrast=True
+        "roleplay", seed=3, n=30, descriptions=0, styled=1.0, styled_answers=3, styled_layout="contrast"
     )
     assert all(d.count("## Preferred Response") == d.count("## Dispreferred Response") == 3 for d in docs)
+    # `task`: the same writers' answers, the last one where an FSPO prompt asks for the answer.
+    examples = corpus("roleplay", seed=4, n=20, descriptions=0, styled=1.0, styled_answers=3)
+    tasks = corpus(
+        "roleplay", seed=4, n=20, descriptions=0, styled=1.0, styled_answers=3, styled_layout="task"
+    )
+    for ex, task in zip(examples, tasks, strict=True):
+        shots, last = ex.split("# Example 3\n")
+        assert task == shots + f"{TASK}{TASK_PLAIN}\n" + last.rstrip("\n") + "\n"
     with pytest.raises(UserError, match="no fixed-style writer"):
         corpus("elix", n=10, descriptions=0, styled=0.5)
     with pytest.raises(UserError, match="styled must be a share"):
@@ -321,6 +331,22 @@ def test_minimal_pairs_change_one_trait_and_are_decided_by_it() -> None:
         assert _unbulleted(p.chosen) == _unbulleted(p.rejected)
     default = simulate("roleplay", 5, 3, seed=2, topics=6)
     assert default.info["pair_bank"] == 6 * 4 * 28  # pool pairing: every pair of 8 answers
+
+
+def test_holdout_by_user_leaves_the_split_to_the_episode_sampler() -> None:
+    """`holdout="users"`: a one-trait population has no held-out combinations, so no user is marked
+    and `build_episodes` holds out `test_user_fraction` of them, every one with unseen episodes."""
+    one_trait = {"traits": ("format", "enthusiasm"), "min_traits": 1, "max_traits": 1, "min_decided": 0.05}
+    marked = simulate("roleplay", 40, 8, seed=1, topics=6, pairing="minimal", **one_trait)
+    assert {u.metadata["split"] for u in marked.users} == {"train"}  # nothing to hold out
+    data = simulate("roleplay", 40, 8, seed=1, topics=6, pairing="minimal", holdout="users", **one_trait)
+    assert all("split" not in u.metadata for u in data.users)
+    assert [p.model_dump() for p in data.preferences] == [p.model_dump() for p in marked.preferences]
+    splits = build_episodes(data.preferences, data.users, shots=2, test_user_fraction=0.25, seed=0)
+    assert len(splits.report.test_users) == 10
+    unseen = {e.user_id for e in splits["test_unseen"]}
+    assert unseen == set(splits.report.test_users)
+    assert unseen.isdisjoint(e.user_id for e in splits["train"])
 
 
 def _unbulleted(text: str) -> str:

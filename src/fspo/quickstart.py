@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fspo.errors import UserError
+from fspo.sim.corpus import StyledLayout
 from fspo.stages import StageRunner
 
 
@@ -49,7 +50,7 @@ class Profile(BaseModel):
     # `corpus_styled_answers` each. They teach continuing the style of the answers in context.
     corpus_styled: float = 0.0
     corpus_styled_answers: int = 4
-    corpus_styled_contrast: bool = False
+    corpus_styled_layout: StyledLayout = "examples"
     # FSPO-layout documents of the simulated preferences added to pretraining (-1: all of them).
     # Off: they crowd out the described documents, and with them in, no description-following is
     # learned at this budget (docs/train.md, sixth round); SFT teaches the layout anyway.
@@ -133,7 +134,7 @@ def run_quickstart(
         _pick(
             params,
             "model_size corpus_docs corpus_consistent corpus_consistent_answers corpus_described "
-            "corpus_styled corpus_styled_answers corpus_styled_contrast template_docs pretrain_steps seed",
+            "corpus_styled corpus_styled_answers corpus_styled_layout template_docs pretrain_steps seed",
         ),
         lambda d: _model(p, runner, d),
         ("sim",),
@@ -224,7 +225,7 @@ def pretraining_texts(p: Profile, sim_folder: Path) -> list[str]:
         described=p.corpus_described,
         styled=p.corpus_styled,
         styled_answers=p.corpus_styled_answers,
-        styled_contrast=p.corpus_styled_contrast,
+        styled_layout=p.corpus_styled_layout,
     )
     if p.template_docs:
         prefs, _, _ = read_dataset_dir(sim_folder)

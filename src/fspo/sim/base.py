@@ -135,8 +135,10 @@ class Domain(ABC):
         """A short, regular sentence naming every active trait (RAT targets, oracle prompts)."""
 
     @abstractmethod
-    def split(self, traits: Traits) -> str:
-        """``"train"`` or ``"test"`` (test personas hold combinations never seen in training)."""
+    def split(self, traits: Traits) -> str | None:
+        """``"train"`` or ``"test"`` (test personas hold combinations never seen in training), or None
+        when the domain holds out by user instead: the episode sampler's `test_user_fraction` then
+        picks the unseen users at random (`fspo.data.episodes.split_users`)."""
 
     def group(self, traits: Traits) -> str:
         """A coarse user type for disagreement matrices: the persona's heaviest trait."""

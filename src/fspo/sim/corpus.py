@@ -9,10 +9,12 @@ more distinct texts than one simulation's pools, from the same sentence template
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Literal
 
 from fspo.errors import UserError
 from fspo.sim.base import get_domain
+
+StyledLayout = Literal["examples", "contrast", "task"]
 
 
 def corpus(
@@ -25,7 +27,7 @@ def corpus(
     described: float = 0.0,
     styled: float = 0.0,
     styled_answers: int = 4,
-    styled_contrast: bool = False,
+    styled_layout: StyledLayout = "examples",
     **options: Any,
 ) -> list[str]:
     """`n` documents: mostly ``question + "\\n" + answer``, plus a share of user descriptions.
@@ -34,7 +36,7 @@ def corpus(
     descriptions (what RAT teaches the model to write). `consistent` is the share of
     *author-consistent* documents (see `consistent_documents`), and `described` the share of those
     that also carry the author's description (see `described_document`). `styled` is the share of
-    *writer* documents (see `styled_documents`), `styled_answers` answers each.
+    *writer* documents (see `styled_documents`), `styled_answers` answers each, in `styled_layout`.
     """
     if n < 0:
         raise UserError(f"corpus size must be >= 0, got {n}")
@@ -54,7 +56,7 @@ def corpus(
     n_desc = round(n * descriptions)
     docs = consistent_documents(dom, round(n * consistent), consistent_answers, rng, described)
     if styled:  # no draw at 0: older corpora stay byte-identical
-        docs += styled_documents(dom, round(n * styled), styled_answers, rng, styled_contrast)
+        docs += styled_documents(dom, round(n * styled), styled_answers, rng, styled_layout)
     docs += [dom.describe(dom.sample_persona(rng, lambda _traits: 1.0).traits) for _ in range(n_desc)]
     while len(docs) < n:  # the rest: single question/answer documents
         order = list(range(len(questions)))
@@ -87,7 +89,7 @@ def consistent_documents(
     docs: list[str] = []
     while len(docs) < n:
         persona = dom.sample_persona(rng, lambda _traits: 1.0)
-        if dom.split(persona.traits) != "train":
+        if dom.split(persona.traits) == "test":  # None (held out by user): any persona may write
             continue
         picks = []
         for _ in range(answers):
@@ -102,16 +104,23 @@ def consistent_documents(
     return docs
 
 
-def styled_documents(dom: Any, n: int, answers: int, rng: random.Random, contrast: bool = False) -> list[str]:
+def styled_documents(
+    dom: Any, n: int, answers: int, rng: random.Random, layout: StyledLayout = "examples"
+) -> list[str]:
     """`n` documents of `answers` answers each, all in one writer's fixed style (`Domain.writer`).
 
     Why: FSPO needs a model that continues the style of the answers in its context, as a
     pretrained instruct model does. Author documents (`consistent_documents`) did not teach it:
     a persona's favourite answers agree on a given feature only loosely, so copying barely pays
     (docs/train.md, sixth round). Here every feature agrees across the document, the strongest
-    incentive there is. Layout: the template's shots without dispreferred answers, or with
-    `contrast`, its preference layout: the writer's answer as the preferred one and an answer in
-    a fresh random style as the dispreferred one, so what to copy is the *difference*.
+    incentive there is. Layouts (`StyledLayout`):
+
+    * ``examples``: the template's shots without dispreferred answers (``# Example i``);
+    * ``contrast``: its preference layout, the writer's answer as the preferred one and an answer in
+      a fresh random style as the dispreferred one, so what to copy is the *difference*;
+    * ``task``: the shots, then the last answer in the template's few-shot task block (``# Task``,
+      `TASK_PLAIN`), exactly where an FSPO prompt without dispreferred answers asks for the answer.
+      A copier learned only in the ``examples`` layout does not copy there (docs/train.md, ninth round).
 
     No leak of the simulated population: styles are uniform over every combination (the test
     users' held-out ones included, as any real corpus would have them), and nothing here says
@@ -124,9 +133,11 @@ def styled_documents(dom: Any, n: int, answers: int, rng: random.Random, contras
         picks = []
         for _ in range(answers):
             qi = rng.randrange(len(questions))
-            picks.append((questions[qi], write(qi), dom.writer(rng)(qi) if contrast else ""))
-        if contrast:
+            picks.append((questions[qi], write(qi), dom.writer(rng)(qi) if layout == "contrast" else ""))
+        if layout == "contrast":
             docs.append(preference_examples(picks))
+        elif layout == "task":
+            docs.append(task_examples([(q, a) for q, a, _ in picks]))
         else:
             docs.append(author_examples([(q, a) for q, a, _ in picks]))
     return docs
@@ -144,6 +155,15 @@ def author_examples(picks: list[tuple[str, str]]) -> str:
     return "".join(
         f"# Example {i}\n{QUESTION}{q}\n{RESPONSE}{a}\n\n" for i, (q, a) in enumerate(picks, start=1)
     )
+
+
+def task_examples(picks: list[tuple[str, str]]) -> str:
+    """All but the last (question, answer) pair as shots, the last as the few-shot task's answer:
+    the layout of an FSPO prompt without dispreferred answers, followed by its answer."""
+    from fspo.data.template import QUESTION, RESPONSE, TASK, TASK_PLAIN
+
+    *shots, (question, answer) = picks
+    return author_examples(shots) + f"{TASK}{TASK_PLAIN}\n{QUESTION}{question}\n{RESPONSE}{answer}\n"
 
 
 def preference_examples(picks: list[tuple[str, str, str]]) -> str:

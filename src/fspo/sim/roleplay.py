@@ -115,6 +115,14 @@ class RoleplayOptions(DomainOptions):
         "a copy with one trait changed, `answers_per_question` such bases (see `minimal_pair_pool`).",
     )
 
+    holdout: Literal["combinations", "users"] = Field(
+        "combinations",
+        description="Who the unseen test users are. 'combinations': personas holding a `HELD_OUT` pair of "
+        "trait values (never seen together in training); 'users': no mark, so the episode sampler holds "
+        "out a random share of users (`test_user_fraction`), for populations too small to hold out "
+        "combinations (e.g. one trait per user).",
+    )
+
     @model_validator(mode="after")
     def _ordered(self) -> RoleplayOptions:
         if self.min_traits > self.max_traits:
@@ -234,7 +242,9 @@ class Roleplay(Domain):
     def describe(self, traits: Traits) -> str:
         return describe(traits)
 
-    def split(self, traits: Traits) -> str:
+    def split(self, traits: Traits) -> str | None:
+        if self.options.holdout == "users":
+            return None
         return "test" if held_out_pairs(traits) else "train"
 
 

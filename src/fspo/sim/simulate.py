@@ -88,6 +88,10 @@ def simulate(domain: str, n_users: int, prefs_per_user: int, seed: int = 0, **do
     def decided(traits: Traits) -> float:
         return float(np.mean(np.abs(gaps(traits)) >= margin))
 
+    def split_of(traits: Traits) -> dict[str, str]:
+        split = dom.split(traits)  # None: no mark, the episode sampler holds out users at random
+        return {} if split is None else {"split": split}
+
     users: list[User] = []
     preferences: list[Preference] = []
     refined = redrawn = short = 0
@@ -104,7 +108,7 @@ def simulate(domain: str, n_users: int, prefs_per_user: int, seed: int = 0, **do
                 metadata={
                     "domain": dom.name,
                     "traits": persona.traits,
-                    "split": dom.split(persona.traits),
+                    **split_of(persona.traits),
                     "group": dom.group(persona.traits),
                     "refinements": persona.refinements,
                 },
