@@ -76,6 +76,17 @@ def test_fspo_first_step_is_at_reference(world: dict[str, Path], tmp_path: Path)
     assert r.metrics["margin"] == pytest.approx(0.0, abs=1e-4)
 
 
+def test_nll_weight_adds_the_chosen_nll(world: dict[str, Path], tmp_path: Path) -> None:
+    """RPO: loss = IPO + α · NLL per token of the chosen answer; at the reference IPO is (1/(2β))²."""
+    kw = {"max_steps": 1, "beta": 0.5, "lr": 1e-12, "warmup_steps": 0}
+    plain = train(_cfg(world, "fspo", "llama", tmp_path / "plain", **kw))
+    r = train(_cfg(world, "fspo", "llama", tmp_path / "rpo", nll_weight=0.5, **kw))
+    nll = r.metrics["chosen_nll"]
+    assert nll == pytest.approx(plain.metrics["chosen_nll"]) and nll > 0
+    assert r.metrics["loss"] == pytest.approx((1 / (2 * 0.5)) ** 2 + 0.5 * nll, rel=1e-4)
+    assert plain.metrics["loss"] == pytest.approx((1 / (2 * 0.5)) ** 2, rel=1e-4)
+
+
 def test_lora_rat_and_shot_budget(world: dict[str, Path], tmp_path: Path) -> None:
     r = train(
         _cfg(

@@ -5,7 +5,9 @@ marker holding a fingerprint of the stage's parameters (and of the markers of th
 A stage whose marker matches is skipped; a stage killed midway has no marker and runs again
 (stages that are long resume internally: training from its checkpoints, generation from its
 append log). Changing any parameter upstream changes every downstream fingerprint, so stale results
-are never reused.
+are never reused: a stage also records the fingerprint it started with (`_started.json`), and its
+folder is emptied before it runs under any other one (a finished run of other inputs, or one killed
+midway), so that internal resume only ever continues the same configuration.
 
 Why hand-written: it is a dozen lines of policy (fingerprint + marker) that a workflow engine would
 bring in hundreds of dependencies for.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +29,7 @@ from rich.console import Console
 from fspo.files import atomic_write_json
 
 MARKER = "_stage.json"
+STARTED = "_started.json"
 
 
 def fingerprint(params: Any) -> str:
@@ -45,8 +49,8 @@ class StageRunner:
     def folder(self, name: str) -> Path:
         return self.root / name
 
-    def marker(self, name: str) -> dict[str, Any] | None:
-        path = self.folder(name) / MARKER
+    def marker(self, name: str, file: str = MARKER) -> dict[str, Any] | None:
+        path = self.folder(name) / file
         if not path.exists():
             return None
         return json.loads(path.read_text())
@@ -70,8 +74,11 @@ class StageRunner:
             self.timings[name] = 0.0
             return done.get("summary") or {}
         folder = self.folder(name)
+        started = self.marker(name, STARTED) or {}
+        if folder.exists() and (done or self.force or started.get("fingerprint") != fp):
+            shutil.rmtree(folder)  # another configuration's outputs: resuming from them would mix runs
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / MARKER).unlink(missing_ok=True)
+        atomic_write_json(folder / STARTED, {"stage": name, "fingerprint": fp})
         self.console.rule(f"[bold]{name}")
         start = time.perf_counter()
         summary = fn(folder) or {}

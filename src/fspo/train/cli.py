@@ -70,6 +70,9 @@ def _options(
     loss: str | None = typer.Option(None, help="fspo stage: ipo | dpo."),
     beta: float | None = typer.Option(None, help="fspo stage: β of IPO/DPO."),
     reduction: str | None = typer.Option(None, help="Log-prob reduction over the answer: sum | mean."),
+    nll_weight: float | None = typer.Option(
+        None, help="fspo stage: weight of the chosen answer's NLL added to the preference loss (RPO)."
+    ),
     shot_loss: bool | None = typer.Option(
         None,
         "--shot-loss/--no-shot-loss",

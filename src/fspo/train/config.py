@@ -56,6 +56,13 @@ class TrainConfig(BaseModel):
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     reduction: Literal["sum", "mean"] = "sum"
+    nll_weight: float = Field(
+        0.0,
+        ge=0,
+        description="fspo stage: add this times the chosen answer's NLL per token to the preference loss "
+        "(RPO, Pang et al. 2024, arXiv 2404.19733). IPO/DPO lower the chosen answer's likelihood too; "
+        "without an anchor the small model learned to end its answer at once (docs/train.md, ninth round).",
+    )
     logps_impl: Literal["concat", "prefix"] = "concat"
 
     # SFT objective.

@@ -262,7 +262,8 @@ def _evaluate(
         "eval/logp_accuracy": (pc.reduce(cfg.reduction) > pr.reduce(cfg.reduction)).float().mean().item(),
         "eval/episodes": float(len(ids)),
     }
-    metrics["eval/loss"] = pl.loss.item() if cfg.stage == "fspo" else metrics["eval/chosen_nll_per_token"]
+    nll = metrics["eval/chosen_nll_per_token"]
+    metrics["eval/loss"] = pl.loss.item() + cfg.nll_weight * nll if cfg.stage == "fspo" else nll
     return metrics
 
 
@@ -495,13 +496,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
                     if ref is None:
                         ref = _cached_ref(train_ref, batch, policy)
                     pl = _fspo_losses(cfg, policy, ref)
-                    loss = pl.loss
+                    chosen_nll = sft_loss(policy[0].sum, policy[0].count)
+                    loss = pl.loss + cfg.nll_weight * chosen_nll if cfg.nll_weight else pl.loss
                     parts = {
-                        "loss": pl.loss.detach(),
+                        "loss": loss.detach(),
                         "reward_accuracy": pl.accuracy,
                         "margin": pl.margins.mean(),
                         "chosen_reward": pl.chosen_rewards.mean(),
                         "rejected_reward": pl.rejected_rewards.mean(),
+                        "chosen_nll": chosen_nll.detach(),
                     }
                 else:
                     lp = _sft_logps(cfg, model, batch, pad_id, shot_spans if cfg.shot_loss else None)
