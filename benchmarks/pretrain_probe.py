@@ -45,6 +45,8 @@ import numpy as np
 import torch
 
 from fspo.data.episodes import load_episodes
+from fspo.data.io import read_records
+from fspo.data.schema import User
 from fspo.data.template import (
     DESCRIPTION,
     PREFERRED,
@@ -199,21 +201,27 @@ def copy_effects(scorer: Scorer, seed: int, n: int = 200) -> dict[str, Any]:
     }
 
 
-def episode_shot_effect(scorer: Scorer, episodes_dir: Path, n: int = 200) -> dict[str, dict[str, float]]:
+def episode_shot_effect(
+    scorer: Scorer, episodes_dir: Path, n: int = 200, users: Path | None = None
+) -> dict[str, dict[str, float]]:
     """Do the user's shots move the (untuned) model towards the user's choice on FSPO episodes?
 
     Per split and template layout (with and without dispreferred answers), the share of the first
     `n` episodes where ``[lp(c|shots) - lp(r|shots)] - [lp(c|0) - lp(r|0)] > 0`` (0.5 = the shots
     do nothing), and the log-prob accuracy with shots: what a pretrained model's copying is worth
-    before any FSPO training (`icl_probe.py` measures it after SFT).
+    before any FSPO training (`icl_probe.py` measures it after SFT). With the simulation's `users`
+    file, also per trait of one-trait users (``.../trait=format``): which kinds of trait are read.
     """
+    trait_of = {}
+    if users is not None:
+        trait_of = {u.user_id: "+".join(u.metadata["traits"]) for u in read_records(users, User)}
     out: dict[str, dict[str, float]] = {}
     for split in ("test_unseen", "test_seen"):
         episodes = load_episodes(episodes_dir, split)[:n]
         for dispreferred in (False, True):
             options = TemplateOptions(include_dispreferred=dispreferred)
             heading = PREFERRED if dispreferred else RESPONSE
-            effect, correct = [], []
+            effect, correct, groups = [], [], []
             for ep in episodes:
                 q = ep.query
                 margins = []
@@ -225,11 +233,15 @@ def episode_shot_effect(scorer: Scorer, episodes_dir: Path, n: int = 200) -> dic
                     )
                 effect.append(margins[0] > margins[1])
                 correct.append(margins[0] > 0)
+                groups.append(trait_of.get(ep.user_id, ""))
             key = f"{split}/{'with' if dispreferred else 'without'}_dispreferred"
-            out[key] = {
-                "shot_effect": round(float(np.mean(effect)), 3),
-                "logp_accuracy": round(float(np.mean(correct)), 3),
-            }
+            for group in ["", *sorted(set(groups) - {""})]:
+                rows = [i for i, g in enumerate(groups) if not group or g == group]
+                out[key + (f"/trait={group}" if group else "")] = {
+                    "shot_effect": round(float(np.mean([effect[i] for i in rows])), 3),
+                    "logp_accuracy": round(float(np.mean([correct[i] for i in rows])), 3),
+                    "n": len(rows),
+                }
     return out
 
 
@@ -257,6 +269,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--probe", type=Path, help="measure this model folder instead of pretraining one")
     ap.add_argument("--episodes", type=Path, default=Path("runs/quickstart/episodes"), help="for --probe")
+    ap.add_argument(
+        "--users", type=Path, help="for --probe: the simulation's users.jsonl (figures per trait)"
+    )
     args = ap.parse_args()
 
     if args.probe:
@@ -267,7 +282,7 @@ def main() -> None:
             "oracle_p_bullet": oracle_p_bullet(scorer, args.episodes),
             **effects(scorer, seed=123),
             **copy_effects(scorer, seed=321),
-            "episodes": episode_shot_effect(scorer, args.episodes),
+            "episodes": episode_shot_effect(scorer, args.episodes, users=args.users),
         }
         print(f"P(answer starts '-') after a description saying: {result['p_bullet']}")
         print(f"... at the oracle's position (unseen episodes, 0 shots): {result['oracle_p_bullet']}")

@@ -302,6 +302,7 @@ def test_styled_documents_keep_one_style_and_contrast_it():
         corpus("elix", n=10, descriptions=0, styled=0.5)
     with pytest.raises(UserError, match="styled must be a share"):
         corpus("roleplay", n=10, consistent=0.8, styled=0.5)
+    assert len(corpus("roleplay", n=10, consistent=0.8, styled=0.1)) == 10  # 0.1 + 0.8 + 0.1 is 1 in decimal
 
 
 def test_minimal_pairs_change_one_trait_and_are_decided_by_it() -> None:

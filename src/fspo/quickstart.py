@@ -32,9 +32,27 @@ class Profile(BaseModel):
     domain: str = "roleplay"
     users: int = 1500
     prefs_per_user: int = 40
+    # The population (`fspo.sim` roleplay options): each user cares about one trait, the answer's
+    # format or its enthusiasm, either way round, and every preference is a *minimal pair* (an
+    # answer and a copy with that one trait flipped), so the population as a whole has no preference
+    # (the zero-shot learner sits at chance) and a user's few shots say all there is to say. Unseen
+    # users are a random fifth of the users. The 1M model reads up to two kinds of trait in context at
+    # this budget; the ten-trait population is beyond it (docs/train.md, eighth and ninth rounds).
+    sim_options: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "pairing": "minimal",
+            "traits": ["format", "enthusiasm"],
+            "min_traits": 1,
+            "max_traits": 1,
+            "min_decided": 0.05,
+            "holdout": "users",
+        }
+    )
     shots: int = 4
     # Show the dispreferred answers of the shots (the official default) or only the preferred ones.
-    include_dispreferred: bool = True
+    # Only: a minimal pair's preferred answer alone carries the user's value, and the pretrained
+    # model's in-context copying (the writer documents below) works in that layout.
+    include_dispreferred: bool = False
     seed: int = 0
     model_size: str = "medium"
     corpus_docs: int = 20_000
@@ -42,29 +60,33 @@ class Profile(BaseModel):
     # has `corpus_consistent_answers` answers, and a share `corpus_described` of them also states the
     # author's description in RAT's layout. Those teach what the paper's instruct model brings:
     # answering as a stated preference says (the oracle, RAT). Learned only when present from the
-    # first step (a model pretrained without them never picks it up later; docs/train.md, sixth round).
-    corpus_consistent: float = 0.8
+    # first step (a model pretrained without them never picks it up later; docs/train.md, sixth round),
+    # and, next to the writer documents below, not learned in 400 steps at any share tried (ninth round).
+    corpus_consistent: float = 0.4
     corpus_consistent_answers: int = 1
     corpus_described: float = 1.0
     # Share of *writer* documents: several answers in one fixed style (`fspo.sim.corpus`, `styled`),
-    # `corpus_styled_answers` each. They teach continuing the style of the answers in context.
-    corpus_styled: float = 0.0
+    # `corpus_styled_answers` each. They teach continuing the style of the answers in context, what
+    # FSPO builds on; in the `task` layout, where an FSPO prompt asks for the answer (a copier
+    # learned in the plain examples layout does not copy there; docs/train.md, ninth round).
+    corpus_styled: float = 0.4
     corpus_styled_answers: int = 4
-    corpus_styled_layout: StyledLayout = "examples"
+    corpus_styled_layout: StyledLayout = "task"
     # FSPO-layout documents of the simulated preferences added to pretraining (-1: all of them).
     # Off: they crowd out the described documents, and with them in, no description-following is
     # learned at this budget (docs/train.md, sixth round); SFT teaches the layout anyway.
     template_docs: int = 0
     pretrain_steps: int = 400
-    sft_steps: int = 300
+    sft_steps: int = 100
     # SFT also trains on every shot's preferred answer given the shots before it (`shot_loss`):
     # the in-context signal per episode grows with the shots (docs/train.md, fourth round).
     sft_shot_loss: bool = True
     # RAT's SFT starts from the few-shot SFT model (it already answers; it learns to describe first).
     rat_sft_steps: int = 100
-    # IPO adds little to SFT here: at 150 steps FSPO beat its SFT start in 47.3% of unseen users' answers
-    # (docs/train.md, sixth round), so 100 keep the quickstart within its time budget.
     fspo_steps: int = 100
+    # The chosen answer's NLL added to IPO (RPO): without it IPO taught the model to stop at once
+    # (95 of 240 FSPO answers empty; docs/train.md, ninth round).
+    fspo_nll_weight: float = 1.0
     pop_steps: int = 100
     sft_lr: float = 1e-3
     fspo_lr: float = 1e-4
@@ -75,7 +97,6 @@ class Profile(BaseModel):
     accuracy_shots: tuple[int, ...] = (0, 2, 4)
     max_new_tokens: int = 96
     gen_batch_size: int = 16
-    sim_options: dict[str, Any] = Field(default_factory=dict)
 
 
 PROFILES: dict[str, Profile] = {
@@ -261,6 +282,7 @@ def _trainings(p: Profile, model_dir: str) -> dict[str, tuple[dict[str, Any], st
         "stage": "fspo",
         "loss": "ipo",
         "beta": p.beta,
+        "nll_weight": p.fspo_nll_weight,
         "lr": p.fspo_lr,
         "scheduler": "cosine",
         "max_steps": p.fspo_steps,

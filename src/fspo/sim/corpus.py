@@ -47,7 +47,7 @@ def corpus(
     questions = dom.questions()
     if not 0 <= consistent <= 1 - descriptions:
         raise UserError(f"consistent must be a share in [0, 1 - descriptions], got {consistent}")
-    if not 0 <= styled <= 1 - descriptions - consistent:
+    if not 0 <= styled <= 1 - descriptions - consistent + 1e-9:  # shares that sum to 1 in decimal
         raise UserError(f"styled must be a share in [0, 1 - descriptions - consistent], got {styled}")
     if styled_answers < 1:
         raise UserError(f"styled_answers must be >= 1, got {styled_answers}")
