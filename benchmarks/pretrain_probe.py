@@ -53,7 +53,6 @@ from fspo.data.template import (
     QUESTION,
     RESPONSE,
     TASK,
-    TASK_PLAIN,
     TASK_ZERO_SHOT,
     DescriptionMode,
     TemplateOptions,
@@ -64,7 +63,7 @@ from fspo.models.loading import load_model, load_tokenizer
 from fspo.models.pretrain import pretrain
 from fspo.quickstart import Profile, pretraining_texts
 from fspo.sim import corpus, get_domain
-from fspo.sim.corpus import author_examples, favourite_answer, preference_examples
+from fspo.sim.corpus import author_examples, favourite_answer, preference_examples, task_prompt
 
 
 class Scorer:
@@ -181,7 +180,8 @@ def copy_effects(scorer: Scorer, seed: int, n: int = 200) -> dict[str, Any]:
         qi = rng.randrange(len(questions))
         same, different = write(qi), other(qi)
         ask = f"{QUESTION}{questions[qi]}\n{RESPONSE}"
-        prefix = author_examples([(q, a) for q, a, _ in picks]) + "# Example 4\n" + ask
+        shots = [(q, a) for q, a, _ in picks]
+        prefix = author_examples(shots) + "# Example 4\n" + ask
 
         def margin(context: str, a: str = same, b: str = different) -> float:
             return scorer.logp(context, a) - scorer.logp(context, b)
@@ -191,8 +191,7 @@ def copy_effects(scorer: Scorer, seed: int, n: int = 200) -> dict[str, Any]:
         p_after[kind].append(scorer.p_next(prefix, "-"))
         contrast = preference_examples(picks) + f"# Example 4\n{QUESTION}{questions[qi]}\n{PREFERRED}"
         p_preferred[kind].append(scorer.p_next(contrast, "-"))
-        task = author_examples([(q, a) for q, a, _ in picks]) + f"{TASK}{TASK_PLAIN}\n{ask}"
-        p_task[kind].append(scorer.p_next(task, "-"))
+        p_task[kind].append(scorer.p_next(task_prompt(shots, questions[qi]), "-"))
     return {
         "copy_effect": float(np.mean(moved)),
         "p_bullet_examples": {k: round(float(np.mean(v)), 3) for k, v in p_after.items() if v},

@@ -157,13 +157,22 @@ def author_examples(picks: list[tuple[str, str]]) -> str:
     )
 
 
-def task_examples(picks: list[tuple[str, str]]) -> str:
-    """All but the last (question, answer) pair as shots, the last as the few-shot task's answer:
-    the layout of an FSPO prompt without dispreferred answers, followed by its answer."""
-    from fspo.data.template import QUESTION, RESPONSE, TASK, TASK_PLAIN
+def task_prompt(shots: list[tuple[str, str]], question: str) -> str:
+    """The FSPO prompt without dispreferred answers for (question, answer) `shots`, up to the answer.
 
+    The task sentence follows the template's own rule (`task_sentence`), so a writer document
+    reads exactly as the prompt the trained model will be given.
+    """
+    from fspo.data.template import QUESTION, RESPONSE, TASK, TemplateOptions, task_sentence
+
+    sentence = task_sentence(len(shots), TemplateOptions(include_dispreferred=False))
+    return author_examples(shots) + f"{TASK}{sentence}\n{QUESTION}{question}\n{RESPONSE}"
+
+
+def task_examples(picks: list[tuple[str, str]]) -> str:
+    """All but the last (question, answer) pair as shots, the last as the few-shot task's answer."""
     *shots, (question, answer) = picks
-    return author_examples(shots) + f"{TASK}{TASK_PLAIN}\n{QUESTION}{question}\n{RESPONSE}{answer}\n"
+    return task_prompt(shots, question) + f"{answer}\n"
 
 
 def preference_examples(picks: list[tuple[str, str, str]]) -> str:
