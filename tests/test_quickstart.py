@@ -43,27 +43,45 @@ def test_quickstart_tiny_runs_every_stage_and_caches(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in out.glob(f"*/{MARKER}")} == marker_times
 
 
-def test_findings_follow_the_table_on_unseen_users():
+def _cell(system, opponent, rate, lo, hi, split="unseen"):
     from types import SimpleNamespace
 
-    from fspo.quickstart import _findings
+    return SimpleNamespace(
+        system=system, opponent=opponent, split=split, win_rate=rate, ci_low=lo, ci_high=hi, n=150
+    )
 
-    def cell(system, opponent, rate, lo, hi, split="unseen"):
-        return SimpleNamespace(
-            system=system, opponent=opponent, split=split, win_rate=rate, ci_low=lo, ci_high=hi, n=150
-        )
+
+def test_findings_follow_the_table_on_unseen_users():
+    from fspo.quickstart import _findings
 
     found = _findings(
         [
-            cell("fspo", "fspo-no-shots", 0.483, 0.40, 0.56),
-            cell("fspo", "population-ipo", 0.88, 0.82, 0.92),
-            cell("fspo-rat", "fspo", 0.30, 0.23, 0.38),
-            cell("fspo-rat", "fspo", 0.90, 0.85, 0.94, split="seen"),  # seen users never decide a verdict
-            cell("oracle", "base", 0.70, 0.62, 0.77),
-            cell("fspo", "base", 0.85, 0.78, 0.90),
+            _cell("fspo", "fspo-no-shots", 0.483, 0.40, 0.56),
+            _cell("fspo", "population-ipo", 0.88, 0.82, 0.92),
+            _cell("fspo-rat", "fspo", 0.30, 0.23, 0.38),
+            _cell("fspo-rat", "fspo", 0.90, 0.85, 0.94, split="seen"),  # seen users never decide a verdict
+            _cell("oracle", "fspo", 0.31, 0.24, 0.39),
         ]
     )
     assert found[0] == "fspo is not distinguishable from fspo-no-shots on unseen users (48.3%, n=150)"
     assert found[1].startswith("fspo beats population-ipo")
     assert found[2].startswith("fspo-rat loses to fspo")
-    assert found[3].startswith("RAT did not help: even the oracle")
+    assert found[3].startswith("RAT did not help, and even the oracle")
+    assert len(found) == 4  # no verdict for pairs missing from the table
+
+
+def test_findings_say_why_rat_did_not_help_from_the_oracle():
+    from fspo.quickstart import _findings
+
+    def why(oracle_cell):
+        found = _findings([_cell("fspo-rat", "fspo", 0.49, 0.40, 0.58), oracle_cell])
+        return found[-1]
+
+    assert why(_cell("oracle", "fspo", 0.80, 0.72, 0.86)).startswith("RAT did not help, but the oracle did")
+    tie = why(_cell("oracle", "fspo", 0.52, 0.43, 0.61))
+    assert tie.startswith("RAT did not help, and neither does the true description (oracle vs FSPO 52.0%)")
+    # RAT that helps needs no explanation.
+    assert not any(
+        f.startswith("RAT did not help")
+        for f in _findings([_cell("fspo-rat", "fspo", 0.7, 0.6, 0.8), _cell("oracle", "fspo", 0.5, 0.4, 0.6)])
+    )
