@@ -162,3 +162,40 @@ def test_rat_output_is_parsed(world, monkeypatch):
     monkeypatch.setattr("fspo.eval.generate.generate_batch", fake_batch)
     rec = generate_for_episodes(model, tok, episodes[:1], mode="rat", max_new_tokens=50)[0]
     assert rec["description"] == "Loves red." and rec["answer"] == "Take red."
+
+
+def test_cli_prompts_in_the_layout_the_model_was_trained_with(world, tmp_path):
+    """`fspo generate` reads the model's fspo_config.json: no dispreferred answers if trained without."""
+    from typer.testing import CliRunner
+
+    from fspo.cli import app
+    from fspo.data.io import write_records
+    from fspo.data.schema import Episode
+    from fspo.data.template import TemplateOptions
+    from fspo.eval.records import trained_layout
+
+    _, episodes, model, tok = world
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "fspo_config.json").write_text(json.dumps({"include_dispreferred": False, "rat": "none"}))
+    eps_file = tmp_path / "episodes.jsonl"
+    write_records(eps_file, episodes[:2], Episode)
+    assert trained_layout(folder).include_dispreferred is False
+    assert trained_layout(folder, include_dispreferred=True).include_dispreferred is True
+    assert trained_layout(tmp_path).include_dispreferred is True  # no config: the default layout
+
+    def lengths(*extra):
+        out = tmp_path / f"gen{len(extra)}.jsonl"
+        args = ["generate", "--model", folder, "--episodes", eps_file, "--out", out, "--max-new-tokens", 2]
+        args += extra
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return [json.loads(line)["prompt_tokens"] for line in out.read_text().splitlines()]
+
+    no_dispreferred = TemplateOptions(include_dispreferred=False)
+    trained = [len(prompt_ids(e, tok, options=no_dispreferred)) for e in episodes[:2]]
+    default = [len(prompt_ids(e, tok)) for e in episodes[:2]]
+    assert trained != default
+    assert lengths() == trained
+    assert lengths("--dispreferred") == default

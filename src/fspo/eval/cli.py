@@ -36,10 +36,13 @@ def accuracy(
     batch_size: int = typer.Option(8, min=1),
     max_episodes: int | None = typer.Option(None, help="At most this many episodes per split (quick runs)."),
     out: Path = typer.Option(Path("accuracy.json"), help="Output JSON."),
+    dispreferred: bool | None = typer.Option(
+        None, help="Show the shots' dispreferred answers (default: as the model was trained)."
+    ),
 ) -> None:
     """Preference accuracy of the model's implicit reward, per split, vs the number of shots."""
     from fspo.eval.accuracy import accuracy_curve, group_by_split
-    from fspo.eval.records import load_test_episodes
+    from fspo.eval.records import load_test_episodes, trained_layout
     from fspo.files import atomic_write_json
     from fspo.models.loading import load_model, load_tokenizer
 
@@ -56,6 +59,7 @@ def accuracy(
         ref_model=load_model(ref) if ref else None,
         beta=beta,
         batch_size=batch_size,
+        options=trained_layout(model, dispreferred),
         model_name=str(model),
     )
     atomic_write_json(out, result)
@@ -141,10 +145,13 @@ def generate(
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
     seed: int = typer.Option(0),
     batch_size: int = typer.Option(8, min=1),
+    dispreferred: bool | None = typer.Option(
+        None, help="Show the shots' dispreferred answers (default: as the model was trained)."
+    ),
 ) -> None:
     """Generate a personalized answer for each test episode from its user's shots."""
     from fspo.eval.generate import Mode, generate_for_episodes
-    from fspo.eval.records import load_test_episodes, users_by_id
+    from fspo.eval.records import load_test_episodes, trained_layout, users_by_id
     from fspo.models.loading import load_model, load_tokenizer
 
     try:
@@ -164,6 +171,7 @@ def generate(
         top_p=top_p,
         seed=seed,
         batch_size=batch_size,
+        options=trained_layout(model, dispreferred),  # the mode sets the description layout
         users=users_by_id(users) if users else None,
         out=out,
         progress=True,
