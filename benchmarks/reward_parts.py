@@ -22,16 +22,22 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from functools import cache
 from pathlib import Path
 
 from fspo.eval.records import users_by_id
-from fspo.sim.base import RELEVANCE, get_domain
+from fspo.sim.base import RELEVANCE, Domain, get_domain
 
 
 def parts(users_path: Path, generation_files: list[Path]) -> dict[str, dict[str, dict[str, float]]]:
     """{system: {group: {"relevance", "own_trait", "n"}}} with group "all" over every record."""
     users = users_by_id(users_path)
-    domains: dict[str, object] = {}
+
+    @cache
+    def domain_of(name: str) -> tuple[Domain, dict[str, int]]:  # one domain and column index per name
+        domain = get_domain(name)
+        return domain, {c: i for i, c in enumerate(domain.columns)}
+
     out: dict[str, dict[str, dict[str, float]]] = {}
     for path in generation_files:
         sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0])
@@ -43,9 +49,7 @@ def parts(users_path: Path, generation_files: list[Path]) -> dict[str, dict[str,
             if user is None:
                 raise SystemExit(f"{path}:{line_no}: user {rec['user_id']!r} is not in {users_path}")
             meta = user.metadata or {}
-            name = meta["domain"]
-            domain = domains.setdefault(name, get_domain(name))
-            col = {c: i for i, c in enumerate(domain.columns)}
+            domain, col = domain_of(meta["domain"])
             traits = domain.check_traits(meta.get("traits"))
             phi = domain.featurize(rec["question"], rec["answer"])
             own = [phi[col[f"{k}={v['value']}"]] for k, v in traits.items() if f"{k}={v['value']}" in col]

@@ -173,12 +173,13 @@ def test_cli_prompts_in_the_layout_the_model_was_trained_with(world, tmp_path):
     from fspo.data.schema import Episode
     from fspo.data.template import TemplateOptions
     from fspo.eval.records import trained_layout
+    from fspo.train.config import CONFIG_FILE, TrainConfig
 
     _, episodes, model, tok = world
     folder = tmp_path / "model"
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    (folder / "fspo_config.json").write_text(json.dumps({"include_dispreferred": False, "rat": "none"}))
+    TrainConfig(model="m", episodes="e", include_dispreferred=False).save(folder / CONFIG_FILE)
     eps_file = tmp_path / "episodes.jsonl"
     write_records(eps_file, episodes[:2], Episode)
     assert trained_layout(folder).include_dispreferred is False

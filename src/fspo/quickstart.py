@@ -368,23 +368,19 @@ def _generate(p: Profile, runner: StageRunner, folder: Path, model_dir: str) -> 
 
 
 def _accuracy(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
-    from fspo.data.template import DescriptionMode, TemplateOptions
     from fspo.eval import accuracy_curve
+    from fspo.eval.records import trained_layout
     from fspo.files import atomic_write_json
     from fspo.models.loading import load_model, load_tokenizer
 
     episodes = _test_episodes(p, runner)  # accuracy_curve groups them by split
     curves = {}
-    for label, stage, ref, rat in (
-        ("fspo", "fspo", "sft", False),
-        ("fspo-rat", "fspo_rat", "sft_rat", True),
-        ("population-ipo", "pop_ipo", "pop_sft", False),
+    for label, stage, ref in (
+        ("fspo", "fspo", "sft"),
+        ("fspo-rat", "fspo_rat", "sft_rat"),
+        ("population-ipo", "pop_ipo", "pop_sft"),
     ):
         path = runner.folder(stage) / "model"
-        options = TemplateOptions(
-            include_dispreferred=p.include_dispreferred,
-            description=DescriptionMode.TARGET if rat else DescriptionMode.NONE,
-        )
         curves[label] = accuracy_curve(
             load_model(path),
             load_tokenizer(path),
@@ -392,7 +388,7 @@ def _accuracy(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
             shots=p.accuracy_shots,
             ref_model=load_model(runner.folder(ref) / "model"),
             beta=p.beta,
-            options=options,
+            options=trained_layout(path),  # as each was trained: shots' layout, RAT's description
             model_name=label,
         )
     atomic_write_json(folder / "accuracy.json", curves)

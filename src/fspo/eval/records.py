@@ -7,14 +7,13 @@ read with the same row iterator and checked for the fields pairing needs.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from fspo.data.io import iter_rows, read_records
 from fspo.data.schema import Episode, User
-from fspo.data.template import DescriptionMode, TemplateOptions
+from fspo.data.template import TemplateOptions
 from fspo.errors import DataError, UserError
 
 TEST_SPLITS = ("test_seen", "test_unseen")
@@ -42,30 +41,22 @@ def load_test_episodes(path: str | Path, splits: Iterable[str] = TEST_SPLITS) ->
 
 
 def trained_layout(model: str | Path, include_dispreferred: bool | None = None) -> TemplateOptions:
-    """The prompt layout `model` was trained with, read from its ``fspo_config.json``.
+    """The prompt layout `model` was trained with, from the training config saved in its folder.
 
     Why: a model fine-tuned on shots without dispreferred answers, or inside a chat template, must
     be prompted the same way at evaluation; the default layout would silently score or generate
-    from prompts it never saw. RAT models get the description as their target (the RAT layout).
-    Folders without the file (a base model) get the default layout. `include_dispreferred`, when
-    given, overrides the trained value.
+    from prompts it never saw. The config's own `TrainConfig.template_options` decides (RAT models
+    get their description layout), without its token budget: evaluation drops no shots. Folders
+    without the file (a base model) get the default layout. `include_dispreferred`, when given,
+    overrides the trained value.
     """
-    path = Path(model) / "fspo_config.json"
-    trained: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            trained = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
-    shown = include_dispreferred
-    if shown is None:
-        shown = trained.get("include_dispreferred", True)
-    rat = trained.get("rat", "none")
-    return TemplateOptions(
-        include_dispreferred=bool(shown),
-        chat_template=bool(trained.get("chat_template", False)),
-        description=DescriptionMode.TARGET if rat == "target" else DescriptionMode.NONE,
-    )
+    from fspo.train.config import CONFIG_FILE, load_config
+
+    path = Path(model) / CONFIG_FILE
+    override = {"include_dispreferred": include_dispreferred}
+    if not path.is_file():
+        return TemplateOptions(**{k: v for k, v in override.items() if v is not None})
+    return load_config(path, override).template_options().model_copy(update={"max_tokens": None})
 
 
 def users_by_id(path: str | Path) -> dict[str, User]:

@@ -119,7 +119,7 @@ def styled_documents(
     * ``contrast``: its preference layout, the writer's answer as the preferred one and an answer in
       a fresh random style as the dispreferred one, so what to copy is the *difference*;
     * ``task``: the shots, then the last answer in the template's few-shot task block (``# Task``,
-      `TASK_PLAIN`), exactly where an FSPO prompt without dispreferred answers asks for the answer.
+      `task_prompt`), exactly where an FSPO prompt without dispreferred answers asks for the answer.
       A copier learned only in the ``examples`` layout does not copy there (docs/train.md, ninth round).
 
     No leak of the simulated population: styles are uniform over every combination (the test
