@@ -52,11 +52,11 @@ from fspo.data.episodes import build_episodes, load_episodes, write_episodes
 from fspo.data.schema import Episode
 from fspo.data.template import PREFERRED, TemplateOptions, render, response_heading
 from fspo.eval import accuracy_curve
+from fspo.infer.logps import score_targets
 from fspo.models.loading import load_model, load_tokenizer
 from fspo.sim import simulate
 from fspo.train.config import CONFIG_FILE, TrainConfig, load_config
 from fspo.train.data import limit_shots
-from fspo.train.logps import score_targets
 from fspo.train.trainer import train
 
 

@@ -12,7 +12,7 @@ the simulator, judged by each user's exact reward:
   model), with and without shots;
 * the wall time of every stage and the training curves (from each run's ``metrics.jsonl``).
 
-Stages are cached under ``--out`` (`fspo.stages.StageRunner`): a killed run resumes (training from
+Stages are cached under ``--out`` (`fspo.core.stages.StageRunner`): a killed run resumes (training from
 its checkpoints, generation from its append log) and a finished one prints its table again.
 
     python benchmarks/smollm2_fspo.py --episodes runs/quickstart/episodes \\
@@ -34,14 +34,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from fspo.core.files import atomic_write_jsonl
+from fspo.core.stages import StageRunner
 from fspo.data.episodes import load_episodes
 from fspo.data.template import TemplateOptions
 from fspo.eval import accuracy_curve, generate_for_episodes, winrate
 from fspo.eval.records import read_generations
-from fspo.files import atomic_write_jsonl
 from fspo.models.gguf_import import import_gguf
 from fspo.models.loading import load_model, load_tokenizer
-from fspo.stages import StageRunner
 from fspo.train.config import LoraConfig, TrainConfig
 from fspo.train.trainer import train
 

@@ -23,10 +23,10 @@ import torch
 
 from fspo.data.schema import Episode, Preference
 from fspo.data.template import TemplateOptions
+from fspo.infer.logps import compute_pair_logps
 from fspo.models.default import init_model
 from fspo.models.loading import load_model, load_tokenizer
 from fspo.train.data import make_batch, tokenize_episodes
-from fspo.train.logps import compute_pair_logps
 from fspo.train.losses import ipo_loss
 
 WORDS = "the a user likes short long answers with facts stories examples plans science history".split()  # noqa: SIM905

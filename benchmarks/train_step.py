@@ -46,9 +46,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fspo.train.buckets import bucketed_batches, padding_fraction
-from fspo.train.losses import ipo_loss
-from fspo.train.prefix import (
+from fspo.infer.prefix import (
     ContextTokens,
     PairTokens,
     QuestionTokens,
@@ -56,6 +54,8 @@ from fspo.train.prefix import (
     plain_pair_logps,
     shared_pair_logps,
 )
+from fspo.train.buckets import bucketed_batches, padding_fraction
+from fspo.train.losses import ipo_loss
 from fspo.train.refcache import reference_logps
 
 VOCAB = 8192

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from fspo.core.errors import DataError, UserError
 from fspo.data.adapters import import_released
 from fspo.data.schema import Preference
-from fspo.errors import DataError, UserError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fspo.core.errors import DataError, UserError
 from fspo.data.io import (
     ReadReport,
     iter_records,
@@ -17,7 +18,6 @@ from fspo.data.io import (
     write_records,
 )
 from fspo.data.schema import Episode, Preference, User
-from fspo.errors import DataError, UserError
 
 
 def pref(user: str = "u1", q: str = "q", c: str = "yes", r: str = "no", **meta) -> Preference:

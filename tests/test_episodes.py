@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fspo.core.errors import UserError
 from fspo.data.episodes import SPLITS, build_episodes, load_episodes, load_meta, write_episodes
 from fspo.data.schema import Episode, Preference, User
-from fspo.errors import UserError
 
 
 def item(p: Preference) -> tuple[str, str, str, str]:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from fspo.core.errors import DataError, UserError
 from fspo.data.template import (
     PREFERRED,
     TemplateOptions,
@@ -13,9 +14,9 @@ from fspo.data.template import (
     render_target,
     response_heading_ids,
 )
-from fspo.errors import DataError, UserError
-from fspo.eval.generate import answer_finished, generate_for_episodes, partial_path, prompt_ids
-from fspo.train.logps import prompt_token_ids
+from fspo.data.tokens import prompt_token_ids
+from fspo.eval.generate import generate_for_episodes, partial_path
+from fspo.infer.generate import answer_finished, prompt_ids
 from test_eval_helpers import toy_episodes, toy_users
 
 
@@ -135,7 +136,7 @@ def test_answer_finished_rules():
 def test_stopping_criterion_stops_rows_independently(world):
     import torch
 
-    from fspo.eval.generate import _stopping_criteria
+    from fspo.infer.generate import stopping_criteria
 
     _, _, _, tok = world
     prompt = tok("prompt", add_special_tokens=False)["input_ids"]
@@ -145,7 +146,7 @@ def test_stopping_criterion_stops_rows_independently(world):
     ]
     width = max(map(len, rows))
     ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
-    done = _stopping_criteria(tok, len(prompt), rat=False)(ids, None)
+    done = stopping_criteria(tok, len(prompt), rat=False)(ids, None)
     assert done.tolist() == [True, False]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import binomtest
 
-from fspo.errors import DataError, UserError
+from fspo.core.errors import DataError, UserError
 from fspo.eval.accuracy import accuracy_curve
 from fspo.eval.judges import ExactRewardJudge
 from fspo.eval.stats import bootstrap_interval, wilson_interval
@@ -177,7 +177,7 @@ def test_prefix_shared_pair_scores_equal_separate_target_scores(files):
     """The accuracy curve's default scorer (one prompt pass per pair) gives `score_targets`' numbers."""
     from fspo.data.template import render
     from fspo.eval.accuracy import pair_margins
-    from fspo.train.logps import score_pairs, score_targets
+    from fspo.infer.logps import score_pairs, score_targets
     from test_eval_helpers import tiny_model
 
     episodes = files["episodes"]

@@ -9,7 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from fspo.errors import UserError
+from fspo.core.errors import UserError
 from fspo.models import gguf_import
 from fspo.models.gguf_import import MARKER, import_gguf, register_import_command, resolve_source
 

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from eval_openai_server import openai_server
-from fspo.errors import UserError
+from fspo.core.errors import UserError
 from fspo.eval.judges import ExactRewardJudge, OpenAIJudge, make_judge, parse_verdict
 from test_eval_helpers import fav_reward_for, toy_users
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fspo.errors import UserError
+from fspo.core.errors import UserError
 from fspo.models.default import init_model, read_corpus
 from fspo.models.loading import load_model, load_tokenizer
 from fspo.models.pretrain import pack, pretrain, template_documents

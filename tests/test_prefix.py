@@ -16,8 +16,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from fspo.train import prefix
-from fspo.train.prefix import (
+from fspo.infer import prefix
+from fspo.infer.prefix import (
     ContextTokens,
     PairTokens,
     QuestionTokens,
@@ -213,7 +213,7 @@ def test_fallback_for_unsupported_model_logs_once(caplog):
     assert not ok and "gpt_neox" in reason
     prefix._warned.clear()
     pairs = rand_pairs(4)
-    with caplog.at_level(logging.WARNING, logger="fspo.train.prefix"):
+    with caplog.at_level(logging.WARNING, logger="fspo.infer.prefix"):
         got = pair_logps(model, [ContextTokens.of(p) for p in pairs], PAD)
         pair_logps(model, pairs, PAD)
     warnings = [r for r in caplog.records if "prefix sharing off" in r.getMessage()]

@@ -8,11 +8,11 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from fspo.core.errors import UserError
 from fspo.data.schema import Episode, Preference
-from fspo.errors import UserError
+from fspo.infer.prefix import ContextTokens
 from fspo.train.buckets import bucketed_batches, epoch_batches, padding_fraction
 from fspo.train.contexts import tokenize_contexts, tokenize_pair
-from fspo.train.prefix import ContextTokens
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fspo.errors import UserError
+from fspo.core.errors import UserError
+from fspo.infer.prefix import ContextTokens, PairTokens, QuestionTokens, plain_pair_logps
 from fspo.train import refcache
-from fspo.train.prefix import ContextTokens, PairTokens, QuestionTokens, plain_pair_logps
 from fspo.train.refcache import (
     ReferenceCache,
     cached_reference_logps,

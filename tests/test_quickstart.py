@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from fspo.core.stages import MARKER
 from fspo.quickstart import SYSTEMS, run_quickstart
-from fspo.stages import MARKER
 
 
 def test_quickstart_tiny_runs_every_stage_and_caches(tmp_path):

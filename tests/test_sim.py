@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fspo.core.errors import UserError
 from fspo.data.episodes import build_episodes
 from fspo.data.schema import Preference, User
 from fspo.data.template import TASK, TASK_PLAIN
-from fspo.errors import UserError
 from fspo.sim import corpus, disagreement_matrix, get_domain, prefer, reward_for, simulate, stats
 from fspo.sim.roleplay import HELD_OUT, held_out_pairs, phrase_for
 from fspo.sim.text import words

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from fspo.stages import StageRunner
+from fspo.core.stages import StageRunner
 
 
 def _stage(calls: list[set[str]]):

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from fspo.errors import UserError
+from fspo.core.errors import UserError
 from fspo.synth.backends.openai_http import OpenAIBackend
 from fspo.synth.cache import RequestCache
 from fspo.synth.client import BackendUnavailable, LLMClient, ParseFailure

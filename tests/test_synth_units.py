@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fspo.errors import UserError
+from fspo.core.errors import UserError
 from fspo.synth.backends import Completion
 from fspo.synth.cache import RequestCache, request_key
 from fspo.synth.config import load_config

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fspo.errors import UserError
+from fspo.core.errors import UserError
 from fspo.train.config import CONFIG_FILE, load_config, make_config
 from fspo.train.recipes import recipe
 from fspo.train.trainer import train

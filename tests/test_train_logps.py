@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fspo.models.loading import load_model, load_tokenizer
-from fspo.train.logps import (
+from fspo.infer.logps import (
     IGNORE,
     PairBatch,
     collate_targets,
@@ -18,6 +17,7 @@ from fspo.train.logps import (
     sequence_logps,
     target_token_ids,
 )
+from fspo.models.loading import load_model, load_tokenizer
 from test_train_helpers import tiny_llama, toy_corpus, toy_episodes
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fspo.core.errors import UserError
 from fspo.data.template import PREFERRED, TemplateOptions, render
-from fspo.errors import UserError
+from fspo.infer.logps import collate_targets, forward_logps
 from fspo.train.config import make_config
 from fspo.train.data import tokenize_episodes
-from fspo.train.logps import collate_targets, forward_logps
 from fspo.train.recipes import recipe
 from fspo.train.trainer import train
 from test_train_helpers import tiny_gpt2, tiny_llama, toy_corpus, toy_episodes, write_jsonl

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from fspo.core.errors import UserError
 from fspo.data.episodes import build_episodes
-from fspo.errors import UserError
+from fspo.data.tokens import pad_id_of
 from fspo.train import trainer as T
 from fspo.train.config import make_config
 from fspo.train.contexts import group_examples
 from fspo.train.data import tokenize_episodes
-from fspo.train.logps import pad_id_of
 from fspo.train.losses import sft_loss
 from fspo.train.recipes import recipe
 from fspo.train.refcache import reference_logps

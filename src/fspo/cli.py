@@ -11,7 +11,7 @@ import sys
 import typer
 from rich.console import Console
 
-from fspo.errors import UserError
+from fspo.core.errors import UserError
 
 app = typer.Typer(
     name="fspo",

@@ -4,7 +4,7 @@ simulate users → episodes → tokenizer + model + LM pretraining → few-shot 
 the same with RAT, and the zero-shot population baseline → personalized generation for every system
 of the paper → win rates judged by each simulated user's exact reward → accuracy vs shots → report.
 
-Every stage is cached under `out/<stage>/` (see `fspo.stages`), so a second run only redoes what
+Every stage is cached under `out/<stage>/` (see `fspo.core.stages`), so a second run only redoes what
 changed; training stages resume from their checkpoints after a kill. The numbers printed at the end
 are the ones written to `out/report/results.json`.
 """
@@ -19,9 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.table import Table
 
-from fspo.errors import UserError
+from fspo.core.errors import UserError
+from fspo.core.stages import StageRunner
 from fspo.sim.corpus import StyledLayout
-from fspo.stages import StageRunner
 
 
 class Profile(BaseModel):
@@ -368,9 +368,9 @@ def _generate(p: Profile, runner: StageRunner, folder: Path, model_dir: str) -> 
 
 
 def _accuracy(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
+    from fspo.core.files import atomic_write_json
     from fspo.eval import accuracy_curve
     from fspo.eval.records import trained_layout
-    from fspo.files import atomic_write_json
     from fspo.models.loading import load_model, load_tokenizer
 
     episodes = _test_episodes(p, runner)  # accuracy_curve groups them by split

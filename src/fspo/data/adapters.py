@@ -29,9 +29,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from fspo.core.errors import DataError, UserError
 from fspo.data.io import format_validation_error, iter_rows
 from fspo.data.schema import Preference, User
-from fspo.errors import DataError, UserError
 
 ROLEPLAY_COLUMNS = ("x", "yw", "yl", "level", "score_persona")
 PAIR_COLUMNS = ("prompt", "response_x", "response_y", "label", "scorer_level")

@@ -125,8 +125,8 @@ def validate(
     skip_invalid: bool = typer.Option(False, help="Report invalid records instead of failing."),
 ) -> None:
     """Check every record of a file; exit status 2 and a list of 'file:line: field: message' if bad."""
+    from fspo.core.errors import UserError
     from fspo.data.io import read_records_with_report
-    from fspo.errors import UserError
 
     if kind not in RECORD_TYPES:
         raise UserError(f"--kind must be one of {', '.join(RECORD_TYPES)}, got {kind!r}")
@@ -149,8 +149,8 @@ def convert(
     skip_invalid: bool = typer.Option(False, help="Skip invalid records (and list them) instead of failing."),
 ) -> None:
     """Convert a record file between JSONL and Parquet (records are validated on the way)."""
+    from fspo.core.errors import UserError
     from fspo.data.io import read_records_with_report, write_records
-    from fspo.errors import UserError
 
     kind = kind or _guess_kind(src)
     if kind not in RECORD_TYPES:
@@ -166,7 +166,7 @@ def convert(
 
 def _guess_kind(path: Path) -> str:
     """preferences.* -> preference, users.* -> user, train/test_*.* -> episode."""
-    from fspo.errors import UserError
+    from fspo.core.errors import UserError
 
     stem = path.stem.lower()
     if "pref" in stem:

@@ -43,10 +43,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fspo.core.errors import UserError
+from fspo.core.files import atomic_write_json
 from fspo.data.io import gc_paused, read_records, write_records
 from fspo.data.schema import Episode, Preference, User
-from fspo.errors import UserError
-from fspo.files import atomic_write_json
 
 SPLITS = ("train", "test_seen", "test_unseen")
 META_FILE = "meta.json"

@@ -2,7 +2,7 @@
 
 Every stage reads its inputs through `read_records`/`iter_records` and writes through
 `write_records`, so a bad record is caught where it enters, named by 'file:line: field: message',
-and an output file is either complete or absent (atomic writes from `fspo.files`).
+and an output file is either complete or absent (atomic writes from `fspo.core.files`).
 
 Why the pieces:
   * JSONL is parsed here, line by line in binary mode, because `datasets`' JSON loader reports
@@ -28,9 +28,9 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from fspo.core.errors import DataError, UserError
+from fspo.core.files import atomic_open
 from fspo.data.schema import Episode, Preference, User
-from fspo.errors import DataError, UserError
-from fspo.files import atomic_open
 
 R = TypeVar("R", Preference, User, Episode)
 

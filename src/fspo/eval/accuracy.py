@@ -52,7 +52,7 @@ def pair_margins(
     """
     rendered = [render(e.model_copy(update={"shots": e.shots[:k]}), options, tokenizer) for e in episodes]
     if score_fn is None:
-        from fspo.train.logps import score_pairs
+        from fspo.infer.logps import score_pairs
 
         args = ([r.prompt for r in rendered], [r.chosen for r in rendered], [r.rejected for r in rendered])
         chosen, rejected = score_pairs(model, tokenizer, *args, batch_size=batch_size)

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fspo.errors import UserError
+from fspo.core.errors import UserError
 
 console = Console()
 
@@ -41,9 +41,9 @@ def accuracy(
     ),
 ) -> None:
     """Preference accuracy of the model's implicit reward, per split, vs the number of shots."""
+    from fspo.core.files import atomic_write_json
     from fspo.eval.accuracy import accuracy_curve, group_by_split
     from fspo.eval.records import load_test_episodes, trained_layout
-    from fspo.files import atomic_write_json
     from fspo.models.loading import load_model, load_tokenizer
 
     ks = _parse_shots(shots)

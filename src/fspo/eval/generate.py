@@ -1,168 +1,23 @@
-"""Personalized generation: answer each test episode's query for its user, from that user's shots.
+"""Personalized generation of a test set: answer each episode's query for its user, from that user's shots.
 
-The prompt is the one template's `render_generation_prompt`, so evaluation sees exactly the text
-training saw. In ``plain`` and ``oracle`` modes the response heading is appended *as token ids*
-after the prompt ids (prompt and heading tokenized separately, as training tokenizes prompt and
-target separately) so that the model continues from the same token boundary it learned; in ``rat``
-mode the model writes ``## User Description`` itself, then the response heading and the answer.
-
-Generation is `model.generate` (KV cache, left padding, greedy or seeded sampling) with one extra
-stopping rule: a row stops once its answer has a line starting with '#', since a model that keeps
-going starts another example. `parse_generation` then cuts the answer there.
-
-Outputs are JSONL, one record per episode, written atomically at the end; finished batches go to an
-append log beside the output first, so a killed run resumes where it stopped.
+Prompts and decoding are `fspo.infer.generate`'s (the same path serving uses). Outputs are JSONL,
+one record per episode, written atomically at the end; finished batches go to an append log beside
+the output first, so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from fspo.core.errors import DataError, UserError
+from fspo.core.files import AppendLog, atomic_write_jsonl
 from fspo.data.schema import Episode, User
-from fspo.data.template import (
-    PREFERRED,
-    RESPONSE,
-    DescriptionMode,
-    TemplateOptions,
-    parse_generation,
-    render_generation_prompt,
-    response_heading_ids,
-)
-from fspo.errors import DataError, UserError
-from fspo.files import AppendLog, atomic_write_jsonl
-from fspo.train.logps import prompt_token_ids
+from fspo.data.template import TemplateOptions, parse_generation
+from fspo.infer.generate import Mode, answer_finished, batch_seed, generate_batch, prompt_ids
 
 SETTINGS = ("system", "mode", "shots", "max_new_tokens", "temperature", "top_p", "seed")
-
-
-class Mode(StrEnum):
-    PLAIN = "plain"  # the user's shots, then the answer
-    RAT = "rat"  # the model writes a user description, then the answer
-    ORACLE = "oracle"  # the true user description ends the prompt
-
-
-def template_options(mode: Mode | str, base: TemplateOptions | None = None) -> TemplateOptions:
-    """The template options of a generation mode (layout options such as chat wrapping kept from `base`)."""
-    description = {
-        Mode.PLAIN: DescriptionMode.NONE,
-        Mode.RAT: DescriptionMode.TARGET,
-        Mode.ORACLE: DescriptionMode.PROMPT,
-    }[Mode(mode)]
-    return (base or TemplateOptions()).model_copy(update={"description": description, "max_tokens": None})
-
-
-def prompt_ids(
-    episode: Episode,
-    tokenizer: Any,
-    mode: Mode | str = Mode.PLAIN,
-    shots: int | None = None,
-    options: TemplateOptions | None = None,
-    description: str | None = None,
-) -> list[int]:
-    """Token ids the model continues: the rendered prompt, plus the response heading unless RAT."""
-    mode = Mode(mode)
-    opts = template_options(mode, options)
-    used = episode.shots if shots is None else episode.shots[:shots]
-    desc = description or episode.description
-    if mode is Mode.ORACLE and not desc:
-        raise DataError(
-            f"episode {episode.episode_id!r}: oracle mode needs the user's description (none found)"
-        )
-    text = render_generation_prompt(used, episode.query.question, opts, tokenizer, description=desc)
-    ids = prompt_token_ids(tokenizer, text)  # exactly as training tokenizes prompts
-    if mode is not Mode.RAT:
-        ids += response_heading_ids(opts, tokenizer)  # as in training targets, not tokenized alone
-    return ids
-
-
-def answer_finished(text: str, rat: bool) -> bool:
-    """Whether generated `text` already holds a whole answer (a later line starts with '#').
-
-    In RAT mode the answer only starts after the response heading, so headings before it (the
-    description's) do not count.
-    """
-    if rat:
-        cut = -1
-        for heading in (PREFERRED.strip(), RESPONSE.strip()):
-            pos = text.find(heading)
-            if pos >= 0 and (cut < 0 or pos < cut):
-                cut = pos
-        if cut < 0:
-            return False
-        newline = text.find("\n", cut)
-        if newline < 0:
-            return False
-        text = text[newline + 1 :]
-    return text.startswith("#") or "\n#" in text
-
-
-def _stopping_criteria(tokenizer: Any, prompt_len: int, rat: bool) -> Any:
-    import torch
-    from transformers import StoppingCriteria
-
-    class StopAtHeading(StoppingCriteria):
-        """Per row: stop once the answer is followed by a markdown heading."""
-
-        def __call__(
-            self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
-        ) -> torch.BoolTensor:
-            texts = tokenizer.batch_decode(input_ids[:, prompt_len:], skip_special_tokens=True)
-            return torch.tensor([answer_finished(t, rat) for t in texts], device=input_ids.device)
-
-    return StopAtHeading()
-
-
-def _batch_seed(seed: int, episode_ids: Sequence[str]) -> int:
-    # Seeded by the batch's content, not its position, so a resumed run samples the same way.
-    blob = f"{seed}:{'|'.join(episode_ids)}".encode()
-    return int.from_bytes(hashlib.sha256(blob).digest()[:4], "little")
-
-
-def generate_batch(
-    model: Any,
-    tokenizer: Any,
-    batch: Sequence[list[int]],
-    *,
-    rat: bool,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int,
-) -> list[list[int]]:
-    """New token ids for each prompt of `batch` (left-padded, KV-cached `model.generate`)."""
-    import torch
-
-    width = max(len(ids) for ids in batch)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
-    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
-    kwargs: dict[str, Any] = {"do_sample": temperature > 0}
-    if temperature > 0:
-        kwargs.update(temperature=temperature, top_p=top_p)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-            stopping_criteria=[_stopping_criteria(tokenizer, width, rat)],
-            use_cache=True,
-            **kwargs,
-        )
-    rows = []
-    for row in out[:, width:].tolist():
-        while row and row[-1] == pad and pad != tokenizer.eos_token_id:
-            row.pop()
-        if tokenizer.eos_token_id in row:
-            row = row[: row.index(tokenizer.eos_token_id) + 1]
-        rows.append(row)
-    return rows
 
 
 def _record(
@@ -281,7 +136,7 @@ def generate_for_episodes(
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
                 top_p=top_p,
-                seed=_batch_seed(seed, [e.episode_id for e, _ in chunk]),
+                seed=batch_seed(seed, [e.episode_id for e, _ in chunk]),
             )
             for (episode, ids), new_ids in zip(chunk, new, strict=True):
                 rec = _record(episode, new_ids, len(ids), tokenizer, settings)

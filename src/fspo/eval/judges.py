@@ -27,9 +27,9 @@ from pathlib import Path
 from string import Template
 from typing import Any, Protocol, runtime_checkable
 
+from fspo.core.errors import UserError
+from fspo.core.files import AppendLog
 from fspo.data.schema import User
-from fspo.errors import UserError
-from fspo.files import AppendLog
 
 PROMPTS = Path(__file__).parent / "prompts"
 NO_DESCRIPTION = "(no description of this user is available)"

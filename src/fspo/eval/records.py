@@ -11,10 +11,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from fspo.core.errors import DataError, UserError
 from fspo.data.io import iter_rows, read_records
 from fspo.data.schema import Episode, User
 from fspo.data.template import TemplateOptions
-from fspo.errors import DataError, UserError
 
 TEST_SPLITS = ("test_seen", "test_unseen")
 GENERATION_FIELDS = ("episode_id", "user_id", "question", "answer")

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from fspo.core.files import atomic_open, atomic_write_json, atomic_write_text
 from fspo.data.schema import Episode, Preference, User
 from fspo.eval.winrates import WinRate
-from fspo.files import atomic_open, atomic_write_json, atomic_write_text
 
 # The systems of the paper, in the order its tables list them, with display names.
 SYSTEMS: dict[str, str] = {

@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fspo.core.errors import UserError
 from fspo.data.io import read_records
 from fspo.data.schema import Episode, Preference, User
-from fspo.errors import UserError
 from fspo.eval.report import collect_examples, disagreement_matrix, write_report
 from fspo.eval.winrates import WinRate
 

@@ -20,12 +20,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from fspo.core.errors import DataError, UserError
+from fspo.core.files import atomic_write_json
 from fspo.data.schema import User
-from fspo.errors import DataError, UserError
 from fspo.eval.judges import Judge, make_judge, prefer_many
 from fspo.eval.records import read_generations, users_by_id
 from fspo.eval.stats import wilson_interval
-from fspo.files import atomic_write_json
 
 SPLIT_NAMES = {"test_seen": "seen", "test_unseen": "unseen"}
 

@@ -10,7 +10,7 @@ app = typer.Typer(
 
 
 def _texts(corpus: str | None, sim_domain: str | None, seed: int) -> list[str]:
-    from fspo.errors import UserError
+    from fspo.core.errors import UserError
     from fspo.models.corpus import sim_texts
     from fspo.models.default import read_corpus
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fspo.errors import UserError
+from fspo.core.errors import UserError
 
 
 def sim_texts(domain: str, seed: int = 0, n_users: int = 200, prefs_per_user: int = 20) -> list[str]:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from fspo.files import atomic_write_json
+from fspo.core.files import atomic_write_json
 
 Size = Literal["tiny", "small", "medium", "base"]
 
@@ -38,7 +38,7 @@ def init_model(
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fspo.errors import UserError
+    from fspo.core.errors import UserError
     from fspo.models.tokenizer import train_tokenizer
 
     if size not in SIZES:
@@ -75,7 +75,7 @@ def init_model(
 
 def read_corpus(path: str | Path) -> list[str]:
     """A plain-text corpus: one document per blank-line-separated block (or per line if no blanks)."""
-    from fspo.errors import UserError
+    from fspo.core.errors import UserError
 
     p = Path(path)
     if not p.is_file():

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fspo.errors import UserError
+from fspo.core.errors import UserError
 
 MARKER = "fspo_import.json"
 SAVE_DTYPE = "float32"

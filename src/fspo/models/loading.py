@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fspo.errors import UserError
+from fspo.core.errors import UserError
 
 
 def _not_found(model_id: str, err: Exception) -> UserError:

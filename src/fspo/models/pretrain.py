@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fspo.core.files import atomic_write_json
 from fspo.data.schema import Episode, Preference
 from fspo.data.template import DescriptionMode, TemplateOptions, render
-from fspo.files import atomic_write_json
-from fspo.train.logps import adds_bos
+from fspo.data.tokens import adds_bos
 
 
 def template_documents(preferences: Iterable[Preference], shots: int = 4, seed: int = 0) -> list[str]:
@@ -89,7 +89,7 @@ def pretrain(
     import torch
     from tqdm.auto import tqdm
 
-    from fspo.errors import UserError
+    from fspo.core.errors import UserError
     from fspo.models.loading import load_model, load_tokenizer
 
     model_dir = Path(model_dir)

@@ -33,7 +33,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 3072) -> PreTrainedT
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    # Like Llama: `tokenizer(text)` starts with bos (what `fspo.train.logps` mirrors for prompts).
+    # Like Llama: `tokenizer(text)` starts with bos (what `fspo.infer.logps` mirrors for prompts).
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
     )

@@ -13,9 +13,10 @@ Public API::
     stats(data); disagreement_matrix(data.users, data.preferences)
 """
 
-from fspo.sim.base import SimData, domain_names, get_domain
+from fspo.sim.base import SimData
 from fspo.sim.corpus import corpus
 from fspo.sim.export import read_sim, write_sim
+from fspo.sim.registry import domain_names, get_domain
 from fspo.sim.reward import prefer, reward_for
 from fspo.sim.simulate import simulate
 from fspo.sim.stats import Disagreement, disagreement_matrix, stats

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fspo.errors import UserError
+from fspo.core.errors import UserError
 
 Traits = dict[str, dict[str, Any]]
 """A persona's preferences: ``{trait: {"value": ..., "weight": float}}``, stored in `User.metadata`."""
@@ -170,28 +170,3 @@ class SimData:
     users: list[Any]
     preferences: list[Any]
     info: dict[str, Any] = field(default_factory=dict)
-
-
-_REGISTRY: dict[str, type[Domain]] = {}
-
-
-def register(cls: type[Domain]) -> type[Domain]:
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def domain_names() -> list[str]:
-    _load()
-    return sorted(_REGISTRY)
-
-
-def get_domain(name: str, **options: Any) -> Domain:
-    _load()
-    if name not in _REGISTRY:
-        raise UserError(f"unknown sim domain {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**options)
-
-
-def _load() -> None:
-    # Imported lazily so that `base` has no import cycle with the domain modules.
-    from fspo.sim import elix, reviews, roleplay  # noqa: F401

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fspo.errors import UserError
+from fspo.core.errors import UserError
 
 app = typer.Typer(help="Simulated users with exact rewards (roleplay, reviews, elix).", no_args_is_help=True)
 console = Console()
@@ -71,7 +71,7 @@ def corpus(
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
     """Write plain domain text for pre-training the embedded small model."""
-    from fspo.files import atomic_open, atomic_write_jsonl
+    from fspo.core.files import atomic_open, atomic_write_jsonl
     from fspo.sim import corpus as make_corpus
 
     docs = make_corpus(domain, seed=seed, n=n)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 from typing import Any, Literal
 
-from fspo.errors import UserError
-from fspo.sim.base import get_domain
+from fspo.core.errors import UserError
+from fspo.sim.registry import get_domain
 
 StyledLayout = Literal["examples", "contrast", "task"]
 

@@ -23,8 +23,8 @@ from functools import cached_property
 import numpy as np
 from pydantic import Field
 
-from fspo.errors import UserError
-from fspo.sim.base import RELEVANCE, RELEVANCE_WEIGHT, Domain, DomainOptions, Persona, Traits, register
+from fspo.core.errors import UserError
+from fspo.sim.base import RELEVANCE, RELEVANCE_WEIGHT, Domain, DomainOptions, Persona, Traits
 from fspo.sim.text import content_words, keyword_coverage, ramp, sentence_lengths, wordlist, words, wordset
 
 LEVELS = ("elementary school", "middle school", "high school", "college", "expert")
@@ -104,7 +104,6 @@ class ElixOptions(DomainOptions):
     test_fraction: float = Field(0.2, ge=0, le=1, description="Share of users with a half level (unseen).")
 
 
-@register
 class Elix(Domain):
     name = "elix"
     columns = ("level", RELEVANCE)

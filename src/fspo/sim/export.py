@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fspo.core.files import atomic_write_json
 from fspo.data.io import read_dataset_dir, write_dataset_dir
 from fspo.data.schema import Preference, User
-from fspo.files import atomic_write_json
 from fspo.sim.base import SimData
 from fspo.sim.stats import stats
 

@@ -22,7 +22,7 @@ from functools import cached_property
 
 from pydantic import Field
 
-from fspo.sim.base import RELEVANCE, Domain, DomainOptions, Persona, Traits, register
+from fspo.sim.base import RELEVANCE, Domain, DomainOptions, Persona, Traits
 from fspo.sim.text import capped, content_words, count_words, keyword_coverage, ramp, wordlist, words, wordset
 
 ADJECTIVES = wordlist(
@@ -86,7 +86,6 @@ class ReviewsOptions(DomainOptions):
     test_fraction: float = Field(0.2, ge=0, le=1, description="Share of users of the 4 interpolated types.")
 
 
-@register
 class Reviews(Domain):
     name = "reviews"
     columns = tuple(f"{t}={v}" for t, values in TRAITS.items() for v in values) + (RELEVANCE,)

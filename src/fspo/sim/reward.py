@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import cache
 
+from fspo.core.errors import UserError
 from fspo.data.schema import User
-from fspo.errors import UserError
-from fspo.sim.base import Domain, get_domain
+from fspo.sim.base import Domain
+from fspo.sim.registry import get_domain
 
 
 @cache

@@ -31,7 +31,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from fspo.sim import roleplay_words as W
-from fspo.sim.base import RELEVANCE, Domain, DomainOptions, Persona, Traits, register
+from fspo.sim.base import RELEVANCE, Domain, DomainOptions, Persona, Traits
 from fspo.sim.text import (
     bullet_lines,
     capped,
@@ -139,7 +139,6 @@ class RoleplayOptions(DomainOptions):
         return self
 
 
-@register
 class Roleplay(Domain):
     name = "roleplay"
     columns = _COLUMNS

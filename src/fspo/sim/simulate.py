@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from fspo.core.errors import UserError
 from fspo.data.schema import Preference, User
-from fspo.errors import UserError
-from fspo.sim.base import Domain, SimData, Traits, get_domain
+from fspo.sim.base import Domain, SimData, Traits
+from fspo.sim.registry import get_domain
 
 
 @dataclass

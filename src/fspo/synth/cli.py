@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fspo.errors import UserError
+from fspo.core.errors import UserError
 
 app = typer.Typer(help="Synthetic users and preferences made with an LLM (resumable).", no_args_is_help=True)
 
@@ -49,7 +49,7 @@ def stats(
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
 ) -> None:
     """Diversity, label consistency, per-user agreement and the users' disagreement matrix."""
-    from fspo.files import atomic_write_json
+    from fspo.core.files import atomic_write_json
     from fspo.synth.stats import synth_stats
 
     result = synth_stats(folder, embedding_model, max_users)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fspo.errors import UserError
+from fspo.core.errors import UserError
 
 
 class _Strict(BaseModel):

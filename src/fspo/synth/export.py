@@ -13,8 +13,8 @@ import json
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from fspo.core.files import AppendLog, atomic_open, atomic_write_json, atomic_write_text
 from fspo.data.schema import Preference, User
-from fspo.files import AppendLog, atomic_open, atomic_write_json, atomic_write_text
 from fspo.synth.config import TraitDimension
 
 if TYPE_CHECKING:

@@ -26,8 +26,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from fspo.files import AppendLog, atomic_open, atomic_write_json, atomic_write_text
-from fspo.stages import fingerprint
+from fspo.core.files import AppendLog, atomic_open, atomic_write_json, atomic_write_text
+from fspo.core.stages import fingerprint
 from fspo.synth.backends import make_backend
 from fspo.synth.cache import RequestCache
 from fspo.synth.client import LLMClient, ParseFailure

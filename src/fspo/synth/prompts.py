@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fspo.errors import UserError
+from fspo.core.errors import UserError
 
 NAMES = (
     "traits_propose",

@@ -21,8 +21,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fspo.errors import UserError
-from fspo.files import AppendLog
+from fspo.core.errors import UserError
+from fspo.core.files import AppendLog
 
 
 def distinct_n(texts: Iterable[str], n: int) -> float:

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fspo.files import AppendLog, atomic_write_json
+from fspo.core.files import AppendLog, atomic_write_json
 
 T = TypeVar("T")
 R = TypeVar("R")

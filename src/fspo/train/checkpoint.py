@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fspo.files import atomic_write_json
+from fspo.core.files import atomic_write_json
 
 STATE_FILE = "trainer_state.json"
 

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from fspo.core.errors import UserError
 from fspo.data.template import DescriptionMode, TemplateOptions
-from fspo.errors import UserError
 
 Stage = Literal["sft", "fspo"]
 RatMode = Literal["none", "target", "teacher-forced"]
@@ -150,7 +150,7 @@ class TrainConfig(BaseModel):
         )
 
     def save(self, path: str | Path) -> None:
-        from fspo.files import atomic_write_json
+        from fspo.core.files import atomic_write_json
 
         atomic_write_json(path, self.model_dump(mode="json"))
 

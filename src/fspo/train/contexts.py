@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from fspo.errors import UserError
-from fspo.train.prefix import ContextTokens, PairTokens, QuestionTokens, as_context
+from fspo.core.errors import UserError
+from fspo.infer.prefix import ContextTokens, PairTokens, QuestionTokens, as_context
 
 
 class Unit(NamedTuple):
@@ -74,12 +74,12 @@ def _unit(group: list[Any]) -> Unit:
 
 
 def tokenize_pair(tokenizer: Any, prompt: str, chosen: str, rejected: str) -> PairTokens:
-    """The trainer's tokenization (`fspo.train.logps`): [bos] + prompt ids, each target alone + eos.
+    """The trainer's tokenization (`fspo.infer.logps`): [bos] + prompt ids, each target alone + eos.
 
     Tokenizing the targets separately keeps the prompt/target boundary identical for both answers,
     which is what makes a shared prefix possible at all.
     """
-    from fspo.train.logps import prompt_token_ids, target_token_ids
+    from fspo.data.tokens import prompt_token_ids, target_token_ids
 
     return PairTokens(
         prompt_token_ids(tokenizer, prompt),

@@ -2,7 +2,7 @@
 
 Rendering goes through the one template (`fspo.data.template.render`), so training sees exactly the
 layout evaluation and serving use. Episodes are tokenized once up front (a few thousand episodes take
-seconds) and kept as id lists; batching and padding happen per step (`fspo.train.logps`).
+seconds) and kept as id lists; batching and padding happen per step (`fspo.infer.logps`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from fspo.core.errors import DataError, UserError
 from fspo.data.schema import Episode, Preference
 from fspo.data.template import QUESTION, DescriptionMode, TemplateOptions, render, response_heading
-from fspo.errors import DataError, UserError
-from fspo.train.logps import PairBatch, pad_id_of, prompt_token_ids, target_token_ids
+from fspo.data.tokens import pad_id_of, prompt_token_ids, target_token_ids
+from fspo.infer.logps import PairBatch
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Preference and SFT losses as pure functions of log-probabilities (testable without a model).
 
 Every function takes per-sequence log-probabilities of the *target* tokens, already reduced over the
-sequence by `fspo.train.logps` (``sum`` as in the paper and the DPO/FSPO reference code, or ``mean``
+sequence by `fspo.infer.logps` (``sum`` as in the paper and the DPO/FSPO reference code, or ``mean``
 as TRL/LLaMA-Factory do). The reduction is therefore a property of the log-prob computation, not of
 the loss: with ``sum`` the IPO target margin ``1/(2β)`` is measured in nats over the whole answer
 (β=0.01 → 50 nats), with ``mean`` in nats per token; pick β accordingly.

@@ -26,11 +26,11 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from fspo.errors import UserError
-from fspo.files import atomic_write_text
+from fspo.core.errors import UserError
+from fspo.core.files import atomic_write_text
+from fspo.infer.logps import eval_mode
+from fspo.infer.prefix import ContextTokens, PairTokens, as_context, pair_logps
 from fspo.train.buckets import bucketed_batches
-from fspo.train.logps import eval_mode
-from fspo.train.prefix import ContextTokens, PairTokens, as_context, pair_logps
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
 * ``fspo`` – DPO or IPO against a frozen reference (the starting model, usually the SFT output).
   With zero shots it is the population IPO/DPO baseline.
 
-The loop only orchestrates: log-probs come from `fspo.train.logps` / `fspo.train.prefix`, losses
+The loop only orchestrates: log-probs come from `fspo.infer.logps` / `fspo.infer.prefix`, losses
 from `fspo.train.losses`, episodes from `fspo.train.data` grouped into contexts by
 `fspo.train.contexts`, batch order from `fspo.train.data` / `fspo.train.buckets`, reference
 log-probs from `fspo.train.refcache`, checkpoints from `fspo.train.checkpoint`.
@@ -29,9 +29,17 @@ from typing import Any
 
 import torch
 
-from fspo.errors import UserError
-from fspo.files import AppendLog, atomic_write_json
-from fspo.train import prefix
+from fspo.core.errors import UserError
+from fspo.core.files import AppendLog, atomic_write_json
+from fspo.infer import prefix
+from fspo.infer.logps import (
+    PairBatch,
+    SeqLogps,
+    collate_targets,
+    compute_pair_logps,
+    forward_logps,
+    pad_id_of,
+)
 from fspo.train.buckets import epoch_batches
 from fspo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fspo.train.config import CONFIG_FILE, TrainConfig
@@ -43,14 +51,6 @@ from fspo.train.data import (
     episodes_file,
     load_episodes,
     tokenize_episodes,
-)
-from fspo.train.logps import (
-    PairBatch,
-    SeqLogps,
-    collate_targets,
-    compute_pair_logps,
-    forward_logps,
-    pad_id_of,
 )
 from fspo.train.losses import preference_loss, sft_loss
 from fspo.train.refcache import ReferenceCache, Values, model_fingerprint, reference_logps, sidecar_path
@@ -72,7 +72,7 @@ def _score(cfg: TrainConfig, model: Any, units: list[Unit], pad_id: int) -> tupl
     """Chosen and rejected log-probs of every pair of `units`, in order, in one forward pass.
 
     ``concat`` is the two-sequence path (prompt+chosen and prompt+rejected as one 2B batch);
-    ``prefix`` scores each context as one row (`fspo.train.prefix`, plain fallback when the model
+    ``prefix`` scores each context as one row (`fspo.infer.prefix`, plain fallback when the model
     cannot take a custom mask).
     """
     if cfg.logps_impl == "concat":

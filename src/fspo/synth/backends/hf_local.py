@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from typing import Any
 
-from fspo.errors import UserError
+from fspo.core.errors import UserError
 from fspo.synth.backends import Completion, Messages
 from fspo.synth.config import BackendConfig
 

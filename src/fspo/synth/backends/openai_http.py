@@ -12,7 +12,7 @@ from typing import Any
 
 import openai
 
-from fspo.errors import UserError
+from fspo.core.errors import UserError
 from fspo.synth.backends import Completion, Messages, TransientError
 from fspo.synth.config import BackendConfig
 

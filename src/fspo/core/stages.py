@@ -26,7 +26,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fspo.files import atomic_write_json
+from fspo.core.files import atomic_write_json
 
 MARKER = "_stage.json"
 STARTED = "_started.json"

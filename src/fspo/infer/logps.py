@@ -11,7 +11,7 @@ Reduction: each sequence's target log-probs are returned as a *sum* together wit
 scored tokens; ``mean = sum / count``. `reduce` picks one. The paper's IPO uses ``sum``.
 
 The trainer selects a pair-scoring function by name (`PAIR_LOGPS`): ``concat`` here runs chosen and
-rejected as one 2B batch; a prefix-shared variant (``fspo.train.prefix``) can register itself with
+rejected as one 2B batch; a prefix-shared variant (``fspo.infer.prefix``) can register itself with
 the same signature ``(model, batch: PairBatch) -> (SeqLogps, SeqLogps)``.
 """
 
@@ -25,7 +25,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from fspo.train.prefix import PairTokens, pair_logps
+from fspo.data.tokens import pad_id_of, prompt_token_ids, target_token_ids
+from fspo.infer.prefix import PairTokens, pair_logps
 
 IGNORE = -100
 Reduction = Literal["sum", "mean"]
@@ -72,38 +73,6 @@ class PairBatch:
             2 * len(p) + len(c) + len(r)
             for p, c, r in zip(self.prompt_ids, self.chosen_ids, self.rejected_ids, strict=True)
         )
-
-
-def adds_bos(tokenizer: Any) -> bool:
-    """Whether the tokenizer itself prepends bos (Llama-style) — then prompts start with bos here too.
-
-    Asked of the tokenizer rather than assumed, so a model trained without bos (GPT-2) sees none.
-    """
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    ids = tokenizer("a")["input_ids"]
-    return bool(ids) and ids[0] == bos
-
-
-def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """Prompt ids, with bos prepended exactly when the tokenizer would add it itself."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return ([tokenizer.bos_token_id] if adds_bos(tokenizer) else []) + ids
-
-
-def target_token_ids(tokenizer: Any, target: str) -> list[int]:
-    """Target ids followed by eos, so the model also learns where the answer stops."""
-    ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    return ids + ([eos] if eos is not None else [])
-
-
-def pad_id_of(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id
-    return 0 if pad is None else int(pad)
 
 
 def collate_targets(
@@ -173,8 +142,8 @@ PAIR_LOGPS: dict[str, PairLogpsFn] = {"concat": compute_pair_logps}
 
 
 def _prefix_pair_logps(model: Any, batch: PairBatch) -> tuple[SeqLogps, SeqLogps]:
-    """Adapter to the prefix-shared scorer of `fspo.train.prefix` (same tokens, one pass per prompt)."""
-    from fspo.train import prefix
+    """Adapter to the prefix-shared scorer of `fspo.infer.prefix` (same tokens, one pass per prompt)."""
+    from fspo.infer import prefix
 
     pairs = [
         prefix.PairTokens(p, c, r)
@@ -254,7 +223,7 @@ def score_pairs(
     """log π(chosen | prompt) and log π(rejected | prompt) per pair (summed), as float32 CPU tensors.
 
     The same numbers as two `score_targets` calls, but both answers are scored against one pass over
-    the prompt (`fspo.train.prefix`, falling back to two rows where the model does not support it):
+    the prompt (`fspo.infer.prefix`, falling back to two rows where the model does not support it):
     FSPO prompts are ~10x the answers, so evaluation runs about twice as fast.
     """
     if not len(prompts) == len(chosen) == len(rejected):
