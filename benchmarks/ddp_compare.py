@@ -20,10 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-
-from test_train_helpers import tiny_llama, toy_corpus, toy_episodes, write_jsonl  # noqa: E402
+from fspo.data.io import write_records
+from fspo.data.toy import toy_corpus, toy_episodes, toy_users
+from fspo.models.default import init_model
 
 STEPS = 20
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -56,9 +55,9 @@ def run(root: Path, procs: int) -> tuple[list[dict], float, int]:
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        eps = toy_episodes(n_users=8, per_user=24, shots=2)
-        write_jsonl(root / "train.jsonl", eps)
-        tiny_llama(root / "llama", toy_corpus(eps) * 2)
+        eps = toy_episodes(toy_users(8), per_user=24, shots=2)
+        write_records(root / "train.jsonl", eps)
+        init_model(root / "llama", toy_corpus(eps) * 2, size="tiny", seed=0)
         one, t1, p1 = run(root, 1)
         two, t2, p2 = run(root, 2)
     print(f"processes: {p1} vs {p2}; wall time {t1:.1f}s vs {t2:.1f}s")

@@ -61,7 +61,7 @@ from fspo.data.template import (
 from fspo.models.default import init_model
 from fspo.models.loading import load_model, load_tokenizer
 from fspo.models.pretrain import pretrain
-from fspo.quickstart import Profile, pretraining_texts
+from fspo.quickstart import load_profile, pretraining_texts
 from fspo.sim import corpus, get_domain
 from fspo.sim.corpus import author_examples, favourite_answer, preference_examples, task_prompt
 
@@ -296,16 +296,18 @@ def main() -> None:
     if args.work is None:
         ap.error("--work is required unless --probe is given")
     start = time.perf_counter()
-    mix = Profile(
-        seed=args.seed,
-        corpus_docs=args.docs,
-        corpus_consistent=args.consistent,
-        corpus_consistent_answers=args.answers,
-        corpus_described=args.described,
-        corpus_styled=args.styled,
-        corpus_styled_answers=args.styled_answers,
-        corpus_styled_layout=args.styled_layout,
-        template_docs=args.template_docs,
+    mix = load_profile("default").model_copy(
+        update=dict(
+            seed=args.seed,
+            corpus_docs=args.docs,
+            corpus_consistent=args.consistent,
+            corpus_consistent_answers=args.answers,
+            corpus_described=args.described,
+            corpus_styled=args.styled,
+            corpus_styled_answers=args.styled_answers,
+            corpus_styled_layout=args.styled_layout,
+            template_docs=args.template_docs,
+        )
     )
     texts = pretraining_texts(mix, args.sim)  # exactly the quickstart's `model` stage corpus
     model_dir = init_model(args.work / "model", texts, size=args.size, seed=args.seed)

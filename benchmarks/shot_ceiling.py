@@ -1,6 +1,6 @@
 """How much can N shots tell about a simulated user's next choice? A Bayes ceiling, no model involved.
 
-Why this exists: "accuracy vs shots" (issue #3, `fspo eval accuracy`) is only meaningful next to
+Why this exists: "accuracy vs shots" (`fspo eval accuracy`) is only meaningful next to
 what the shots *could* tell. For simulated users the answer is computable: every preference is
 decided by a linear reward over the domain's exact features, so a learner that knows the feature
 space and holds the training users' personas as its hypotheses can do Bayesian inference from the
@@ -13,7 +13,7 @@ shots. Per held-out episode and number of shots n:
 n = 0 this is the *population* learner, the best a zero-shot model trained on these users can do
 on average; the rise with n is all the personalization there is to learn. On unseen users the
 zero-shot figure can sit below 0.5: their held-out trait combinations invert what the training
-population prefers (docs/train.md, sixth round).
+population prefers (docs/research/shot-ceiling.md).
 
     python benchmarks/shot_ceiling.py --episodes runs/quickstart/episodes \\
         --users runs/quickstart/sim/users.jsonl
@@ -35,7 +35,7 @@ from fspo.data.episodes import load_episodes
 from fspo.data.io import read_records
 from fspo.data.schema import Episode, Preference, User
 from fspo.eval.stats import wilson_interval
-from fspo.sim.base import get_domain
+from fspo.sim.registry import get_domain
 
 
 def pair_difference(domain, pref: Preference) -> np.ndarray:

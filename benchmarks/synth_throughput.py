@@ -1,8 +1,8 @@
-"""Requests per second of the synth LLM client against a local server with a fixed latency.
+"""Requests per second of the LLM client (`fspo.llm.LLMClient`) against a local server with a fixed latency.
 
-Starts the test suite's stub OpenAI server (tests/openai_stub.py) on 127.0.0.1, whose every reply
-takes `--latency` seconds, and sends `--requests` distinct requests through `LLMClient` (the real
-openai client, retries and accounting; no cache) at each concurrency limit. With a fixed latency L
+Starts the stub OpenAI server (`fspo.llm.stub`) on 127.0.0.1, whose every reply takes `--latency`
+seconds, and sends `--requests` distinct requests through `LLMClient` (the real openai client,
+retries and accounting; no cache) at each concurrency limit. With a fixed latency L
 and limit C the ideal is C / L requests per second: the table shows how close the client comes and
 the most requests the *server* saw in flight at once (it should equal C). The last line is one JSON
 object with every row.
@@ -15,17 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from fspo.synth.backends.openai_http import OpenAIBackend  # noqa: E402
-from fspo.synth.client import LLMClient  # noqa: E402
-from fspo.synth.config import BackendConfig  # noqa: E402
-from openai_stub import Reply, serve_openai  # noqa: E402
+from fspo.llm import BackendConfig, LLMClient
+from fspo.llm.backends.openai_http import OpenAIBackend
+from fspo.llm.stub import Reply, serve_openai
 
 
 async def _measure(base_url: str, concurrency: int, n: int) -> tuple[float, int]:

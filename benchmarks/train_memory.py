@@ -23,10 +23,11 @@ import torch
 
 from fspo.data.schema import Episode, Preference
 from fspo.data.template import TemplateOptions
+from fspo.data.tokens import pad_id_of
 from fspo.infer.logps import compute_pair_logps
 from fspo.models.default import init_model
 from fspo.models.loading import load_model, load_tokenizer
-from fspo.train.data import make_batch, tokenize_episodes
+from fspo.train.data import tokenize_episodes
 from fspo.train.losses import ipo_loss
 
 WORDS = "the a user likes short long answers with facts stories examples plans science history".split()  # noqa: SIM905
@@ -64,12 +65,12 @@ def measure(model_dir: Path, shots: int, steps: int, batch_size: int, include_di
     examples, _ = tokenize_episodes(synthetic_episodes(shots, batch_size * (steps + 1)), tok, options)
     times, tokens, py_peak = [], 0, 0
     for s in range(steps + 1):  # step 0 is warm-up, not timed
-        batch = make_batch(examples[s * batch_size : (s + 1) * batch_size], tok)
+        batch = [e.tokens for e in examples[s * batch_size : (s + 1) * batch_size]]
         tracemalloc.start()
         t = time.perf_counter()
         with torch.no_grad():
-            rc, rr = compute_pair_logps(ref, batch)
-        pc, pr = compute_pair_logps(policy, batch)
+            rc, rr = compute_pair_logps(ref, batch, pad_id_of(tok))
+        pc, pr = compute_pair_logps(policy, batch, pad_id_of(tok))
         ipo_loss(pc.sum, pr.sum, rc.sum, rr.sum, beta=0.1).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -78,11 +79,11 @@ def measure(model_dir: Path, shots: int, steps: int, batch_size: int, include_di
         tracemalloc.stop()
         if s:
             times.append(elapsed)
-            tokens += batch.num_tokens
+            tokens += sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in batch)
     return {
         "shots": shots,
         "batch_size": batch_size,
-        "mean_prompt_tokens": sum(len(e.prompt_ids) for e in examples) / len(examples),
+        "mean_prompt_tokens": sum(len(e.tokens.prompt) for e in examples) / len(examples),
         "step_s": sum(times) / len(times),
         "train_tok_per_s": tokens / sum(times),
         "peak_rss_mb": peak_rss_mb(),

@@ -44,16 +44,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-from fspo.infer.prefix import (
-    ContextTokens,
-    PairTokens,
-    QuestionTokens,
-    pair_logps,
-    plain_pair_logps,
-    shared_pair_logps,
-)
+from fspo.infer.pairs import ContextTokens, PairTokens, QuestionTokens
+from fspo.infer.prefix import pair_logps, plain_pair_logps, shared_pair_logps
+from fspo.models.tiny import tiny_llama
 from fspo.train.buckets import bucketed_batches, padding_fraction
 from fspo.train.losses import ipo_loss
 from fspo.train.refcache import reference_logps
@@ -68,9 +63,8 @@ HEADING = 5
 
 
 def model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
+    return tiny_llama(
+        VOCAB,
         hidden_size=256,
         intermediate_size=768,
         num_hidden_layers=4,
@@ -78,8 +72,7 @@ def model() -> LlamaForCausalLM:
         num_key_value_heads=4,
         max_position_embeddings=4096,
         tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").train()
+    ).train()
 
 
 def episode(rng: random.Random, shots: int) -> PairTokens:
@@ -133,8 +126,8 @@ def batches_for(
 def step(policy: LlamaForCausalLM, path: str, batch: list[PairTokens]) -> None:
     policy.zero_grad(set_to_none=True)
     fn = plain_pair_logps if path == "plain" else shared_pair_logps
-    lp = fn(policy, batch, PAD)
-    (lp.chosen - lp.rejected).sum().backward()
+    chosen, rejected = fn(policy, batch, PAD)
+    (chosen.sum - rejected.sum).sum().backward()
 
 
 def run(shots: int, episodes: int, batch_size: int, reps: int, seed: int, memory: dict[str, float]) -> dict:
@@ -250,13 +243,13 @@ def training_step_table(args: argparse.Namespace) -> dict:
             ref_r = torch.tensor([cache[i][1] for i in ids])
         else:
             with torch.no_grad():
-                lp = pair_logps(ref, contexts, PAD, shared=shared)
-            ref_c, ref_r = lp.chosen, lp.rejected
+                ref_lp = pair_logps(ref, contexts, PAD, shared=shared)
+            ref_c, ref_r = ref_lp[0].sum, ref_lp[1].sum
         if shared:
-            lp = shared_pair_logps(policy, contexts, PAD)
+            chosen, rejected = shared_pair_logps(policy, contexts, PAD)
         else:
-            lp = plain_pair_logps(policy, [p for c in contexts for p in c.pairs()], PAD)
-        ipo_loss(lp.chosen, lp.rejected, ref_c, ref_r, 0.5).loss.backward()
+            chosen, rejected = plain_pair_logps(policy, [p for c in contexts for p in c.pairs()], PAD)
+        ipo_loss(chosen.sum, rejected.sum, ref_c, ref_r, 0.5).loss.backward()
 
     times: dict[str, list[float]] = {c[0]: [] for c in configs}
     for c in configs[:2]:  # warm-up, untimed

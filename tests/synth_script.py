@@ -13,7 +13,7 @@ import re
 import threading
 from typing import Any
 
-from openai_stub import Reply
+from fspo.llm.stub import Reply
 
 
 def _h(*parts: str) -> int:

@@ -17,20 +17,12 @@ from fspo.data.template import (
 from fspo.data.tokens import prompt_token_ids
 from fspo.eval.generate import generate_for_episodes, partial_path
 from fspo.infer.generate import answer_finished, prompt_ids
-from test_eval_helpers import toy_episodes, toy_users
 
 
 @pytest.fixture(scope="module")
-def world():
-    from test_eval_helpers import tiny_model
-
-    users = toy_users(4)
-    episodes = toy_episodes(users, per_user=2, shots=3)
-    corpus = [
-        render_generation_prompt(e.shots, e.query.question) + PREFERRED + e.query.chosen for e in episodes
-    ]
-    model, tok = tiny_model(corpus * 3)
-    return users, episodes, model, tok
+def world(eval_users, eval_episodes, eval_lm):
+    model, tok = eval_lm
+    return eval_users, eval_episodes, model, tok
 
 
 def test_batch_and_single_give_the_same_greedy_output(world):
@@ -173,7 +165,7 @@ def test_cli_prompts_in_the_layout_the_model_was_trained_with(world, tmp_path):
     from fspo.data.io import write_records
     from fspo.data.schema import Episode
     from fspo.data.template import TemplateOptions
-    from fspo.eval.records import trained_layout
+    from fspo.infer.layout import trained_layout
     from fspo.train.config import CONFIG_FILE, TrainConfig
 
     _, episodes, model, tok = world

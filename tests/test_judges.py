@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 
-from eval_openai_server import openai_server
 from fspo.core.errors import UserError
+from fspo.data.toy import toy_reward_for, toy_users
 from fspo.eval.judges import ExactRewardJudge, OpenAIJudge, make_judge, parse_verdict
-from test_eval_helpers import fav_reward_for, toy_users
+from fspo.llm.stub import Reply, StubServer, serve_openai
+
+
+@contextmanager
+def openai_server(responder: Callable[[dict, int], str | int]) -> Iterator[StubServer]:
+    """The stub server; `responder(body, n)` (n: the call's number, from 1) gives the reply's text
+    or an HTTP status to fail with (with `retry-after-ms: 1`, so the client's backoff stays short)."""
+    calls = itertools.count(1)
+
+    def reply(body: dict) -> Reply:
+        out = responder(body, next(calls))
+        if isinstance(out, int):
+            return Reply(status=out, headers={"retry-after-ms": "1"})
+        return Reply(out, usage=(100, 1))
+
+    with serve_openai(reply) as server:
+        yield server
 
 
 def _answers(body: dict) -> tuple[str, str]:
-    text = body["messages"][-1]["content"]
+    text = next(m["content"] for m in body["messages"] if m["role"] == "user")  # the question, not a re-ask
     a = re.search(r"## Response A\n(.*?)\n\n## Response B", text, re.S).group(1)
     b = re.search(r"## Response B\n(.*?)\n\nWhich", text, re.S).group(1)
     return a, b
@@ -26,7 +45,7 @@ def longer_wins(body: dict, n: int) -> str:
 
 def judge_for(server, tmp_path, **kw) -> OpenAIJudge:
     return OpenAIJudge(
-        model="stub-judge", base_url=server.base_url, api_key="k", cache_path=tmp_path / "cache.jsonl", **kw
+        model="stub-judge", base_url=server.base_url, api_key="k", cache_path=tmp_path / "cache.sqlite", **kw
     )
 
 
@@ -39,7 +58,7 @@ def test_position_bias_always_a_is_all_ties(tmp_path):
         judge = judge_for(server, tmp_path)
         scores = [judge.prefer(user, "q?", a, b) for a, b in ITEMS]
     assert scores == [0.5, 0.5, 0.5]
-    assert server.count == 2 * len(ITEMS)  # both orders asked for every pair
+    assert len(server.requests) == 2 * len(ITEMS)  # both orders asked for every pair
     assert judge.usage.flips == len(ITEMS)
 
 
@@ -49,16 +68,17 @@ def test_consistent_judge_decides_and_both_orders_agree(tmp_path):
         judge = judge_for(server, tmp_path, price_prompt_per_mtok=1.0)
         scores = [judge.prefer(user, "q?", a, b) for a, b in ITEMS]
     assert scores == [0.0, 1.0, 0.0]
-    assert judge.usage.requests == 6 and judge.usage.prompt_tokens == 600
-    assert judge.usage.cost_usd == pytest.approx(600 / 1e6)
+    usage = judge.usage.as_dict()
+    assert usage["succeeded"] == 6 and usage["prompt_tokens"] == 600 and usage["pairs"] == 3
+    assert usage["cost"] == pytest.approx(600 / 1e6)
     first = server.requests[0]["messages"]
-    assert "Loves the word red." in first[-1]["content"]  # the user's description is in the prompt
+    assert user.description in first[-1]["content"]  # the user's description is in the prompt
 
 
 def test_identical_answers_tie_without_requests(tmp_path):
     with openai_server(longer_wins) as server:
         assert judge_for(server, tmp_path).prefer(toy_users(1)[0], "q?", "same", " same ") == 0.5
-    assert server.count == 0
+    assert len(server.requests) == 0
 
 
 def test_malformed_answers_are_reasked(tmp_path):
@@ -68,15 +88,18 @@ def test_malformed_answers_are_reasked(tmp_path):
     with openai_server(flaky) as server:
         judge = judge_for(server, tmp_path)
         assert judge.prefer(toy_users(1)[0], "q?", "long answer here", "short") == 1.0
-    assert server.count == 4 and judge.usage.malformed == 2
+    assert len(server.requests) == 4 and judge.usage.client.reasks == 2
+    reask = server.requests[1]["messages"]  # the unusable reply, then a reminder of the answer format
+    assert reask[-2] == {"role": "assistant", "content": "I cannot decide."}
+    assert "A or B" in reask[-1]["content"]
 
 
 def test_always_malformed_is_a_tie_after_bounded_retries(tmp_path):
     with openai_server(lambda body, n: "maybe?") as server:
         judge = judge_for(server, tmp_path, max_parse_retries=1)
         assert judge.prefer(toy_users(1)[0], "q?", "one", "two") == 0.5
-    assert server.count == 4  # 2 orders x (1 + 1 retry)
-    assert judge.usage.unresolved == 2
+    assert len(server.requests) == 4  # 2 orders x (1 + 1 retry)
+    assert judge.usage.client.parse_failures == 2
 
 
 def test_retries_on_500_and_429(tmp_path):
@@ -86,8 +109,8 @@ def test_retries_on_500_and_429(tmp_path):
     with openai_server(unreliable) as server:
         judge = judge_for(server, tmp_path)
         assert judge.prefer(toy_users(1)[0], "q?", "long answer here", "short") == 1.0
-    assert server.count == 5  # three failures retried by the client, then two good answers
-    assert judge.usage.requests == 2
+    assert len(server.requests) == 5  # three failures retried by the client, then two good answers
+    assert judge.usage.client.succeeded == 2 and sum(judge.usage.client.retries.values()) == 3
 
 
 def test_gives_up_after_max_retries(tmp_path):
@@ -95,19 +118,20 @@ def test_gives_up_after_max_retries(tmp_path):
         judge = judge_for(server, tmp_path, max_retries=1)
         with pytest.raises(UserError, match="judge endpoint .*stub-judge"):
             judge.prefer(toy_users(1)[0], "q?", "one", "two")
-    assert server.count == 2
+    # one order: 1 request + 1 retry; the other order may have sent its first before the stop
+    assert 2 <= len(server.requests) <= 3
 
 
 def test_cache_hits_on_rerun_make_no_requests(tmp_path):
     user = toy_users(1)[0]
     with openai_server(longer_wins) as server:
         first = [judge_for(server, tmp_path).prefer(user, "q?", a, b) for a, b in ITEMS]
-        before = server.count
+        before = len(server.requests)
         judge = judge_for(server, tmp_path)  # a new judge re-reads the cache file
         second = [judge.prefer(user, "q?", a, b) for a, b in ITEMS]
     assert second == first
-    assert server.count == before  # zero new requests
-    assert judge.usage.cache_hits == 2 * len(ITEMS) and judge.usage.requests == 0
+    assert len(server.requests) == before  # zero new requests
+    assert judge.usage.client.cache_hits == 2 * len(ITEMS) and judge.usage.client.sent == 0
 
 
 def test_prefer_many_in_threads(tmp_path):
@@ -128,8 +152,8 @@ def test_parse_verdict():
 
 
 def test_exact_judge_with_fake_reward():
-    user = toy_users(1)[0]  # favourite word: red
-    judge = ExactRewardJudge(reward_for=fav_reward_for)
+    user = toy_users(1)[0]  # favourite colour: red
+    judge = ExactRewardJudge(reward_for=toy_reward_for)
     assert judge.prefer(user, "q", "red red", "red blue") == 1.0
     assert judge.prefer(user, "q", "blue", "red") == 0.0
     assert judge.prefer(user, "q", "blue", "green") == 0.5
@@ -162,9 +186,9 @@ def test_openai_judge_needs_a_model(monkeypatch):
 
 def test_local_judge_gives_order_averaged_probability():
     from fspo.eval.judges import LocalJudge
-    from test_eval_helpers import tiny_model
+    from fspo.models.tiny import tiny_lm
 
-    model, tok = tiny_model(["Response A is better. Response B is better. A B"] * 5)
+    model, tok = tiny_lm(["Response A is better. Response B is better. A B"] * 5)
     tok.chat_template = None  # exercise the raw-prompt path
     judge = LocalJudge(model, tok)
     user = toy_users(1)[0]

@@ -7,21 +7,16 @@ from pathlib import Path
 import pytest
 
 from fspo.core.errors import UserError
+from fspo.data.toy import toy_episodes, toy_users
 from fspo.models.default import init_model, read_corpus
 from fspo.models.loading import load_model, load_tokenizer
 from fspo.models.pretrain import pack, pretrain, template_documents
-from test_train_helpers import toy_corpus, toy_episodes
 
 
-@pytest.fixture(scope="module")
-def texts() -> list[str]:
-    return toy_corpus(toy_episodes()) * 3
-
-
-def test_init_makes_a_plain_hf_folder(tmp_path: Path, texts: list[str]) -> None:
+def test_init_makes_a_plain_hf_folder(tmp_path: Path, toy_texts: list[str]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = init_model(tmp_path / "m", texts, size="tiny")
+    folder = init_model(tmp_path / "m", toy_texts, size="tiny")
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert model.config.model_type == "llama" and model.config.vocab_size == len(tok)
@@ -36,22 +31,22 @@ def test_init_makes_a_plain_hf_folder(tmp_path: Path, texts: list[str]) -> None:
     assert not (tmp_path / ".m.tmp").exists()
 
 
-def test_pretrain_lowers_loss_and_keeps_folder_loadable(tmp_path: Path, texts: list[str]) -> None:
-    folder = init_model(tmp_path / "m", texts, size="tiny")
-    summary = pretrain(folder, texts, steps=30, lr=3e-3, batch_size=4, block_size=64)
+def test_pretrain_lowers_loss_and_keeps_folder_loadable(tmp_path: Path, toy_texts: list[str]) -> None:
+    folder = init_model(tmp_path / "m", toy_texts, size="tiny")
+    summary = pretrain(folder, toy_texts, steps=30, lr=3e-3, batch_size=4, block_size=64)
     assert summary["final_loss"] < summary["first_loss"] - 1.0
     assert load_model(folder) is not None and load_tokenizer(folder) is not None
 
 
 def test_template_documents_use_the_fspo_layout() -> None:
-    prefs = [p for e in toy_episodes(2, 3, shots=2) for p in [*e.shots, e.query]]
+    prefs = [p for e in toy_episodes(toy_users(2), 3, shots=2) for p in [*e.shots, e.query]]
     docs = template_documents(prefs, shots=2)
     assert any("## Response \n" in d for d in docs) and any("# Example 1\n" in d for d in docs)
 
 
-def test_pack_blocks(tmp_path: Path, texts: list[str]) -> None:
-    tok = load_tokenizer(init_model(tmp_path / "m", texts, size="tiny"))
-    blocks = pack(texts[:20], tok, 32)
+def test_pack_blocks(tiny_llama_folder: Path, toy_texts: list[str]) -> None:
+    tok = load_tokenizer(tiny_llama_folder)
+    blocks = pack(toy_texts[:20], tok, 32)
     assert blocks and all(len(b) == 32 for b in blocks)
 
 

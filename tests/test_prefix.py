@@ -17,10 +17,8 @@ from transformers import (
 )
 
 from fspo.infer import prefix
+from fspo.infer.pairs import ContextTokens, PairTokens, QuestionTokens
 from fspo.infer.prefix import (
-    ContextTokens,
-    PairTokens,
-    QuestionTokens,
     build_shared_rows,
     pair_logps,
     plain_pair_logps,
@@ -89,8 +87,8 @@ def grads_of(
     model: torch.nn.Module, fn, weights: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad()
-    lp = fn()
-    values = torch.stack([lp.chosen, lp.rejected], 1)
+    chosen, rejected = fn()
+    values = torch.stack([chosen.sum, rejected.sum], 1)
     (values * weights).sum().backward()
     return values.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -124,15 +122,15 @@ def test_plain_equals_unpadded_single_sequences():
     """The reference itself: padding and explicit position ids change nothing."""
     model = tiny("gpt2")
     pairs = rand_pairs(3)
-    got = plain_pair_logps(model, pairs, PAD, "left")
+    chosen, rejected = plain_pair_logps(model, pairs, PAD, "left")
     for i, p in enumerate(pairs):
-        for target, value in ((p.chosen, got.chosen[i]), (p.rejected, got.rejected[i])):
+        for target, value in ((p.chosen, chosen.sum[i]), (p.rejected, rejected.sum[i])):
             ids = torch.tensor([[*p.prompt, *target]])
             logp = model(ids).logits.log_softmax(-1)[0]
             n = len(p.prompt)
             expected = sum(logp[n - 1 + j, t] for j, t in enumerate(target))
             torch.testing.assert_close(value, expected, atol=1e-4, rtol=1e-5)
-    assert got.chosen_tokens.tolist() == [len(p.chosen) for p in pairs]
+    assert chosen.count.tolist() == [len(p.chosen) for p in pairs]
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -152,7 +150,7 @@ def test_k_questions_per_context_equal_plain(kind, side, seed):
 
 
 def ipo_loss(policy, ref, beta: float = 0.1) -> torch.Tensor:
-    h = (policy.chosen - ref.chosen) - (policy.rejected - ref.rejected)
+    h = (policy[0].sum - ref[0].sum) - (policy[1].sum - ref[1].sum)
     return ((h - 1 / (2 * beta)) ** 2).mean()
 
 
@@ -218,7 +216,7 @@ def test_fallback_for_unsupported_model_logs_once(caplog):
         pair_logps(model, pairs, PAD)
     warnings = [r for r in caplog.records if "prefix sharing off" in r.getMessage()]
     assert len(warnings) == 1 and "gpt_neox" in warnings[0].getMessage()
-    torch.testing.assert_close(got.chosen, plain_pair_logps(model, pairs, PAD).chosen)
+    torch.testing.assert_close(got[0].sum, plain_pair_logps(model, pairs, PAD)[0].sum)
 
 
 def test_fallback_for_attention_without_custom_masks():

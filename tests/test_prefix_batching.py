@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from fspo.core.errors import UserError
 from fspo.data.schema import Episode, Preference
-from fspo.infer.prefix import ContextTokens
+from fspo.infer.pairs import ContextTokens
 from fspo.train.buckets import bucketed_batches, epoch_batches, padding_fraction
 from fspo.train.contexts import tokenize_contexts, tokenize_pair
 

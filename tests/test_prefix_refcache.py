@@ -9,7 +9,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fspo.core.errors import UserError
-from fspo.infer.prefix import ContextTokens, PairTokens, QuestionTokens, plain_pair_logps
+from fspo.infer.pairs import ContextTokens, PairTokens, QuestionTokens
+from fspo.infer.prefix import plain_pair_logps
 from fspo.train import refcache
 from fspo.train.refcache import (
     ReferenceCache,
@@ -50,9 +51,9 @@ def test_compute_matches_plain_and_restores_train_mode(model):
     assert model.training
     model.eval()
     with torch.no_grad():
-        lp = plain_pair_logps(model, [p for _, p in data], 0)
+        chosen, rejected = plain_pair_logps(model, [p for _, p in data], 0)
     for i, (eid, _) in enumerate(data):
-        assert got[eid] == pytest.approx((lp.chosen[i].item(), lp.rejected[i].item()), abs=1e-4)
+        assert got[eid] == pytest.approx((chosen.sum[i].item(), rejected.sum[i].item()), abs=1e-4)
 
 
 def test_context_items_take_one_id_per_question(model):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from fspo.core.stages import MARKER
-from fspo.quickstart import SYSTEMS, run_quickstart
+from fspo.quickstart import GENERATED_SYSTEMS, run_quickstart
 
 
 def test_quickstart_tiny_runs_every_stage_and_caches(tmp_path):
@@ -27,7 +27,7 @@ def test_quickstart_tiny_runs_every_stage_and_caches(tmp_path):
         "report",
     ):
         assert (out / stage / MARKER).exists(), stage
-    for system, *_ in SYSTEMS:
+    for system, *_ in GENERATED_SYSTEMS:
         rows = (out / "generate" / f"{system}.jsonl").read_text().splitlines()
         assert rows and all(json.loads(r)["system"] == system for r in rows)
 

@@ -7,11 +7,12 @@ import json
 import numpy as np
 import pytest
 
+from conftest import generations, write_jsonl
 from fspo.data.schema import Preference
+from fspo.data.toy import toy_reward_for
 from fspo.eval.judges import ExactRewardJudge
-from fspo.eval.report import collect_examples, disagreement_matrix, write_report
+from fspo.eval.report import collect_examples, preference_disagreement, write_report
 from fspo.eval.winrates import summarize, winrate
-from test_eval_helpers import fav_reward_for, generations, toy_episodes, toy_users, write_jsonl
 
 SYSTEMS = ["base", "population-ipo", "few-shot-prompting", "few-shot-pref-ft", "fspo", "fspo-rat", "oracle"]
 
@@ -50,9 +51,8 @@ ACCURACY = {
 }
 
 
-def test_write_report_files_and_results_json(tmp_path):
-    users = toy_users(4)
-    episodes = toy_episodes(users)
+def test_write_report_files_and_results_json(tmp_path, eval_users, eval_episodes):
+    users, episodes = eval_users, eval_episodes
     gens = {
         "base": generations(episodes, "base", lambda e: "plain answer"),
         "fspo-rat": [
@@ -64,7 +64,7 @@ def test_write_report_files_and_results_json(tmp_path):
         Preference(user_id=u.user_id, question="q?", chosen=c, rejected=r)
         for u, (c, r) in zip(users, [("x", "y"), ("x", "y"), ("y", "x"), ("x", "y")], strict=True)
     ]
-    matrix, ids = disagreement_matrix(prefs)
+    matrix, ids = preference_disagreement(prefs)
     winrates = _winrates()
     paths = write_report(tmp_path / "rep", winrates, ACCURACY, examples, (matrix, ids), "Test", ["a note"])
 
@@ -95,32 +95,31 @@ def test_write_report_files_and_results_json(tmp_path):
     assert md.index("Population IPO") < md.index("Few-shot prompting") < md.index("| FSPO |")  # paper order
 
 
-def test_disagreement_matrix():
+def test_preference_disagreement():
     prefs = [
         Preference(user_id="a", question="q", chosen="x", rejected="y"),
         Preference(user_id="b", question="q", chosen="y", rejected="x"),
         Preference(user_id="c", question="q", chosen="x", rejected="y"),
         Preference(user_id="d", question="other", chosen="x", rejected="y"),
     ]
-    m, ids = disagreement_matrix(prefs)
+    m, ids = preference_disagreement(prefs)
     assert ids == ["a", "b", "c", "d"]
     assert m[0, 1] == 1.0 and m[0, 2] == 0.0 and m[0, 0] == 0.0 and np.isnan(m[0, 3])
 
 
-def test_report_cli_on_a_run_folder(tmp_path):
+def test_report_cli_on_a_run_folder(tmp_path, eval_users, eval_episodes):
     from typer.testing import CliRunner
 
     from fspo.cli import app
 
-    users = toy_users(4)
-    episodes = toy_episodes(users)
+    users, episodes = eval_users, eval_episodes
     fav = {u.user_id: u.metadata["fav"] for u in users}
     run = tmp_path / "run"
     (run / "gen").mkdir(parents=True)
     write_jsonl(run / "users.jsonl", users)
     a = write_jsonl(run / "gen" / "fspo.jsonl", generations(episodes, "fspo", lambda e: fav[e.user_id]))
     b = write_jsonl(run / "gen" / "base.jsonl", generations(episodes, "base", lambda e: "plain"))
-    winrate(a, b, run / "users.jsonl", ExactRewardJudge(fav_reward_for), out=run / "fspo_vs_base.json")
+    winrate(a, b, run / "users.jsonl", ExactRewardJudge(toy_reward_for), out=run / "fspo_vs_base.json")
     (run / "accuracy.json").write_text(json.dumps(ACCURACY))
     res = CliRunner().invoke(app, ["report", str(run)])
     assert res.exit_code == 0, res.output

@@ -40,8 +40,8 @@ def _is_text(s: str) -> bool:
 
 
 def test_pipeline_writes_real_personas_answers_and_labels(smollm2: Path, tmp_path: Path) -> None:
-    from fspo.synth.backends.hf_local import TransformersBackend
-    from fspo.synth.client import LLMClient
+    from fspo.llm import LLMClient
+    from fspo.llm.backends.hf_local import TransformersBackend
     from fspo.synth.config import SynthConfig
     from fspo.synth.pipeline import run_pipeline
 

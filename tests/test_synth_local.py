@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
-from fspo.synth.backends.hf_local import TransformersBackend
-from fspo.synth.client import LLMClient
-from fspo.synth.config import BackendConfig, SynthConfig
+from fspo.llm import BackendConfig, LLMClient
+from fspo.llm.backends.hf_local import TransformersBackend
+from fspo.models.tiny import tiny_llama
+from fspo.synth.config import SynthConfig
 from fspo.synth.pipeline import run_pipeline
 from fspo.synth.stats import synth_stats
 
@@ -44,19 +45,20 @@ def _tokenizer(folder: Path) -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-layer `tiny_llama` on `_tokenizer`, saved with it: a model folder the backend loads."""
     folder = tmp_path_factory.mktemp("tiny_llama")
     tok = _tokenizer(folder)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    model = tiny_llama(len(tok), num_hidden_layers=1, num_attention_heads=2,
+                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    model.save_pretrained(folder)
     return folder
 
 
-def test_transformers_backend_batches_prompts(tiny_llama: Path) -> None:
-    cfg = BackendConfig(kind="transformers", model=str(tiny_llama), max_tokens=6, batch_size=4, temperature=0)
+def test_transformers_backend_batches_prompts(llama_folder: Path) -> None:
+    cfg = BackendConfig(
+        kind="transformers", model=str(llama_folder), max_tokens=6, batch_size=4, temperature=0
+    )
     backend = TransformersBackend(cfg)
 
     async def go() -> list:
@@ -76,10 +78,10 @@ def test_transformers_backend_batches_prompts(tiny_llama: Path) -> None:
     assert alone.text == out[3].text
 
 
-def test_pipeline_on_local_model_counts_failures(tiny_llama: Path, tmp_path: Path) -> None:
+def test_pipeline_on_local_model_counts_failures(llama_folder: Path, tmp_path: Path) -> None:
     raw = {
         "name": "local", "domain": "movies", "seed": 0,
-        "backend": {"kind": "transformers", "model": str(tiny_llama), "max_tokens": 8, "batch_size": 4,
+        "backend": {"kind": "transformers", "model": str(llama_folder), "max_tokens": 8, "batch_size": 4,
                     "max_concurrency": 8, "max_reasks": 1, "temperature": 0},
         "traits": {"given": [{"name": "tone", "values": ["dry", "warm"]}]},
         "personas": {"count": 4},
@@ -96,8 +98,7 @@ def test_pipeline_on_local_model_counts_failures(tiny_llama: Path, tmp_path: Pat
     stats = result["client"]
     assert stats["parse_failures"] == 6 and stats["reasks"] == 6 and stats["sent"] == 12
     assert stats["completion_tokens"] > 0 and max(backend.batch_sizes) > 1
-    assert result["stages"]["export"] == {"fingerprint": result["stages"]["export"]["fingerprint"],
-                                          "users": 0, "preferences": 0}  # fmt: skip
+    assert result["stages"]["export"] == {"users": 0, "preferences": 0}
     personas = [
         json.loads(x) for x in (tmp_path / "out" / "personas" / "personas.jsonl").read_text().splitlines()
     ]

@@ -10,8 +10,9 @@ import yaml
 from typer.testing import CliRunner
 
 from fspo.cli import app
+from fspo.core.stages import MARKER
 from fspo.data.schema import Preference, User
-from openai_stub import serve_openai
+from fspo.llm.stub import serve_openai
 from synth_script import Flaky
 
 
@@ -22,8 +23,8 @@ def small_config(base_url: str, out: Path, **backend: Any) -> dict[str, Any]:
         "seed": 3,
         "domain": "reviews of movies",
         "backend": {"kind": "openai", "model": "stub", "base_url": base_url, "backoff_base": 0.01,
-                    "max_concurrency": 4, "timeout": 0.25, "price_prompt_per_1k": 1.0,
-                    "price_completion_per_1k": 2.0, **backend},
+                    "max_concurrency": 4, "timeout": 0.25, "price_prompt_per_mtok": 1000.0,
+                    "price_completion_per_mtok": 2000.0, **backend},
         "traits": {"given": [{"name": "tone", "values": ["dry", "warm"]},
                              {"name": "length", "values": ["short", "long"]}], "propose": 1},
         "personas": {"count": 5, "max_refine_rounds": 2},
@@ -66,7 +67,7 @@ def test_pipeline_end_to_end_with_failures_then_cached_rerun(tmp_path: Path) -> 
     questions = _jsonl(out / "questions" / "questions.jsonl")
     texts = [q["question"] for q in questions]
     assert texts[0] == "Review Alien." and len(texts) == len(set(texts)) == 1 + 6
-    done = json.loads((out / "questions" / "_done.json").read_text())
+    done = json.loads((out / "questions" / MARKER).read_text())["summary"]
     assert done["duplicates_dropped"] == 2  # "review  alien", and the repeat in batch 2
 
     # Labels: every pair judged in both orders; the script's erratic verdicts are dropped, counted.

@@ -1,23 +1,19 @@
-"""Unit tests of fspo.synth's pure parts: config, prompts, parsing, keys, ordering, statistics."""
+"""Unit tests of fspo.synth's pure parts: config, prompts, reply models, statistics."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import random
 from pathlib import Path
 
 import pytest
 
 from fspo.core.errors import UserError
-from fspo.synth.backends import Completion
-from fspo.synth.cache import RequestCache, request_key
+from fspo.llm import ParseError, parse_reply
 from fspo.synth.config import load_config
-from fspo.synth.parsing import JudgeReply, ParseError, ViewpointsReply, parse_reply
+from fspo.synth.parsing import JudgeReply, ViewpointsReply
 from fspo.synth.pipeline import normalize_question
 from fspo.synth.prompts import NAMES, load_prompts
 from fspo.synth.stats import distinct_n, label_agreement
-from fspo.synth.store import run_ordered
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "synth"
 
@@ -64,58 +60,12 @@ def test_prompts_are_versioned_files_and_overridable(tmp_path: Path) -> None:
         load_prompts(tmp_path)
 
 
-def test_parse_reply_finds_json_in_chatter() -> None:
+def test_reply_models_accept_common_spellings() -> None:
     assert parse_reply('Sure!\n```json\n{"preferred": "b"}\n```', JudgeReply).preferred == "B"
     assert parse_reply('{"x": 1} then {"preferred": "Answer A"}', JudgeReply).preferred == "A"
     assert parse_reply('{"viewpoints": ["a {b}", "c \\" }"]}', ViewpointsReply).viewpoints[1] == 'c " }'
-    with pytest.raises(ParseError, match="no JSON object"):
-        parse_reply("I prefer A", JudgeReply)
     with pytest.raises(ParseError, match="'preferred'"):
         parse_reply('{"preferred": "C"}', JudgeReply)
-    with pytest.raises(ParseError, match="invalid JSON"):
-        parse_reply("{'preferred': 'A'}", JudgeReply)
-
-
-def test_request_key_depends_on_everything_that_changes_the_answer() -> None:
-    m = [{"role": "user", "content": "hi"}]
-    p = {"temperature": 0.5, "max_tokens": 10, "seed": None}
-    base = request_key("s", m, "model", p, "")
-    assert base == request_key("s", [dict(x) for x in m], "model", dict(p), "")
-    variants = [
-        request_key("t", m, "model", p, ""),
-        request_key("s", [{"role": "user", "content": "hi!"}], "model", p, ""),
-        request_key("s", m, "other", p, ""),
-        request_key("s", m, "model", {**p, "temperature": 0.6}, ""),
-        request_key("s", m, "model", p, "user1"),
-    ]
-    assert len({base, *variants}) == 6
-
-
-def test_request_cache_survives_reopen_and_sums_usage(tmp_path: Path) -> None:
-    cache = RequestCache(tmp_path / "c.sqlite")
-    cache.put("k1", "judge", Completion("a", 10, 2), 0.5)
-    cache.put("k1", "judge", Completion("other", 1, 1), 9.0)  # first answer wins
-    cache.put("k2", "answer", Completion("b", 5, 5), 0.25)
-    cache.close()
-    cache = RequestCache(tmp_path / "c.sqlite")
-    assert cache.get("k1") == Completion("a", 10, 2) and cache.get("nope") is None and len(cache) == 2
-    usage = cache.usage_by_stage()
-    assert usage["judge"] == {"requests": 1, "prompt_tokens": 10, "completion_tokens": 2, "cost": 0.5}
-
-
-def test_run_ordered_emits_in_item_order_and_bounds_the_window() -> None:
-    running, peak, out = 0, 0, []
-
-    async def work(i: int) -> int:
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        await asyncio.sleep(random.Random(i).random() / 200)
-        running -= 1
-        return i
-
-    asyncio.run(run_ordered(range(50), work, out.append, window=8))
-    assert out == list(range(50)) and peak <= 8
 
 
 def test_normalize_question_for_dedup() -> None:
@@ -155,3 +105,18 @@ def test_label_agreement_and_disagreement_matrix(tmp_path: Path) -> None:
     assert m["users"] == ["u1", "u2", "u3"]
     assert m["values"][0] == [0.0, 0.5, 1.0]
     assert m["values"][1][2] == 0.5
+
+
+def test_backend_model_from_the_environment_and_prices_per_million(tmp_path: Path, monkeypatch) -> None:
+    raw = (CONFIGS / "reviews.yaml").read_text()
+    cfg = load_config(CONFIGS / "reviews.yaml")
+    assert cfg.backend.cost(1_000_000, 1_000_000) == pytest.approx(0.15 + 0.6)
+    monkeypatch.setenv("FSPO_SYNTH_MODEL", "from-env")
+    monkeypatch.setenv("FSPO_SYNTH_BASE_URL", "http://127.0.0.1:9/v1")
+    bad = tmp_path / "synth.yaml"
+    bad.write_text(raw.replace("  model: gpt-4o-mini", "").replace("price_prompt_per_mtok: 0.15", ""))
+    backend = load_config(bad).backend
+    assert backend.resolved_model() == "from-env" and backend.resolved_base_url() == "http://127.0.0.1:9/v1"
+    bad.write_text(raw.replace("price_prompt_per_mtok", "price_prompt_per_1k"))
+    with pytest.raises(UserError, match=r"backend\.price_prompt_per_1k: Extra inputs"):
+        load_config(bad)

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from fspo.core.errors import UserError
-from fspo.train.config import CONFIG_FILE, load_config, make_config
-from fspo.train.recipes import recipe
+from fspo.train.config import CONFIG_FILE, load_config, make_config, recipe
 from fspo.train.trainer import train
 from test_train_helpers import tiny_gpt2, tiny_llama, toy_corpus, toy_episodes, write_jsonl
 

@@ -9,7 +9,6 @@ import torch
 
 from fspo.infer.logps import (
     IGNORE,
-    PairBatch,
     collate_targets,
     compute_pair_logps,
     prompt_token_ids,
@@ -17,6 +16,7 @@ from fspo.infer.logps import (
     sequence_logps,
     target_token_ids,
 )
+from fspo.infer.pairs import PairTokens
 from fspo.models.loading import load_model, load_tokenizer
 from test_train_helpers import tiny_llama, toy_corpus, toy_episodes
 
@@ -61,21 +61,19 @@ def test_pair_logps_and_score_targets_agree_with_manual_forward(model_dir: Path)
     chosen = ["## Response \nGet the red hat.\n", "## Response \nThe blue one.\n"]
     rejected = ["## Response \nGet the blue hat, surely.\n", "## Response \nGreen.\n"]
     pids = [prompt_token_ids(tok, p) for p in prompts]
-    batch = PairBatch(
-        pids,
-        [target_token_ids(tok, c) for c in chosen],
-        [target_token_ids(tok, r) for r in rejected],
-        tok.pad_token_id,
-    )
+    pairs = [
+        PairTokens(p, target_token_ids(tok, c), target_token_ids(tok, r))
+        for p, c, r in zip(pids, chosen, rejected, strict=True)
+    ]
     with torch.no_grad():
-        c, r = compute_pair_logps(model, batch)
+        c, r = compute_pair_logps(model, pairs, tok.pad_token_id)
         # Manual: unpadded single-sequence forward, summing log p of the target tokens.
         for i in range(2):
-            ids = pids[i] + batch.chosen_ids[i]
+            ids = pids[i] + pairs[i].chosen
             lp = model(torch.tensor([ids])).logits.log_softmax(-1)[0]
             manual = sum(lp[j - 1, ids[j]].item() for j in range(len(pids[i]), len(ids)))
             assert c.sum[i].item() == pytest.approx(manual, abs=1e-3)
-            assert c.count[i].item() == len(batch.chosen_ids[i])
+            assert c.count[i].item() == len(pairs[i].chosen)
     scored = score_targets(model, tok, prompts + prompts, chosen + rejected, batch_size=3)
     assert scored.tolist() == pytest.approx(torch.cat([c.sum, r.sum]).tolist(), abs=1e-3)
     mean = score_targets(model, tok, prompts, chosen, reduction="mean")

@@ -15,9 +15,8 @@ import torch
 from fspo.core.errors import UserError
 from fspo.data.template import PREFERRED, TemplateOptions, render
 from fspo.infer.logps import collate_targets, forward_logps
-from fspo.train.config import make_config
+from fspo.train.config import make_config, recipe
 from fspo.train.data import tokenize_episodes
-from fspo.train.recipes import recipe
 from fspo.train.trainer import train
 from test_train_helpers import tiny_gpt2, tiny_llama, toy_corpus, toy_episodes, write_jsonl
 
@@ -79,10 +78,10 @@ def test_shot_spans_match_an_independent_labelling(
         assert stats.shots_dropped > 0
     for ep, ex in zip(episodes, examples, strict=True):
         kept = ep.shots[len(ep.shots) - len(ex.shot_spans) :]
-        assert [tok.decode(ex.prompt_ids[a:b]) for a, b in ex.shot_spans] == [
+        assert [tok.decode(ex.tokens.prompt[a:b]) for a, b in ex.shot_spans] == [
             s.chosen.strip() + "\n" for s in kept
         ]
-        batch = collate_targets([ex.prompt_ids], [ex.chosen_ids], tok.pad_token_id, [ex.shot_spans])
+        batch = collate_targets([ex.tokens.prompt], [ex.tokens.chosen], tok.pad_token_id, [ex.shot_spans])
         lp = forward_logps(model, batch)
         ours = (-lp.sum / lp.count).item()
         assert ours == pytest.approx(_independent_loss(model, tok, ep, options), rel=1e-5)

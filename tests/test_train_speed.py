@@ -17,11 +17,10 @@ from fspo.core.errors import UserError
 from fspo.data.episodes import build_episodes
 from fspo.data.tokens import pad_id_of
 from fspo.train import trainer as T
-from fspo.train.config import make_config
+from fspo.train.config import make_config, recipe
 from fspo.train.contexts import group_examples
 from fspo.train.data import tokenize_episodes
 from fspo.train.losses import sft_loss
-from fspo.train.recipes import recipe
 from fspo.train.refcache import reference_logps
 from fspo.train.trainer import train
 from test_train_helpers import tiny_llama, toy_corpus, toy_preferences, write_jsonl
@@ -100,9 +99,9 @@ def test_builder_gives_k_queries_per_shot_set(world: dict[str, Path]) -> None:
 
 def test_grouping_keeps_each_pair_tokens_exactly(world: dict[str, Path]) -> None:
     """With the model's real BPE tokenizer, a grouped pair has exactly its one-question-per-row ids."""
+    from fspo.data.episodes import load_episodes
     from fspo.data.template import TemplateOptions
     from fspo.models.loading import load_tokenizer
-    from fspo.train.data import load_episodes
 
     tok = load_tokenizer(world["llama"])
     episodes = load_episodes(world["train"])
@@ -113,8 +112,8 @@ def test_grouping_keeps_each_pair_tokens_exactly(world: dict[str, Path]) -> None
     by_id = {e.episode_id: e for e in alone}
     for u in units:
         for eid, pair in zip(u.ids, u.pairs(), strict=True):
-            e = by_id[eid]
-            assert (pair.prompt, pair.chosen, pair.rejected) == (e.prompt_ids, e.chosen_ids, e.rejected_ids)
+            e = by_id[eid].tokens
+            assert (pair.prompt, pair.chosen, pair.rejected) == (e.prompt, e.chosen, e.rejected)
     assert sorted(i for u in units for i in u.ids) == sorted(by_id)
 
 

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -25,112 +25,63 @@ from fspo.sim.corpus import StyledLayout
 
 
 class Profile(BaseModel):
-    """Sizes and budgets of one quickstart run. `default` targets ~15 min on a 2-core CPU."""
+    """Sizes and budgets of one quickstart run: the schema of ``fspo/configs/quickstart/*.yaml``.
+
+    The values, and why each is what it is, live in those files (`load_profile`) and are not
+    repeated here: every field is required, ``default.yaml`` names them all, other profiles override some.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    domain: str = "roleplay"
-    users: int = 1500
-    prefs_per_user: int = 40
-    # The population (`fspo.sim` roleplay options): each user cares about one trait, the answer's
-    # format or its enthusiasm, either way round, and every preference is a *minimal pair* (an
-    # answer and a copy with that one trait flipped), so the population as a whole has no preference
-    # (the zero-shot learner sits at chance) and a user's few shots say all there is to say. Unseen
-    # users are a random fifth of the users. The 1M model reads up to two kinds of trait in context at
-    # this budget; the ten-trait population is beyond it (docs/train.md, eighth and ninth rounds).
-    sim_options: dict[str, Any] = Field(
-        default_factory=lambda: {
-            "pairing": "minimal",
-            "traits": ["format", "enthusiasm"],
-            "min_traits": 1,
-            "max_traits": 1,
-            "min_decided": 0.05,
-            "holdout": "users",
-        }
-    )
-    shots: int = 4
-    # Show the dispreferred answers of the shots (the official default) or only the preferred ones.
-    # Only: a minimal pair's preferred answer alone carries the user's value, and the pretrained
-    # model's in-context copying (the writer documents below) works in that layout.
-    include_dispreferred: bool = False
-    seed: int = 0
-    model_size: str = "medium"
-    corpus_docs: int = 20_000
-    # Share of pretraining documents written by one "author" (a training persona) in its style; each
-    # has `corpus_consistent_answers` answers, and a share `corpus_described` of them also states the
-    # author's description in RAT's layout. Those teach what the paper's instruct model brings:
-    # answering as a stated preference says (the oracle, RAT). Learned only when present from the
-    # first step (a model pretrained without them never picks it up later; docs/train.md, sixth round),
-    # and, next to the writer documents below, not learned in 400 steps at any share tried (ninth round).
-    corpus_consistent: float = 0.4
-    corpus_consistent_answers: int = 1
-    corpus_described: float = 1.0
-    # Share of *writer* documents: several answers in one fixed style (`fspo.sim.corpus`, `styled`),
-    # `corpus_styled_answers` each. They teach continuing the style of the answers in context, what
-    # FSPO builds on; in the `task` layout, where an FSPO prompt asks for the answer (a copier
-    # learned in the plain examples layout does not copy there; docs/train.md, ninth round).
-    corpus_styled: float = 0.4
-    corpus_styled_answers: int = 4
-    corpus_styled_layout: StyledLayout = "task"
-    # FSPO-layout documents of the simulated preferences added to pretraining (-1: all of them).
-    # Off: they crowd out the described documents, and with them in, no description-following is
-    # learned at this budget (docs/train.md, sixth round); SFT teaches the layout anyway.
-    template_docs: int = 0
-    pretrain_steps: int = 400
-    # 300 steps: the answers name the question's topic and objects (relevance 0.998 by the sim's
-    # detector) where at 100 they mostly did not (0.22), and relevance weighs twice any trait in every
-    # user's reward; at 100 steps plain FSPO won 62% against the base model (docs/train.md, tenth round).
-    sft_steps: int = 300
-    # SFT also trains on every shot's preferred answer given the shots before it (`shot_loss`):
-    # the in-context signal per episode grows with the shots (docs/train.md, fourth round).
-    sft_shot_loss: bool = True
-    # RAT's SFT starts from the few-shot SFT model (it already answers; it learns to describe first),
-    # at a lower rate: at `sft_lr` it undid the answers' length (83 of 185 bulleted FSPO+RAT answers a
-    # single line, losing to plain FSPO 38%; tenth round).
-    rat_sft_steps: int = 100
-    rat_sft_lr: float = 3e-4
-    fspo_steps: int = 100
-    # The chosen answer's NLL added to IPO (RPO): without it IPO taught the model to stop at once
-    # (95 of 240 FSPO answers empty; docs/train.md, ninth round).
-    fspo_nll_weight: float = 1.0
-    sft_lr: float = 1e-3
-    fspo_lr: float = 1e-4
-    # IPO's target margin is 1/(2 beta) nats of summed log-ratio: 1 here. At beta 0.1 (5 nats) IPO
-    # pushed the minimal pairs apart until answers ended after one sentence (tenth round).
-    beta: float = 0.5
-    batch_size: int = 8
-    max_tokens: int = 1024
-    eval_episodes: int = 120  # per test split, for generation, win rates and accuracy
-    accuracy_shots: tuple[int, ...] = (0, 2, 4)
-    max_new_tokens: int = 96
-    gen_batch_size: int = 16
+    domain: str
+    users: int
+    prefs_per_user: int
+    sim_options: dict[str, Any]
+    shots: int
+    include_dispreferred: bool
+    seed: int
+    model_size: str
+    corpus_docs: int
+    corpus_consistent: float
+    corpus_consistent_answers: int
+    corpus_described: float
+    corpus_styled: float
+    corpus_styled_answers: int
+    corpus_styled_layout: StyledLayout
+    template_docs: int
+    pretrain_steps: int
+    sft_steps: int
+    sft_shot_loss: bool
+    rat_sft_steps: int
+    rat_sft_lr: float
+    fspo_steps: int
+    fspo_nll_weight: float
+    sft_lr: float
+    fspo_lr: float
+    beta: float
+    batch_size: int
+    max_tokens: int
+    eval_episodes: int
+    accuracy_shots: tuple[int, ...]
+    max_new_tokens: int
+    gen_batch_size: int
 
 
-PROFILES: dict[str, Profile] = {
-    "default": Profile(),
-    # A smoke run of every stage in well under a minute (tests, CI); its numbers mean nothing.
-    "tiny": Profile(
-        users=60,
-        prefs_per_user=12,
-        shots=2,
-        model_size="tiny",
-        corpus_docs=400,
-        pretrain_steps=4,
-        sft_steps=3,
-        rat_sft_steps=2,
-        fspo_steps=3,
-        batch_size=4,
-        max_tokens=512,
-        eval_episodes=6,
-        accuracy_shots=(0, 1, 2),
-        max_new_tokens=16,
-        gen_batch_size=6,
-    ),
-}
+def load_profile(name: str) -> Profile:
+    """The profile `name`: ``quickstart/default.yaml`` with ``quickstart/<name>.yaml`` on top."""
+    from fspo.train.config import named_config
 
-# The paper's systems: (name, trained model stage or None for the pretrained base, generation mode,
-# number of shots (None = all of the episode's shots)).
-SYSTEMS: tuple[tuple[str, str | None, str, int | None], ...] = (
+    values = {**named_config("quickstart", "default"), **named_config("quickstart", name)}
+    try:
+        return Profile.model_validate(values)
+    except ValidationError as err:
+        raise UserError(f"quickstart profile {name!r}: {err}") from None
+
+
+# The systems the quickstart generates answers with, as the paper compares them: (name, trained model
+# stage or None for the pretrained base, generation mode, number of shots (None = all of the
+# episode's shots)).
+GENERATED_SYSTEMS: tuple[tuple[str, str | None, str, int | None], ...] = (
     ("base", None, "plain", 0),
     ("few-shot-prompting", None, "plain", None),
     ("population-ipo", "pop_ipo", "plain", 0),
@@ -147,9 +98,7 @@ SYSTEMS: tuple[tuple[str, str | None, str, int | None], ...] = (
 def run_quickstart(
     out: str | Path = "runs/quickstart", profile: str = "default", force: bool = False
 ) -> dict[str, Any]:
-    if profile not in PROFILES:
-        raise UserError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    p = PROFILES[profile]
+    p = load_profile(profile)
     console = Console()
     runner = StageRunner(Path(out), force=force, console=console)
     params = p.model_dump(mode="json")
@@ -179,7 +128,10 @@ def run_quickstart(
     trained = tuple(trainings)
     runner.run(
         "generate",
-        {**_pick(params, "eval_episodes max_new_tokens seed include_dispreferred"), "systems": SYSTEMS},
+        {
+            **_pick(params, "eval_episodes max_new_tokens seed include_dispreferred"),
+            "systems": GENERATED_SYSTEMS,
+        },
         lambda d: _generate(p, runner, d, model_dir),
         ("episodes", "model", *trained),
     )
@@ -191,7 +143,7 @@ def run_quickstart(
     )
     summary = runner.run(
         "report",
-        {"systems": [s[0] for s in SYSTEMS]},
+        {"systems": [s[0] for s in GENERATED_SYSTEMS]},
         lambda d: _report(p, runner, d),
         ("sim", "generate", "accuracy"),
     )
@@ -343,7 +295,7 @@ def _generate(p: Profile, runner: StageRunner, folder: Path, model_dir: str) -> 
     episodes = _test_episodes(p, runner)
     counts = {}
     loaded: dict[str, tuple[Any, Any]] = {}  # several systems share a model (base, fspo, fspo_rat)
-    for system, stage, mode, shots in SYSTEMS:
+    for system, stage, mode, shots in GENERATED_SYSTEMS:
         path = model_dir if stage is None else str(runner.folder(stage) / "model")
         if path not in loaded:
             loaded[path] = (load_model(path), load_tokenizer(path))
@@ -370,7 +322,7 @@ def _generate(p: Profile, runner: StageRunner, folder: Path, model_dir: str) -> 
 def _accuracy(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
     from fspo.core.files import atomic_write_json
     from fspo.eval import accuracy_curve
-    from fspo.eval.records import trained_layout
+    from fspo.infer.layout import trained_layout
     from fspo.models.loading import load_model, load_tokenizer
 
     episodes = _test_episodes(p, runner)  # accuracy_curve groups them by split
@@ -412,7 +364,7 @@ def _report(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
     gen = runner.folder("generate")
     users_file = runner.folder("sim") / "users.jsonl"
     results = []
-    pairs = [(s[0], "base") for s in SYSTEMS if s[0] != "base"]
+    pairs = [(s[0], "base") for s in GENERATED_SYSTEMS if s[0] != "base"]
     # Head to head: FSPO against each baseline (the base model can be far weaker than any trained
     # system, so beating it says little about personalization), and RAT against FSPO and its oracle.
     pairs += [
@@ -436,7 +388,8 @@ def _report(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
         results.extend(res.results)
     prefs, users, _ = read_dataset_dir(runner.folder("sim"))
     generations = {
-        s[0]: [json.loads(line) for line in (gen / f"{s[0]}.jsonl").read_text().splitlines()] for s in SYSTEMS
+        s[0]: [json.loads(line) for line in (gen / f"{s[0]}.jsonl").read_text().splitlines()]
+        for s in GENERATED_SYSTEMS
     }
     examples = collect_examples(generations, _test_episodes(p, runner), {u.user_id: u for u in users})
     accuracy = json.loads((runner.folder("accuracy") / "accuracy.json").read_text())

@@ -43,9 +43,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fspo.core.errors import UserError
+from fspo.core.errors import DataError, UserError
 from fspo.core.files import atomic_write_json
-from fspo.data.io import gc_paused, read_records, write_records
+from fspo.data.io import gc_paused, iter_rows, read_records, write_records
 from fspo.data.schema import Episode, Preference, User
 
 SPLITS = ("train", "test_seen", "test_unseen")
@@ -337,19 +337,57 @@ def _report_summary(report: SamplingReport) -> dict[str, Any]:
     return data
 
 
-def load_episodes(directory: str | Path, split: str) -> list[Episode]:
-    """Read one split of an episode folder written by `write_episodes`."""
-    if split not in SPLITS:
-        raise UserError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    directory = Path(directory)
-    if not (directory / META_FILE).exists():
+def episodes_file(path: str | Path, split: str = "train") -> Path:
+    """The file holding one split: `path` itself, or in an episode folder ``<split>.jsonl``.
+
+    A folder may also name it ``<split>_episodes.jsonl`` or ``episodes_<split>.jsonl``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if split not in SPLITS:
+            raise UserError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        for name in (f"{split}.jsonl", f"{split}_episodes.jsonl", f"episodes_{split}.jsonl"):
+            if (path / name).is_file():
+                return path / name
+        if not (path / META_FILE).exists():
+            raise UserError(
+                f"{path}: not a complete episode folder (no {META_FILE}); run `fspo data episodes`"
+            )
         raise UserError(
-            f"{directory}: not a complete episode folder (no {META_FILE}); run `fspo data episodes`"
+            f"episodes folder {str(path)!r} has no '{split}.jsonl'; build episodes with `fspo data episodes`"
         )
-    path = directory / f"{split}.jsonl"
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    return read_records(path, Episode, allow_empty=True)  # an empty split is legitimate (no test users)
+    if not path.is_file():
+        raise UserError(f"episodes file {str(path)!r} does not exist")
+    return path
+
+
+def load_episodes(path: str | Path, split: str = "train") -> list[Episode]:
+    """The episodes of one split: an episode folder's ``<split>.jsonl`` (see `episodes_file`), or a file.
+
+    Every record is validated; a bad one is reported as 'file:line: field: message', all of them
+    in one error. An empty file gives no episodes (a split may be empty: no test users). A file of
+    preferences or users passed by mistake is named as such, with what is needed instead.
+    """
+    file = episodes_file(path, split)
+    try:
+        return read_records(file, Episode, allow_empty=True)
+    except DataError as err:
+        _refuse_other_records(file)
+        if not err.problems:
+            raise
+        # read_records' message offers --skip-invalid, which no episode reader takes
+        raise DataError(f"{len(err.problems)} invalid episode record(s) in {file}", err.problems) from None
+
+
+def _refuse_other_records(file: Path) -> None:
+    """Raise a `UserError` naming what `file` holds when its first record is not an episode at all."""
+    where, row = next(iter_rows(file, []), ("", None))
+    if isinstance(row, dict) and "shots" not in row and "query" not in row:
+        kind = "preferences" if {"question", "chosen", "rejected"} <= row.keys() else "records"
+        raise UserError(
+            f"{file} holds {kind}, not episodes ({where} has no 'shots'/'query'): episodes are N shots "
+            "+ a query pair per user; build them with `fspo data episodes`"
+        )
 
 
 def load_meta(directory: str | Path) -> dict[str, Any]:

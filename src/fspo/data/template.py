@@ -76,6 +76,33 @@ class TemplateOptions(BaseModel):
     # Wrap the prompt in the tokenizer's chat template (instruct models).
     chat_template: bool = False
 
+    @classmethod
+    def of_training(
+        cls, *, include_dispreferred: bool, rat: str, chat_template: bool, max_tokens: int | None = None
+    ) -> TemplateOptions:
+        """The layout a training run renders its episodes in, from its config's fields of these names.
+
+        One mapping for `TrainConfig.template_options` and for reading a trained model's saved config
+        (`fspo.infer.layout`), so a model is prompted at evaluation and serving as it was trained.
+        RAT's ``teacher-forced`` mode puts the true description in the prompt (`DescriptionMode.PROMPT`).
+        """
+        if rat not in RAT_DESCRIPTION:
+            raise ValueError(f"rat: {rat!r} is not one of {', '.join(RAT_DESCRIPTION)}")
+        return cls(
+            include_dispreferred=include_dispreferred,
+            description=RAT_DESCRIPTION[rat],
+            max_tokens=max_tokens,
+            chat_template=chat_template,
+        )
+
+
+# A training config's `rat` mode -> where the user description goes in the episode's text.
+RAT_DESCRIPTION = {
+    "none": DescriptionMode.NONE,
+    "target": DescriptionMode.TARGET,
+    "teacher-forced": DescriptionMode.PROMPT,
+}
+
 
 @dataclass(frozen=True)
 class Rendered:

@@ -8,7 +8,7 @@ stays cheap (no torch, no openai) until a function is used:
     winrate(a_jsonl, b_jsonl, users, judge="exact"|"openai"|"local"|Judge, out=...) -> WinRateResult
     make_judge(name, **options) / ExactRewardJudge / OpenAIJudge / LocalJudge
     write_report(out_dir, winrates, accuracy, examples, disagreement, title, notes) -> paths
-    collect_examples(...), disagreement_matrix(...), report_from_run(run_dir)
+    collect_examples(...), preference_disagreement(...), report_from_run(run_dir)
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ _API = {
     "LocalJudge": "fspo.eval.judges",
     "write_report": "fspo.eval.report",
     "collect_examples": "fspo.eval.report",
-    "disagreement_matrix": "fspo.eval.report",
+    "preference_disagreement": "fspo.eval.report",
     "report_from_run": "fspo.eval.run_report",
     "wilson_interval": "fspo.eval.stats",
 }

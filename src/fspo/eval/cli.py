@@ -43,7 +43,8 @@ def accuracy(
     """Preference accuracy of the model's implicit reward, per split, vs the number of shots."""
     from fspo.core.files import atomic_write_json
     from fspo.eval.accuracy import accuracy_curve, group_by_split
-    from fspo.eval.records import load_test_episodes, trained_layout
+    from fspo.eval.records import load_test_episodes
+    from fspo.infer.layout import trained_layout
     from fspo.models.loading import load_model, load_tokenizer
 
     ks = _parse_shots(shots)
@@ -85,7 +86,7 @@ def winrate(
     judge: str = typer.Option("exact", help="exact | openai | local"),
     judge_model: str | None = typer.Option(None, help="openai: model name; local: model folder."),
     base_url: str | None = typer.Option(None, help="openai: endpoint (default: FSPO_JUDGE_BASE_URL/OpenAI)."),
-    cache: Path | None = typer.Option(None, help="openai: verdict cache (JSONL); default beside --out."),
+    cache: Path | None = typer.Option(None, help="openai: request cache (SQLite); default beside --out."),
     workers: int = typer.Option(4, min=1, help="openai: concurrent requests."),
     price_prompt: float = typer.Option(0.0, help="openai: USD per million prompt tokens (cost counter)."),
     price_completion: float = typer.Option(0.0, help="openai: USD per million completion tokens."),
@@ -102,7 +103,7 @@ def winrate(
         options = {
             "model": judge_model,
             "base_url": base_url,
-            "cache_path": cache or out.with_suffix(".cache.jsonl"),
+            "cache_path": cache or out.with_suffix(".cache.sqlite"),
             "price_prompt_per_mtok": price_prompt,
             "price_completion_per_mtok": price_completion,
         }
@@ -151,7 +152,8 @@ def generate(
 ) -> None:
     """Generate a personalized answer for each test episode from its user's shots."""
     from fspo.eval.generate import Mode, generate_for_episodes
-    from fspo.eval.records import load_test_episodes, trained_layout, users_by_id
+    from fspo.eval.records import load_test_episodes, users_by_id
+    from fspo.infer.layout import trained_layout
     from fspo.models.loading import load_model, load_tokenizer
 
     try:

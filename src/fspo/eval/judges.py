@@ -6,33 +6,45 @@ so a simulated user's exact reward and an LLM judge are interchangeable.
 
 * `ExactRewardJudge` - the simulated user's own reward (`fspo.sim.reward_for`). Exact, free and
   deterministic: the primary judge of this project, since LLM judges are unreliable on
-  personalization (see /work/shared/PAPER_NOTES.md).
+  personalization (people have been found to rate personalized answers no better than generic
+  ones while LLM judges rate them higher).
 * `OpenAIJudge` - any OpenAI-compatible endpoint with an AlpacaEval-style pairwise prompt extended
-  with the user's description. Each pair is asked in BOTH orders and a verdict that flips with the
-  order counts as a tie, which cancels position bias instead of averaging it in.
-* `LocalJudge` - a transformers model; compares next-token probabilities of "A" and "B".
+  with the user's description, through `fspo.llm.LLMClient`. Each pair is asked in BOTH orders
+  (`fspo.llm.ask_both_orders`) and a verdict that flips with the order counts as a tie, which
+  cancels position bias instead of averaging it in.
+* `LocalJudge` - a transformers model; compares next-token probabilities of "A" and "B", both orders.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import asyncio
 import os
 import re
-import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 from typing import Any, Protocol, runtime_checkable
 
 from fspo.core.errors import UserError
-from fspo.core.files import AppendLog
 from fspo.data.schema import User
+from fspo.llm import (
+    LETTER_SCORES,
+    BackendConfig,
+    BackendUnavailable,
+    ClientStats,
+    LLMClient,
+    ParseError,
+    ParseFailure,
+    RequestCache,
+    ask_both_orders,
+    make_backend,
+)
 
 PROMPTS = Path(__file__).parent / "prompts"
 NO_DESCRIPTION = "(no description of this user is available)"
+REASK = "Answer with a single letter: A or B."
+MAX_WORKERS = 64
 RewardFn = Callable[[str, str], float]
 
 
@@ -134,46 +146,41 @@ def parse_verdict(text: str | None) -> str | None:
     return match.group(1).upper() if match else None
 
 
-def _combine(first: str | None, second: str | None) -> tuple[float, bool]:
-    """Score of answer a from (verdict with a shown first, verdict with a shown second).
+def _parse_letter(text: str) -> str:
+    verdict = parse_verdict(text)
+    if verdict is None:
+        raise ParseError("the reply does not start with A or B")
+    return verdict
 
-    Agreeing verdicts decide; a flip with the order, or a missing verdict, is a tie (0.5).
-    Returns (score, flipped).
-    """
-    s1 = {"A": 1.0, "B": 0.0}.get(first or "", 0.5)
-    s2 = {"B": 1.0, "A": 0.0}.get(second or "", 0.5)
-    if s1 == s2:
-        return s1, False
-    return 0.5, first is not None and second is not None
+
+def _reask(error: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"{REASK} ({error})"}]
 
 
 # ------------------------------------------------------------------------------------------ openai
 @dataclass
 class JudgeUsage:
-    """What a judge run cost: requests, cache hits, tokens, malformed replies, order flips."""
+    """What a judge run cost: the LLM client's counters (requests sent and answered, cache hits,
+    retries, re-asks, replies that never gave a verdict, tokens, cost) and the judge's own: pairs
+    judged and pairs whose verdict flipped with the order."""
 
-    requests: int = 0
-    cache_hits: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    malformed: int = 0
-    unresolved: int = 0
+    client: ClientStats
     pairs: int = 0
     flips: int = 0
-    cost_usd: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**self.client.as_dict(), "pairs": self.pairs, "flips": self.flips}
 
 
 class OpenAIJudge:
     """Pairwise LLM judge over any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp, ...).
 
-    Transport retries (429, 5xx, timeouts, connection errors, with exponential backoff that honours
-    Retry-After) are the `openai` client's own (`max_retries`). Malformed replies are re-asked up to
-    `max_parse_retries` times; still malformed, that order counts as a tie. Verdicts are cached in
-    an append-only JSONL file keyed by a hash of (model, system prompt, prompt, temperature), so a
-    re-run costs no requests. Prices are per million tokens and only feed the cost counter.
+    Requests go through `fspo.llm.LLMClient`: retries of 429, 5xx, timeouts and connection errors
+    (`max_retries`, exponential backoff honouring Retry-After), the SQLite request cache at
+    `cache_path` (a re-run sends no request it already has an answer to), usage and cost (prices per
+    million tokens). A reply without a verdict is re-asked up to `max_parse_retries` times, with the
+    reply and a reminder to answer A or B; still none, that order counts as a tie. Both orders are
+    asked through `fspo.llm.ask_both_orders`.
     """
 
     name = "openai"
@@ -193,10 +200,7 @@ class OpenAIJudge:
         price_prompt_per_mtok: float = 0.0,
         price_completion_per_mtok: float = 0.0,
         prompt: PairwisePrompt | None = None,
-        client: Any = None,
     ):
-        import openai
-
         self.model = model or os.environ.get("FSPO_JUDGE_MODEL")
         if not self.model:
             raise UserError("the openai judge needs a model name (--judge-model or FSPO_JUDGE_MODEL)")
@@ -207,109 +211,90 @@ class OpenAIJudge:
                 raise UserError("the openai judge needs an API key: set FSPO_JUDGE_API_KEY or OPENAI_API_KEY")
             api_key = "not-needed"  # local servers (vLLM, llama.cpp) accept any key
         self.base_url = base_url
-        self.client = client or openai.OpenAI(
-            base_url=base_url, api_key=api_key, max_retries=max_retries, timeout=timeout
+        cfg = BackendConfig(
+            model=self.model,
+            base_url=base_url,
+            api_key=api_key,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            timeout=timeout,
+            max_retries=max_retries,
+            max_reasks=max_parse_retries,
+            max_concurrency=MAX_WORKERS,  # `prefer_many(workers=...)` sets how many are in flight
+            price_prompt_per_mtok=price_prompt_per_mtok,
+            price_completion_per_mtok=price_completion_per_mtok,
         )
-        self.max_parse_retries = max_parse_retries
-        self.temperature = temperature
-        self.max_tokens = max_tokens
-        self.prices = (price_prompt_per_mtok, price_completion_per_mtok)
+        cache = RequestCache(cache_path) if cache_path is not None else None
+        self.client = LLMClient(make_backend(cfg), cfg, cache)
         self.prompt = prompt or PairwisePrompt.load()
-        self.usage = JudgeUsage()
-        self._lock = threading.Lock()
-        self._cache: dict[str, str] = {}
-        self._log: AppendLog | None = None
-        if cache_path is not None:
-            self._log = AppendLog(cache_path)
-            for row in self._log.read():
-                if row.get("verdict") in ("A", "B"):
-                    self._cache[row["key"]] = row["verdict"]
+        self.usage = JudgeUsage(self.client.stats)
+        self._runner: asyncio.Runner | None = None
 
-    def _key(self, text: str) -> str:
-        blob = json.dumps([self.model, self.prompt.system, text, self.temperature], ensure_ascii=False)
-        return hashlib.sha256(blob.encode()).hexdigest()
+    async def _verdict(
+        self, limit: asyncio.Semaphore, user: User, question: str, first: str, second: str
+    ) -> float | None:
+        """P(the answer shown first wins): 1.0 or 0.0 from the letter, None if no reply gave one."""
+        messages = [
+            {"role": "system", "content": self.prompt.system},
+            {"role": "user", "content": self.prompt.render(user, question, first, second)},
+        ]
+        async with limit:
+            try:
+                letter = await self.client.ask("pairwise", messages, _parse_letter, _reask)
+            except ParseFailure:
+                return None
+            except (BackendUnavailable, UserError) as err:
+                raise UserError(
+                    f"judge endpoint {self.base_url or 'api.openai.com'} (model {self.model}): {err}"
+                ) from err
+        return LETTER_SCORES[letter]
 
-    def _request(self, text: str) -> str:
-        import openai
-
-        try:
-            resp = self.client.chat.completions.create(
-                model=self.model,
-                messages=[
-                    {"role": "system", "content": self.prompt.system},
-                    {"role": "user", "content": text},
-                ],
-                temperature=self.temperature,
-                max_tokens=self.max_tokens,
-            )
-        except openai.APIError as err:
-            raise UserError(
-                f"judge endpoint {self.base_url or 'api.openai.com'} (model {self.model}): {err}"
-            ) from err
-        with self._lock:
-            self.usage.requests += 1
-            if resp.usage is not None:
-                self.usage.prompt_tokens += resp.usage.prompt_tokens or 0
-                self.usage.completion_tokens += resp.usage.completion_tokens or 0
-                self.usage.cost_usd = (
-                    self.usage.prompt_tokens * self.prices[0] + self.usage.completion_tokens * self.prices[1]
-                ) / 1e6
-        return (resp.choices[0].message.content or "") if resp.choices else ""
-
-    def ask(self, text: str) -> str | None:
-        """One verdict ('A', 'B', or None if every attempt was malformed) for a rendered prompt."""
-        key = self._key(text)
-        with self._lock:
-            if key in self._cache:
-                self.usage.cache_hits += 1
-                return self._cache[key]
-        for _ in range(1 + self.max_parse_retries):
-            reply = self._request(text)
-            verdict = parse_verdict(reply)
-            if verdict is not None:
-                with self._lock:
-                    self._cache[key] = verdict
-                    if self._log is not None:
-                        self._log.append(
-                            {"key": key, "model": self.model, "verdict": verdict, "reply": reply}
-                        )
-                return verdict
-            with self._lock:
-                self.usage.malformed += 1
-        with self._lock:
-            self.usage.unresolved += 1
-        return None
+    async def _prefer(self, limit: asyncio.Semaphore, user: User, question: str, a: str, b: str) -> float:
+        pair = await ask_both_orders(
+            lambda first, second, _order: self._verdict(limit, user, question, first, second), a, b
+        )
+        self.usage.pairs += 1
+        self.usage.flips += int(pair.flipped)
+        return pair.score
 
     def prefer(self, user: User, question: str, a: str, b: str) -> float:
-        if a.strip() == b.strip():
-            return 0.5  # identical answers: nothing to judge, no request
-        first = self.ask(self.prompt.render(user, question, a, b))
-        second = self.ask(self.prompt.render(user, question, b, a))
-        score, flipped = _combine(first, second)
-        with self._lock:
-            self.usage.pairs += 1
-            self.usage.flips += int(flipped)
-        return score
+        return self.prefer_many([(user, question, a, b)], workers=1)[0]
 
     def prefer_many(self, items: Sequence[tuple[User, str, str, str]], workers: int = 4) -> list[float]:
-        if workers <= 1:
-            return [self.prefer(*item) for item in items]
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(lambda item: self.prefer(*item), items))
+        """Judge every item, with at most `workers` (up to `MAX_WORKERS`) requests in flight."""
+
+        async def judge_all() -> list[float]:
+            limit = asyncio.Semaphore(workers)
+            tasks = [asyncio.ensure_future(self._prefer(limit, *item)) for item in items]
+            try:
+                return list(await asyncio.gather(*tasks))
+            finally:  # a failed item stops the others: none keeps running into the next call
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+        if self._runner is None:
+            self._runner = asyncio.Runner()  # one event loop for the judge's life: its HTTP pool lives on it
+        return self._runner.run(judge_all())
 
     def close(self) -> None:
-        if self._log is not None:
-            self._log.close()
+        if self._runner is not None:
+            self._runner.run(self.client.aclose())
+            self._runner.close()
+            self._runner = None
+        if self.client.cache is not None:
+            self.client.cache.close()
 
 
 # ------------------------------------------------------------------------------------------- local
 class LocalJudge:
     """A local causal LM as judge: P(A) vs P(B) as the next token after the judge prompt.
 
-    Both orders are scored and averaged (P(a wins) = (P_A(a first) + P_B(a second)) / 2), which
-    cancels the model's position bias in expectation. Uses the tokenizer's chat template when it has
-    one; otherwise the raw prompt followed by "Answer:". Several spellings of each letter ("A", " A")
-    are summed, since which one a tokenizer uses after the prompt varies.
+    Both orders are scored through `fspo.llm.ask_both_orders` and averaged (P(a wins) =
+    (P_A(a first) + P_B(a second)) / 2), which cancels the model's position bias in expectation. Uses
+    the tokenizer's chat template when it has one; otherwise the raw prompt followed by "Answer:".
+    Several spellings of each letter ("A", " A") are summed, since which one a tokenizer uses after
+    the prompt varies.
     """
 
     name = "local"
@@ -352,11 +337,10 @@ class LocalJudge:
         return 0.5 if pa + pb == 0 else pa / (pa + pb)
 
     def prefer(self, user: User, question: str, a: str, b: str) -> float:
-        if a.strip() == b.strip():
-            return 0.5
-        p1 = self.prob_first(self._text(self.prompt.render(user, question, a, b)))
-        p2 = self.prob_first(self._text(self.prompt.render(user, question, b, a)))
-        return (p1 + (1.0 - p2)) / 2
+        async def ask(first: str, second: str, _order: str) -> float:
+            return self.prob_first(self._text(self.prompt.render(user, question, first, second)))
+
+        return asyncio.run(ask_both_orders(ask, a, b)).score
 
 
 # ----------------------------------------------------------------------------------------- factory

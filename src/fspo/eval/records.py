@@ -14,7 +14,6 @@ from typing import Any
 from fspo.core.errors import DataError, UserError
 from fspo.data.io import iter_rows, read_records
 from fspo.data.schema import Episode, User
-from fspo.data.template import TemplateOptions
 
 TEST_SPLITS = ("test_seen", "test_unseen")
 GENERATION_FIELDS = ("episode_id", "user_id", "question", "answer")
@@ -38,25 +37,6 @@ def load_test_episodes(path: str | Path, splits: Iterable[str] = TEST_SPLITS) ->
     if not episodes:
         raise DataError(f"{path}: no episodes (empty file)")
     return episodes
-
-
-def trained_layout(model: str | Path, include_dispreferred: bool | None = None) -> TemplateOptions:
-    """The prompt layout `model` was trained with, from the training config saved in its folder.
-
-    Why: a model fine-tuned on shots without dispreferred answers, or inside a chat template, must
-    be prompted the same way at evaluation; the default layout would silently score or generate
-    from prompts it never saw. The config's own `TrainConfig.template_options` decides (RAT models
-    get their description layout), without its token budget: evaluation drops no shots. Folders
-    without the file (a base model) get the default layout. `include_dispreferred`, when given,
-    overrides the trained value.
-    """
-    from fspo.train.config import CONFIG_FILE, load_config
-
-    path = Path(model) / CONFIG_FILE
-    override = {"include_dispreferred": include_dispreferred}
-    if not path.is_file():
-        return TemplateOptions(**{k: v for k, v in override.items() if v is not None})
-    return load_config(path, override).template_options().model_copy(update={"max_tokens": None})
 
 
 def users_by_id(path: str | Path) -> dict[str, User]:

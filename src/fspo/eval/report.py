@@ -24,7 +24,7 @@ from fspo.data.schema import Episode, Preference, User
 from fspo.eval.winrates import WinRate
 
 # The systems of the paper, in the order its tables list them, with display names.
-SYSTEMS: dict[str, str] = {
+SYSTEM_LABELS: dict[str, str] = {
     "base": "Base model (zero-shot)",
     "population-ipo": "Population IPO (zero-shot)",
     "few-shot-prompting": "Few-shot prompting",
@@ -37,7 +37,7 @@ SPLIT_ORDER = ("seen", "unseen", "all")
 
 
 def system_label(name: str) -> str:
-    return SYSTEMS.get(name, name)
+    return SYSTEM_LABELS.get(name, name)
 
 
 def _order(values: Iterable[str], preferred: Sequence[str]) -> list[str]:
@@ -59,10 +59,10 @@ def _short(text: str | None, limit: int = 300) -> str:
 def winrate_tables(winrates: Sequence[WinRate]) -> list[dict[str, Any]]:
     """One table per (opponent, judge): rows are systems, columns splits, cells WinRates."""
     tables = []
-    keys = sorted({(w.opponent, w.judge) for w in winrates}, key=lambda k: (_order([k[0]], SYSTEMS), k))
+    keys = sorted({(w.opponent, w.judge) for w in winrates}, key=lambda k: (_order([k[0]], SYSTEM_LABELS), k))
     for opponent, judge in keys:
         cells = [w for w in winrates if w.opponent == opponent and w.judge == judge]
-        rows = _order({w.system for w in cells}, list(SYSTEMS))
+        rows = _order({w.system for w in cells}, list(SYSTEM_LABELS))
         cols = _order({w.split for w in cells}, SPLIT_ORDER)
         grid = {(w.system, w.split): w for w in cells}
         tables.append({"opponent": opponent, "judge": judge, "rows": rows, "cols": cols, "grid": grid})
@@ -154,12 +154,14 @@ def _save(fig: Any, path: str | Path) -> Path:
     return path
 
 
-def disagreement_matrix(
+def preference_disagreement(
     preferences: Iterable[Preference], user_ids: Sequence[str] | None = None
 ) -> tuple[np.ndarray, list[str]]:
     """D[i, j] = fraction of the comparisons both users labeled on which they chose differently.
 
     A comparison is (question, unordered pair of answers). Users with nothing in common get NaN.
+    It needs only the preferences, so it serves any dataset; `fspo.sim.disagreement_matrix` groups
+    simulated users by persona instead.
     Why it matters: personalization only has something to learn where users disagree; a population
     that agrees everywhere is served by one model.
     """
@@ -314,7 +316,7 @@ def write_report(
     """Write report.md, report.html, results.json and the figures into `out_dir`; return their paths.
 
     `accuracy`: one `accuracy_curve` result or a mapping label -> result. `disagreement`: a matrix,
-    (matrix, user ids) as returned by `disagreement_matrix`, or a `fspo.sim.Disagreement`.
+    (matrix, user ids) as returned by `preference_disagreement`, or a `fspo.sim.Disagreement`.
     Tables show percent (estimate [CI low, CI high] n=pairs); results.json keeps fractions.
     """
     out = Path(out_dir)

@@ -16,7 +16,7 @@ from typing import Any
 from fspo.core.errors import UserError
 from fspo.data.io import read_records
 from fspo.data.schema import Episode, Preference, User
-from fspo.eval.report import collect_examples, disagreement_matrix, write_report
+from fspo.eval.report import collect_examples, preference_disagreement, write_report
 from fspo.eval.winrates import WinRate
 
 MAX_MATRIX_USERS = 40
@@ -91,7 +91,7 @@ def report_from_run(
     if prefs_path:
         prefs = read_records(prefs_path, Preference)
         ids = sorted({p.user_id for p in prefs})[:MAX_MATRIX_USERS]
-        disagreement = disagreement_matrix(prefs, ids)
+        disagreement = preference_disagreement(prefs, ids)
     examples = collect_examples(generations, eps, user_map, max_users=max_users) if generations else []
     notes = [f"Built from {run}."]
     return write_report(

@@ -8,71 +8,27 @@ heading as ids after the prompt sees exactly the token boundary used in training
 rejected targets share their prompt ids token for token.
 
 Reduction: each sequence's target log-probs are returned as a *sum* together with the number of
-scored tokens; ``mean = sum / count``. `reduce` picks one. The paper's IPO uses ``sum``.
+scored tokens (`fspo.infer.pairs.SeqLogps`); ``mean = sum / count``. The paper's IPO uses ``sum``.
 
-The trainer selects a pair-scoring function by name (`PAIR_LOGPS`): ``concat`` here runs chosen and
-rejected as one 2B batch; a prefix-shared variant (``fspo.infer.prefix``) can register itself with
-the same signature ``(model, batch: PairBatch) -> (SeqLogps, SeqLogps)``.
+Pairs are scored two ways, both returning ``(chosen, rejected)`` `SeqLogps`: `compute_pair_logps`
+runs chosen and rejected as one 2B batch (the trainer's ``concat``); `fspo.infer.prefix` scores both
+answers against one pass over the prompt (``prefix``, and `score_pairs`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from fspo.data.tokens import pad_id_of, prompt_token_ids, target_token_ids
-from fspo.infer.prefix import PairTokens, pair_logps
+from fspo.infer.pairs import PairTokens, Reduction, SeqLogps
+from fspo.infer.prefix import pair_logps
 
 IGNORE = -100
-Reduction = Literal["sum", "mean"]
-
-
-@dataclass(frozen=True)
-class SeqLogps:
-    """Per-sequence summed target log-probs and scored-token counts; `mean` derives from them."""
-
-    sum: Tensor  # (batch,)
-    count: Tensor  # (batch,) number of scored target tokens (including eos)
-
-    @property
-    def mean(self) -> Tensor:
-        return self.sum / self.count.clamp(min=1)
-
-    def reduce(self, reduction: Reduction) -> Tensor:
-        if reduction == "sum":
-            return self.sum
-        if reduction == "mean":
-            return self.mean
-        raise ValueError(f"unknown reduction {reduction!r} (expected 'sum' or 'mean')")
-
-
-@dataclass(frozen=True)
-class PairBatch:
-    """Unpadded token ids of a batch of (prompt, chosen, rejected) triples.
-
-    Kept as lists so each pair-scoring implementation chooses its own layout (two padded halves,
-    or one prefix-shared sequence).
-    """
-
-    prompt_ids: list[list[int]]
-    chosen_ids: list[list[int]]  # target ids, ending with eos
-    rejected_ids: list[list[int]]
-    pad_id: int
-
-    def __len__(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(
-            2 * len(p) + len(c) + len(r)
-            for p, c, r in zip(self.prompt_ids, self.chosen_ids, self.rejected_ids, strict=True)
-        )
 
 
 def collate_targets(
@@ -125,42 +81,17 @@ def forward_logps(model: Any, batch: dict[str, Tensor]) -> SeqLogps:
     return sequence_logps(out.logits, batch["labels"].to(device))
 
 
-def compute_pair_logps(model: Any, batch: PairBatch) -> tuple[SeqLogps, SeqLogps]:
+def compute_pair_logps(model: Any, pairs: Sequence[PairTokens], pad_id: int) -> tuple[SeqLogps, SeqLogps]:
     """Chosen and rejected log-probs from ONE forward pass over the 2B concatenated sequences.
 
     One pass instead of two halves the number of kernel launches and, under DDP, keeps a single
     forward per backward (two forwards of a DDP module before one backward is an error).
     """
-    n = len(batch)
-    padded = collate_targets(batch.prompt_ids * 2, batch.chosen_ids + batch.rejected_ids, batch.pad_id)
+    n = len(pairs)
+    prompts = [p.prompt for p in pairs]
+    padded = collate_targets(prompts * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     both = forward_logps(model, padded)
     return SeqLogps(both.sum[:n], both.count[:n]), SeqLogps(both.sum[n:], both.count[n:])
-
-
-PairLogpsFn = Callable[[Any, PairBatch], tuple[SeqLogps, SeqLogps]]
-PAIR_LOGPS: dict[str, PairLogpsFn] = {"concat": compute_pair_logps}
-
-
-def _prefix_pair_logps(model: Any, batch: PairBatch) -> tuple[SeqLogps, SeqLogps]:
-    """Adapter to the prefix-shared scorer of `fspo.infer.prefix` (same tokens, one pass per prompt)."""
-    from fspo.infer import prefix
-
-    pairs = [
-        prefix.PairTokens(p, c, r)
-        for p, c, r in zip(batch.prompt_ids, batch.chosen_ids, batch.rejected_ids, strict=True)
-    ]
-    out = prefix.pair_logps(model, pairs, batch.pad_id)
-    return SeqLogps(out.chosen, out.chosen_tokens), SeqLogps(out.rejected, out.rejected_tokens)
-
-
-PAIR_LOGPS["prefix"] = _prefix_pair_logps
-
-
-def pair_logps_fn(name: str) -> PairLogpsFn:
-    """The pair scorer called `name` (``concat`` or ``prefix``)."""
-    if name not in PAIR_LOGPS:
-        raise ValueError(f"unknown log-prob implementation {name!r}; known: {sorted(PAIR_LOGPS)}")
-    return PAIR_LOGPS[name]
 
 
 @contextmanager
@@ -241,7 +172,7 @@ def score_pairs(
         out_r = torch.zeros(len(pairs), dtype=torch.float32)
         sizes = [len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs]
         for idx in length_sorted_batches(sizes, batch_size):
-            scored = pair_logps(model, [pairs[i] for i in idx], pad, side)
-            out_c[idx] = scored.chosen.float().cpu()
-            out_r[idx] = scored.rejected.float().cpu()
+            chosen_lp, rejected_lp = pair_logps(model, [pairs[i] for i in idx], pad, side)
+            out_c[idx] = chosen_lp.sum.float().cpu()
+            out_r[idx] = rejected_lp.sum.float().cpu()
     return out_c, out_r

@@ -9,10 +9,11 @@ gradients (they flow through the shared prefix), about 2(P+R)/(P+2R) times less 
 A row may also carry K held-out questions of the same user (``[shots | q1 | c1 | r1 | q2 | c2 | r2 ...]``):
 each question sees the shots, each answer sees the shots and its own question, nothing of q2 sees q1.
 
-This module holds the token records (`PairTokens`, `ContextTokens`) and the scorer
-(`plain_pair_logps`, the reference semantics; `shared_pair_logps`; `pair_logps`, which picks one).
-Its neighbours: `fspo.train.contexts` (episodes -> contexts of K questions), `fspo.train.buckets`
-(length-bucketed batches), `fspo.train.refcache` (reference log-probs computed once, cached).
+This module holds the scorer (`plain_pair_logps`, the reference semantics; `shared_pair_logps`;
+`pair_logps`, which picks one) of the token records in `fspo.infer.pairs`. Each returns the
+``(chosen, rejected)`` `SeqLogps` of every pair, flattened over contexts, in order. Its neighbours:
+`fspo.train.contexts` (episodes -> contexts of K questions), `fspo.train.buckets` (length-bucketed
+batches), `fspo.train.refcache` (reference log-probs computed once, cached).
 
 Why hand-written: no maintained trainer (TRL, OpenRLHF, torchtune) has prefix sharing; transformers
 gives the part that matters, a model forward that takes a custom 4D mask and per-row logit positions
@@ -28,6 +29,8 @@ from typing import Any
 
 import torch
 
+from fspo.infer.pairs import ContextTokens, PairTokens, SeqLogps, as_context
+
 log = logging.getLogger(__name__)
 
 # Model families whose attention reads a custom 4D mask as-is (transformers' `create_causal_mask`
@@ -39,70 +42,8 @@ _warned: set[str] = set()
 
 
 # --------------------------------------------------------------------------------------------
-# Token records
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PairTokens:
-    """One preference pair as token ids. Targets already end with EOS (the plain path's layout)."""
-
-    prompt: Sequence[int]
-    chosen: Sequence[int]
-    rejected: Sequence[int]
-
-
-@dataclass(frozen=True)
-class QuestionTokens:
-    """One held-out question of a context: its own prompt tail and its two answers."""
-
-    question: Sequence[int]
-    chosen: Sequence[int]
-    rejected: Sequence[int]
-
-
-@dataclass(frozen=True)
-class ContextTokens:
-    """A shared prefix (the user's shots) and K questions scored against it in one row.
-
-    The plain equivalent of item k is ``PairTokens(shared + question_k, chosen_k, rejected_k)``.
-    """
-
-    shared: Sequence[int]
-    items: Sequence[QuestionTokens]
-
-    @classmethod
-    def of(cls, pair: PairTokens) -> ContextTokens:
-        return cls(pair.prompt, [QuestionTokens((), pair.chosen, pair.rejected)])
-
-    def pairs(self) -> list[PairTokens]:
-        return [PairTokens([*self.shared, *q.question], q.chosen, q.rejected) for q in self.items]
-
-    def __len__(self) -> int:
-        return len(self.shared) + sum(len(q.question) + len(q.chosen) + len(q.rejected) for q in self.items)
-
-
-def as_context(item: PairTokens | ContextTokens) -> ContextTokens:
-    """A bare pair is a context of one question with an empty question segment."""
-    return ContextTokens.of(item) if isinstance(item, PairTokens) else item
-
-
-# --------------------------------------------------------------------------------------------
 # Log-probabilities
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PairLogps:
-    """Summed target log-probs per pair (flattened over contexts, in order) and target token counts.
-
-    Counts let the loss use the paper's sum (default) or a per-token mean.
-    """
-
-    chosen: torch.Tensor
-    rejected: torch.Tensor
-    chosen_tokens: torch.Tensor
-    rejected_tokens: torch.Tensor
 
 
 @dataclass
@@ -288,7 +229,7 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def _score(model: Any, rows: _Rows, mask: torch.Tensor) -> PairLogps:
+def _score(model: Any, rows: _Rows, mask: torch.Tensor) -> tuple[SeqLogps, SeqLogps]:
     """Forward once, take logits only at the predicting positions, sum target log-probs per slot."""
     dev = _device(model)
     kwargs = dict(
@@ -310,12 +251,12 @@ def _score(model: Any, rows: _Rows, mask: torch.Tensor) -> PairLogps:
     real = slot >= 0
     sums = torch.zeros(2 * rows.n_pairs, device=dev).index_add(0, slot[real], tok[real])
     counts = torch.zeros(2 * rows.n_pairs, device=dev).index_add(0, slot[real], torch.ones_like(tok[real]))
-    return PairLogps(sums[0::2], sums[1::2], counts[0::2], counts[1::2])
+    return SeqLogps(sums[0::2], counts[0::2]), SeqLogps(sums[1::2], counts[1::2])
 
 
 def plain_pair_logps(
     model: Any, pairs: Sequence[PairTokens], pad_id: int, padding_side: str = "right"
-) -> PairLogps:
+) -> tuple[SeqLogps, SeqLogps]:
     """Reference semantics: prompt+chosen and prompt+rejected as two rows, summed target log-probs.
 
     Equivalent to labels = -100 on prompt and padding with the usual shift; logits are computed only
@@ -327,7 +268,7 @@ def plain_pair_logps(
 
 def shared_pair_logps(
     model: Any, contexts: Sequence[PairTokens | ContextTokens], pad_id: int, padding_side: str = "right"
-) -> PairLogps:
+) -> tuple[SeqLogps, SeqLogps]:
     """Prefix-shared log-probs: one row per context. No support check: see `pair_logps`."""
     rows = build_shared_rows(contexts, pad_id, padding_side)
     mask = shared_attention_mask(rows)
@@ -343,7 +284,7 @@ def pair_logps(
     pad_id: int,
     padding_side: str = "right",
     shared: bool = True,
-) -> PairLogps:
+) -> tuple[SeqLogps, SeqLogps]:
     """What the trainer calls: the shared path when the model supports it, else the plain one.
 
     The fallback is logged once per reason. Results are per pair, in context order, the same either way.

@@ -1,4 +1,4 @@
-"""The embedded default model: a domain tokenizer and a few-million-parameter Llama, made locally.
+"""The embedded default model: a domain tokenizer and a small Llama (0.15M to 4M parameters), made locally.
 
 It is the analogue of the paper's pretrained instruct model (Llama 3.2 3B): `init_model` creates it,
 `fspo.models.pretrain.pretrain` teaches it to "speak the domain" and the FSPO layout. The result is a
@@ -16,12 +16,12 @@ from fspo.core.files import atomic_write_json
 
 Size = Literal["tiny", "small", "medium", "base"]
 
-# Figures on the 2-core reference machine (ENV_NOTES): ~1M params ≈ 14.5k train tok/s, ~5M ≈ 3.7k.
+# Sized for CPU training: on a quiet 2-core machine ~1M params train at ~14.5k tok/s, ~5M at ~3.7k.
 _LLAMA = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(zip(_LLAMA, (1024, 64, 2, 4, 176), strict=True)),  # ~0.15M params: tests
-    "small": dict(zip(_LLAMA, (2048, 96, 3, 4, 256), strict=True)),  # ~0.5M params: the quickstart
-    "medium": dict(zip(_LLAMA, (1024, 128, 4, 4, 384), strict=True)),  # ~1M params
+    "small": dict(zip(_LLAMA, (2048, 96, 3, 4, 256), strict=True)),  # ~0.5M params: `fspo model init`
+    "medium": dict(zip(_LLAMA, (1024, 128, 4, 4, 384), strict=True)),  # ~1M params: the quickstart
     "base": dict(zip(_LLAMA, (4096, 256, 4, 8, 704), strict=True)),  # ~4M params
 }
 

@@ -26,8 +26,9 @@ from fspo.data.tokens import adds_bos
 def template_documents(preferences: Iterable[Preference], shots: int = 4, seed: int = 0) -> list[str]:
     """The preferences as text in the FSPO layout: zero-shot Q/A and few-shot prompts + answer.
 
-    Only *chosen* answers are written as continuations, so pretraining does not already prefer one
-    user's taste; few-shot documents show both answers of the shots, as the FSPO prompt does.
+    The continuation is one of the two answers at random, so pretraining does not already prefer one
+    user's taste; few-shot documents show the shots with or without their dispreferred answers, as
+    FSPO prompts do.
     """
     rng = random.Random(seed)
     by_user: dict[str, list[Preference]] = defaultdict(list)

@@ -1,6 +1,6 @@
 """A byte-level BPE tokenizer trained on the domain corpus, wrapped as a `PreTrainedTokenizerFast`.
 
-Why train one: the embedded default model is tiny, and a small vocabulary (2-4k) fitted to the domain
+Why train one: the embedded default model is tiny, and a small vocabulary (1-4k) fitted to the domain
 keeps most of its parameters out of the embedding table and its sequences short. Byte-level BPE
 (GPT-2 style) never produces an unknown token, so any user text still encodes.
 """

@@ -55,7 +55,7 @@ def corpus(
         raise UserError(f"described must be a share in [0, 1], got {described}")
     n_desc = round(n * descriptions)
     docs = consistent_documents(dom, round(n * consistent), consistent_answers, rng, described)
-    if styled:  # no draw at 0: older corpora stay byte-identical
+    if styled:  # nothing drawn at 0, so corpora without writer documents keep their random stream
         docs += styled_documents(dom, round(n * styled), styled_answers, rng, styled_layout)
     docs += [dom.describe(dom.sample_persona(rng, lambda _traits: 1.0).traits) for _ in range(n_desc)]
     while len(docs) < n:  # the rest: single question/answer documents
@@ -97,7 +97,7 @@ def consistent_documents(
             picks.append(
                 (questions[qi], favourite_answer(dom, persona.traits, questions[qi], dom.answers(qi, rng)))
             )
-        if described and rng.random() < described:  # no draw at 0: older corpora stay byte-identical
+        if described and rng.random() < described:  # nothing drawn at 0: the random stream stays the same
             docs.append(described_document(dom.describe(persona.traits), picks, rng))
         else:
             docs.append(author_examples(picks))
@@ -110,9 +110,9 @@ def styled_documents(
     """`n` documents of `answers` answers each, all in one writer's fixed style (`Domain.writer`).
 
     Why: FSPO needs a model that continues the style of the answers in its context, as a
-    pretrained instruct model does. Author documents (`consistent_documents`) did not teach it:
+    pretrained instruct model does. Author documents (`consistent_documents`) do not teach it:
     a persona's favourite answers agree on a given feature only loosely, so copying barely pays
-    (docs/train.md, sixth round). Here every feature agrees across the document, the strongest
+    (docs/research/pretraining-mix.md). Here every feature agrees across the document, the strongest
     incentive there is. Layouts (`StyledLayout`):
 
     * ``examples``: the template's shots without dispreferred answers (``# Example i``);
@@ -120,7 +120,7 @@ def styled_documents(
       a fresh random style as the dispreferred one, so what to copy is the *difference*;
     * ``task``: the shots, then the last answer in the template's few-shot task block (``# Task``,
       `task_prompt`), exactly where an FSPO prompt without dispreferred answers asks for the answer.
-      A copier learned only in the ``examples`` layout does not copy there (docs/train.md, ninth round).
+      A copier learned only in the ``examples`` layout does not copy there.
 
     No leak of the simulated population: styles are uniform over every combination (the test
     users' held-out ones included, as any real corpus would have them), and nothing here says

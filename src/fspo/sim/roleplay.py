@@ -306,7 +306,7 @@ def write_answer(topic: str, rng: random.Random, style: AnswerStyle | None = Non
     """One answer from a random viewpoint and style vector (or from `style`, fixed); see `roleplay_words`.
 
     Only the wording (sentences, openers, extras' phrasings) is drawn when `style` is given. Without
-    it the draws are made in their historical order, so simulations stay byte-identical.
+    it every choice is drawn too, in one fixed order that a seed's simulations depend on.
     """
     fill = _filler(topic)
     viewpoint = style.viewpoint if style else rng.choice(W.VIEWPOINTS)
@@ -324,7 +324,7 @@ def write_answer(topic: str, rng: random.Random, style: AnswerStyle | None = Non
         extras = set(rng.sample(_EXTRAS, rng.randint(1, 2) if long else rng.randint(0, 1)))
     phrases = {e: fill(rng.choice(_PHRASE_POOLS[e])) for e in _SENTENCE_EXTRAS if e in extras}
     enthusiasm = style.enthusiasm if style else rng.random() < 0.5
-    if "followup" in extras:  # drawn after enthusiasm: the historical order
+    if "followup" in extras:  # drawn after enthusiasm: the fixed order seeded simulations depend on
         phrases["followup"] = fill(rng.choice(W.FOLLOW_UPS))
     bullets = style.bullets if style else rng.random() < 0.5
     return _render(content, first_person, opener, phrases, enthusiasm, bullets)

@@ -21,7 +21,7 @@ def run(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Run every stage, or resume where the last run stopped (also after kill -9)."""
-    from fspo.synth.client import BackendUnavailable
+    from fspo.llm import BackendUnavailable
     from fspo.synth.config import load_config
     from fspo.synth.pipeline import run_pipeline
 

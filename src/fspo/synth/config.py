@@ -7,70 +7,25 @@ three hours. `extra="forbid"` everywhere turns a misspelt key into such an error
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import ClassVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fspo.core.errors import UserError
+from fspo.llm.config import BackendConfig
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class BackendConfig(_Strict):
-    """Which LLM answers, and how hard we may push it.
+class SynthBackendConfig(BackendConfig):
+    """The `backend:` section: `fspo.llm.BackendConfig`, whose model and endpoint may also come from
+    the environment (FSPO_SYNTH_MODEL, FSPO_SYNTH_BASE_URL), so one config serves several endpoints."""
 
-    `kind: openai` speaks the OpenAI chat-completions protocol, which OpenAI, vLLM, llama.cpp's
-    server, Ollama and TGI all serve; `kind: transformers` runs any Hugging Face causal LM in-process.
-    """
-
-    kind: Literal["openai", "transformers"] = "openai"
-    model: str | None = Field(None, description="Model name (openai) or HF folder/id (transformers).")
-    base_url: str | None = Field(None, description="Endpoint, e.g. http://localhost:8000/v1.")
-    api_key: str | None = Field(None, description="Literal key; prefer api_key_env.")
-    api_key_env: str = "OPENAI_API_KEY"
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
-    max_tokens: int = Field(512, gt=0)
-    seed: int | None = None
-    json_mode: bool = Field(
-        False, description="Send response_format=json_object (if the server supports it)."
-    )
-    max_concurrency: int = Field(8, gt=0, description="Requests in flight at once.")
-    requests_per_minute: float | None = Field(None, gt=0)
-    timeout: float = Field(60.0, gt=0, description="Seconds per request before it counts as timed out.")
-    max_retries: int = Field(
-        6, ge=0, description="Retries of one request on timeout/429/5xx/connection errors."
-    )
-    backoff_base: float = Field(1.0, ge=0, description="First backoff in seconds; doubles per retry.")
-    backoff_max: float = Field(60.0, ge=0)
-    max_reasks: int = Field(2, ge=0, description="Re-asks after a reply that does not parse.")
-    price_prompt_per_1k: float = Field(0.0, ge=0, description="Cost per 1k prompt tokens.")
-    price_completion_per_1k: float = Field(0.0, ge=0, description="Cost per 1k completion tokens.")
-    # transformers only
-    batch_size: int = Field(8, gt=0, description="transformers: prompts generated together.")
-    device: str = "cpu"
-    dtype: str = "float32"
-
-    def resolved_model(self) -> str:
-        model = self.model or os.environ.get("FSPO_SYNTH_MODEL")
-        if not model:
-            raise UserError("backend.model: not set (set it in the config or in FSPO_SYNTH_MODEL)")
-        return model
-
-    def resolved_base_url(self) -> str | None:
-        return self.base_url or os.environ.get("FSPO_SYNTH_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
-
-    def resolved_api_key(self) -> str:
-        # Local servers (vLLM, llama.cpp, Ollama) accept any key; the client insists on one.
-        return self.api_key or os.environ.get(self.api_key_env) or "EMPTY"
-
-    def generation_params(self) -> dict[str, Any]:
-        """The parameters that change an answer: part of every request's cache key."""
-        return {"temperature": self.temperature, "max_tokens": self.max_tokens, "seed": self.seed}
+    env_prefix: ClassVar[str | None] = "FSPO_SYNTH"
 
 
 class TraitDimension(_Strict):
@@ -130,7 +85,7 @@ class SynthConfig(_Strict):
     out: str = Field("runs/synth", description="Output folder (relative to the working directory).")
     seed: int = 0
     domain: str = Field(min_length=1, description="What the users judge, in a few words (prompts use it).")
-    backend: BackendConfig
+    backend: SynthBackendConfig
     traits: TraitsConfig
     personas: PersonasConfig = Field(default_factory=PersonasConfig)
     questions: QuestionsConfig

@@ -11,30 +11,42 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 from fspo.core.files import AppendLog, atomic_open, atomic_write_json, atomic_write_text
 from fspo.data.schema import Preference, User
-from fspo.synth.config import TraitDimension
-
-if TYPE_CHECKING:
-    from fspo.synth.pipeline import Pipeline
+from fspo.synth.config import SynthConfig, TraitDimension
+from fspo.synth.prompts import PromptTemplate
 
 
-def _run_totals(path: Any, current: dict[str, Any] | None) -> dict[str, Any]:
+def _run_totals(path: Path, current: dict[str, Any]) -> dict[str, Any]:
     """Client counters summed over every run of this folder (earlier, interrupted ones and this one)."""
     totals: Counter[str] = Counter()
     retries: Counter[str] = Counter()
     previous = [rec["client"] for rec in AppendLog(path).read()]
-    for c in [*previous, *([current] if current else [])]:
+    for c in [*previous, current]:
         for k in ("sent", "cache_hits", "succeeded", "reasks", "parse_failures"):
             totals[k] += c.get(k, 0)
         retries.update(c.get("retries", {}))
     return {"runs": len(previous) + 1, **totals, "retries": dict(retries)}
 
 
-def export_dataset(pipe: Pipeline, dims: list[TraitDimension]) -> dict[str, Any]:
-    out, cfg = pipe.out, pipe.cfg
+def export_dataset(
+    out: Path,
+    cfg: SynthConfig,
+    dims: list[TraitDimension],
+    prompts: dict[str, PromptTemplate],
+    stages: dict[str, dict[str, Any]],
+    usage: dict[str, dict[str, float]],
+    client: dict[str, Any],
+) -> dict[str, Any]:
+    """Write the records and the card of the run in `out`; returns the counts of users and preferences.
+
+    `stages`: the summaries of the stages before export; `usage`: tokens and cost per prompt over
+    every request in the cache (`RequestCache.usage_by_stage`); `client`: this run's client counters
+    (`ClientStats.as_dict`), added to those of earlier runs in `runs.jsonl`.
+    """
     users = 0
     with atomic_open(out / "users.jsonl") as f:
         for p in AppendLog(out / "personas" / "personas.jsonl").read():
@@ -82,7 +94,6 @@ def export_dataset(pipe: Pipeline, dims: list[TraitDimension]) -> dict[str, Any]
             prefs += 1
             labeled_users.add(lab["user_id"])
     model = cfg.backend.model or cfg.backend.resolved_model()
-    usage = getattr(pipe, "cache_usage", {})
     card = {
         "name": cfg.name,
         "domain": cfg.domain,
@@ -101,23 +112,21 @@ def export_dataset(pipe: Pipeline, dims: list[TraitDimension]) -> dict[str, Any]
             **cfg.backend.generation_params(),
         },
         "seed": cfg.seed,
-        "stages": {k: v for k, v in pipe.summaries.items() if k != "export"},
+        "stages": stages,
         "usage": {
             "by_prompt": usage,
             "prompt_tokens": sum(u["prompt_tokens"] for u in usage.values()),
             "completion_tokens": sum(u["completion_tokens"] for u in usage.values()),
             "cost": round(sum(u["cost"] for u in usage.values()), 6),
-            "price_per_1k": {
-                "prompt": cfg.backend.price_prompt_per_1k,
-                "completion": cfg.backend.price_completion_per_1k,
+            "price_per_mtok": {
+                "prompt": cfg.backend.price_prompt_per_mtok,
+                "completion": cfg.backend.price_completion_per_mtok,
             },
         },
-        "client_totals": _run_totals(
-            out / "runs.jsonl", pipe.client.stats.as_dict() if pipe.client else None
-        ),
+        "client_totals": _run_totals(out / "runs.jsonl", client),
         "prompts": {
             n: {"version": p.version, "digest": p.digest(), "system": p.system, "user": p.user}
-            for n, p in pipe.prompts.items()
+            for n, p in prompts.items()
         },
     }
     atomic_write_json(out / "card.json", card)

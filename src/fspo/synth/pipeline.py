@@ -1,9 +1,16 @@
 """`fspo synth run`: traits -> personas -> questions -> answers -> labels -> export.
 
-Each stage reads the previous stages' files and writes its own folder under the output directory;
-see `store.py` for how a stage resumes. Only the labels stage grows with the dataset (users x pairs,
-10^6 lines and more): it streams its items from a generator and its lines to disk. Personas,
-questions and answers (thousands to tens of thousands) are read into memory where needed.
+Each stage reads the previous stages' files and writes its own folder under the output directory
+(a `fspo.core.stages.Stage`). A stage turns a deterministic sequence of *items* (a persona index, a
+question, a (user, pair)) into exactly one line each, appended in item order (`run_ordered`) to its
+log, so after a kill the log is a prefix: a resume skips the items it holds. Items that were in
+flight at the kill are redone, but the responses they had already received come from the request
+cache, so no finished request is sent twice, and a resumed run writes the very same files as an
+uninterrupted one.
+
+Only the labels stage grows with the dataset (users x pairs, 10^6 lines and more): it streams its
+items from a generator and its lines to disk. Personas, questions and answers (thousands to tens of
+thousands) are read into memory where needed.
 
 Randomness (which traits a persona gets, which pairs a user labels, which answer is shown first) is
 drawn from `random.Random(f"{seed}:{purpose}:{id}")`, so it depends on the config alone, never on
@@ -27,11 +34,10 @@ from typing import Any
 from tqdm import tqdm
 
 from fspo.core.files import AppendLog, atomic_open, atomic_write_json, atomic_write_text
-from fspo.core.stages import fingerprint
-from fspo.synth.backends import make_backend
-from fspo.synth.cache import RequestCache
-from fspo.synth.client import LLMClient, ParseFailure
+from fspo.core.stages import Stage, fingerprint, run_ordered
+from fspo.llm import LETTER_SCORES, LLMClient, ParseFailure, RequestCache, ask_both_orders, make_backend
 from fspo.synth.config import SynthConfig, TraitDimension
+from fspo.synth.export import export_dataset
 from fspo.synth.parsing import (
     AnswerReply,
     CheckReply,
@@ -41,8 +47,7 @@ from fspo.synth.parsing import (
     TraitsReply,
     ViewpointsReply,
 )
-from fspo.synth.prompts import PromptTemplate, load_prompts
-from fspo.synth.store import StageDir, run_ordered
+from fspo.synth.prompts import PromptTemplate, ask_prompt, load_prompts
 
 STAGES = ("traits", "personas", "questions", "answers", "labels", "export")
 
@@ -75,9 +80,7 @@ class Pipeline:
         self.window = max(4 * self.cfg.backend.max_concurrency, 2 * self.cfg.backend.batch_size, 16)
 
     # -- plumbing ------------------------------------------------------------------------------
-    def _stage(
-        self, name: str, section: Any, prompts: tuple[str, ...], upstream: tuple[str, ...]
-    ) -> StageDir:
+    def _stage(self, name: str, section: Any, prompts: tuple[str, ...], upstream: tuple[str, ...]) -> Stage:
         model = self.cfg.backend.model or ""
         fp = _fp(
             name,
@@ -89,7 +92,19 @@ class Pipeline:
             [self._fps[u] for u in upstream],
         )
         self._fps[name] = fp
-        return StageDir(self.out, name, fp)
+        return Stage(self.out, name, fp)
+
+    def _cached(self, stage: Stage) -> bool:
+        """True (its summary recorded) if `stage` finished with these inputs; else ready it to run."""
+        if (done := stage.done()) is not None:
+            self.summaries[stage.name] = done["summary"]
+            return True
+        stage.begin()
+        return False
+
+    async def _ask(self, prompt: str, schema: Any, **kwargs: Any) -> Any:
+        assert self.client is not None
+        return await ask_prompt(self.client, self.prompts, prompt, schema, **kwargs)
 
     def _bar(self, name: str, total: int, initial: int) -> tqdm:
         return tqdm(
@@ -115,7 +130,7 @@ class Pipeline:
         )
 
     async def _stream(
-        self, stage: StageDir, filename: str, items: Iterator[Any], total: int, work: Any
+        self, stage: Stage, filename: str, items: Iterator[Any], total: int, work: Any
     ) -> Counter:
         """Run one streaming stage to the end; returns the count of each item `status`."""
         log, done = stage.open_log(filename)
@@ -140,13 +155,11 @@ class Pipeline:
         tc = self.cfg.traits
         stage = self._stage("traits", tc.model_dump(), ("traits_propose",), ())
         path = stage.path / "traits.json"
-        if (summary := stage.done()) is not None:
-            self.summaries["traits"] = summary
+        if self._cached(stage):
             return [TraitDimension.model_validate(t) for t in json.loads(path.read_text())]
         dims = list(tc.given)
         status = "given"
         if tc.propose:
-            assert self.client is not None
             known = {d.name.lower() for d in dims}
 
             def check(r: TraitsReply) -> str | None:
@@ -154,7 +167,7 @@ class Pipeline:
                 return None if len(new) >= tc.propose else f"give {tc.propose} new dimensions, not {len(new)}"
 
             try:
-                reply = await self.client.ask(
+                reply = await self._ask(
                     "traits_propose",
                     TraitsReply,
                     check=check,
@@ -167,7 +180,6 @@ class Pipeline:
                 status = "proposed"
             except ParseFailure:
                 status = "propose_failed"
-        stage.path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, [d.model_dump() for d in dims])
         self.summaries["traits"] = stage.finish({"dimensions": len(dims), "status": status})
         return dims
@@ -183,11 +195,8 @@ class Pipeline:
         stage = self._stage(
             "personas", pc.model_dump(), ("persona_seed", "persona_check", "persona_extend"), ("traits",)
         )
-        if (summary := stage.done()) is not None:
-            self.summaries["personas"] = summary
+        if self._cached(stage):
             return
-        client = self.client
-        assert client is not None
         domain = self.cfg.domain
 
         async def work(i: int) -> dict[str, Any]:
@@ -197,7 +206,7 @@ class Pipeline:
             listing = "\n".join(f"- {k}: {v}" for k, v in traits.items())
             try:
                 desc = (
-                    await client.ask(
+                    await self._ask(
                         "persona_seed", DescriptionReply, sample=user_id, domain=domain, traits=listing
                     )
                 ).description
@@ -206,7 +215,7 @@ class Pipeline:
             history = [desc]
             for r in range(pc.max_refine_rounds + 1):
                 try:
-                    verdict = await client.ask(
+                    verdict = await self._ask(
                         "persona_check", CheckReply, sample=user_id, domain=domain, persona=desc
                     )
                 except ParseFailure as err:
@@ -219,7 +228,7 @@ class Pipeline:
                     break
                 try:
                     desc = (
-                        await client.ask(
+                        await self._ask(
                             "persona_extend",
                             DescriptionReply,
                             sample=user_id,
@@ -241,18 +250,15 @@ class Pipeline:
     async def questions(self) -> None:
         qc = self.cfg.questions
         stage = self._stage("questions", qc.model_dump(), ("questions",), ())
-        if (summary := stage.done()) is not None:
-            self.summaries["questions"] = summary
+        if self._cached(stage):
             return
-        client = self.client
-        assert client is not None
         domains = {d.name: d for d in qc.domains}
         batches = [(d.name, b) for d in qc.domains for b in range(math.ceil(d.generate / d.per_request))]
 
         async def work(item: tuple[str, int]) -> dict[str, Any]:
             d = domains[item[0]]
             try:
-                reply = await client.ask(
+                reply = await self._ask(
                     "questions",
                     QuestionsReply,
                     sample=f"{d.name}:{item[1]}",
@@ -314,11 +320,8 @@ class Pipeline:
     async def answers(self) -> None:
         ac = self.cfg.answers
         stage = self._stage("answers", ac.model_dump(), ("viewpoints", "answer"), ("questions",))
-        if (summary := stage.done()) is not None:
-            self.summaries["answers"] = summary
+        if self._cached(stage):
             return
-        client = self.client
-        assert client is not None
         questions = self._read_questions()
         v = ac.views_per_question
 
@@ -328,7 +331,7 @@ class Pipeline:
         async def one_answer(q: dict[str, Any], view: str, j: int) -> str | None:
             try:
                 return (
-                    await client.ask(
+                    await self._ask(
                         "answer",
                         AnswerReply,
                         sample=f"{q['question_id']}:{j}",
@@ -343,7 +346,7 @@ class Pipeline:
             rec = {"question_id": q["question_id"]}
             try:
                 views = (
-                    await client.ask(
+                    await self._ask(
                         "viewpoints",
                         ViewpointsReply,
                         check=enough,
@@ -388,11 +391,8 @@ class Pipeline:
     async def labels(self) -> None:
         lc = self.cfg.labels
         stage = self._stage("labels", lc.model_dump(), ("judge",), ("personas", "answers"))
-        if (summary := stage.done()) is not None:
-            self.summaries["labels"] = summary
+        if self._cached(stage):
             return
-        client = self.client
-        assert client is not None
         personas = {
             p["user_id"]: p["description"]
             for p in AppendLog(self.out / "personas" / "personas.jsonl").read()
@@ -404,21 +404,20 @@ class Pipeline:
         users = sorted(personas)
         total = len(users) * min(lc.per_user, len(pool))
 
-        async def judge(user: str, question: str, a: str, b: str, order: str) -> str | None:
+        async def judge(user: str, question: str, a: str, b: str, order: str) -> float | None:
             try:
-                return (
-                    await client.ask(
-                        "judge",
-                        JudgeReply,
-                        sample=f"{user}:{order}",
-                        persona=personas[user],
-                        question=question,
-                        answer_a=a,
-                        answer_b=b,
-                    )
-                ).preferred
+                reply = await self._ask(
+                    "judge",
+                    JudgeReply,
+                    sample=f"{user}:{order}",
+                    persona=personas[user],
+                    question=question,
+                    answer_a=a,
+                    answer_b=b,
+                )
             except ParseFailure:
                 return None
+            return LETTER_SCORES[reply.preferred]
 
         async def work(item: tuple[str, int, int, int, bool]) -> dict[str, Any]:
             user, qi, i, j, swap = item
@@ -427,9 +426,8 @@ class Pipeline:
             rec = answers[qi]
             question = questions[rec["question_id"]]
             a, b = rec["answers"][i], rec["answers"][j]
-            first, second = await asyncio.gather(
-                judge(user, question, a, b, "ab"), judge(user, question, b, a, "ba")
-            )
+            pair = await ask_both_orders(lambda x, y, order: judge(user, question, x, y, order), a, b)
+            first, second = pair.letters()
             out = {
                 "user_id": user,
                 "question_id": rec["question_id"],
@@ -437,35 +435,36 @@ class Pipeline:
                 "first": first,
                 "second": second,
             }
-            if first is None or second is None:
+            if not pair.answered:
                 return {**out, "status": "failed"}
-            # Consistent if the same answer wins in both orders: "A" first means i, "B" second means i.
-            if (first == "A") != (second == "B"):
+            if pair.winner is None:  # the verdict followed the position, not the answer
                 return {**out, "status": "inconsistent"}
-            return {**out, "winner": i if first == "A" else j, "status": "consistent"}
+            return {**out, "winner": i if pair.winner == "a" else j, "status": "consistent"}
 
         counts = await self._stream(stage, "labels.jsonl", self._label_items(users, pool), total, work)
         self.summaries["labels"] = stage.finish(
             {"items": total, "users": len(users), "pair_pool": len(pool), "status": dict(counts)}
         )
 
-    def export(self, dims: list[TraitDimension]) -> None:
+    def export(self, dims: list[TraitDimension], usage: dict[str, dict[str, float]]) -> None:
         """users.jsonl + preferences.jsonl (the core records) and the dataset card."""
-        from fspo.synth.export import export_dataset
-
+        assert self.client is not None
         stage = self._stage("export", {}, (), ("labels",))
-        if (summary := stage.done()) is None:
-            summary = stage.finish(export_dataset(self, dims))
-        self.summaries["export"] = summary
+        if self._cached(stage):
+            return
+        stages = {k: v for k, v in self.summaries.items() if k != "export"}
+        client = self.client.stats.as_dict()
+        summary = export_dataset(self.out, self.cfg, dims, self.prompts, stages, usage, client)
+        self.summaries["export"] = stage.finish(summary)
 
     # -- whole run -----------------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
         cache = RequestCache(self.out / "cache.sqlite")
         if self.client is None:
-            self.client = LLMClient(make_backend(self.cfg.backend), self.cfg.backend, cache, self.prompts)
+            self.client = LLMClient(make_backend(self.cfg.backend), self.cfg.backend, cache)
         else:
-            self.client.cache, self.client.prompts = cache, self.prompts
+            self.client.cache = cache
         runs = AppendLog(self.out / "runs.jsonl")
         outcome = "interrupted"
         try:
@@ -474,8 +473,7 @@ class Pipeline:
             await self.questions()
             await self.answers()
             await self.labels()
-            self.cache_usage = cache.usage_by_stage()
-            self.export(dims)
+            self.export(dims, cache.usage_by_stage())
             outcome = "finished"
         except BaseException as err:
             outcome = f"stopped: {type(err).__name__}: {err}"

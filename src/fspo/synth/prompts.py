@@ -9,15 +9,19 @@ exactly the requests it changes. A `prompts_dir` in the config overrides shipped
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from string import Template
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fspo.core.errors import UserError
+from fspo.llm import LLMClient, ParseError, parse_reply
+
+M = TypeVar("M", bound=BaseModel)
 
 NAMES = (
     "traits_propose",
@@ -76,3 +80,35 @@ def load_prompts(override_dir: str | Path | None = None) -> dict[str, PromptTemp
                 raise UserError(f"{path}: name: unknown prompt {tpl.name!r} (known: {', '.join(NAMES)})")
             prompts[tpl.name] = tpl
     return prompts
+
+
+async def ask_prompt(
+    client: LLMClient,
+    prompts: dict[str, PromptTemplate],
+    name: str,
+    schema: type[M],
+    *,
+    sample: str = "",
+    check: Callable[[M], str | None] | None = None,
+    **variables: Any,
+) -> M:
+    """Render template `name`, ask, parse the reply into `schema`; re-ask with the `reask` template.
+
+    `check` may reject a reply that parses but is unusable (e.g. too few viewpoints) by returning
+    the reason, which is sent back to the model like a parse error. Raises `fspo.llm.ParseFailure`.
+    """
+
+    def parse(text: str) -> M:
+        reply = parse_reply(text, schema)
+        problem = check(reply) if check else None
+        if problem is not None:
+            raise ParseError(problem)
+        return reply
+
+    return await client.ask(
+        name,
+        prompts[name].render(**variables),
+        parse,
+        lambda error: prompts["reask"].render(error=error),
+        sample=sample,
+    )

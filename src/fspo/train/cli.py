@@ -1,7 +1,9 @@
 """The `fspo train` sub-commands: `sft` and `fspo`, one set of options, one training loop.
 
-Options default to None so that only what is given on the command line overrides the recipe and an
-optional `--config` file (e.g. a previous run's ``fspo_config.json``).
+Options default to None so that only what is given on the command line overrides the run's starting
+point: the stage's recipe (``fspo/configs/recipes/<stage>.yaml`` over `TrainConfig`'s defaults), or,
+when given, a `--config` file (e.g. a previous run's ``fspo_config.json``), which replaces the recipe
+(a saved config holds a whole run; fields a file lacks take `TrainConfig`'s defaults).
 """
 
 from __future__ import annotations
@@ -23,8 +25,7 @@ _RAT_HELP = (
 def _run(stage: str, options: dict[str, Any], config: str | None, resume: bool) -> None:
     from rich.console import Console
 
-    from fspo.train.config import load_config, make_config
-    from fspo.train.recipes import recipe
+    from fspo.train.config import load_config, make_config, recipe
     from fspo.train.trainer import train
 
     lora_r = options.pop("lora_r")

@@ -2,23 +2,35 @@
 
 A run is reproducible from that file alone: `fspo train fspo --config run/fspo_config.json`. Field
 names are the CLI option names (dashes ↔ underscores), and an invalid value is reported by field.
+
+`TrainConfig`'s field defaults are the one source of defaults. Named configs are data that override
+them: the recipes `fspo train sft|fspo` starts from (``recipes/<stage>.yaml``) and the quickstart's
+profiles (``quickstart/<profile>.yaml``). They live in the package, ``src/fspo/configs/``, read with
+`importlib.resources`: pyproject.toml's package data (``**/*.yaml``) ships them in a wheel, and an
+editable install reads the same files in place, so one copy serves both. The repository's top-level
+``configs/`` holds example inputs passed by path (``configs/synth/``, `fspo synth run`).
 """
 
 from __future__ import annotations
 
 import json
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from fspo.core.errors import UserError
-from fspo.data.template import DescriptionMode, TemplateOptions
+from fspo.data.template import TemplateOptions
+from fspo.infer.layout import CONFIG_FILE
 
 Stage = Literal["sft", "fspo"]
 RatMode = Literal["none", "target", "teacher-forced"]
 
-CONFIG_FILE = "fspo_config.json"
+NAMED_CONFIGS = resources.files("fspo") / "configs"
+
+__all__ = ["CONFIG_FILE", "LoraConfig", "TrainConfig", "load_config", "make_config", "named_config", "recipe"]
 
 
 class LoraConfig(BaseModel):
@@ -32,7 +44,7 @@ class LoraConfig(BaseModel):
 
 
 class TrainConfig(BaseModel):
-    """Everything a run needs. Defaults = the quickstart recipe for the embedded default model."""
+    """Everything a run needs. Its field defaults are the defaults; a recipe (`recipe`) overrides some."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -60,8 +72,9 @@ class TrainConfig(BaseModel):
         0.0,
         ge=0,
         description="fspo stage: add this times the chosen answer's NLL per token to the preference loss "
-        "(RPO, Pang et al. 2024, arXiv 2404.19733). IPO/DPO lower the chosen answer's likelihood too; "
-        "without an anchor the small model learned to end its answer at once (docs/train.md, ninth round).",
+        "(RPO, Pang et al. 2024, arXiv 2404.19733). IPO/DPO only raise the chosen answer relative to the "
+        "rejected one, so both may fall; without this anchor a small model can learn to end its answers "
+        "at once.",
     )
     logps_impl: Literal["concat", "prefix"] = "concat"
 
@@ -137,16 +150,11 @@ class TrainConfig(BaseModel):
         return self.logps_impl == "prefix" if self.group_by_length is None else self.group_by_length
 
     def template_options(self) -> TemplateOptions:
-        mode = {
-            "none": DescriptionMode.NONE,
-            "target": DescriptionMode.TARGET,
-            "teacher-forced": DescriptionMode.PROMPT,
-        }
-        return TemplateOptions(
+        return TemplateOptions.of_training(
             include_dispreferred=self.include_dispreferred,
-            description=mode[self.rat],
-            max_tokens=self.max_tokens,
+            rat=self.rat,
             chat_template=self.chat_template,
+            max_tokens=self.max_tokens,
         )
 
     def save(self, path: str | Path) -> None:
@@ -176,19 +184,40 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file {str(path)!r} does not exist")
-    text = p.read_text(encoding="utf-8")
+    values = _read_fields(p)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return make_config(values, source=str(path))
+
+
+def named_config(kind: str, name: str) -> dict[str, Any]:
+    """The fields of the config shipped as ``fspo/configs/<kind>/<name>.yaml`` (see the module doc)."""
+    folder = NAMED_CONFIGS / kind
+    file = folder / f"{name}.yaml"
+    if not file.is_file():
+        names = sorted(f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml"))
+        raise UserError(f"unknown {kind} config {name!r}; choose one of {', '.join(names)}")
+    return _read_fields(file)
+
+
+def recipe(stage: Stage) -> dict[str, Any]:
+    """The fields `fspo train <stage>` starts from when no config file is given (``recipes/<stage>.yaml``)."""
+    return named_config("recipes", stage)
+
+
+def _read_fields(file: Path | Traversable) -> dict[str, Any]:
+    """A config file's object of fields: YAML by extension, otherwise JSON."""
+    text = file.read_text(encoding="utf-8")
+    suffix = Path(file.name).suffix
     try:
-        if p.suffix in {".yaml", ".yml"}:
+        if suffix in {".yaml", ".yml"}:
             import yaml
 
             values = yaml.safe_load(text) or {}
         else:
             values = json.loads(text)
     except Exception as err:  # noqa: BLE001 - any parse error is the user's file
-        raise UserError(
-            f"config file {str(path)!r} is not valid {p.suffix.lstrip('.') or 'JSON'}: {err}"
-        ) from None
+        kind = suffix.lstrip(".") or "JSON"
+        raise UserError(f"config file {str(file)!r} is not valid {kind}: {err}") from None
     if not isinstance(values, dict):
-        raise UserError(f"config file {str(path)!r} must hold an object of fields")
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return make_config(values, source=str(path))
+        raise UserError(f"config file {str(file)!r} must hold an object of fields")
+    return values

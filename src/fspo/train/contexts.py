@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from fspo.core.errors import UserError
-from fspo.infer.prefix import ContextTokens, PairTokens, QuestionTokens, as_context
+from fspo.infer.pairs import ContextTokens, PairTokens, QuestionTokens, as_context
 
 
 class Unit(NamedTuple):
@@ -47,14 +47,11 @@ def group_examples(examples: Sequence[Any], k: int = 1) -> list[Unit]:
     if k < 1:
         raise UserError(f"questions_per_context must be >= 1, got {k}")
     if k == 1:
-        return [
-            Unit((e.episode_id,), ContextTokens.of(PairTokens(e.prompt_ids, e.chosen_ids, e.rejected_ids)))
-            for e in examples
-        ]
+        return [Unit((e.episode_id,), ContextTokens.of(e.tokens)) for e in examples]
     open_groups: dict[tuple, int] = {}  # key -> index in `groups` of the group still filling
     groups: list[list[Any]] = []
     for e in examples:
-        key = (e.user_id, tuple(e.prompt_ids[: e.shared])) if e.shared > 0 else None
+        key = (e.user_id, tuple(e.tokens.prompt[: e.shared])) if e.shared > 0 else None
         i = open_groups.get(key) if key is not None else None
         if i is None or len(groups[i]) >= k:
             groups.append([e])
@@ -69,8 +66,8 @@ def _unit(group: list[Any]) -> Unit:
     if len(group) == 1:
         return group_examples(group, 1)[0]
     n = group[0].shared
-    items = [QuestionTokens(e.prompt_ids[n:], e.chosen_ids, e.rejected_ids) for e in group]
-    return Unit(tuple(e.episode_id for e in group), ContextTokens(group[0].prompt_ids[:n], items))
+    items = [QuestionTokens(e.tokens.prompt[n:], e.tokens.chosen, e.tokens.rejected) for e in group]
+    return Unit(tuple(e.episode_id for e in group), ContextTokens(group[0].tokens.prompt[:n], items))
 
 
 def tokenize_pair(tokenizer: Any, prompt: str, chosen: str, rejected: str) -> PairTokens:

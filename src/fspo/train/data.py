@@ -1,4 +1,4 @@
-"""Episodes → token ids for training: loading with clear errors, rendering, budget accounting.
+"""Episodes → token ids for training: rendering, budget accounting, batch order.
 
 Rendering goes through the one template (`fspo.data.template.render`), so training sees exactly the
 layout evaluation and serving use. Episodes are tokenized once up front (a few thousand episodes take
@@ -7,34 +7,29 @@ seconds) and kept as id lists; batching and padding happen per step (`fspo.infer
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from fspo.core.errors import DataError, UserError
+from fspo.core.errors import UserError
 from fspo.data.schema import Episode, Preference
 from fspo.data.template import QUESTION, DescriptionMode, TemplateOptions, render, response_heading
-from fspo.data.tokens import pad_id_of, prompt_token_ids, target_token_ids
-from fspo.infer.logps import PairBatch
+from fspo.data.tokens import prompt_token_ids, target_token_ids
+from fspo.infer.pairs import PairTokens
 
 
 @dataclass(frozen=True)
 class PairExample:
-    """One tokenized episode. `shared` counts the leading prompt tokens that are the user's shots.
+    """One tokenized episode: its pair's token ids and what grouping and the reference cache need.
 
-    `shared` is only measured when asked (``split_shared=True``): episodes whose first `shared`
-    tokens are equal can share one context row (`fspo.train.contexts`). 0 = not measured / none.
-    `shot_spans` (asked with ``shot_spans=True``) are the ``[start, end)`` positions in `prompt_ids`
-    of each shot's preferred answer, the extra targets of SFT's ``shot_loss``.
+    `shared` counts the leading prompt tokens that are the user's shots. It is only measured when
+    asked (``split_shared=True``): episodes whose first `shared` tokens are equal can share one
+    context row (`fspo.train.contexts`). 0 = not measured / none. `shot_spans` (asked with
+    ``shot_spans=True``) are the ``[start, end)`` positions in the prompt ids of each shot's
+    preferred answer, the extra targets of SFT's ``shot_loss``.
     """
 
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
+    tokens: PairTokens
     episode_id: str = ""
     user_id: str = ""
     shared: int = 0
@@ -65,55 +60,6 @@ class RenderStats:
             "mean_prompt_tokens": sum(self.prompt_tokens) / n,
             "max_prompt_tokens": max(self.prompt_tokens, default=0),
         }
-
-
-def episodes_file(path: Path, split: str) -> Path:
-    if path.is_dir():
-        for name in (f"{split}.jsonl", f"{split}_episodes.jsonl", f"episodes_{split}.jsonl"):
-            if (path / name).is_file():
-                return path / name
-        raise UserError(
-            f"episodes folder {str(path)!r} has no '{split}.jsonl'; build episodes with `fspo data episodes`"
-        )
-    if not path.is_file():
-        raise UserError(f"episodes file {str(path)!r} does not exist")
-    return path
-
-
-def load_episodes(path: str | Path, split: str = "train") -> list[Episode]:
-    """Episodes from a JSONL file (or `<folder>/<split>.jsonl`), each line validated.
-
-    A file of preferences or users passed by mistake is named as such, with what is needed instead.
-    """
-    f = episodes_file(Path(path), split)
-    episodes: list[Episode] = []
-    problems: list[str] = []
-    with open(f, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                problems.append(f"{f}:{lineno}: not JSON ({err.msg})")
-                continue
-            if isinstance(row, dict) and "shots" not in row and "query" not in row:
-                kind = "preferences" if {"question", "chosen", "rejected"} <= row.keys() else "records"
-                raise UserError(
-                    f"{f} holds {kind}, not episodes (line {lineno} has no 'shots'/'query'): training needs "
-                    "episodes (N shots + a query pair per user); build them with `fspo data episodes`"
-                )
-            try:
-                episodes.append(Episode.model_validate(row))
-            except ValidationError as err:
-                for e in err.errors():
-                    loc = ".".join(str(x) for x in e["loc"])
-                    problems.append(f"{f}:{lineno}: {loc}: {e['msg']}")
-    if problems:
-        raise DataError(f"{len(problems)} invalid episode record(s) in {f}", problems)
-    if not episodes:
-        raise UserError(f"episodes file {f} is empty")
-    return episodes
 
 
 def limit_shots(episode: Episode, shots: int | None) -> Episode:
@@ -180,9 +126,7 @@ def tokenize_episodes(
             spans = preferred_answer_spans(tokenizer, r.prompt, p, kept, options)
         out.append(
             PairExample(
-                p,
-                target_token_ids(tokenizer, r.chosen),
-                target_token_ids(tokenizer, r.rejected),
+                PairTokens(p, target_token_ids(tokenizer, r.chosen), target_token_ids(tokenizer, r.rejected)),
                 ep.episode_id if n == 1 else f"{ep.episode_id}#{n}",
                 ep.user_id,
                 shared,
@@ -254,15 +198,6 @@ def shared_prefix_length(
             break
         n += 1
     return n if n < len(prompt_ids) else 0
-
-
-def make_batch(examples: list[PairExample], tokenizer: Any) -> PairBatch:
-    return PairBatch(
-        [e.prompt_ids for e in examples],
-        [e.chosen_ids for e in examples],
-        [e.rejected_ids for e in examples],
-        pad_id_of(tokenizer),
-    )
 
 
 def batch_order(

@@ -29,7 +29,8 @@ from typing import Any
 from fspo.core.errors import UserError
 from fspo.core.files import atomic_write_text
 from fspo.infer.logps import eval_mode
-from fspo.infer.prefix import ContextTokens, PairTokens, as_context, pair_logps
+from fspo.infer.pairs import ContextTokens, PairTokens, as_context
+from fspo.infer.prefix import pair_logps
 from fspo.train.buckets import bucketed_batches
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,10 @@ def compute_reference_logps(
             for key, item in batch:
                 ids.extend([key] if isinstance(key, str) else list(key))
                 contexts.append(item)
-            lp = pair_logps(model, contexts, pad_id, shared=shared)
-            if len(ids) != len(lp.chosen):
-                raise ValueError(f"{len(ids)} episode ids for {len(lp.chosen)} pairs")
-            values = zip(lp.chosen.float().tolist(), lp.rejected.float().tolist(), strict=True)
+            chosen, rejected = pair_logps(model, contexts, pad_id, shared=shared)
+            if len(ids) != len(chosen.sum):
+                raise ValueError(f"{len(ids)} episode ids for {len(chosen.sum)} pairs")
+            values = zip(chosen.sum.float().tolist(), rejected.sum.float().tolist(), strict=True)
             out.update(zip(ids, values, strict=True))
     return out
 

@@ -5,10 +5,13 @@
 * ``fspo`` – DPO or IPO against a frozen reference (the starting model, usually the SFT output).
   With zero shots it is the population IPO/DPO baseline.
 
-The loop only orchestrates: log-probs come from `fspo.infer.logps` / `fspo.infer.prefix`, losses
-from `fspo.train.losses`, episodes from `fspo.train.data` grouped into contexts by
-`fspo.train.contexts`, batch order from `fspo.train.data` / `fspo.train.buckets`, reference
-log-probs from `fspo.train.refcache`, checkpoints from `fspo.train.checkpoint`.
+`train` is `_setup` (accelerate, model, data, reference, optimizer, scheduler, logging) followed by
+the loop. A batch's loss and metrics come from `_batch_loss`, the same function for a training
+micro-batch and for the held-out set. Log-probs come from `fspo.infer.logps` / `fspo.infer.prefix`,
+losses from `fspo.train.losses`, episodes from `fspo.data.episodes` tokenized by `fspo.train.data`
+and grouped into contexts by `fspo.train.contexts`, batch order from `fspo.train.data` /
+`fspo.train.buckets`, reference log-probs from `fspo.train.refcache`, checkpoints from
+`fspo.train.checkpoint`.
 
 The reference (the starting model; with LoRA the same model with its adapters disabled) is scored
 once before training and cached beside the episodes (`reference_cache`, default), or in every step.
@@ -31,27 +34,16 @@ import torch
 
 from fspo.core.errors import UserError
 from fspo.core.files import AppendLog, atomic_write_json
+from fspo.data.episodes import episodes_file, load_episodes
+from fspo.data.tokens import pad_id_of
 from fspo.infer import prefix
-from fspo.infer.logps import (
-    PairBatch,
-    SeqLogps,
-    collate_targets,
-    compute_pair_logps,
-    forward_logps,
-    pad_id_of,
-)
+from fspo.infer.logps import collate_targets, compute_pair_logps, forward_logps
+from fspo.infer.pairs import ContextTokens, QuestionTokens, SeqLogps
 from fspo.train.buckets import epoch_batches
 from fspo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fspo.train.config import CONFIG_FILE, TrainConfig
 from fspo.train.contexts import Unit, group_examples, row_stats
-from fspo.train.data import (
-    RenderStats,
-    batch_order,
-    check_descriptions,
-    episodes_file,
-    load_episodes,
-    tokenize_episodes,
-)
+from fspo.train.data import RenderStats, batch_order, check_descriptions, tokenize_episodes
 from fspo.train.losses import preference_loss, sft_loss
 from fspo.train.refcache import ReferenceCache, Values, model_fingerprint, reference_logps, sidecar_path
 
@@ -68,6 +60,11 @@ class TrainResult:
     render_stats: dict[str, Any] = field(default_factory=dict)
 
 
+# --------------------------------------------------------------------------------------------
+# A batch: log-probs, loss, metrics
+# --------------------------------------------------------------------------------------------
+
+
 def _score(cfg: TrainConfig, model: Any, units: list[Unit], pad_id: int) -> tuple[SeqLogps, SeqLogps]:
     """Chosen and rejected log-probs of every pair of `units`, in order, in one forward pass.
 
@@ -76,23 +73,13 @@ def _score(cfg: TrainConfig, model: Any, units: list[Unit], pad_id: int) -> tupl
     cannot take a custom mask).
     """
     if cfg.logps_impl == "concat":
-        pairs = [p for u in units for p in u.pairs()]
-        batch = PairBatch(
-            [list(p.prompt) for p in pairs],
-            [list(p.chosen) for p in pairs],
-            [list(p.rejected) for p in pairs],
-            pad_id,
-        )
-        return compute_pair_logps(model, batch)
-    lp = prefix.pair_logps(model, [u.context for u in units], pad_id)
-    return SeqLogps(lp.chosen, lp.chosen_tokens), SeqLogps(lp.rejected, lp.rejected_tokens)
+        return compute_pair_logps(model, [p for u in units for p in u.pairs()], pad_id)
+    return prefix.pair_logps(model, [u.context for u in units], pad_id)
 
 
-def _sft_context(ctx: prefix.ContextTokens) -> prefix.ContextTokens:
+def _sft_context(ctx: ContextTokens) -> ContextTokens:
     """The context without rejected answers: SFT scores the chosen ones only."""
-    return prefix.ContextTokens(
-        ctx.shared, [prefix.QuestionTokens(q.question, q.chosen, ()) for q in ctx.items]
-    )
+    return ContextTokens(ctx.shared, [QuestionTokens(q.question, q.chosen, ()) for q in ctx.items])
 
 
 def _sft_logps(
@@ -110,44 +97,8 @@ def _sft_logps(
             model,
             collate_targets([p.prompt for p in pairs], [p.chosen for p in pairs], pad_id, extra),
         )
-    lp = prefix.pair_logps(model, [_sft_context(u.context) for u in units], pad_id)
-    return SeqLogps(lp.chosen, lp.chosen_tokens)
-
-
-def _shared_rows(cfg: TrainConfig, model: Any) -> bool:
-    """Whether the scorer really builds shared rows (prefix requested and the model can take them)."""
-    return cfg.logps_impl == "prefix" and prefix.prefix_sharing_support(model)[0]
-
-
-def _row_stats(cfg: TrainConfig, unit: Unit, shared: bool) -> tuple[int, int, int]:
-    ctx = _sft_context(unit.context) if cfg.stage == "sft" else unit.context
-    return row_stats(ctx, shared or (cfg.stage == "sft" and cfg.questions_per_context > 1))
-
-
-def _padding(stats: list[tuple[int, int, int]]) -> tuple[int, int]:
-    """(real, padded) tokens of one batch: every row is padded to the longest row of the batch."""
-    return sum(s[1] for s in stats), sum(s[0] for s in stats) * max(s[2] for s in stats)
-
-
-class _Reference:
-    """Per-step reference (``reference_cache=False``): a frozen copy, or the LoRA model with adapters off."""
-
-    def __init__(self, model: Any, lora: bool):
-        self.lora = lora
-        self.copy = None if lora else copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def pair_logps(
-        self, cfg: TrainConfig, unwrapped: Any, units: list[Unit], pad_id: int
-    ) -> tuple[SeqLogps, SeqLogps]:
-        if self.lora:
-            was_training = unwrapped.training
-            unwrapped.eval()
-            with unwrapped.disable_adapter():
-                out = _score(cfg, unwrapped, units, pad_id)
-            unwrapped.train(was_training)
-            return out
-        return _score(cfg, self.copy, units, pad_id)
+    chosen, _ = prefix.pair_logps(model, [_sft_context(u.context) for u in units], pad_id)
+    return chosen
 
 
 def _cached_ref(
@@ -172,6 +123,69 @@ def _fspo_losses(cfg: TrainConfig, policy: tuple[SeqLogps, SeqLogps], ref: tuple
         cfg.beta,
         cfg.label_smoothing,
     )
+
+
+def _batch_loss(
+    cfg: TrainConfig,
+    chosen: SeqLogps,
+    rejected: SeqLogps | None = None,
+    ref: tuple[SeqLogps, SeqLogps] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss `cfg.stage` minimises on one batch of policy log-probs, and what is logged about it.
+
+    SFT: the chosen answers' NLL per token. FSPO: the preference loss against the reference
+    (`fspo.train.losses.preference_loss`) plus `nll_weight` times that NLL. Given the rejected
+    answers' and the reference's log-probs (FSPO training; evaluation of either stage), the metrics
+    also say how the policy ranks each pair: implicit-reward accuracy, margin and rewards, and plain
+    log-prob accuracy. Training calls it per micro-batch, evaluation once on the whole held-out set.
+    """
+    if ref is None or rejected is None:  # SFT training: the chosen answers only
+        loss = sft_loss(chosen.sum, chosen.count)
+        return loss, {"loss": loss.detach()}
+    pl = _fspo_losses(cfg, (chosen, rejected), ref)
+    nll = sft_loss(chosen.sum, chosen.count)
+    if cfg.stage == "sft":
+        loss = nll
+    elif cfg.nll_weight:
+        loss = pl.loss + cfg.nll_weight * nll
+    else:
+        loss = pl.loss
+    r = cfg.reduction
+    return loss, {
+        "loss": loss.detach(),
+        "reward_accuracy": pl.accuracy,
+        "margin": pl.margins.mean(),
+        "chosen_reward": pl.chosen_rewards.mean(),
+        "rejected_reward": pl.rejected_rewards.mean(),
+        "chosen_nll": nll.detach(),
+        "logp_accuracy": (chosen.reduce(r) > rejected.reduce(r)).float().mean(),
+    }
+
+
+class _Reference:
+    """Per-step reference (``reference_cache=False``): a frozen copy, or the LoRA model with adapters off."""
+
+    def __init__(self, model: Any, lora: bool):
+        self.lora = lora
+        self.copy = None if lora else copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def pair_logps(
+        self, cfg: TrainConfig, unwrapped: Any, units: list[Unit], pad_id: int
+    ) -> tuple[SeqLogps, SeqLogps]:
+        if self.lora:
+            was_training = unwrapped.training
+            unwrapped.eval()
+            with unwrapped.disable_adapter():
+                out = _score(cfg, unwrapped, units, pad_id)
+            unwrapped.train(was_training)
+            return out
+        return _score(cfg, self.copy, units, pad_id)
+
+
+# --------------------------------------------------------------------------------------------
+# Setup: model, data, reference, optimizer, logging
+# --------------------------------------------------------------------------------------------
 
 
 def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
@@ -212,8 +226,10 @@ def _load_split(
     """Episodes of `path` as contexts (`questions_per_context` per row at most), their render
     stats, the episodes file itself (where the reference cache goes), and with ``shot_loss`` the
     shots' answer positions per episode id (else empty)."""
-    file = episodes_file(Path(path), split)
-    episodes = load_episodes(path, split)
+    file = episodes_file(path, split)
+    episodes = load_episodes(file)
+    if not episodes:
+        raise UserError(f"episodes file {file} is empty")
     if limit is not None:
         episodes = episodes[:limit]
     options = cfg.template_options()
@@ -227,44 +243,19 @@ def _load_split(
     return units, stats, file, spans
 
 
-def _eval_batches(cfg: TrainConfig, units: list[Unit]) -> list[list[Unit]]:
-    """Evaluation batches: in file order, or sorted by length when batches are length-bucketed."""
-    order = list(range(len(units)))
-    if cfg.bucketed:
-        order.sort(key=lambda i: len(units[i].context))
-    return [[units[i] for i in order[j : j + cfg.batch_size]] for j in range(0, len(order), cfg.batch_size)]
+def _shared_rows(cfg: TrainConfig, model: Any) -> bool:
+    """Whether the scorer really builds shared rows (prefix requested and the model can take them)."""
+    return cfg.logps_impl == "prefix" and prefix.prefix_sharing_support(model)[0]
 
 
-def _evaluate(
-    cfg: TrainConfig, model: Any, units: list[Unit], pad_id: int, ref: Values, autocast: Any
-) -> dict[str, float]:
-    """Held-out loss, implicit-reward accuracy and margins (reference = the starting model)."""
-    was_training = model.training
-    model.eval()
-    pol, ids = [], []
-    with torch.no_grad(), autocast():
-        for batch in _eval_batches(cfg, units):
-            pol.append(_score(cfg, model, batch, pad_id))
-            ids.extend(i for u in batch for i in u.ids)
-    model.train(was_training)
-    pc = SeqLogps(torch.cat([p[0].sum for p in pol]).float(), torch.cat([p[0].count for p in pol]))
-    pr = SeqLogps(torch.cat([p[1].sum for p in pol]).float(), torch.cat([p[1].count for p in pol]))
-    dev = pc.sum.device
-    rc = SeqLogps(torch.tensor([ref[i][0] for i in ids], device=dev), pc.count)
-    rr = SeqLogps(torch.tensor([ref[i][1] for i in ids], device=dev), pr.count)
-    pl = _fspo_losses(cfg, (pc, pr), (rc, rr))
-    metrics = {
-        "eval/reward_accuracy": pl.accuracy.item(),
-        "eval/margin": pl.margins.mean().item(),
-        "eval/chosen_reward": pl.chosen_rewards.mean().item(),
-        "eval/rejected_reward": pl.rejected_rewards.mean().item(),
-        "eval/chosen_nll_per_token": sft_loss(pc.sum, pc.count).item(),
-        "eval/logp_accuracy": (pc.reduce(cfg.reduction) > pr.reduce(cfg.reduction)).float().mean().item(),
-        "eval/episodes": float(len(ids)),
-    }
-    nll = metrics["eval/chosen_nll_per_token"]
-    metrics["eval/loss"] = pl.loss.item() + cfg.nll_weight * nll if cfg.stage == "fspo" else nll
-    return metrics
+def _row_stats(cfg: TrainConfig, unit: Unit, shared: bool) -> tuple[int, int, int]:
+    ctx = _sft_context(unit.context) if cfg.stage == "sft" else unit.context
+    return row_stats(ctx, shared or (cfg.stage == "sft" and cfg.questions_per_context > 1))
+
+
+def _padding(stats: list[tuple[int, int, int]]) -> tuple[int, int]:
+    """(real, padded) tokens of one batch: every row is padded to the longest row of the batch."""
+    return sum(s[1] for s in stats), sum(s[0] for s in stats) * max(s[2] for s in stats)
 
 
 def _reference_fingerprint(cfg: TrainConfig) -> str | None:
@@ -324,12 +315,90 @@ def _reference_values(
     return values, info
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
-    """Run one training stage as configured; returns where the final model folder is.
+class _BatchOrder:
+    """The units of each micro-batch of this process: a pure function of (seed, epoch), hence resumable.
 
-    `resume=True` continues from the latest complete checkpoint in ``cfg.out`` (or starts fresh if
-    there is none); without it, an ``out`` that already holds checkpoints is refused.
+    Micro-batch m is batch ``m % batches_per_epoch`` of epoch ``m // batches_per_epoch``; the
+    current epoch's batches are kept, the previous epoch's dropped.
     """
+
+    def __init__(self, cfg: TrainConfig, lengths: list[int], batches_per_epoch: int, rank: int, world: int):
+        self.cfg, self.lengths, self.batches_per_epoch = cfg, lengths, batches_per_epoch
+        self.rank, self.world = rank, world
+        self._epoch: dict[int, list[list[int]]] = {}
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        cfg = self.cfg
+        if cfg.bucketed:
+            return epoch_batches(self.lengths, cfg.batch_size, epoch, cfg.seed, self.rank, self.world)
+        return batch_order(len(self.lengths), cfg.batch_size, epoch, cfg.seed, self.rank, self.world)
+
+    def micro_batch(self, m: int) -> list[int]:
+        epoch, b = divmod(m, self.batches_per_epoch)
+        if epoch not in self._epoch:
+            self._epoch = {epoch: self.epoch(epoch)}
+        return self._epoch[epoch][b]
+
+
+@dataclass
+class _Run:
+    """What the loop works with, built once by `_setup`."""
+
+    cfg: TrainConfig
+    out: Path
+    accelerator: Any
+    model: Any  # as prepared by accelerate (wrapped in DDP when there are several processes)
+    unwrapped: Any
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    pad_id: int
+    units: list[Unit]
+    rows: list[tuple[int, int, int]]  # `row_stats` per unit: (rows, real tokens, longest row)
+    order: _BatchOrder
+    stats: RenderStats
+    shot_spans: dict[str, Any]
+    train_ref: Values  # cached reference log-probs (FSPO with `reference_cache`), else empty
+    reference: _Reference | None  # the per-step reference (FSPO without `reference_cache`)
+    eval_units: list[Unit]
+    eval_ref: Values
+    total_steps: int
+    start_step: int
+    log: AppendLog | None = None  # metrics.jsonl, on the main process
+    progress: Any = None  # a tqdm bar with `progress`, on the main process
+
+
+def _train_split(
+    cfg: TrainConfig, tokenizer: Any, world: int
+) -> tuple[list[Unit], RenderStats, Path, dict[str, Any], int]:
+    """`_load_split` of the training episodes, and the number of micro-batches in an epoch.
+
+    A run bounded by max_steps reads only the episodes it will consume (the sampler already
+    shuffled the file; 5% spare covers over-budget skips): rendering and tokenizing a 100k-episode
+    file for a 1k-episode run would take longer than the run itself.
+    """
+    k = cfg.questions_per_context
+    needed = None
+    if cfg.max_steps:
+        needed = (math.ceil(cfg.max_steps * cfg.batch_size * cfg.grad_accum * world * 1.05) + 8) * k
+    units, stats, file, shot_spans = _load_split(cfg, cfg.episodes, "train", tokenizer, needed)
+    if not units:
+        raise UserError(
+            f"no training episode fits max_tokens={cfg.max_tokens} (all {stats.episodes} are over budget)"
+        )
+    batches_per_epoch = len(units) // (cfg.batch_size * world)
+    if batches_per_epoch // cfg.grad_accum == 0:
+        raise UserError(
+            f"{len(units)} usable {'contexts' if k > 1 else 'episodes'} are fewer than one optimizer step "
+            f"needs (batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} processes)"
+        )
+    return units, stats, file, shot_spans, batches_per_epoch
+
+
+def _setup(cfg: TrainConfig, resume: bool) -> _Run:
+    """Accelerate, the model, the data, the reference, optimizer and scheduler, a checkpoint to resume
+    from, and the log's start record: everything before the first step, in an order that the seeded
+    random state (LoRA initialisation, then dropout) depends on."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
@@ -358,27 +427,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     model, tokenizer = _build_model(cfg)
     pad_id = pad_id_of(tokenizer)
     world = accelerator.num_processes
-    k = cfg.questions_per_context
-    # A run bounded by max_steps reads only the episodes it will consume (the sampler already
-    # shuffled the file; 5% spare covers over-budget skips): rendering and tokenizing a
-    # 100k-episode file for a 1k-episode run would take longer than the run itself.
-    needed = None
-    if cfg.max_steps:
-        needed = (math.ceil(cfg.max_steps * cfg.batch_size * cfg.grad_accum * world * 1.05) + 8) * k
-    units, stats, train_file, shot_spans = _load_split(cfg, cfg.episodes, "train", tokenizer, needed)
-    if not units:
-        raise UserError(
-            f"no training episode fits max_tokens={cfg.max_tokens} (all {stats.episodes} are over budget)"
-        )
-    batches_per_epoch = len(units) // (cfg.batch_size * world)
-    steps_per_epoch = batches_per_epoch // cfg.grad_accum
-    if steps_per_epoch == 0:
-        raise UserError(
-            f"{len(units)} usable {'contexts' if k > 1 else 'episodes'} are fewer than one optimizer step "
-            f"needs (batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} processes)"
-        )
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    units, stats, train_file, shot_spans, batches_per_epoch = _train_split(cfg, tokenizer, world)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * (batches_per_epoch // cfg.grad_accum)))
 
+    # Reference log-probs from the starting model, before any update: of the held-out set (for
+    # evaluation, either stage), and of the training set (FSPO), or a per-step reference.
     eval_units: list[Unit] = []
     eval_ref: Values = {}
     ref_info: dict[str, Any] = {}
@@ -388,7 +441,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         eval_units, _, eval_file, _ = _load_split(
             cfg, cfg.eval_episodes, "test_unseen", tokenizer, cfg.eval_max_episodes
         )
-        if eval_units:  # reference log-probs of the held-out set, once, from the starting model
+        if eval_units:
             eval_ref, ref_info["eval"] = _reference_values(
                 cfg, accelerator, model, eval_units, eval_file, pad_id, model_fp
             )
@@ -425,179 +478,228 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
 
     shared = _shared_rows(cfg, unwrapped)
     rows = [_row_stats(cfg, u, shared) for u in units]
-    lengths = [r[2] for r in rows]
+    run = _Run(
+        cfg=cfg,
+        out=out,
+        accelerator=accelerator,
+        model=model,
+        unwrapped=unwrapped,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        pad_id=pad_id,
+        units=units,
+        rows=rows,
+        order=_BatchOrder(cfg, [r[2] for r in rows], batches_per_epoch, accelerator.process_index, world),
+        stats=stats,
+        shot_spans=shot_spans,
+        train_ref=train_ref,
+        reference=reference,
+        eval_units=eval_units,
+        eval_ref=eval_ref,
+        total_steps=total_steps,
+        start_step=start_step,
+    )
+    if main:
+        run.log = AppendLog(out / "metrics.jsonl")
+        run.log.append(_start_record(run, shared, ref_info))
+        if cfg.progress:
+            from tqdm.auto import tqdm
 
-    def order(epoch: int) -> list[list[int]]:
-        """Batches of one epoch for this process: a pure function of (seed, epoch), hence resumable."""
-        rank = accelerator.process_index
-        if cfg.bucketed:
-            return epoch_batches(lengths, cfg.batch_size, epoch, cfg.seed, rank, world)
-        return batch_order(len(units), cfg.batch_size, epoch, cfg.seed, rank, world)
+            run.progress = tqdm(
+                total=total_steps, initial=start_step, desc=f"train {cfg.stage}", dynamic_ncols=True
+            )
+    return run
 
-    pairs = sum(len(u.ids) for u in units)
-    first = [_padding([rows[i] for i in b]) for b in order(0)]
-    log = AppendLog(out / "metrics.jsonl") if main else None
-    if log is not None:
-        log.append(
-            {
-                "event": "start",
-                "step": start_step,
-                "total_steps": total_steps,
-                "processes": world,
-                "train_examples": pairs,
-                "contexts": len(units),
-                "questions_per_context": pairs / len(units),
-                "group_by_length": cfg.bucketed,
-                "shared_rows": shared,
-                "epoch0_padding_fraction": 1 - sum(r for r, _ in first) / max(1, sum(p for _, p in first)),
-                "reference": ref_info,
-                "render": stats.summary(),
-                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            }
-        )
-    progress = None
-    if main and cfg.progress:
-        from tqdm.auto import tqdm
 
-        progress = tqdm(total=total_steps, initial=start_step, desc=f"train {cfg.stage}", dynamic_ncols=True)
+def _start_record(run: _Run, shared: bool, ref_info: dict[str, Any]) -> dict[str, Any]:
+    """The log's first line: what this run trains on, how its rows are laid out, its reference."""
+    pairs = sum(len(u.ids) for u in run.units)
+    first = [_padding([run.rows[i] for i in b]) for b in run.order.epoch(0)]
+    return {
+        "event": "start",
+        "step": run.start_step,
+        "total_steps": run.total_steps,
+        "processes": run.accelerator.num_processes,
+        "train_examples": pairs,
+        "contexts": len(run.units),
+        "questions_per_context": pairs / len(run.units),
+        "group_by_length": run.cfg.bucketed,
+        "shared_rows": shared,
+        "epoch0_padding_fraction": 1 - sum(r for r, _ in first) / max(1, sum(p for _, p in first)),
+        "reference": ref_info,
+        "render": run.stats.summary(),
+        "trainable_parameters": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
+    }
 
-    orders: dict[int, list[list[int]]] = {}
 
-    def micro_batch(m: int) -> list[int]:
-        epoch, b = divmod(m, batches_per_epoch)
-        if epoch not in orders:
-            orders.clear()
-            orders[epoch] = order(epoch)
-        return orders[epoch][b]
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
 
-    model.train()
+
+def _train_logps(
+    run: _Run, units: list[Unit]
+) -> tuple[SeqLogps, SeqLogps | None, tuple[SeqLogps, SeqLogps] | None]:
+    """Policy log-probs of one micro-batch (chosen; rejected and reference's in FSPO), for `_batch_loss`."""
+    cfg, pad_id = run.cfg, run.pad_id
+    if cfg.stage == "sft":
+        spans = run.shot_spans if cfg.shot_loss else None
+        return _sft_logps(cfg, run.model, units, pad_id, spans), None, None
+    ref = run.reference.pair_logps(cfg, run.unwrapped, units, pad_id) if run.reference is not None else None
+    policy = _score(cfg, run.model, units, pad_id)
+    if ref is None:
+        ref = _cached_ref(run.train_ref, units, policy)
+    return policy[0], policy[1], ref
+
+
+@dataclass
+class _Throughput:
+    """Work done since the last log line, for tokens/s, pairs/s and the padding fraction."""
+
+    tokens: int = 0  # in plain-path tokens (2 x prompt + both answers per pair), whatever the path
+    pairs: int = 0
+    real: int = 0
+    padded: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, run: _Run, idx: list[int]) -> None:
+        real, padded = _padding([run.rows[i] for i in idx])
+        self.real += real
+        self.padded += padded
+        self.pairs += sum(len(run.units[i].ids) for i in idx)
+        self.tokens += sum(row_stats(run.units[i].context, False)[1] for i in idx)
+
+    def rates(self, world: int) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {
+            "tokens_per_s": self.tokens * world / elapsed,
+            "pairs_per_s": self.pairs * world / elapsed,
+            "padding_fraction": 1 - self.real / max(1, self.padded),
+        }
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
+    """Run one training stage as configured; returns where the final model folder is.
+
+    `resume=True` continues from the latest complete checkpoint in ``cfg.out`` (or starts fresh if
+    there is none); without it, an ``out`` that already holds checkpoints is refused.
+    """
+    run = _setup(cfg, resume)
+    accelerator = run.accelerator
+    run.model.train()
     last: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
-    window = {"tokens": 0, "pairs": 0, "real": 0, "padded": 0}
-    window_start = time.perf_counter()
-    for step in range(start_step, total_steps):
+    window = _Throughput()
+    for step in range(run.start_step, run.total_steps):
         sums: dict[str, torch.Tensor] = {}
         for a in range(cfg.grad_accum):
-            idx = micro_batch(step * cfg.grad_accum + a)
-            batch = [units[i] for i in idx]
-            real, padded = _padding([rows[i] for i in idx])
-            window["real"] += real
-            window["padded"] += padded
-            window["pairs"] += sum(len(u.ids) for u in batch)
-            # work in plain-path tokens (2 x prompt + both answers per pair), whatever the path
-            window["tokens"] += sum(row_stats(u.context, False)[1] for u in batch)
-            sync = contextlib.nullcontext() if a == cfg.grad_accum - 1 else accelerator.no_sync(model)
+            idx = run.order.micro_batch(step * cfg.grad_accum + a)
+            window.add(run, idx)
+            sync = contextlib.nullcontext() if a == cfg.grad_accum - 1 else accelerator.no_sync(run.model)
             with sync, accelerator.autocast():
-                if cfg.stage == "fspo":
-                    ref = (
-                        reference.pair_logps(cfg, unwrapped, batch, pad_id) if reference is not None else None
-                    )
-                    policy = _score(cfg, model, batch, pad_id)
-                    if ref is None:
-                        ref = _cached_ref(train_ref, batch, policy)
-                    pl = _fspo_losses(cfg, policy, ref)
-                    chosen_nll = sft_loss(policy[0].sum, policy[0].count)
-                    loss = pl.loss + cfg.nll_weight * chosen_nll if cfg.nll_weight else pl.loss
-                    parts = {
-                        "loss": loss.detach(),
-                        "reward_accuracy": pl.accuracy,
-                        "margin": pl.margins.mean(),
-                        "chosen_reward": pl.chosen_rewards.mean(),
-                        "rejected_reward": pl.rejected_rewards.mean(),
-                        "chosen_nll": chosen_nll.detach(),
-                    }
-                else:
-                    lp = _sft_logps(cfg, model, batch, pad_id, shot_spans if cfg.shot_loss else None)
-                    loss = sft_loss(lp.sum, lp.count)
-                    parts = {"loss": loss.detach()}
+                loss, metrics = _batch_loss(cfg, *_train_logps(run, [run.units[i] for i in idx]))
                 accelerator.backward(loss / cfg.grad_accum)
-            for name, v in parts.items():
+            for name, v in metrics.items():
                 sums[name] = sums.get(name, 0) + v.detach().float() / cfg.grad_accum
         grad_norm = None
         if cfg.max_grad_norm is not None:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
         done = step + 1
 
-        if done % cfg.log_every == 0 or done == total_steps:
-            reduced = {
-                k: accelerator.reduce(v.to(accelerator.device), "mean").item() for k, v in sums.items()
-            }
-            elapsed = max(time.perf_counter() - window_start, 1e-9)
-            last = {
-                **reduced,
-                "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": window["tokens"] * world / elapsed,
-                "pairs_per_s": window["pairs"] * world / elapsed,
-                "padding_fraction": 1 - window["real"] / max(1, window["padded"]),
-            }
+        if done % cfg.log_every == 0 or done == run.total_steps:
+            last = {k: accelerator.reduce(v.to(accelerator.device), "mean").item() for k, v in sums.items()}
+            last |= {"lr": run.scheduler.get_last_lr()[0], **window.rates(accelerator.num_processes)}
             if grad_norm is not None:
                 last["grad_norm"] = float(grad_norm)
-            window = dict.fromkeys(window, 0)
-            window_start = time.perf_counter()
-            if log is not None:
-                log.append({"step": done, **last})
-            accelerator.log(last, step=done)
-            if progress is not None:
-                progress.set_postfix(
+            window = _Throughput()
+            _log(run, done, last)
+            if run.progress is not None:
+                run.progress.set_postfix(
                     {k: f"{v:.3g}" for k, v in last.items() if k in ("loss", "reward_accuracy")}
                 )
-        if eval_units and cfg.eval_every and done % cfg.eval_every == 0 and done != total_steps:
-            eval_metrics = _eval_and_log(cfg, accelerator, unwrapped, eval_units, pad_id, eval_ref, log, done)
-        if cfg.save_every and done % cfg.save_every == 0 and done != total_steps:
-            save_checkpoint(accelerator, out, done, {"total_steps": total_steps}, cfg.keep_checkpoints)
-        if progress is not None:
-            progress.update(1)
-    if progress is not None:
-        progress.close()
-    if eval_units:
-        eval_metrics = _eval_and_log(
-            cfg, accelerator, unwrapped, eval_units, pad_id, eval_ref, log, total_steps
-        )
+        if run.eval_units and cfg.eval_every and done % cfg.eval_every == 0 and done != run.total_steps:
+            eval_metrics = _eval_and_log(run, done)
+        if cfg.save_every and done % cfg.save_every == 0 and done != run.total_steps:
+            save_checkpoint(
+                accelerator, run.out, done, {"total_steps": run.total_steps}, cfg.keep_checkpoints
+            )
+        if run.progress is not None:
+            run.progress.update(1)
+    if run.progress is not None:
+        run.progress.close()
+    if run.eval_units:
+        eval_metrics = _eval_and_log(run, run.total_steps)
+    return _finish(run, last, eval_metrics)
 
-    model_dir = out / "model"
-    if main:
-        _save_final(
-            cfg,
-            unwrapped,
-            tokenizer,
-            out,
-            model_dir,
-            {"steps": total_steps, "metrics": last, "eval": eval_metrics, "render": stats.summary()},
+
+def _log(run: _Run, step: int, metrics: dict[str, float]) -> None:
+    """One line of metrics.jsonl (main process) and of every tracker in `report_to`."""
+    if run.log is not None:
+        run.log.append({"step": step, **metrics})
+    run.accelerator.log(metrics, step=step)
+
+
+def _eval_batches(cfg: TrainConfig, units: list[Unit]) -> list[list[Unit]]:
+    """Evaluation batches: in file order, or sorted by length when batches are length-bucketed."""
+    order = list(range(len(units)))
+    if cfg.bucketed:
+        order.sort(key=lambda i: len(units[i].context))
+    return [[units[i] for i in order[j : j + cfg.batch_size]] for j in range(0, len(order), cfg.batch_size)]
+
+
+def _evaluate(
+    cfg: TrainConfig, model: Any, units: list[Unit], pad_id: int, ref: Values, autocast: Any
+) -> dict[str, float]:
+    """`_batch_loss` on the whole held-out set (reference = the starting model), as ``eval/`` metrics."""
+    was_training = model.training
+    model.eval()
+    batches = _eval_batches(cfg, units)
+    with torch.no_grad(), autocast():
+        scored = [_score(cfg, model, batch, pad_id) for batch in batches]
+    model.train(was_training)
+    chosen, rejected = (
+        SeqLogps(torch.cat([s[i].sum for s in scored]).float(), torch.cat([s[i].count for s in scored]))
+        for i in (0, 1)
+    )
+    in_order = [u for batch in batches for u in batch]
+    _, metrics = _batch_loss(cfg, chosen, rejected, _cached_ref(ref, in_order, (chosen, rejected)))
+    return {**{f"eval/{k}": v.item() for k, v in metrics.items()}, "eval/episodes": float(len(chosen.sum))}
+
+
+def _eval_and_log(run: _Run, step: int) -> dict[str, float]:
+    """Evaluate on the main process (the others wait), and log the result."""
+    metrics: dict[str, float] = {}
+    if run.accelerator.is_main_process:
+        metrics = _evaluate(
+            run.cfg, run.unwrapped, run.eval_units, run.pad_id, run.eval_ref, run.accelerator.autocast
         )
+        _log(run, step, metrics)
+    run.accelerator.wait_for_everyone()
+    return metrics
+
+
+def _finish(run: _Run, last: dict[str, float], eval_metrics: dict[str, float]) -> TrainResult:
+    """Save the final model, close the log, and release accelerate on every process."""
+    accelerator = run.accelerator
+    model_dir = run.out / "model"
+    summary = {"steps": run.total_steps, "metrics": last, "eval": eval_metrics, "render": run.stats.summary()}
+    if accelerator.is_main_process:
+        _save_final(run.cfg, run.unwrapped, run.tokenizer, run.out, model_dir, summary)
     accelerator.wait_for_everyone()
-    if log is not None:
-        log.append({"event": "end", "step": total_steps, **eval_metrics})
-        log.close()
+    if run.log is not None:
+        run.log.append({"event": "end", "step": run.total_steps, **eval_metrics})
+        run.log.close()
     # Drop the DDP wrapper (its reducer holds the process group) on every process while all are
     # still here: freed after `end_training`, it sometimes waited forever for a peer that had exited.
-    del model, optimizer
+    del run.model, run.optimizer
     accelerator.free_memory()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(out, model_dir, total_steps, last, eval_metrics, stats.summary())
-
-
-def _eval_and_log(
-    cfg: TrainConfig,
-    accelerator: Any,
-    unwrapped: Any,
-    units: list[Unit],
-    pad_id: int,
-    ref: Values,
-    log: AppendLog | None,
-    step: int,
-) -> dict[str, float]:
-    metrics: dict[str, float] = {}
-    if accelerator.is_main_process:
-        metrics = _evaluate(cfg, unwrapped, units, pad_id, ref, accelerator.autocast)
-        if log is not None:
-            log.append({"step": step, **metrics})
-        accelerator.log(metrics, step=step)
-    accelerator.wait_for_everyone()
-    return metrics
+    return TrainResult(run.out, model_dir, run.total_steps, last, eval_metrics, run.stats.summary())
 
 
 def _save_final(

@@ -1,8 +1,8 @@
 """Any OpenAI-compatible chat-completions endpoint, through the official `openai` client.
 
-Why the client's own retries are off (`max_retries=0`): `LLMClient` retries every backend the same
-way, counts each retry by cause, honours `Retry-After`, and pauses *all* requests after a 429 (the
-client's retries are per request and invisible). This module only maps the client's exceptions onto
+Why the client's own retries are off (`max_retries=0`): `fspo.llm.LLMClient` retries every backend
+the same way, counts each retry by cause, honours `Retry-After`, and pauses *all* requests after a
+429 (the client's retries are per request and invisible). This module only maps the client's exceptions onto
 `TransientError` (retry) or `UserError` (fix your config: bad key, unknown model, bad URL).
 """
 
@@ -13,16 +13,19 @@ from typing import Any
 import openai
 
 from fspo.core.errors import UserError
-from fspo.synth.backends import Completion, Messages, TransientError
-from fspo.synth.config import BackendConfig
+from fspo.llm.backends import Completion, Messages, TransientError
+from fspo.llm.config import BackendConfig
 
 
 def _retry_after(err: openai.APIStatusError) -> float | None:
-    value = err.response.headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
+    """Seconds the server asked us to wait: `retry-after-ms` (OpenAI's, finer) or `retry-after`."""
+    headers = err.response.headers
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        try:
+            return float(headers[name]) / scale
+        except (KeyError, ValueError):
+            continue
+    return None
 
 
 class OpenAIBackend:

@@ -1,10 +1,13 @@
-"""`LLMClient`: what every stage calls. Cache, concurrency, rate limit, retries, parsing, accounting.
+"""`LLMClient`: every LLM request of fspo goes through it. Cache, concurrency, rate limit, retries,
+re-asks, usage and cost.
 
 One request goes: cache lookup (a hit costs nothing and is not sent) -> wait for the rate limiter and
 for one of `max_concurrency` slots -> backend -> on `TransientError`, back off (Retry-After if the
 server gave one, else `backoff_base * 2**attempt`, jittered, capped) and retry, up to `max_retries`
--> store the response in the cache -> parse; a reply that does not parse is re-asked with the error
-appended to the conversation, up to `max_reasks` times. Every event is counted in `ClientStats`.
+-> store the response in the cache. `ask` adds parsing: a reply its parser rejects is re-asked with
+the reply and the parser's error appended to the conversation, up to `max_reasks` times (a re-ask
+is a new conversation, so the cache never hands back the rejected reply). Every event is counted in
+`ClientStats`.
 
 A 429 pauses *every* request until its Retry-After/backoff has passed, not only the one that got it:
 a server that says "too many" wants fewer requests from the whole run.
@@ -20,15 +23,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from fspo.llm.backends import Backend, Completion, Messages, TransientError
+from fspo.llm.cache import RequestCache, request_key
+from fspo.llm.config import BackendConfig
+from fspo.llm.parsing import ParseError
 
-from fspo.synth.backends import Backend, Completion, Messages, TransientError
-from fspo.synth.cache import RequestCache, request_key
-from fspo.synth.config import BackendConfig
-from fspo.synth.parsing import ParseError, parse_reply
-from fspo.synth.prompts import PromptTemplate
-
-M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 class BackendUnavailable(RuntimeError):
@@ -36,11 +36,14 @@ class BackendUnavailable(RuntimeError):
 
 
 class ParseFailure(RuntimeError):
-    """The model never produced a usable reply; the item is recorded as failed and counted."""
+    """The model never produced a usable reply; the caller records the item as failed."""
 
 
 @dataclass
 class ClientStats:
+    """What a client did: requests sent and answered, cache hits, retries by cause, re-asks,
+    replies that never parsed, tokens and cost (responses from the cache cost nothing)."""
+
     sent: int = 0
     cache_hits: int = 0
     succeeded: int = 0
@@ -67,13 +70,11 @@ class LLMClient:
         backend: Backend,
         cfg: BackendConfig,
         cache: RequestCache | None = None,
-        prompts: dict[str, PromptTemplate] | None = None,
         rng: random.Random | None = None,
     ):
         self.backend = backend
         self.cfg = cfg
         self.cache = cache
-        self.prompts = prompts or {}
         self.stats = ClientStats()
         self.params = cfg.generation_params()
         self._slots = asyncio.Semaphore(cfg.max_concurrency)
@@ -128,7 +129,11 @@ class LLMClient:
         )
 
     async def complete(self, stage: str, messages: Messages, sample: str = "") -> Completion:
-        """The response to `messages`, from the cache if this exact request was answered before."""
+        """The response to `messages`, from the cache if this exact request was answered before.
+
+        `stage` names the kind of request (usage is summed per stage); `sample` tells apart repeats
+        of the same messages that must get their own answers (e.g. one per user).
+        """
         key = request_key(stage, messages, self.backend.model, self.params, sample)
         if self.cache is not None:
             hit = self.cache.get(key)
@@ -136,10 +141,7 @@ class LLMClient:
                 self.stats.cache_hits += 1
                 return hit
         comp = await self._send(messages)
-        cost = (
-            comp.prompt_tokens * self.cfg.price_prompt_per_1k
-            + comp.completion_tokens * self.cfg.price_completion_per_1k
-        ) / 1000
+        cost = self.cfg.cost(comp.prompt_tokens, comp.completion_tokens)
         self.stats.succeeded += 1
         self.stats.prompt_tokens += comp.prompt_tokens
         self.stats.completion_tokens += comp.completion_tokens
@@ -148,42 +150,32 @@ class LLMClient:
             self.cache.put(key, stage, comp, cost)
         return comp
 
-    # -- structured ------------------------------------------------------------------------------
+    # -- parsed ----------------------------------------------------------------------------------
     async def ask(
         self,
-        prompt: str,
-        schema: type[M],
-        *,
+        stage: str,
+        messages: Messages,
+        parse: Callable[[str], T],
+        reask: Callable[[str], Messages],
         sample: str = "",
-        check: Callable[[M], str | None] | None = None,
-        **variables: Any,
-    ) -> M:
-        """Render template `prompt`, ask, parse into `schema`; re-ask on a bad reply.
+    ) -> T:
+        """Ask, and `parse` the reply; re-ask while `parse` raises `ParseError`.
 
-        `check` may reject a reply that parses but is unusable (e.g. too few viewpoints) by returning
-        the reason, which is sent back to the model like a parse error. Raises `ParseFailure`.
+        A re-ask sends the conversation so far, the rejected reply and `reask(error)` (the messages
+        that tell the model what was wrong). Raises `ParseFailure` after `max_reasks` re-asks.
         """
-        messages = self.prompts[prompt].render(**variables)
         error = ""
-        for reask in range(self.cfg.max_reasks + 1):
-            if reask:
+        for attempt in range(self.cfg.max_reasks + 1):
+            if attempt:
                 self.stats.reasks += 1
-            comp = await self.complete(prompt, messages, sample)
+            comp = await self.complete(stage, messages, sample)
             try:
-                reply = parse_reply(comp.text, schema)
-                problem = check(reply) if check else None
-                if problem is None:
-                    return reply
-                error = problem
+                return parse(comp.text)
             except ParseError as err:
                 error = str(err)
-            messages = [
-                *messages,
-                {"role": "assistant", "content": comp.text},
-                *self.prompts["reask"].render(error=error),
-            ]
+            messages = [*messages, {"role": "assistant", "content": comp.text}, *reask(error)]
         self.stats.parse_failures += 1
-        raise ParseFailure(f"{prompt}: no usable reply after {self.cfg.max_reasks} re-asks: {error}")
+        raise ParseFailure(f"{stage}: no usable reply after {self.cfg.max_reasks} re-asks: {error}")
 
     async def aclose(self) -> None:
         await self.backend.aclose()

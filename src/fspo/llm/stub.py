@@ -1,6 +1,7 @@
-"""A tiny OpenAI-compatible chat-completions server for tests (FastAPI + uvicorn, in a thread).
+"""A scripted OpenAI-compatible chat-completions server on 127.0.0.1 (FastAPI + uvicorn, in a thread).
 
-Usage::
+For tests and benchmarks of everything built on `fspo.llm` (retries, re-asks, caching, concurrency,
+throughput) without a real endpoint. Usage::
 
     def responder(request: dict) -> str | dict | Reply:
         return '{"preferred": "A"}'            # the assistant's text, wrapped in a full response
@@ -12,7 +13,8 @@ Usage::
     server.max_in_flight  # the most requests the server was handling at once
 
 A responder returns the assistant text (str), a whole response body (dict), or a `Reply` to fail
-(`Reply(status=429, headers={"retry-after": "0"})`), to be slow (`Reply("ok", delay=2.0)`), or both.
+(`Reply(status=429, headers={"retry-after": "0"})`), to be slow (`Reply("ok", delay=2.0)`), or both;
+`Reply(usage=(prompt_tokens, completion_tokens))` fixes the reported usage (default: word counts).
 It is called in the server's event loop thread: keep it quick and make it thread-safe.
 """
 

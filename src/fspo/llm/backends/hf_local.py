@@ -14,8 +14,8 @@ import contextlib
 from typing import Any
 
 from fspo.core.errors import UserError
-from fspo.synth.backends import Completion, Messages
-from fspo.synth.config import BackendConfig
+from fspo.llm.backends import Completion, Messages
+from fspo.llm.config import BackendConfig
 
 
 def _plain_chat(messages: Messages) -> str:

@@ -1,7 +1,7 @@
 """LLM backends behind one small interface: `await backend.complete(messages, params) -> Completion`.
 
 A backend only talks to its model. Concurrency limits, rate limits, retries, caching and parsing
-live once, in `fspo.synth.client.LLMClient`, so every backend gets them alike. A backend signals a
+live once, in `fspo.llm.client.LLMClient`, so every backend gets them alike. A backend signals a
 failure worth retrying (timeout, 429, 5xx, dropped connection) by raising `TransientError`; anything
 else it raises is fatal for the run.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fspo.synth.config import BackendConfig
+from fspo.llm.config import BackendConfig
 
 Messages = list[dict[str, str]]
 
@@ -43,9 +43,9 @@ class Backend(Protocol):
 def make_backend(cfg: BackendConfig) -> Backend:
     """The backend the config asks for (imports lazily: torch only when `kind: transformers`)."""
     if cfg.kind == "openai":
-        from fspo.synth.backends.openai_http import OpenAIBackend
+        from fspo.llm.backends.openai_http import OpenAIBackend
 
         return OpenAIBackend(cfg)
-    from fspo.synth.backends.hf_local import TransformersBackend
+    from fspo.llm.backends.hf_local import TransformersBackend
 
     return TransformersBackend(cfg)

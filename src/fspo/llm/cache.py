@@ -1,5 +1,8 @@
 """The request cache: every finished LLM request, keyed by a hash of (stage, prompt, model, params).
 
+Every caller of `LLMClient` (synth stages, LLM judges) caches through it, so a re-run or a resume
+never sends a request whose response is stored, and usage is summed from one place.
+
 Why sqlite and not an in-memory set over a JSONL log: at the paper's scale (10^6 preferences, each
 judged in both orders, so several million requests) a Python set of keys alone takes hundreds of MB,
 and a resume would need the *responses* of finished requests too, not only their keys. sqlite keeps
@@ -18,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fspo.synth.backends import Completion
+from fspo.core.errors import UserError
+from fspo.llm.backends import Completion
 
 
 def request_key(
@@ -38,14 +42,18 @@ class RequestCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None)  # autocommit: one insert, one commit
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, stage TEXT NOT NULL,"
-            " text TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,"
-            " cost REAL NOT NULL,"
-            " created REAL NOT NULL)"
-        )
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, stage TEXT NOT NULL,"
+                " text TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,"
+                " cost REAL NOT NULL,"
+                " created REAL NOT NULL)"
+            )
+        except sqlite3.DatabaseError as err:
+            self._db.close()
+            raise UserError(f"{self.path}: not a request cache (an SQLite file): {err}") from err
 
     def get(self, key: str) -> Completion | None:
         row = self._db.execute(

@@ -1,0 +1,86 @@
+"""Toy data and tiny models shared by the test modules.
+
+The toy world (`fspo.data.toy`: users who prefer answers naming their favourite colour) and the tiny
+models (`fspo.models.tiny`) live in the package, so benchmarks build the same ones; here they become
+fixtures, built once per session or module where building takes a while. Records handed out by
+session fixtures are shared: derive changed ones with `model_copy`, never edit them in place.
+
+`write_jsonl` and `generations` are plain helpers for the rows a test writes by hand
+(`from conftest import write_jsonl`; pytest puts this folder on `sys.path`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from fspo.data.schema import Episode, User
+from fspo.data.template import render
+from fspo.data.toy import toy_corpus, toy_episodes, toy_users
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """Records or plain dicts, one JSON object a line."""
+    path.write_text(
+        "".join(json.dumps(r if isinstance(r, dict) else r.model_dump(mode="json")) + "\n" for r in rows)
+    )
+    return path
+
+
+def generations(episodes: list[Episode], system: str, answer: Callable[[Episode], str]) -> list[dict]:
+    """Generation rows (as `fspo eval generate` writes them) of `system` answering each episode's query."""
+    return [
+        {
+            "episode_id": e.episode_id,
+            "user_id": e.user_id,
+            "split": e.split,
+            "question": e.query.question,
+            "system": system,
+            "answer": answer(e),
+            "description": None,
+        }
+        for e in episodes
+    ]
+
+
+@pytest.fixture(scope="session")
+def toy_texts() -> list[str]:
+    """The corpus of the default toy episodes (8 users, 6 episodes each), three times over."""
+    return toy_corpus(toy_episodes(toy_users())) * 3
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory, toy_texts: list[str]) -> Path:
+    """The embedded default model at size "tiny" (tokenizer and Llama) initialised on `toy_texts`."""
+    from fspo.models.default import init_model
+
+    return init_model(tmp_path_factory.mktemp("tiny_llama") / "model", toy_texts, size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def eval_users() -> list[User]:
+    """Four toy users: favourites red, blue, green, yellow."""
+    return toy_users(4)
+
+
+@pytest.fixture(scope="session")
+def eval_episodes(eval_users: list[User]) -> list[Episode]:
+    """Two episodes a user, three shots each: `test_seen` for the even users, `test_unseen` for the odd."""
+    seen = {u.user_id for u in eval_users[::2]}
+    return [
+        e.model_copy(update={"split": "test_seen" if e.user_id in seen else "test_unseen"})
+        for e in toy_episodes(eval_users, per_user=2, shots=3)
+    ]
+
+
+@pytest.fixture(scope="module")
+def eval_lm(eval_episodes: list[Episode]):
+    """(model, tokenizer): a `tiny_lm` trained on the rendered eval episodes; per module, since tests
+    may patch the model."""
+    from fspo.models.tiny import tiny_lm
+
+    rendered = [render(e) for e in eval_episodes]
+    return tiny_lm([r.prompt + r.chosen for r in rendered] * 3)
