@@ -13,7 +13,7 @@ language-modelling objectives and measures how much the shots change its prefere
 Two engines run the same objective: ``trainer`` (default) is `fspo train sft` itself (its batch
 order is a function of ``--seed``); ``loop`` is a plain AdamW loop over `model(..., labels=...)`
 (clip 1, warmup 20, cosine) whose episode order is ``random.Random(--seed)``: kept because it is
-how the order-dependence of the ``target`` objective was found (docs/train.md, fourth round).
+how the order-dependence of the ``target`` objective was found (docs/research/in-context-copying.md).
 
 The measure, per held-out episode: the shot effect ``[lp(c|S) - lp(r|S)] - [lp(c|0) - lp(r|0)]``
 (log-probs summed over the answer); ``icl_effect_accuracy`` is the share of episodes where it is
@@ -27,7 +27,7 @@ shots whose preferred answers are all bullets vs none.
 ``--episodes FOLDER`` probes existing episodes (e.g. the quickstart's) instead of simulating.
 A finished SFT run of the same config in ``--work`` is reused (one of another config is refused).
 
-Two more figures, to explain when copying can be learned at all (docs/train.md, fifth round):
+Two more figures, to explain when copying can be learned at all (docs/research/copying-incentive.md):
 
 * ``format_agreement`` (training episodes): among episodes whose shots all prefer the same format
   and whose query pair differs in format, the share whose chosen answer has the shots' format, and

@@ -249,14 +249,21 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="folder for the pretrained model (not with --probe)")
     ap.add_argument("--sim", type=Path, default=Path("runs/quickstart/sim"), help="for --template-docs")
     ap.add_argument("--size", default="medium")
-    ap.add_argument("--docs", type=int, default=20_000, help="corpus documents (before template documents)")
-    ap.add_argument("--consistent", type=float, default=0.8)
-    ap.add_argument("--answers", type=int, default=1, help="answers per author-consistent document")
-    ap.add_argument("--described", type=float, default=1.0)
-    ap.add_argument("--styled", type=float, default=0.0, help="share of fixed-style writer documents")
-    ap.add_argument("--styled-answers", type=int, default=4)
+    ap.add_argument(
+        "--docs", dest="corpus_docs", type=int, default=20_000, help="corpus documents (before template ones)"
+    )
+    ap.add_argument("--consistent", dest="corpus_consistent", type=float, default=0.8)
+    ap.add_argument(
+        "--answers", dest="corpus_consistent_answers", type=int, default=1, help="answers per author document"
+    )
+    ap.add_argument("--described", dest="corpus_described", type=float, default=1.0)
+    ap.add_argument(
+        "--styled", dest="corpus_styled", type=float, default=0.0, help="share of writer documents"
+    )
+    ap.add_argument("--styled-answers", dest="corpus_styled_answers", type=int, default=4)
     ap.add_argument(
         "--styled-layout",
+        dest="corpus_styled_layout",
         choices=("examples", "contrast", "task"),
         default="examples",
         help="writer documents' layout (`fspo.sim.corpus.styled_documents`)",
@@ -296,19 +303,9 @@ def main() -> None:
     if args.work is None:
         ap.error("--work is required unless --probe is given")
     start = time.perf_counter()
-    mix = load_profile("default").model_copy(
-        update=dict(
-            seed=args.seed,
-            corpus_docs=args.docs,
-            corpus_consistent=args.consistent,
-            corpus_consistent_answers=args.answers,
-            corpus_described=args.described,
-            corpus_styled=args.styled,
-            corpus_styled_answers=args.styled_answers,
-            corpus_styled_layout=args.styled_layout,
-            template_docs=args.template_docs,
-        )
-    )
+    # The options' `dest`s are the profile's field names: the corpus is the quickstart's, these changed.
+    fields = [f for f in vars(args) if f.startswith("corpus_")] + ["template_docs", "seed"]
+    mix = load_profile("default").model_copy(update={f: getattr(args, f) for f in fields})
     texts = pretraining_texts(mix, args.sim)  # exactly the quickstart's `model` stage corpus
     model_dir = init_model(args.work / "model", texts, size=args.size, seed=args.seed)
     summary: dict[str, Any] = pretrain(

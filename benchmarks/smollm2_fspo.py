@@ -1,6 +1,6 @@
 """FSPO with LoRA on a real pretrained instruct model (SmolLM2-135M-Instruct), on unseen simulated users.
 
-Issue 7's benchmark: the same commands as any model (`fspo.train.train` with `lora`, episodes
+The same code path as any model (`fspo.train.trainer.train` with `lora`, episodes
 wrapped in the model's chat template), a bounded budget on this 2-core CPU, then on unseen users of
 the simulator, judged by each user's exact reward:
 

@@ -28,7 +28,7 @@ from fspo.infer.logps import compute_pair_logps
 from fspo.models.default import init_model
 from fspo.models.loading import load_model, load_tokenizer
 from fspo.train.data import tokenize_episodes
-from fspo.train.losses import ipo_loss
+from fspo.train.losses import preference_loss
 
 WORDS = "the a user likes short long answers with facts stories examples plans science history".split()  # noqa: SIM905
 
@@ -71,7 +71,7 @@ def measure(model_dir: Path, shots: int, steps: int, batch_size: int, include_di
         with torch.no_grad():
             rc, rr = compute_pair_logps(ref, batch, pad_id_of(tok))
         pc, pr = compute_pair_logps(policy, batch, pad_id_of(tok))
-        ipo_loss(pc.sum, pr.sum, rc.sum, rr.sum, beta=0.1).loss.backward()
+        preference_loss("ipo", pc.sum, pr.sum, rc.sum, rr.sum, beta=0.1).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t

@@ -50,7 +50,7 @@ from fspo.infer.pairs import ContextTokens, PairTokens, QuestionTokens
 from fspo.infer.prefix import pair_logps, plain_pair_logps, shared_pair_logps
 from fspo.models.tiny import tiny_llama
 from fspo.train.buckets import bucketed_batches, padding_fraction
-from fspo.train.losses import ipo_loss
+from fspo.train.losses import preference_loss
 from fspo.train.refcache import reference_logps
 
 VOCAB = 8192
@@ -249,7 +249,7 @@ def training_step_table(args: argparse.Namespace) -> dict:
             chosen, rejected = shared_pair_logps(policy, contexts, PAD)
         else:
             chosen, rejected = plain_pair_logps(policy, [p for c in contexts for p in c.pairs()], PAD)
-        ipo_loss(chosen.sum, rejected.sum, ref_c, ref_r, 0.5).loss.backward()
+        preference_loss("ipo", chosen.sum, rejected.sum, ref_c, ref_r, 0.5).loss.backward()
 
     times: dict[str, list[float]] = {c[0]: [] for c in configs}
     for c in configs[:2]:  # warm-up, untimed

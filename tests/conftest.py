@@ -5,8 +5,9 @@ models (`fspo.models.tiny`) live in the package, so benchmarks build the same on
 fixtures, built once per session or module where building takes a while. Records handed out by
 session fixtures are shared: derive changed ones with `model_copy`, never edit them in place.
 
-`write_jsonl` and `generations` are plain helpers for the rows a test writes by hand
-(`from conftest import write_jsonl`; pytest puts this folder on `sys.path`).
+Plain helpers (`from conftest import write_jsonl`; pytest puts this folder on `sys.path`): `write_jsonl`
+and `generations` for the rows a test writes by hand, `tiny_llama_dir` and `train_world` for model
+folders that training runs start from, `cli_args` and `data_cli` for command lines.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from fspo.core.errors import UserError
 from fspo.data.schema import Episode, User
 from fspo.data.template import render
 from fspo.data.toy import toy_corpus, toy_episodes, toy_users
@@ -46,6 +48,60 @@ def generations(episodes: list[Episode], system: str, answer: Callable[[Episode]
     ]
 
 
+def tiny_llama_dir(folder: Path, texts: list[str]) -> Path:
+    """The embedded default model at size "tiny" (tokenizer and Llama) initialised on `texts`, in `folder`."""
+    from fspo.models.default import init_model
+
+    return init_model(folder, texts, size="tiny", seed=0)
+
+
+def train_world(root: Path, episodes: list[Episode]) -> dict[str, Path]:
+    """A folder to train from: `train` (`episodes` as JSONL), `llama` (`tiny_llama_dir` on the episodes'
+    corpus three times over) and `gpt2` (a tiny GPT-2 with the same tokenizer: any causal LM must train).
+
+    The GPT-2 draws its weights from torch's random state as `init_model`, which seeds it, leaves it.
+    """
+    from transformers import AutoTokenizer
+
+    from fspo.models.tiny import tiny_gpt2
+
+    llama = tiny_llama_dir(root / "llama", toy_corpus(episodes) * 3)
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    gpt2 = root / "gpt2"
+    tiny_gpt2(tokenizer, seed=None).save_pretrained(gpt2)
+    tokenizer.save_pretrained(gpt2)
+    return {"root": root, "train": write_jsonl(root / "train.jsonl", episodes), "llama": llama, "gpt2": gpt2}
+
+
+def cli_args(*words: object, **options: object) -> list[str]:
+    """A command line: `words`, then `--name value` for each option (`_` in a name becomes `-`); an option
+    that is True gives `--name`, one that is False `--no-name`."""
+    args = [str(w) for w in words]
+    for name, value in options.items():
+        flag = name.replace("_", "-")
+        if value is True:
+            args.append(f"--{flag}")
+        elif value is False:
+            args.append(f"--no-{flag}")
+        else:
+            args += [f"--{flag}", str(value)]
+    return args
+
+
+def data_cli(*args: object) -> tuple[int, str]:
+    """Run `fspo data ...` as `fspo.cli.main` does: a UserError is one message and exit status 2."""
+    from typer.testing import CliRunner
+
+    from fspo.data.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if isinstance(result.exception, UserError):
+        return 2, str(result.exception)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
 @pytest.fixture(scope="session")
 def toy_texts() -> list[str]:
     """The corpus of the default toy episodes (8 users, 6 episodes each), three times over."""
@@ -54,10 +110,8 @@ def toy_texts() -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory, toy_texts: list[str]) -> Path:
-    """The embedded default model at size "tiny" (tokenizer and Llama) initialised on `toy_texts`."""
-    from fspo.models.default import init_model
-
-    return init_model(tmp_path_factory.mktemp("tiny_llama") / "model", toy_texts, size="tiny", seed=0)
+    """`tiny_llama_dir` initialised on `toy_texts`."""
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny_llama") / "model", toy_texts)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import data_cli
 from fspo.core.errors import DataError, UserError
 from fspo.data.adapters import import_released
 from fspo.data.schema import Preference
@@ -131,30 +132,16 @@ def test_empty_file_and_unknown_format(tmp_path: Path) -> None:
         import_released(FIXTURES / "elix.jsonl", "nope")
 
 
-def invoke(*args: object) -> tuple[int, str]:
-    """Run `fspo data ...` as `fspo.cli.main` does: a UserError is one message and exit status 2."""
-    from typer.testing import CliRunner
-
-    from fspo.data.cli import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if isinstance(result.exception, UserError):
-        return 2, str(result.exception)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
-
-
 def test_cli_import_writes_a_data_folder(tmp_path: Path) -> None:
     from fspo.data.io import read_dataset_dir
 
-    code, out = invoke("import", "--format", "elix", FIXTURES / "elix.parquet", "--out", tmp_path / "elix")
+    code, out = data_cli("import", "--format", "elix", FIXTURES / "elix.parquet", "--out", tmp_path / "elix")
     assert code == 0
     assert "imported 3 preferences of 2 users from 4 rows" in out
     assert "1 of 4 rows left out by the official ELIX filter" in out
     prefs, users, _ = read_dataset_dir(tmp_path / "elix")
     assert len(prefs) == 3 and {u.user_id for u in users} == {"an expert", "an elementary school student"}
-    code, out = invoke(
+    code, out = data_cli(
         "import",
         "--format",
         "elix",
@@ -167,9 +154,11 @@ def test_cli_import_writes_a_data_folder(tmp_path: Path) -> None:
 
 
 def test_cli_import_errors(tmp_path: Path) -> None:
-    code, out = invoke("import", "--format", "rolepaly", FIXTURES / "roleplay.jsonl", "--out", tmp_path / "o")
+    code, out = data_cli(
+        "import", "--format", "rolepaly", FIXTURES / "roleplay.jsonl", "--out", tmp_path / "o"
+    )
     assert code == 2 and "unknown dataset format 'rolepaly'" in out
-    code, out = invoke("import", "--format", "roleplay", FIXTURES / "review.csv", "--out", tmp_path / "o")
+    code, out = data_cli("import", "--format", "roleplay", FIXTURES / "review.csv", "--out", tmp_path / "o")
     assert (
         code == 2
         and f"{FIXTURES / 'review.csv'}: not a roleplay file: missing columns x, yw, yl, level" in out

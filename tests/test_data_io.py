@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import data_cli
 from fspo.core.errors import DataError, UserError
 from fspo.data.io import (
     ReadReport,
@@ -201,43 +202,29 @@ def test_dataset_folder_round_trip(tmp_path: Path) -> None:
 # --- the `fspo data validate` and `fspo data convert` commands ---
 
 
-def invoke(*args: str) -> tuple[int, str]:
-    """Run `fspo data ...` as `fspo.cli.main` does: a UserError is one message and exit status 2."""
-    from typer.testing import CliRunner
-
-    from fspo.data.cli import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if isinstance(result.exception, UserError):
-        return 2, str(result.exception)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
-
-
 def test_cli_validate(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "p.jsonl", [json.dumps(good_row()), json.dumps(good_row(chosen=""))])
-    code, out = invoke("validate", path, "--kind", "preference")
+    code, out = data_cli("validate", path, "--kind", "preference")
     assert code == 2
     assert f"{path}:2: chosen: String should have at least 1 character" in out
-    code, out = invoke("validate", path, "--kind", "preference", "--skip-invalid")
+    code, out = data_cli("validate", path, "--kind", "preference", "--skip-invalid")
     assert code == 0 and "1 valid preference records, 1 invalid" in out
-    code, out = invoke("validate", path, "--kind", "users")
+    code, out = data_cli("validate", path, "--kind", "users")
     assert code == 2 and "--kind must be one of preference, user, episode" in out
 
 
 def test_cli_convert_round_trip(tmp_path: Path) -> None:
     prefs = [pref("u1", trait="a"), pref("u2", q="q2", other=[1])]
     write_records(tmp_path / "preferences.jsonl", prefs)
-    code, out = invoke("convert", tmp_path / "preferences.jsonl", tmp_path / "preferences.parquet")
+    code, out = data_cli("convert", tmp_path / "preferences.jsonl", tmp_path / "preferences.parquet")
     assert code == 0 and "wrote 2 preference records" in out
-    code, _ = invoke(
+    code, _ = data_cli(
         "convert", tmp_path / "preferences.parquet", tmp_path / "back.jsonl", "--kind", "preference"
     )
     assert code == 0
     assert (tmp_path / "back.jsonl").read_text() == (tmp_path / "preferences.jsonl").read_text()
     write_records(tmp_path / "data.jsonl", prefs)
-    code, out = invoke("convert", tmp_path / "data.jsonl", tmp_path / "x.parquet")
+    code, out = data_cli("convert", tmp_path / "data.jsonl", tmp_path / "x.parquet")
     assert code == 2 and "cannot tell the record kind" in out
 
 

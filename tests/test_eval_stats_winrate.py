@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import binomtest
 
-from conftest import generations, write_jsonl
+from conftest import cli_args, generations, write_jsonl
 from fspo.core.errors import DataError, UserError
 from fspo.data.toy import toy_reward_for
 from fspo.eval.accuracy import accuracy_curve
@@ -115,23 +115,8 @@ def test_winrate_cli_exact_judge(files, monkeypatch):
 
     monkeypatch.setattr("fspo.eval.judges._sim_reward_for", toy_reward_for)
     out = files["tmp"] / "cli.json"
-    res = CliRunner().invoke(
-        app,
-        [
-            "eval",
-            "winrate",
-            "--a",
-            str(files["a"]),
-            "--b",
-            str(files["b"]),
-            "--users",
-            str(files["users"]),
-            "--judge",
-            "exact",
-            "--out",
-            str(out),
-        ],
-    )
+    paths = {"a": files["a"], "b": files["b"], "users": files["users"]}
+    res = CliRunner().invoke(app, cli_args("eval", "winrate", **paths, judge="exact", out=out))
     assert res.exit_code == 0, res.output
     assert load_winrates(out)[0].win_rate == 1.0
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fspo.train.losses import dpo_loss, implicit_reward_accuracy, ipo_loss, preference_loss, sft_loss
+from fspo.train.losses import implicit_reward_accuracy, preference_loss, sft_loss
 
 # Two pairs: (policy chosen, policy rejected, ref chosen, ref rejected)
 PC = torch.tensor([-10.0, -8.0])
@@ -18,7 +18,7 @@ RR = torch.tensor([-11.0, -8.0])
 
 
 def test_dpo_matches_hand_computation() -> None:
-    out = dpo_loss(PC, PR, RC, RR, beta=0.5)
+    out = preference_loss("dpo", PC, PR, RC, RR, beta=0.5)
     expected = [-math.log(1 / (1 + math.exp(-0.5 * 2))), -math.log(1 / (1 + math.exp(-0.5 * -1)))]
     assert out.losses.tolist() == pytest.approx(expected, rel=1e-6)
     assert out.loss.item() == pytest.approx(sum(expected) / 2, rel=1e-6)
@@ -29,14 +29,14 @@ def test_dpo_matches_hand_computation() -> None:
 
 
 def test_dpo_label_smoothing() -> None:
-    out = dpo_loss(PC, PR, RC, RR, beta=1.0, label_smoothing=0.1)
+    out = preference_loss("dpo", PC, PR, RC, RR, beta=1.0, label_smoothing=0.1)
     h = 2.0
     expected = -0.9 * math.log(1 / (1 + math.exp(-h))) - 0.1 * math.log(1 / (1 + math.exp(h)))
     assert out.losses[0].item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_ipo_matches_hand_computation() -> None:
-    out = ipo_loss(PC, PR, RC, RR, beta=0.1)  # target margin 1/(2*0.1) = 5
+    out = preference_loss("ipo", PC, PR, RC, RR, beta=0.1)  # target margin 1/(2*0.1) = 5
     assert out.losses.tolist() == pytest.approx([(2 - 5) ** 2, (-1 - 5) ** 2])
     assert out.loss.item() == pytest.approx((9 + 36) / 2)
     assert out.chosen_rewards.tolist() == pytest.approx([0.1, 0.0])
@@ -45,7 +45,7 @@ def test_ipo_matches_hand_computation() -> None:
 def test_ipo_minimum_at_target_margin() -> None:
     beta = 0.01
     pc = torch.tensor([50.0], requires_grad=True)
-    out = ipo_loss(pc, torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), beta)
+    out = preference_loss("ipo", pc, torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), beta)
     out.loss.backward()
     assert out.loss.item() == pytest.approx(0.0)
     assert pc.grad.item() == pytest.approx(0.0)

@@ -7,14 +7,7 @@ import random
 
 import pytest
 import torch
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from fspo.infer import prefix
 from fspo.infer.pairs import ContextTokens, PairTokens, QuestionTokens
@@ -25,39 +18,22 @@ from fspo.infer.prefix import (
     shared_attention_mask,
     shared_pair_logps,
 )
+from fspo.models.tiny import tiny_gpt2, tiny_llama
 
 VOCAB = 97
 PAD = 0
 
 
+TINY = {
+    "llama": lambda attn: tiny_llama(VOCAB, attn=attn, initializer_range=0.2),
+    "gpt2": lambda attn: tiny_gpt2(
+        VOCAB, attn=attn, n_head=4, n_positions=256, initializer_range=0.2, bos_token_id=1, eos_token_id=2
+    ),
+}
+
+
 def tiny(kind: str, attn: str = "sdpa") -> torch.nn.Module:
-    torch.manual_seed(0)
-    if kind == "llama":
-        cfg = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            initializer_range=0.2,
-        )
-        model = LlamaForCausalLM._from_config(cfg, attn_implementation=attn)
-    elif kind == "gpt2":
-        cfg = GPT2Config(
-            vocab_size=VOCAB,
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            n_positions=256,
-            initializer_range=0.2,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-        model = GPT2LMHeadModel._from_config(cfg, attn_implementation=attn)
-    else:
-        raise ValueError(kind)
-    return model.eval()  # no dropout: the two paths must see the same network
+    return TINY[kind](attn).eval()  # no dropout: the two paths must see the same network
 
 
 def rand_ids(rng: random.Random, lo: int, hi: int) -> list[int]:

@@ -6,11 +6,12 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from fspo.core.errors import UserError
 from fspo.infer.pairs import ContextTokens, PairTokens, QuestionTokens
 from fspo.infer.prefix import plain_pair_logps
+from fspo.models.tiny import tiny_llama
 from fspo.train import refcache
 from fspo.train.refcache import (
     ReferenceCache,
@@ -23,16 +24,9 @@ from fspo.train.refcache import (
 
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        initializer_range=0.2,
-    )
-    return LlamaForCausalLM(cfg)
+    size = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    heads = {"num_attention_heads": 2, "num_key_value_heads": 2}
+    return tiny_llama(50, **size, **heads, initializer_range=0.2)
 
 
 def items(seed: int = 0, n: int = 6) -> list[tuple[str, PairTokens]]:

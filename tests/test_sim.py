@@ -218,16 +218,8 @@ def test_described_documents_answer_as_their_description_says() -> None:
     from fspo.data.template import DESCRIPTION, RESPONSE
 
     fmt = {"traits": ["format"], "min_traits": 1, "max_traits": 1}
-    docs = corpus(
-        "roleplay",
-        seed=0,
-        n=200,
-        descriptions=0.0,
-        consistent=1.0,
-        consistent_answers=3,
-        described=0.5,
-        **fmt,
-    )
+    mix = {"descriptions": 0.0, "consistent": 1.0, "consistent_answers": 3, "described": 0.5}
+    docs = corpus("roleplay", seed=0, n=200, **mix, **fmt)
     described = [d for d in docs if DESCRIPTION in d]
     assert 60 <= len(described) <= 140  # about half, drawn per document
     follows, shown = [], set()

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cli_args, train_world, write_jsonl
 from fspo.core.errors import UserError
+from fspo.data.toy import toy_episodes, toy_users
 from fspo.train.config import CONFIG_FILE, load_config, make_config, recipe
 from fspo.train.trainer import train
-from test_train_helpers import tiny_gpt2, tiny_llama, toy_corpus, toy_episodes, write_jsonl
 
 FSPO = [sys.executable, "-c", "from fspo.cli import main; main()"]
 # Wide terminal: rich would wrap the one-line message at 80 columns.
@@ -23,17 +24,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("world")
-    eps = toy_episodes(n_users=8, per_user=4, shots=2)
-    llama = tiny_llama(root / "llama", toy_corpus(eps) * 3)
-    return {
-        "root": root,
-        "train": write_jsonl(root / "train.jsonl", eps),
-        "test": write_jsonl(
-            root / "test.jsonl", toy_episodes(n_users=4, per_user=2, shots=2, prefix="t", seed=1)
-        ),
-        "llama": llama,
-        "gpt2": tiny_gpt2(root / "gpt2", llama),
-    }
+    world = train_world(root, toy_episodes(toy_users(8), per_user=4, shots=2))
+    test = toy_episodes(toy_users(4, prefix="t"), per_user=2, shots=2, seed=1)
+    return {**world, "test": write_jsonl(root / "test.jsonl", test)}
 
 
 def _cfg(world: dict[str, Path], stage: str, model: str, out: Path, **kw: object):
@@ -118,86 +111,45 @@ def test_invalid_config_names_field(world: dict[str, Path]) -> None:
 
 
 def test_preferences_file_and_missing_descriptions(world: dict[str, Path], tmp_path: Path) -> None:
-    prefs = [e.query for e in toy_episodes(2, 1)]
+    prefs = [e.query for e in toy_episodes(toy_users(2), per_user=1)]
     with pytest.raises(UserError, match="holds preferences, not episodes"):
         train(
             _cfg(
                 world, "sft", "llama", tmp_path / "p", episodes=str(write_jsonl(tmp_path / "p.jsonl", prefs))
             )
         )
-    no_desc = [e.model_copy(update={"description": None}) for e in toy_episodes(2, 4)]
+    no_desc = [e.model_copy(update={"description": None}) for e in toy_episodes(toy_users(2), per_user=4)]
     path = write_jsonl(tmp_path / "nd.jsonl", no_desc)
     with pytest.raises(UserError, match="no user description"):
         train(_cfg(world, "sft", "llama", tmp_path / "nd", episodes=str(path), rat="target"))
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*FSPO, *args], capture_output=True, text=True, env=ENV, timeout=120)
+def _cli(*words: str, **options: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*FSPO, *cli_args(*words, **options)], capture_output=True, text=True, env=ENV, timeout=120
+    )
 
 
 def test_cli_user_errors_are_one_line(world: dict[str, Path], tmp_path: Path) -> None:
-    missing = _cli(
-        "train",
-        "sft",
-        "--model",
-        str(tmp_path / "nope"),
-        "--episodes",
-        str(world["train"]),
-        "--out",
-        str(tmp_path / "o"),
-    )
+    missing = _cli("train", "sft", model=tmp_path / "nope", episodes=world["train"], out=tmp_path / "o")
     assert missing.returncode == 2, missing.stderr
     lines = missing.stderr.strip().splitlines()
     assert (
         len(lines) == 1 and "neither a local model folder" in lines[0] and "Traceback" not in missing.stderr
     )
-    bad = _cli(
-        "train",
-        "fspo",
-        "--model",
-        str(world["llama"]),
-        "--episodes",
-        str(world["train"]),
-        "--beta",
-        "0",
-        "--out",
-        str(tmp_path / "o"),
-    )
+    bad = _cli("train", "fspo", model=world["llama"], episodes=world["train"], beta=0, out=tmp_path / "o")
     assert bad.returncode == 2 and "field 'beta'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_cli_trains_with_rat_flag(world: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "cli"
-    r = _cli(
-        "train",
-        "sft",
-        "--model",
-        str(world["llama"]),
-        "--episodes",
-        str(world["train"]),
-        "--out",
-        str(out),
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--rat",
-        "target",
-        "--no-progress",
-    )
+    options = {"max_steps": 2, "batch_size": 4, "rat": "target", "progress": False}
+    r = _cli("train", "sft", model=world["llama"], episodes=world["train"], out=out, **options)
     assert r.returncode == 0, r.stderr
     saved = json.loads((out / CONFIG_FILE).read_text())
     assert saved["rat"] == "target" and saved["stage"] == "sft" and saved["max_steps"] == 2
     r = _cli(
-        "train",
-        "sft",
-        "--config",
-        str(out / CONFIG_FILE),
-        "--out",
-        str(tmp_path / "cli2"),
-        "--rat",
-        "teacher-forced",
-        "--no-progress",
+        "train", "sft", config=out / CONFIG_FILE, out=tmp_path / "cli2", rat="teacher-forced", progress=False
     )
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "cli2" / CONFIG_FILE).read_text())["rat"] == "teacher-forced"

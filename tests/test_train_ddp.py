@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_llama_dir, write_jsonl
 from fspo.data.episodes import build_episodes
-from test_train_helpers import tiny_llama, toy_corpus, toy_preferences, write_jsonl
+from fspo.data.toy import toy_corpus, toy_preferences, toy_users
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "TOKENIZERS_PARALLELISM": "false",
        "OMP_NUM_THREADS": "1"}  # fmt: skip
@@ -27,10 +28,11 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "TOKENIZE
 def test_two_processes_follow_one_with_prefix_k2_and_cache(tmp_path: Path) -> None:
     # 9 preferences per user, 1 shot + 2 queries per block: every context holds exactly 2 pairs, so
     # each process's mean over its pairs averages to the 1-process mean
-    prefs, users = toy_preferences(n_users=8, per_user=9)
+    users = toy_users(8)
+    prefs = toy_preferences(users, per_user=9)
     eps = build_episodes(prefs, users, shots=1, train_passes=2, test_user_fraction=0.25, heldout_per_user=0,
                          questions_per_context=2)  # fmt: skip
-    model = tiny_llama(tmp_path / "llama", toy_corpus(eps["train"]) * 2)
+    model = tiny_llama_dir(tmp_path / "llama", toy_corpus(eps["train"]) * 2)
     (tmp_path / "entry.py").write_text("from fspo.cli import main; main()\n")
     curves, starts = {}, {}
     for procs in (1, 2):

@@ -18,13 +18,6 @@ from fspo.infer.logps import (
 )
 from fspo.infer.pairs import PairTokens
 from fspo.models.loading import load_model, load_tokenizer
-from test_train_helpers import tiny_llama, toy_corpus, toy_episodes
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("m") / "llama"
-    return tiny_llama(folder, toy_corpus(toy_episodes()) * 3)
 
 
 def test_labels_mask_prompt_and_padding() -> None:
@@ -46,17 +39,17 @@ def test_sequence_logps_by_hand() -> None:
     assert out.reduce("mean").item() == pytest.approx(out.sum.item() / 2)
 
 
-def test_prompt_and_target_tokenized_separately(model_dir: Path) -> None:
-    tok = load_tokenizer(model_dir)
+def test_prompt_and_target_tokenized_separately(tiny_llama_folder: Path) -> None:
+    tok = load_tokenizer(tiny_llama_folder)
     p = prompt_token_ids(tok, "## Question \nWhich hat?\n")
     t = target_token_ids(tok, "## Response \nThe red hat.\n")
     assert p[0] == tok.bos_token_id and t[-1] == tok.eos_token_id
     assert tok.decode(t[:-1]) == "## Response \nThe red hat.\n"
 
 
-def test_pair_logps_and_score_targets_agree_with_manual_forward(model_dir: Path) -> None:
-    tok = load_tokenizer(model_dir)
-    model = load_model(model_dir).eval()
+def test_pair_logps_and_score_targets_agree_with_manual_forward(tiny_llama_folder: Path) -> None:
+    tok = load_tokenizer(tiny_llama_folder)
+    model = load_model(tiny_llama_folder).eval()
     prompts = ["## Question \nWhich hat should I get?\n", "## Question \nWhich car?\n"]
     chosen = ["## Response \nGet the red hat.\n", "## Response \nThe blue one.\n"]
     rejected = ["## Response \nGet the blue hat, surely.\n", "## Response \nGreen.\n"]

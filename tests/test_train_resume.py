@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_helpers import tiny_llama, toy_corpus, toy_episodes, toy_preferences, write_jsonl
+from conftest import tiny_llama_dir, write_jsonl
+from fspo.data.toy import toy_corpus, toy_episodes, toy_preferences, toy_users
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -32,7 +33,8 @@ def _shared_shot_episodes() -> list:
     """Episodes in pairs that share their shots (for --questions-per-context 2)."""
     from fspo.data.episodes import build_episodes
 
-    prefs, users = toy_preferences(n_users=5, per_user=8)
+    users = toy_users(5)
+    prefs = toy_preferences(users, per_user=8)
     eps = build_episodes(prefs, users, shots=1, train_passes=2, test_user_fraction=0, heldout_per_user=0,
                          questions_per_context=2)["train"]  # fmt: skip
     return eps
@@ -45,9 +47,9 @@ SPEED = ("--logps-impl", "prefix", "--questions-per-context", "2")  # bucketing 
 @pytest.mark.parametrize("speed", [False, True], ids=["default", "prefix-k2-bucketed"])
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, speed: bool) -> None:
     # 32 episodes: 8 steps/epoch, so 24 steps cross epochs. With K=2: 24 contexts, 6 steps/epoch.
-    eps = _shared_shot_episodes()[:40] if speed else toy_episodes(n_users=8, per_user=4, shots=1)
+    eps = _shared_shot_episodes()[:40] if speed else toy_episodes(toy_users(8), per_user=4, shots=1)
     episodes = write_jsonl(tmp_path / "train.jsonl", eps)
-    model = tiny_llama(tmp_path / "llama", toy_corpus(eps) * 3)
+    model = tiny_llama_dir(tmp_path / "llama", toy_corpus(eps) * 3)
     extra = SPEED if speed else ()
 
     ref_out = tmp_path / "straight"

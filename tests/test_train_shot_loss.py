@@ -12,26 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import train_world
 from fspo.core.errors import UserError
 from fspo.data.template import PREFERRED, TemplateOptions, render
+from fspo.data.toy import toy_episodes, toy_users
 from fspo.infer.logps import collate_targets, forward_logps
 from fspo.train.config import make_config, recipe
 from fspo.train.data import tokenize_episodes
 from fspo.train.trainer import train
-from test_train_helpers import tiny_gpt2, tiny_llama, toy_corpus, toy_episodes, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("shotloss")
-    eps = toy_episodes(n_users=6, per_user=4, shots=3)
-    llama = tiny_llama(root / "llama", toy_corpus(eps) * 3)
-    return {
-        "root": root,
-        "train": write_jsonl(root / "train.jsonl", eps),
-        "llama": llama,
-        "gpt2": tiny_gpt2(root / "gpt2", llama),
-    }
+    return train_world(tmp_path_factory.mktemp("shotloss"), toy_episodes(toy_users(6), per_user=4, shots=3))
 
 
 def _independent_loss(model, tokenizer, episode, options: TemplateOptions) -> float:
@@ -72,7 +65,7 @@ def test_shot_spans_match_an_independent_labelling(
     from fspo.models.loading import load_model, load_tokenizer
 
     model, tok = load_model(world[arch]), load_tokenizer(world[arch])
-    episodes = toy_episodes(n_users=3, per_user=1, shots=3, seed=4)
+    episodes = toy_episodes(toy_users(3), per_user=1, shots=3, seed=4)
     examples, stats = tokenize_episodes(episodes, tok, options, shot_spans=True)
     if options.max_tokens:
         assert stats.shots_dropped > 0

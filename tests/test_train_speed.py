@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_llama_dir, write_jsonl
 from fspo.core.errors import UserError
 from fspo.data.episodes import build_episodes
 from fspo.data.tokens import pad_id_of
+from fspo.data.toy import toy_corpus, toy_preferences, toy_users
 from fspo.train import trainer as T
 from fspo.train.config import make_config, recipe
 from fspo.train.contexts import group_examples
@@ -23,7 +25,6 @@ from fspo.train.data import tokenize_episodes
 from fspo.train.losses import sft_loss
 from fspo.train.refcache import reference_logps
 from fspo.train.trainer import train
-from test_train_helpers import tiny_llama, toy_corpus, toy_preferences, write_jsonl
 
 K = 2
 
@@ -32,14 +33,15 @@ K = 2
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Episodes built with 2 queries per shot set (so pairs of episodes share their shots)."""
     root = tmp_path_factory.mktemp("speed")
-    prefs, users = toy_preferences(n_users=6, per_user=12)
+    users = toy_users(6)
+    prefs = toy_preferences(users, per_user=12)
     splits = build_episodes(prefs, users, shots=2, test_user_fraction=0.34, seed=0, questions_per_context=K)
     (root / "eps").mkdir()
     return {
         "root": root,
         "train": write_jsonl(root / "eps" / "train.jsonl", splits["train"]),
         "test": write_jsonl(root / "eps" / "test_unseen.jsonl", splits["test_unseen"]),
-        "llama": tiny_llama(root / "llama", toy_corpus(splits["train"]) * 3),
+        "llama": tiny_llama_dir(root / "llama", toy_corpus(splits["train"]) * 3),
     }
 
 
@@ -72,7 +74,8 @@ def _records(out: Path) -> tuple[dict, list[dict]]:
 
 
 def test_builder_gives_k_queries_per_shot_set(world: dict[str, Path]) -> None:
-    prefs, users = toy_preferences(n_users=6, per_user=12)
+    users = toy_users(6)
+    prefs = toy_preferences(users, per_user=12)
     one = build_episodes(prefs, users, shots=2, test_user_fraction=0.34, seed=0)
     two = build_episodes(prefs, users, shots=2, test_user_fraction=0.34, seed=0, questions_per_context=K)
     for split in ("train", "test_seen", "test_unseen"):

@@ -27,7 +27,7 @@ first N are the shots and each of the other K is the query of its own episode, s
 one shot set (ids ``{split}-{user}-{pass}-{block}-{j}``; a final leftover of N+1..N+K-1 preferences
 makes a block with fewer queries). ``test_seen`` draws one shot set per K held-out queries. The
 trainer's ``questions_per_context=K`` then scores those K queries in one row, running the shots once
-(docs/speed.md). K=1 gives exactly the episodes (ids, order, shots) this module always gave.
+(docs/speed.md). With K=1 every block is N shots and one query: one episode per block.
 
 Nothing is dropped silently: users too small to sample, duplicate preferences and preferences
 without a `User` record are counted in the `SamplingReport` attached to the result.

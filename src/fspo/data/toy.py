@@ -30,8 +30,16 @@ def toy_users(n: int = 8, prefix: str = "u") -> list[User]:
     ]
 
 
-def _other_colour(rng: random.Random, fav: str) -> str:
-    return rng.choice([c for c in COLOURS if c != fav])
+def _preference(rng: random.Random, user: User, thing: str, question: str, words: str = "") -> Preference:
+    """`user` prefers the answer naming their colour over one naming another colour drawn from `rng`."""
+    fav = user.metadata["fav"]
+    other = rng.choice([c for c in COLOURS if c != fav])
+    return Preference(
+        user_id=user.user_id,
+        question=question,
+        chosen=f"Get the{words} {fav} {thing}.",
+        rejected=f"Get the{words} {other} {thing}.",
+    )
 
 
 def toy_episodes(users: Sequence[User], per_user: int = 6, shots: int = 2, seed: int = 0) -> list[Episode]:
@@ -43,18 +51,8 @@ def toy_episodes(users: Sequence[User], per_user: int = 6, shots: int = 2, seed:
     rng = random.Random(seed)
     episodes = []
     for u, user in enumerate(users):
-        fav = user.metadata["fav"]
-        prefs = []
-        for i in range(shots + 1):
-            thing = THINGS[(u + i) % len(THINGS)]
-            prefs.append(
-                Preference(
-                    user_id=user.user_id,
-                    question=f"Which {thing} should I get?",
-                    chosen=f"Get the {fav} {thing}.",
-                    rejected=f"Get the {_other_colour(rng, fav)} {thing}.",
-                )
-            )
+        things = [THINGS[(u + i) % len(THINGS)] for i in range(shots + 1)]
+        prefs = [_preference(rng, user, t, f"Which {t} should I get?") for t in things]
         for j in range(per_user):
             rng.shuffle(prefs)
             episodes.append(
@@ -78,19 +76,10 @@ def toy_preferences(users: Sequence[User], per_user: int = 12, seed: int = 0) ->
     rng = random.Random(seed)
     prefs = []
     for u, user in enumerate(users):
-        fav = user.metadata["fav"]
         for i in range(per_user):
             thing = THINGS[(u + i) % len(THINGS)]
-            other = _other_colour(rng, fav)
-            words = " very" * (i % 4)
-            prefs.append(
-                Preference(
-                    user_id=user.user_id,
-                    question=f"Which {thing} should I get for room {i}?",
-                    chosen=f"Get the{words} {fav} {thing}.",
-                    rejected=f"Get the{words} {other} {thing}.",
-                )
-            )
+            question = f"Which {thing} should I get for room {i}?"
+            prefs.append(_preference(rng, user, thing, question, words=" very" * (i % 4)))
     return prefs
 
 

@@ -33,6 +33,24 @@ class PreferenceLoss:
     chosen_rewards: Tensor  # (batch,) β(log π_θ(y_c|x) − log π_ref(y_c|x))
     rejected_rewards: Tensor  # (batch,)
 
+    @classmethod
+    def of(
+        cls,
+        losses: Tensor,
+        policy_chosen: Tensor,
+        policy_rejected: Tensor,
+        ref_chosen: Tensor,
+        ref_rejected: Tensor,
+        beta: float,
+    ) -> PreferenceLoss:
+        """Per-example `losses` with their mean and the answers' implicit rewards (detached)."""
+        return cls(
+            losses.mean(),
+            losses,
+            (beta * (policy_chosen - ref_chosen)).detach(),
+            (beta * (policy_rejected - ref_rejected)).detach(),
+        )
+
     @property
     def margins(self) -> Tensor:
         return self.chosen_rewards - self.rejected_rewards
@@ -50,56 +68,6 @@ def _log_ratio_difference(
     return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
 
 
-def _rewards(policy: Tensor, ref: Tensor, beta: float) -> Tensor:
-    return (beta * (policy - ref)).detach()
-
-
-def dpo_loss(
-    policy_chosen: Tensor,
-    policy_rejected: Tensor,
-    ref_chosen: Tensor,
-    ref_rejected: Tensor,
-    beta: float,
-    label_smoothing: float = 0.0,
-) -> PreferenceLoss:
-    """DPO, Rafailov et al. 2023, eq. 7: ``L = −log σ(β h)`` with h the difference of log-ratios.
-
-    `label_smoothing` ε gives the conservative DPO of Mitchell (2023):
-    ``−(1−ε) log σ(β h) − ε log σ(−β h)``; ε=0 is plain DPO.
-    """
-    h = _log_ratio_difference(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    return PreferenceLoss(
-        losses.mean(),
-        losses,
-        _rewards(policy_chosen, ref_chosen, beta),
-        _rewards(policy_rejected, ref_rejected, beta),
-    )
-
-
-def ipo_loss(
-    policy_chosen: Tensor,
-    policy_rejected: Tensor,
-    ref_chosen: Tensor,
-    ref_rejected: Tensor,
-    beta: float,
-) -> PreferenceLoss:
-    """IPO, Azar et al. 2023, eq. 17: ``L = (h − 1/(2β))²``, h the difference of log-ratios.
-
-    Unlike DPO the loss is minimised at a finite margin ``h = 1/(2β)`` (in nats of the chosen
-    reduction, see the module docstring), which regularises towards the reference even when the
-    preferences are deterministic. The FSPO paper and code use this with summed log-probs, β=0.01.
-    """
-    h = _log_ratio_difference(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    losses = (h - 1.0 / (2.0 * beta)) ** 2
-    return PreferenceLoss(
-        losses.mean(),
-        losses,
-        _rewards(policy_chosen, ref_chosen, beta),
-        _rewards(policy_rejected, ref_rejected, beta),
-    )
-
-
 def preference_loss(
     loss_type: LossType,
     policy_chosen: Tensor,
@@ -109,12 +77,24 @@ def preference_loss(
     beta: float,
     label_smoothing: float = 0.0,
 ) -> PreferenceLoss:
-    """Dispatch on the configured loss type (the trainer's only entry point to this module)."""
+    """The DPO or IPO loss of a batch, from summed (or mean) target log-probs; h is the difference of
+    log-ratios (`_log_ratio_difference`).
+
+    * ``dpo``: Rafailov et al. 2023, eq. 7, ``L = −log σ(β h)``. `label_smoothing` ε gives the
+      conservative DPO of Mitchell (2023), ``−(1−ε) log σ(β h) − ε log σ(−β h)``; ε=0 is plain DPO.
+    * ``ipo``: Azar et al. 2023, eq. 17, ``L = (h − 1/(2β))²``. Unlike DPO the loss is minimised at
+      a finite margin ``h = 1/(2β)`` (in nats of the chosen reduction, see the module docstring),
+      which regularises towards the reference even when the preferences are deterministic. The FSPO
+      paper and code use it with summed log-probs, β=0.01. `label_smoothing` does not apply.
+    """
+    h = _log_ratio_difference(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     if loss_type == "dpo":
-        return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, label_smoothing)
-    if loss_type == "ipo":
-        return ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
-    raise ValueError(f"unknown loss type {loss_type!r} (expected 'dpo' or 'ipo')")
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss type {loss_type!r} (expected 'dpo' or 'ipo')")
+    return PreferenceLoss.of(losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
 
 
 def sft_loss(target_logps_sum: Tensor, target_token_counts: Tensor) -> Tensor:
@@ -137,9 +117,7 @@ def implicit_reward_accuracy(
 __all__ = [
     "LossType",
     "PreferenceLoss",
-    "dpo_loss",
     "implicit_reward_accuracy",
-    "ipo_loss",
     "preference_loss",
     "sft_loss",
 ]
