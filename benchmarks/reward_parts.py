@@ -26,7 +26,8 @@ from functools import cache
 from pathlib import Path
 
 from fspo.eval.records import users_by_id
-from fspo.sim.base import RELEVANCE, Domain, get_domain
+from fspo.sim.base import RELEVANCE, Domain
+from fspo.sim.registry import get_domain
 
 
 def parts(users_path: Path, generation_files: list[Path]) -> dict[str, dict[str, dict[str, float]]]:
