@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 from collections.abc import Callable, Iterator
@@ -195,3 +196,8 @@ def test_local_judge_gives_order_averaged_probability():
     p = judge.prefer(user, "q?", "red answer", "blue answer")
     q = judge.prefer(user, "q?", "blue answer", "red answer")
     assert 0.0 <= p <= 1.0 and p + q == pytest.approx(1.0)  # swapping a and b mirrors the probability
+
+    async def from_a_running_loop() -> float:  # a notebook or a server calls it with a loop running
+        return judge.prefer(user, "q?", "red answer", "blue answer")
+
+    assert asyncio.run(from_a_running_loop()) == p

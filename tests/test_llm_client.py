@@ -23,6 +23,7 @@ from fspo.llm import (
     ParseFailure,
     RequestCache,
     ask_both_orders,
+    both_orders,
     parse_reply,
     request_key,
 )
@@ -269,3 +270,15 @@ def test_ask_both_orders_swaps_the_answers_and_skips_identical_ones() -> None:
     assert asked == [("long answer", "short", "ab"), ("short", "long answer", "ba")]
     assert pair.score == 1.0 and pair.letters() == ("A", "B")
     assert asyncio.run(ask_both_orders(ask, "same", " same ")).score == 0.5 and len(asked) == 2
+
+
+def test_both_orders_asks_in_process_with_the_same_rule() -> None:
+    asked: list[tuple[str, str, str]] = []
+
+    def ask(first: str, second: str, order: str) -> float:
+        asked.append((first, second, order))
+        return 1.0 if len(first) > len(second) else 0.0
+
+    assert both_orders(ask, "short", "long answer").score == 0.0
+    assert asked == [("short", "long answer", "ab"), ("long answer", "short", "ba")]
+    assert both_orders(ask, "same", " same ").score == 0.5 and len(asked) == 2

@@ -38,6 +38,7 @@ from fspo.llm import (
     ParseFailure,
     RequestCache,
     ask_both_orders,
+    both_orders,
     make_backend,
 )
 
@@ -290,7 +291,7 @@ class OpenAIJudge:
 class LocalJudge:
     """A local causal LM as judge: P(A) vs P(B) as the next token after the judge prompt.
 
-    Both orders are scored through `fspo.llm.ask_both_orders` and averaged (P(a wins) =
+    Both orders are scored through `fspo.llm.both_orders` and averaged (P(a wins) =
     (P_A(a first) + P_B(a second)) / 2), which cancels the model's position bias in expectation. Uses
     the tokenizer's chat template when it has one; otherwise the raw prompt followed by "Answer:".
     Several spellings of each letter ("A", " A") are summed, since which one a tokenizer uses after
@@ -337,10 +338,10 @@ class LocalJudge:
         return 0.5 if pa + pb == 0 else pa / (pa + pb)
 
     def prefer(self, user: User, question: str, a: str, b: str) -> float:
-        async def ask(first: str, second: str, _order: str) -> float:
+        def ask(first: str, second: str, _order: str) -> float:
             return self.prob_first(self._text(self.prompt.render(user, question, first, second)))
 
-        return asyncio.run(ask_both_orders(ask, a, b)).score
+        return both_orders(ask, a, b).score
 
 
 # ----------------------------------------------------------------------------------------- factory

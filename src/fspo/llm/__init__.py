@@ -14,7 +14,7 @@ from fspo.llm.backends import Backend, Completion, Messages, TransientError, mak
 from fspo.llm.cache import RequestCache, request_key
 from fspo.llm.client import BackendUnavailable, ClientStats, LLMClient, ParseFailure
 from fspo.llm.config import BackendConfig
-from fspo.llm.pairwise import LETTER_SCORES, BothOrders, ask_both_orders
+from fspo.llm.pairwise import LETTER_SCORES, BothOrders, ask_both_orders, both_orders
 from fspo.llm.parsing import ParseError, parse_reply
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "RequestCache",
     "TransientError",
     "ask_both_orders",
+    "both_orders",
     "make_backend",
     "parse_reply",
     "request_key",

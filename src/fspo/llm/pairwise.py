@@ -3,8 +3,8 @@ with b shown as A.
 
 LLMs favour a position (often the first answer). Asking both orders and combining the verdicts
 cancels that bias instead of averaging it into the result: a verdict that flips with the order is a
-tie. The synth labels stage and the LLM judges all ask through `ask_both_orders`, so they share one
-combination rule.
+tie. The synth labels stage and the judges all ask through `ask_both_orders` (or `both_orders`, for
+a judge computing in-process), so they share one combination rule.
 """
 
 from __future__ import annotations
@@ -60,15 +60,28 @@ def _letter(p: float | None) -> str | None:
     return next((k for k, v in LETTER_SCORES.items() if v == p), None)
 
 
+def _same(a: str, b: str) -> bool:
+    """Identical answers are a tie without asking: there is nothing to judge."""
+    return a.strip() == b.strip()
+
+
+def both_orders(ask: Callable[[str, str, str], float | None], a: str, b: str) -> BothOrders:
+    """`ask(shown_as_a, shown_as_b, order)` for (a, b, "ab") then (b, a, "ba"), for judges that
+    compute their verdict in-process (a local model); see `ask_both_orders` for `ask`'s contract."""
+    if _same(a, b):
+        return BothOrders(None, None)
+    return BothOrders(ask(a, b, "ab"), ask(b, a, "ba"))
+
+
 async def ask_both_orders(
     ask: Callable[[str, str, str], Awaitable[float | None]], a: str, b: str
 ) -> BothOrders:
     """`ask(shown_as_a, shown_as_b, order)` for (a, b, "ab") and (b, a, "ba"), concurrently.
 
     `ask` returns the probability that the answer shown as A wins (`LETTER_SCORES[letter]` for a
-    letter verdict) or None. Identical answers are a tie without asking: there is nothing to judge.
+    letter verdict) or None. Identical answers are a tie without asking.
     """
-    if a.strip() == b.strip():
+    if _same(a, b):
         return BothOrders(None, None)
     ab, ba = await asyncio.gather(ask(a, b, "ab"), ask(b, a, "ba"))
     return BothOrders(ab, ba)
