@@ -1,4 +1,5 @@
-"""Atomic writes and crash-safe append logs, used by every stage that writes files.
+"""Atomic writes and crash-safe append logs, used by every stage that writes files; and the one reader
+of a config file's fields (YAML or JSON).
 
 Why hand-written: the stdlib gives the pieces (`os.replace`, `fsync`) but not the policy. A reader
 must never see a half-written output file, and an append log killed mid-line (even by `kill -9`)
@@ -13,7 +14,9 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
+
+from fspo.core.errors import UserError
 
 
 @contextmanager
@@ -111,3 +114,35 @@ class AppendLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _TextFile(Protocol):  # a `Path`, or a packaged file (`importlib.resources` `Traversable`)
+    name: str
+
+    def read_text(self, encoding: str | None = None) -> str: ...
+
+
+def read_fields(file: str | Path | _TextFile) -> dict[str, Any]:
+    """A config file's object of fields: YAML by extension (.yaml, .yml), otherwise JSON.
+
+    Every problem is a `UserError` naming the file: unreadable, not valid YAML/JSON, or not a mapping.
+    """
+    file = Path(file) if isinstance(file, str) else file
+    suffix = Path(file.name).suffix
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read config file {str(file)!r}: {err}") from None
+    try:
+        if suffix in {".yaml", ".yml"}:
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as err:  # noqa: BLE001 - any parse error is the user's file
+        kind = {".yaml": "YAML", ".yml": "YAML"}.get(suffix, "JSON")
+        raise UserError(f"config file {str(file)!r} is not valid {kind}: {err}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {str(file)!r} must hold an object of fields")
+    return values

@@ -9,10 +9,10 @@ mapping itself is `TemplateOptions.of_training`, which `TrainConfig.template_opt
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from fspo.core.errors import UserError
+from fspo.core.files import read_fields
 from fspo.data.template import TemplateOptions
 
 # The file a training run saves its whole config under, in its run folder and in its model folder.
@@ -30,12 +30,7 @@ def trained_layout(model_dir: str | Path, include_dispreferred: bool | None = No
     override = {} if include_dispreferred is None else {"include_dispreferred": include_dispreferred}
     if not path.is_file():
         return TemplateOptions(**override)
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise UserError(f"config file {str(path)!r} is not valid JSON: {err}") from None
-    if not isinstance(config, dict):
-        raise UserError(f"config file {str(path)!r} must hold an object of fields")
+    config = read_fields(path)
     missing = [name for name in LAYOUT_FIELDS if name not in config]
     if missing:
         raise UserError(f"config file {str(path)!r} lacks field(s) {', '.join(missing)}")

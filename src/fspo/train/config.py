@@ -13,15 +13,14 @@ editable install reads the same files in place, so one copy serves both. The rep
 
 from __future__ import annotations
 
-import json
 from importlib import resources
-from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from fspo.core.errors import UserError
+from fspo.core.files import atomic_write_json, read_fields
 from fspo.data.template import TemplateOptions
 from fspo.infer.layout import CONFIG_FILE
 
@@ -158,8 +157,6 @@ class TrainConfig(BaseModel):
         )
 
     def save(self, path: str | Path) -> None:
-        from fspo.core.files import atomic_write_json
-
         atomic_write_json(path, self.model_dump(mode="json"))
 
 
@@ -184,7 +181,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file {str(path)!r} does not exist")
-    values = _read_fields(p)
+    values = read_fields(p)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return make_config(values, source=str(path))
 
@@ -196,28 +193,9 @@ def named_config(kind: str, name: str) -> dict[str, Any]:
     if not file.is_file():
         names = sorted(f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml"))
         raise UserError(f"unknown {kind} config {name!r}; choose one of {', '.join(names)}")
-    return _read_fields(file)
+    return read_fields(file)
 
 
 def recipe(stage: Stage) -> dict[str, Any]:
     """The fields `fspo train <stage>` starts from when no config file is given (``recipes/<stage>.yaml``)."""
     return named_config("recipes", stage)
-
-
-def _read_fields(file: Path | Traversable) -> dict[str, Any]:
-    """A config file's object of fields: YAML by extension, otherwise JSON."""
-    text = file.read_text(encoding="utf-8")
-    suffix = Path(file.name).suffix
-    try:
-        if suffix in {".yaml", ".yml"}:
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        else:
-            values = json.loads(text)
-    except Exception as err:  # noqa: BLE001 - any parse error is the user's file
-        kind = suffix.lstrip(".") or "JSON"
-        raise UserError(f"config file {str(file)!r} is not valid {kind}: {err}") from None
-    if not isinstance(values, dict):
-        raise UserError(f"config file {str(file)!r} must hold an object of fields")
-    return values
