@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from fspo.core.errors import UserError
 from fspo.data.schema import User
@@ -47,6 +48,7 @@ NO_DESCRIPTION = "(no description of this user is available)"
 REASK = "Answer with a single letter: A or B."
 MAX_WORKERS = 64
 RewardFn = Callable[[str, str], float]
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -229,7 +231,8 @@ class OpenAIJudge:
         self.client = LLMClient(make_backend(cfg), cfg, cache)
         self.prompt = prompt or PairwisePrompt.load()
         self.usage = JudgeUsage(self.client.stats)
-        self._runner: asyncio.Runner | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
 
     async def _verdict(
         self, limit: asyncio.Semaphore, user: User, question: str, first: str, second: str
@@ -274,15 +277,32 @@ class OpenAIJudge:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
 
-        if self._runner is None:
-            self._runner = asyncio.Runner()  # one event loop for the judge's life: its HTTP pool lives on it
-        return self._runner.run(judge_all())
+        return self._run(judge_all())
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the judge's own event loop, in a thread of its own, and wait for it.
+
+        One loop for the judge's life, since its HTTP connection pool lives on it; in its own thread,
+        so that a caller that already runs a loop (a notebook, a server) can call the judge too.
+        """
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=self._loop.run_forever, name="openai-judge", daemon=True)
+            self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:  # Ctrl-C while waiting: stop the requests too
+            future.cancel()
+            raise
 
     def close(self) -> None:
-        if self._runner is not None:
-            self._runner.run(self.client.aclose())
-            self._runner.close()
-            self._runner = None
+        if self._loop is not None and self._thread is not None:
+            self._run(self.client.aclose())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+            self._loop = self._thread = None
         if self.client.cache is not None:
             self.client.cache.close()
 

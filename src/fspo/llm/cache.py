@@ -41,7 +41,9 @@ class RequestCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None)  # autocommit: one insert, one commit
+        # Autocommit: one insert, one commit. Any thread may use it, one at a time: a client's requests
+        # run on one event loop, which a judge keeps in a thread of its own (`fspo.eval.judges`).
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
