@@ -148,6 +148,17 @@ def task_sentence(num_shots: int, options: TemplateOptions) -> str:
     return TASK_PREFERRED if options.include_dispreferred else TASK_PLAIN
 
 
+def as_data(text: str) -> str:
+    """`text` stripped, with every line that starts with '#' escaped as '\\#'.
+
+    Why: headings are the layout. A question or answer holding a line such as ``# Task`` or
+    ``## Preferred Response`` would otherwise change which parts of the episode the model reads as
+    shots, query and answer (a person's text at the server, an LLM's markdown in synthetic data).
+    Text without such lines, which is all simulated and released data, renders byte for byte as before.
+    """
+    return "\n".join("\\" + line if line.startswith("#") else line for line in text.strip().split("\n"))
+
+
 def render_context(
     shots: Sequence[Preference],
     question: str,
@@ -161,32 +172,32 @@ def render_context(
     parts: list[str] = []
     for i, shot in enumerate(shots, start=1):
         parts.append(f"# Example {i}\n")
-        parts.append(QUESTION + shot.question.strip() + "\n")
+        parts.append(QUESTION + as_data(shot.question) + "\n")
         if options.include_dispreferred:
-            parts.append(PREFERRED + shot.chosen.strip() + "\n")
-            parts.append(DISPREFERRED + shot.rejected.strip() + "\n")
+            parts.append(PREFERRED + as_data(shot.chosen) + "\n")
+            parts.append(DISPREFERRED + as_data(shot.rejected) + "\n")
         else:
-            parts.append(RESPONSE + shot.chosen.strip() + "\n")
+            parts.append(RESPONSE + as_data(shot.chosen) + "\n")
         parts.append("\n")
     parts.append(TASK)
     parts.append(task_sentence(len(shots), options) + "\n")
-    parts.append(QUESTION + question.strip() + "\n")
+    parts.append(QUESTION + as_data(question) + "\n")
     if options.description is DescriptionMode.PROMPT:
         if not description:
             raise ValueError(
                 "description mode 'prompt' (teacher-forced RAT / oracle) needs a user description"
             )
-        parts.append(DESCRIPTION + description.strip() + "\n")
+        parts.append(DESCRIPTION + as_data(description) + "\n")
     return "".join(parts)
 
 
 def render_target(answer: str, options: TemplateOptions, description: str | None = None) -> str:
     """A target continuation: ``[## User Description\\n<d>\\n]## Preferred Response \\n<answer>\\n``."""
-    target = response_heading(options) + answer.strip() + "\n"
+    target = response_heading(options) + as_data(answer) + "\n"
     if options.description is DescriptionMode.TARGET:
         if not description:
             raise ValueError("description mode 'target' (RAT) needs a user description for the target")
-        target = DESCRIPTION + description.strip() + "\n" + target
+        target = DESCRIPTION + as_data(description) + "\n" + target
     return target
 
 
