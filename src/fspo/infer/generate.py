@@ -19,7 +19,7 @@ from enum import StrEnum
 from typing import Any
 
 from fspo.core.errors import DataError
-from fspo.data.schema import Episode
+from fspo.data.schema import Episode, Preference
 from fspo.data.template import (
     PREFERRED,
     RESPONSE,
@@ -47,6 +47,31 @@ def template_options(mode: Mode | str, base: TemplateOptions | None = None) -> T
     return (base or TemplateOptions()).model_copy(update={"description": description, "max_tokens": None})
 
 
+def prompt_ids_for(
+    shots: Sequence[Preference],
+    question: str,
+    tokenizer: Any,
+    mode: Mode | str = Mode.PLAIN,
+    options: TemplateOptions | None = None,
+    description: str | None = None,
+) -> list[int]:
+    """Token ids the model continues to answer `question` for the user behind `shots`: the rendered
+    prompt, plus the response heading unless RAT.
+
+    The one rendering of evaluation (`prompt_ids`) and serving, where a question comes without a
+    chosen/rejected pair and so is no `Episode`. `description` is needed in oracle mode only.
+    """
+    mode = Mode(mode)
+    if mode is Mode.ORACLE and not description:
+        raise DataError("oracle mode needs the user's description (none given)")
+    opts = template_options(mode, options)
+    text = render_generation_prompt(shots, question, opts, tokenizer, description=description)
+    ids = prompt_token_ids(tokenizer, text)  # exactly as training tokenizes prompts
+    if mode is not Mode.RAT:
+        ids += response_heading_ids(opts, tokenizer)  # as in training targets, not tokenized alone
+    return ids
+
+
 def prompt_ids(
     episode: Episode,
     tokenizer: Any,
@@ -55,20 +80,15 @@ def prompt_ids(
     options: TemplateOptions | None = None,
     description: str | None = None,
 ) -> list[int]:
-    """Token ids the model continues: the rendered prompt, plus the response heading unless RAT."""
+    """`prompt_ids_for` the episode's query question, from its first `shots` shots (None: all)."""
     mode = Mode(mode)
-    opts = template_options(mode, options)
     used = episode.shots if shots is None else episode.shots[:shots]
     desc = description or episode.description
     if mode is Mode.ORACLE and not desc:
         raise DataError(
             f"episode {episode.episode_id!r}: oracle mode needs the user's description (none found)"
         )
-    text = render_generation_prompt(used, episode.query.question, opts, tokenizer, description=desc)
-    ids = prompt_token_ids(tokenizer, text)  # exactly as training tokenizes prompts
-    if mode is not Mode.RAT:
-        ids += response_heading_ids(opts, tokenizer)  # as in training targets, not tokenized alone
-    return ids
+    return prompt_ids_for(used, episode.query.question, tokenizer, mode, options, desc)
 
 
 def answer_finished(text: str, rat: bool) -> bool:
@@ -114,6 +134,14 @@ def batch_seed(seed: int, episode_ids: Sequence[str]) -> int:
     return int.from_bytes(hashlib.sha256(blob).digest()[:4], "little")
 
 
+def cache_kwarg(model: Any) -> str:
+    """The name under which `model` takes a KV cache: ``cache`` in recent transformers 5.x releases
+    (which warn on the old name), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def generate_batch(
     model: Any,
     tokenizer: Any,
@@ -124,15 +152,27 @@ def generate_batch(
     temperature: float,
     top_p: float,
     seed: int,
+    cache: Any = None,
+    streamer: Any = None,
 ) -> list[list[int]]:
-    """New token ids for each prompt of `batch` (left-padded, KV-cached `model.generate`)."""
+    """New token ids for each prompt of `batch` (left-padded, KV-cached `model.generate`).
+
+    `cache` (a KV cache of the first tokens of a batch of one, e.g. a user's shots prefilled once
+    by the server; `model.generate` extends it in place) and `streamer` (a transformers
+    `BaseStreamer`) go to `model.generate` as they are.
+    """
     import torch
 
     width = max(len(ids) for ids in batch)
     pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
-    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
+    device = getattr(model, "device", None)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
     kwargs: dict[str, Any] = {"do_sample": temperature > 0}
+    if cache is not None:
+        kwargs[cache_kwarg(model)] = cache
+    if streamer is not None:
+        kwargs["streamer"] = streamer
     if temperature > 0:
         kwargs.update(temperature=temperature, top_p=top_p)
     torch.manual_seed(seed)

@@ -1,4 +1,5 @@
-"""A scripted OpenAI-compatible chat-completions server on 127.0.0.1 (FastAPI + uvicorn, in a thread).
+"""A scripted OpenAI-compatible server on 127.0.0.1 (FastAPI + uvicorn, in a thread): chat completions,
+and text completions (streamed or not) as vLLM serves them.
 
 For tests and benchmarks of everything built on `fspo.llm` (retries, re-asks, caching, concurrency,
 throughput) without a real endpoint. Usage::
@@ -16,11 +17,20 @@ A responder returns the assistant text (str), a whole response body (dict), or a
 (`Reply(status=429, headers={"retry-after": "0"})`), to be slow (`Reply("ok", delay=2.0)`), or both;
 `Reply(usage=(prompt_tokens, completion_tokens))` fixes the reported usage (default: word counts).
 It is called in the server's event loop thread: keep it quick and make it thread-safe.
+
+``POST /v1/completions`` (what `fspo.serve`'s remote backend sends: the prompt as a list of token ids)
+asks the same responder (the request has ``prompt`` instead of ``messages``). With ``"stream": true``
+the text goes out as server-sent events, one chunk per word (``Reply(chunk_delay=...)`` paces them),
+then a chunk with ``Reply.finish_reason``, a usage chunk if ``stream_options.include_usage``, and
+``data: [DONE]``. ``server.chunks_sent`` counts the text chunks each streamed request got, so a test
+can see a client close the stream early.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +40,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 
 @dataclass
@@ -41,6 +51,8 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     body: dict[str, Any] | None = None
     usage: tuple[int, int] | None = None  # (prompt_tokens, completion_tokens); default: word counts
+    finish_reason: str = "stop"  # of a text completion
+    chunk_delay: float = 0.0  # seconds between the chunks of a streamed text completion
 
 
 Responder = Callable[[dict[str, Any]], "str | dict[str, Any] | Reply"]
@@ -64,16 +76,37 @@ def chat_body(content: str, model: str, usage: tuple[int, int]) -> dict[str, Any
     }
 
 
+def completion_body(content: str, model: str, usage: tuple[int, int], finish_reason: str) -> dict[str, Any]:
+    return {
+        "id": "cmpl-stub",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": content, "finish_reason": finish_reason, "logprobs": None}],
+        "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)},
+    }
+
+
+def _prompt_size(prompt: Any) -> int:
+    """Prompt tokens of a completions request: ids are counted, text is counted in words."""
+    if isinstance(prompt, list):
+        return len(prompt)
+    return len(str(prompt).split())
+
+
 class StubServer:
     def __init__(self, responder: Responder):
         self.responder = responder
         self.requests: list[dict[str, Any]] = []
+        self.chunks_sent: list[int] = []  # per streamed completions request, in arrival order
         self.in_flight = 0
         self.max_in_flight = 0
         self.base_url = ""
         self.app = FastAPI()
         self.app.post("/v1/chat/completions")(self._chat)
         self.app.post("/chat/completions")(self._chat)
+        self.app.post("/v1/completions")(self._completions)
+        self.app.post("/completions")(self._completions)
 
     async def _chat(self, request: Request) -> JSONResponse:
         body = await request.json()
@@ -97,6 +130,52 @@ class StubServer:
             return JSONResponse(chat_body(content, body.get("model", "stub"), usage), headers=reply.headers)
         finally:
             self.in_flight -= 1
+
+    async def _completions(self, request: Request) -> Any:
+        body = await request.json()
+        self.requests.append(body)
+        reply = self.responder(body)
+        if not isinstance(reply, Reply):
+            reply = Reply(body=reply) if isinstance(reply, dict) else Reply(content=reply)
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        if reply.status != 200:
+            err = {"error": {"message": f"stub error {reply.status}", "code": reply.status}}
+            return JSONResponse(reply.body or err, status_code=reply.status, headers=reply.headers)
+        if reply.body is not None:
+            return JSONResponse(reply.body, headers=reply.headers)
+        content = reply.content or ""
+        usage = reply.usage or (_prompt_size(body.get("prompt")), len(content.split()))
+        model = body.get("model", "stub")
+        if not body.get("stream"):
+            return JSONResponse(
+                completion_body(content, model, usage, reply.finish_reason), headers=reply.headers
+            )
+        slot = len(self.chunks_sent)
+        self.chunks_sent.append(0)
+        with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        async def events() -> Any:
+            def event(text: str | None, finish: str | None, last_usage: bool = False) -> str:
+                chunk = completion_body(text or "", model, usage, "stop")
+                chunk["choices"][0]["finish_reason"] = finish
+                if text is None:  # the usage chunk: no choices
+                    chunk["choices"] = []
+                if not last_usage:
+                    chunk["usage"] = None
+                return f"data: {json.dumps(chunk)}\n\n"
+
+            for piece in re.findall(r"\s*\S+\s*|\s+", content):
+                yield event(piece, None)
+                self.chunks_sent[slot] += 1
+                if reply.chunk_delay:
+                    await asyncio.sleep(reply.chunk_delay)
+            yield event("", reply.finish_reason)
+            if with_usage:
+                yield event(None, None, last_usage=True)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=reply.headers)
 
 
 @contextmanager

@@ -1,0 +1,501 @@
+"""The served model: one personalized answer for a user's shots and a question, streamed or not.
+
+A backend renders the request exactly as evaluation does (`fspo.infer.generate.prompt_ids_for`:
+the same template, the trained layout from the model's `fspo_config.json`, the response heading
+as token ids) and cuts the answer with the same rule (`answer_finished` stops generation,
+`parse_generation` cuts), so a served greedy answer equals `fspo eval generate`'s for the same
+shots and question.
+
+* `LocalBackend` generates in-process (`model.generate`, one generation at a time per model) and
+  reuses a user's prefilled shots through `fspo.serve.cache.PrefixCache`.
+* `RemoteBackend` (``--backend vllm``) sends the same prompt token ids to an OpenAI-compatible
+  ``/v1/completions`` server (vLLM, SGLang), which batches requests and caches prefixes itself.
+
+Streaming: `answer(req, on_text)` calls `on_text` with the answer's text as it grows. Only text
+that belongs to the final answer is sent: nothing of RAT's description or of any heading, and
+nothing past the cut (a line is only sent once its first character shows it is no heading; a
+decode ending in a partial UTF-8 character waits for the next token). The deltas concatenate to
+`Answer.text`. `on_text` runs in the generating thread while the model is held, so it must not
+block; an exception it raises stops the generation and propagates (e.g. the client went away).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from fspo.core.errors import UserError
+from fspo.data.schema import Preference
+from fspo.data.template import DescriptionMode, TemplateOptions, parse_generation
+from fspo.infer.generate import (
+    Mode,
+    answer_finished,
+    cache_kwarg,
+    generate_batch,
+    prompt_ids_for,
+    template_options,
+)
+from fspo.serve.cache import PrefixCache
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length"]
+TextSink = Callable[[str], None]
+
+DEFAULT_MAX_NEW_TOKENS_LIMIT = 512
+# Prefixes shorter than this are not worth a cache entry (the copy costs about what the prefill does).
+MIN_PREFIX_TOKENS = 32
+# Two questions that differ in their first character: the prompts of the same shots with either
+# share exactly the tokens before the question, i.e. the part every question of this user shares.
+_PROBES = ("A", "B")
+
+
+@dataclass(frozen=True)
+class AnswerRequest:
+    shots: Sequence[Preference]
+    question: str
+    mode: Mode = Mode.PLAIN
+    description: str | None = None  # oracle mode only: the user's true description
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    cache_owner: str | None = None  # the user whose shots these are (`Backend.forget` drops them)
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    description: str | None  # RAT's inferred description, else None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens whose keys/values came from the prefix cache
+    finish_reason: FinishReason
+
+
+class Backend(Protocol):
+    model_id: str
+    max_new_tokens_limit: int
+    default_mode: Mode
+
+    def answer(self, req: AnswerRequest, on_text: TextSink | None = None) -> Answer: ...
+
+    def forget(self, user_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class System:
+    """A served system (the study's FSPO model and its baselines): a backend, how it is prompted,
+    and at most how many of the user's newest preferences become its shots (0: none)."""
+
+    name: str
+    backend: Backend
+    mode: Mode | None = None  # None: the backend's default (RAT for a RAT-trained model)
+    shots: int | None = 8
+
+    @property
+    def served_mode(self) -> Mode:
+        return self.mode if self.mode is not None else self.backend.default_mode
+
+
+class _AnswerStream:
+    """Turns the growing raw continuation into deltas of the answer `parse_generation` will cut.
+
+    Monotone by construction: a delta is sent only when the answer parsed so far extends what was
+    sent. For text without '#' lines that holds token by token, because a line that does not start
+    with '#' can never become a heading and the RAT answer only starts after the response heading's
+    line is complete.
+    """
+
+    def __init__(self, on_text: TextSink | None):
+        self.on_text = on_text
+        self.sent = ""
+
+    def update(self, raw: str) -> None:
+        if self.on_text is None or raw.endswith("\ufffd"):  # a partial UTF-8 character so far
+            return
+        self._send(parse_generation(raw).answer)
+
+    def finish(self, answer: str) -> None:
+        if self.on_text is None:
+            return
+        if not answer.startswith(self.sent):
+            # Only when the whole continuation reinterprets earlier text (parse_generation reads a
+            # '## User Description' anywhere as RAT's description): what was sent cannot be taken back.
+            log.warning("streamed answer text %r is not a prefix of the final answer %r", self.sent, answer)
+            return
+        self._send(answer)
+
+    def _send(self, answer: str) -> None:
+        if len(answer) > len(self.sent) and answer.startswith(self.sent):
+            delta, self.sent = answer[len(self.sent) :], answer
+            assert self.on_text is not None
+            self.on_text(delta)
+
+
+def _token_streamer(tokenizer: Any, stream: _AnswerStream) -> Any:
+    """A transformers streamer feeding the decoded new tokens to `stream` as `generate` makes them."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class AnswerStreamer(BaseStreamer):
+        def __init__(self) -> None:
+            self.ids: list[int] = []
+            self.prompt_seen = False
+
+        def put(self, value: Any) -> None:
+            if not self.prompt_seen:  # generate first puts the prompt's ids
+                self.prompt_seen = True
+                return
+            self.ids.extend(int(i) for i in value.reshape(-1).tolist())
+            stream.update(tokenizer.decode(self.ids, skip_special_tokens=True))
+
+        def end(self) -> None:
+            pass
+
+    return AnswerStreamer()
+
+
+def _max_positions(config: Any) -> int | None:
+    """The model's context length, when its config states one."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _check_request(req: AnswerRequest, limit: int) -> Mode:
+    if not isinstance(req.question, str) or not req.question.strip():
+        raise UserError("question: must be non-empty text")
+    if not 1 <= req.max_new_tokens <= limit:
+        raise UserError(f"max_new_tokens: must be between 1 and {limit} (got {req.max_new_tokens})")
+    if req.temperature < 0:
+        raise UserError(f"temperature: must be >= 0 (got {req.temperature})")
+    if not 0 < req.top_p <= 1:
+        raise UserError(f"top_p: must be in (0, 1] (got {req.top_p})")
+    try:
+        return Mode(req.mode)
+    except ValueError:
+        raise UserError(f"mode: {req.mode!r} is not one of {', '.join(m.value for m in Mode)}") from None
+
+
+class _Prompting:
+    """What both backends share: the layout, the prompt ids, the limits, and the answer's cut."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        layout: TemplateOptions,
+        *,
+        model_id: str,
+        max_positions: int | None,
+        max_new_tokens_limit: int,
+    ):
+        self.tokenizer = tokenizer
+        self.layout = layout
+        self.model_id = model_id
+        self.max_positions = max_positions
+        cap = max_new_tokens_limit if max_positions is None else min(max_new_tokens_limit, max_positions - 1)
+        self.max_new_tokens_limit = max(1, cap)
+        self.default_mode = Mode.RAT if layout.description is DescriptionMode.TARGET else Mode.PLAIN
+
+    def _prompt(self, req: AnswerRequest, mode: Mode) -> tuple[list[int], int]:
+        """The prompt ids and the generation budget (max_new_tokens, capped by the context left)."""
+        ids = prompt_ids_for(req.shots, req.question, self.tokenizer, mode, self.layout, req.description)
+        budget = req.max_new_tokens
+        if self.max_positions is not None:
+            if len(ids) >= self.max_positions:
+                raise UserError(
+                    f"the prompt is {len(ids)} tokens ({len(req.shots)} shots and the question), more than "
+                    f"the model's context of {self.max_positions} tokens: use fewer or shorter shots"
+                )
+            budget = min(budget, self.max_positions - len(ids))
+        return ids, budget
+
+    def _answer(
+        self,
+        raw: str,
+        mode: Mode,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int,
+        ran_out: bool,
+        stream: _AnswerStream,
+    ) -> Answer:
+        """The cut answer; `ran_out`: generation stopped at its token budget (not at eos)."""
+        parsed = parse_generation(raw)
+        stream.finish(parsed.answer)
+        rat = mode is Mode.RAT
+        length = ran_out and not answer_finished(raw, rat)
+        return Answer(
+            text=parsed.answer,
+            description=parsed.description if rat else None,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached_tokens=cached_tokens,
+            finish_reason="length" if length else "stop",
+        )
+
+
+class LocalBackend(_Prompting):
+    """Generation in this process with a Hugging Face causal LM, plus the per-user prefix cache.
+
+    One lock serializes use of the model (and tokenizer): requests from the server's threadpool
+    generate one at a time, each as a batch of one, as `generate_batch` with no padding.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        model_id: str,
+        layout: TemplateOptions | None = None,
+        cache: PrefixCache | None = None,
+        max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
+        min_prefix_tokens: int = MIN_PREFIX_TOKENS,
+    ):
+        if tokenizer.pad_token_id is None:  # generate_batch pads with it (never, for one row)
+            tokenizer.pad_token = tokenizer.eos_token
+        super().__init__(
+            tokenizer,
+            layout or TemplateOptions(),
+            model_id=model_id,
+            max_positions=_max_positions(model.config),
+            max_new_tokens_limit=max_new_tokens_limit,
+        )
+        self.model = model.eval()
+        self.cache = cache
+        self.min_prefix_tokens = min_prefix_tokens
+        self._lock = threading.Lock()
+
+    def answer(self, req: AnswerRequest, on_text: TextSink | None = None) -> Answer:
+        mode = _check_request(req, self.max_new_tokens_limit)
+        stream = _AnswerStream(on_text)
+        with self._lock:
+            ids, budget = self._prompt(req, mode)
+            kv, cached = self._prefix_kv(req, mode, ids)
+            new_ids = generate_batch(
+                self.model,
+                self.tokenizer,
+                [ids],
+                rat=mode is Mode.RAT,
+                max_new_tokens=budget,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                seed=req.seed,
+                cache=kv,
+                streamer=_token_streamer(self.tokenizer, stream) if on_text is not None else None,
+            )[0]
+            raw = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        eos = self.tokenizer.eos_token_id
+        return self._answer(
+            raw,
+            mode,
+            prompt_tokens=len(ids),
+            completion_tokens=len(new_ids),
+            cached_tokens=cached,
+            ran_out=(eos is None or eos not in new_ids) and len(new_ids) >= budget,
+            stream=stream,
+        )
+
+    def forget(self, user_id: str) -> None:
+        if self.cache is not None:
+            self.cache.forget(user_id)
+
+    def prefix_ids(self, req: AnswerRequest, mode: Mode) -> list[int]:
+        """The prompt tokens every question of these shots shares (same mode, layout, description)."""
+        a, b = (
+            prompt_ids_for(req.shots, probe, self.tokenizer, mode, self.layout, req.description)
+            for probe in _PROBES
+        )
+        n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        return a[:n]
+
+    def _prefix_kv(self, req: AnswerRequest, mode: Mode, ids: list[int]) -> tuple[Any, int]:
+        """A KV cache of the shared prefix of `ids` for `generate` to extend, and how many of its
+        tokens came from the prefix cache (0 on a miss, which prefills the prefix and stores it).
+        None when the request is not cached: no cache, no shots, a short prefix, or a question
+        whose tokens merge with the prefix's last ones."""
+        if self.cache is None or not req.shots:
+            return None, 0
+        prefix = self.prefix_ids(req, mode)
+        if len(prefix) < self.min_prefix_tokens or len(prefix) >= len(ids) or ids[: len(prefix)] != prefix:
+            return None, 0
+        options = template_options(mode, self.layout).model_dump_json()
+        key = (self.model_id, f"{mode.value}:{options}", tuple(prefix))
+        kv = self.cache.get(key)
+        if kv is not None:
+            return kv, len(prefix)
+        stored = self._prefill(prefix)
+        self.cache.put(key, stored, owner=req.cache_owner)
+        return copy.deepcopy(stored), 0
+
+    def _prefill(self, prefix: list[int]) -> Any:
+        import torch
+        from transformers import DynamicCache
+
+        kv = DynamicCache(config=self.model.config)
+        with torch.no_grad():
+            self.model(
+                input_ids=torch.tensor([prefix], device=self.model.device),
+                use_cache=True,
+                **{cache_kwarg(self.model): kv},
+            )
+        return kv
+
+
+class RemoteBackend(_Prompting):
+    """Generation on an OpenAI-compatible completions server (vLLM, SGLang) from our prompt ids.
+
+    The tokenizer, layout and context length come from the local model folder, so the prompt is
+    the one `LocalBackend` builds, sent as a list of token ids (the server does not re-tokenize
+    it). The response is streamed and the stream closed as soon as the answer is finished, so the
+    server stops generating the next example. Requests run concurrently (the server batches them).
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        tokenizer: Any,
+        *,
+        remote_model: str,
+        model_id: str,
+        layout: TemplateOptions | None = None,
+        max_positions: int | None = None,
+        max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
+    ):
+        super().__init__(
+            tokenizer,
+            layout or TemplateOptions(),
+            model_id=model_id,
+            max_positions=max_positions,
+            max_new_tokens_limit=max_new_tokens_limit,
+        )
+        self.client = client
+        self.remote_model = remote_model
+        self._lock = threading.Lock()  # a fast tokenizer is not safe to share between threads
+
+    def answer(self, req: AnswerRequest, on_text: TextSink | None = None) -> Answer:
+        mode = _check_request(req, self.max_new_tokens_limit)
+        rat = mode is Mode.RAT
+        with self._lock:
+            ids, budget = self._prompt(req, mode)
+        stream = _AnswerStream(on_text)
+        raw, finish, usage = "", None, None
+        response = self.client.completions.create(
+            model=self.remote_model,
+            prompt=ids,
+            max_tokens=budget,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            stream=True,
+        )
+        try:
+            for chunk in response:
+                usage = getattr(chunk, "usage", None) or usage
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                raw += choice.text or ""
+                finish = choice.finish_reason or finish
+                stream.update(raw)
+                if answer_finished(raw, rat):
+                    break
+        finally:
+            response.close()  # the server stops generating once the connection is gone
+        if usage is not None and getattr(usage, "completion_tokens", None) is not None:
+            completion_tokens = usage.completion_tokens
+        else:  # closed before the usage chunk: count the text we read
+            with self._lock:
+                completion_tokens = len(self.tokenizer(raw, add_special_tokens=False)["input_ids"])
+        details = getattr(usage, "prompt_tokens_details", None)
+        return self._answer(
+            raw,
+            mode,
+            prompt_tokens=len(ids),
+            completion_tokens=completion_tokens,
+            cached_tokens=int(getattr(details, "cached_tokens", 0) or 0),
+            ran_out=finish == "length",
+            stream=stream,
+        )
+
+    def forget(self, user_id: str) -> None:
+        """Nothing to drop here: the remote server's prefix cache is keyed on the tokens themselves."""
+
+
+def _default_model_id(model_dir: str | Path) -> str:
+    return Path(model_dir).resolve().name
+
+
+def local_backend(
+    model_dir: str | Path,
+    *,
+    model_id: str | None = None,
+    cache_bytes: int = 256 << 20,
+    device: str | None = None,
+    max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
+) -> LocalBackend:
+    """Load `model_dir` for in-process serving with the layout it was trained with.
+
+    `cache_bytes` bounds the prefix cache (0: no cache); `device` defaults to CUDA when available.
+    """
+    import torch
+
+    from fspo.infer.layout import trained_layout
+    from fspo.models.loading import load_model, load_tokenizer
+
+    layout = trained_layout(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return LocalBackend(
+        model,
+        tokenizer,
+        model_id=model_id or _default_model_id(model_dir),
+        layout=layout,
+        cache=PrefixCache(cache_bytes) if cache_bytes > 0 else None,
+        max_new_tokens_limit=max_new_tokens_limit,
+    )
+
+
+def remote_backend(
+    url: str,
+    model_dir: str | Path,
+    *,
+    remote_model: str,
+    model_id: str | None = None,
+    api_key: str | None = None,
+    max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
+) -> RemoteBackend:
+    """Serve through an OpenAI-compatible server at `url` (its base URL, e.g. ``http://host:8000/v1``)
+    that serves `model_dir`'s weights as `remote_model`; the folder gives tokenizer, layout and context."""
+    import openai
+    from transformers import AutoConfig
+
+    from fspo.infer.layout import trained_layout
+    from fspo.models.loading import load_tokenizer
+
+    layout = trained_layout(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as err:
+        raise UserError(f"model folder {str(model_dir)!r} has no readable config.json ({err})") from None
+    client = openai.OpenAI(base_url=url, api_key=api_key or "EMPTY")
+    return RemoteBackend(
+        client,
+        tokenizer,
+        remote_model=remote_model,
+        model_id=model_id or _default_model_id(model_dir),
+        layout=layout,
+        max_positions=_max_positions(config),
+        max_new_tokens_limit=max_new_tokens_limit,
+    )
