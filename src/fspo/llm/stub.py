@@ -31,16 +31,16 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+
+from fspo.core.loopback import serve_in_thread
 
 
 @dataclass
@@ -182,19 +182,6 @@ class StubServer:
 def serve_openai(responder: Responder) -> Iterator[StubServer]:
     """Start a stub server on 127.0.0.1 (free port) in a thread; stop it on exit."""
     stub = StubServer(responder)
-    config = uvicorn.Config(stub.app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the stub OpenAI server did not start")
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    stub.base_url = f"http://127.0.0.1:{port}/v1"
-    try:
+    with serve_in_thread(stub.app) as url:
+        stub.base_url = f"{url}/v1"
         yield stub
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
