@@ -25,6 +25,8 @@ def _register() -> None:
     from fspo.data.cli import app as data_app
     from fspo.eval.cli import register as register_eval
     from fspo.models.cli import app as model_app
+    from fspo.serve.cli import app as serve_app
+    from fspo.serve.study_cli import app as study_app
     from fspo.sim.cli import app as sim_app
     from fspo.synth.cli import app as synth_app
     from fspo.train.cli import app as train_app
@@ -35,6 +37,8 @@ def _register() -> None:
     app.add_typer(model_app, name="model")
     app.add_typer(train_app, name="train")
     register_eval(app)  # adds `eval`, `generate`, `report`
+    app.add_typer(serve_app, name="serve")
+    app.add_typer(study_app, name="study")
 
 
 _register()

@@ -1,0 +1,267 @@
+"""Load on `fspo serve` over loopback, and the per-user prefix cache side by side.
+
+Starts the real app (`fspo.serve.app.create_app`: SQLite store in a temporary folder, the model served
+in-process) on 127.0.0.1 and measures two things in one run:
+
+1. Load: `--users` simulated users at once, each with its own API key, each doing `--rounds` rounds of
+   "add one preference" then "ask one question" (an answer of at most `--tokens` tokens, personalized
+   by all of its preferences so far). The texts are the roleplay simulator's. A bounded number of
+   requests (users x rounds x 2); it stops by itself. Printed: p50/p95 latency of each kind,
+   requests/s, lost writes (an acknowledged preference missing from the store, or a count that
+   differs) and cross-user reads (a listed preference that is not the caller's, or a 2xx on another
+   user's preference id; each user tries its neighbour's ids).
+2. Prefix cache: one user with 8 stored preferences asks `--cache-questions` questions, each answered
+   three ways, interleaved: zero-shot, 8-shot with the prefix cache disabled (a second copy of the
+   model served with `cache_bytes=0`) and 8-shot with it (warm: the user's prefix prefilled by an
+   earlier request). The three arms must compare answers of the same length, so they run on a copy of
+   the model with random weights (same architecture and tokenizer, so the same cost per token): its
+   answers run to `--cache-tokens` instead of stopping where a trained model's would; the mean
+   completion tokens of each arm are printed to show it. The goal: cached 8-shot within 1.2x of
+   zero-shot.
+
+    .venv/bin/python benchmarks/serve_load.py                      # model: runs/quickstart/fspo/model
+    .venv/bin/python benchmarks/serve_load.py --model DIR --users 50 --rounds 3
+
+The last line is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from fspo.core.loopback import serve_in_thread
+from fspo.data.schema import Preference
+
+QUICKSTART_MODEL = Path("runs/quickstart/fspo/model")
+
+
+def _model(arg: str | None, tmp: Path, texts: list[str]) -> Path:
+    if arg:
+        return Path(arg)
+    if QUICKSTART_MODEL.is_dir():
+        return QUICKSTART_MODEL
+    from fspo.models.default import init_model
+
+    print("no quickstart model: serving a randomly initialised default model (size small)")
+    return init_model(tmp / "model", texts, size="small", seed=0)
+
+
+def _random_copy(model_dir: Path, out: Path, seed: int) -> Path:
+    """`model_dir`'s architecture, tokenizer and training layout with freshly initialised weights."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fspo.infer.layout import CONFIG_FILE
+    from fspo.models.loading import load_tokenizer
+
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).save_pretrained(out)
+    load_tokenizer(model_dir).save_pretrained(out)
+    if (model_dir / CONFIG_FILE).is_file():
+        shutil.copy(model_dir / CONFIG_FILE, out / CONFIG_FILE)
+    return out
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    arr = np.asarray(values)
+    return {
+        "p50_s": round(float(np.percentile(arr, 50)), 4),
+        "p95_s": round(float(np.percentile(arr, 95)), 4),
+    }
+
+
+async def _user_load(
+    client: httpx.AsyncClient, key: str, prefs: list[Preference], rounds: int, tokens: int, out: dict
+) -> None:
+    auth = {"Authorization": f"Bearer {key}"}
+    for r in range(rounds):
+        p = prefs[r]
+        start = time.perf_counter()
+        resp = await client.post(
+            "/v1/users/me/preferences",
+            headers=auth,
+            json={"question": p.question, "chosen": p.chosen, "rejected": p.rejected},
+        )
+        out["add"].append(time.perf_counter() - start)
+        if resp.status_code == 201:
+            out["acked"].extend(item["id"] for item in resp.json()["data"])
+        else:
+            out["errors"].append(f"add {resp.status_code}: {resp.text[:200]}")
+        start = time.perf_counter()
+        resp = await client.post(
+            "/v1/chat/completions",
+            headers=auth,
+            json={
+                "messages": [{"role": "user", "content": prefs[rounds + r].question}],
+                "max_tokens": tokens,
+            },
+        )
+        out["ask"].append(time.perf_counter() - start)
+        if resp.status_code != 200:
+            out["errors"].append(f"ask {resp.status_code}: {resp.text[:200]}")
+
+
+def _load(base_url: str, store: Any, users: dict[str, str], prefs: dict[str, list[Preference]], args) -> dict:
+    results = {u: {"add": [], "ask": [], "acked": [], "errors": []} for u in users}
+
+    async def run() -> float:
+        limits = httpx.Limits(max_connections=len(users) + 4)
+        async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+            start = time.perf_counter()
+            await asyncio.gather(
+                *(
+                    _user_load(client, key, prefs[u], args.rounds, args.tokens, results[u])
+                    for u, key in users.items()
+                )
+            )
+            return time.perf_counter() - start
+
+    elapsed = asyncio.run(run())
+    # Lost writes: every acknowledged id must be stored, for its user, and nothing else.
+    lost = 0
+    for u in users:
+        stored = {p.id for p in store.preferences(u, limit=10_000)}
+        lost += len(set(results[u]["acked"]) ^ stored)
+    # Cross-user reads: list own preferences through the API; try the neighbour's ids.
+    crossed = 0
+    names = list(users)
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        for i, u in enumerate(names):
+            auth = {"Authorization": f"Bearer {users[u]}"}
+            listed = client.get("/v1/users/me/preferences", headers=auth, params={"limit": 200}).json()[
+                "data"
+            ]
+            own = {p.question for p in prefs[u]}
+            crossed += sum(item["question"] not in own for item in listed)
+            neighbour = names[(i + 1) % len(names)]
+            for pref_id in results[neighbour]["acked"][:2]:
+                url = f"/v1/users/me/preferences/{pref_id}"
+                crossed += client.delete(url, headers=auth).status_code < 300
+                ask = {"messages": [{"role": "user", "content": "hi"}], "preference_ids": [pref_id]}
+                crossed += client.post("/v1/chat/completions", headers=auth, json=ask).status_code < 300
+    adds = [t for r in results.values() for t in r["add"]]
+    asks = [t for r in results.values() for t in r["ask"]]
+    errors = [e for r in results.values() for e in r["errors"]]
+    return {
+        "users": len(users),
+        "requests": len(adds) + len(asks),
+        "seconds": round(elapsed, 2),
+        "requests_per_s": round((len(adds) + len(asks)) / elapsed, 2),
+        "add_preference": _percentiles(adds),
+        "ask": _percentiles(asks),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "lost_writes": lost,
+        "cross_user_reads": crossed,
+    }
+
+
+def _cache_arms(base_url: str, key: str, questions: list[str], tokens: int) -> dict:
+    auth = {"Authorization": f"Bearer {key}"}
+    arms = {
+        "zero_shot": {"model": "random", "shots": 0},
+        "8_shot_uncached": {"model": "random-nocache", "shots": 8},
+        "8_shot_cached": {"model": "random", "shots": 8},
+    }
+    times: dict[str, list[float]] = {a: [] for a in arms}
+    completion: dict[str, list[int]] = {a: [] for a in arms}
+    cached: dict[str, list[int]] = {a: [] for a in arms}
+    with httpx.Client(base_url=base_url, timeout=600) as client:
+
+        def ask(arm: str, question: str) -> dict:
+            body = {
+                "messages": [{"role": "user", "content": question}],
+                "max_tokens": tokens,
+                **arms[arm],
+            }
+            resp = client.post("/v1/chat/completions", headers=auth, json=body)
+            resp.raise_for_status()
+            return resp.json()
+
+        ask("8_shot_cached", "warm-up: prefill this user's prefix")
+        for question in questions:
+            for arm in arms:
+                start = time.perf_counter()
+                usage = ask(arm, question)["usage"]
+                times[arm].append(time.perf_counter() - start)
+                completion[arm].append(usage["completion_tokens"])
+                cached[arm].append(usage["prompt_tokens_details"]["cached_tokens"])
+    out = {
+        arm: {
+            "mean_s": round(statistics.fmean(times[arm]), 4),
+            "completion_tokens": round(statistics.fmean(completion[arm]), 1),
+            "cached_tokens": round(statistics.fmean(cached[arm]), 1),
+        }
+        for arm in arms
+    }
+    zero = out["zero_shot"]["mean_s"]
+    out["cached_over_zero_shot"] = round(out["8_shot_cached"]["mean_s"] / zero, 3)
+    out["uncached_over_zero_shot"] = round(out["8_shot_uncached"]["mean_s"] / zero, 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="model folder (default: the quickstart's FSPO model)")
+    ap.add_argument("--users", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=3, help="add + ask rounds per user")
+    ap.add_argument("--tokens", type=int, default=16, help="max new tokens of a load answer")
+    ap.add_argument("--cache-questions", type=int, default=8)
+    ap.add_argument("--cache-tokens", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    from fspo.serve.app import create_app
+    from fspo.serve.engine import System, local_backend
+    from fspo.serve.store import Store
+    from fspo.sim import simulate
+
+    need = max(2 * args.rounds, 8 + args.cache_questions)
+    data = simulate("roleplay", n_users=args.users + 1, prefs_per_user=need, seed=args.seed)
+    by_user: dict[str, list[Preference]] = {}
+    for p in data.preferences:
+        by_user.setdefault(p.user_id, []).append(p)
+    names = sorted(by_user)[: args.users + 1]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = _model(args.model, Path(tmp), [t for p in data.preferences for t in (p.question, p.chosen)])
+        print(f"model: {model}")
+        random = _random_copy(model, Path(tmp) / "random", args.seed)
+        store = Store(f"sqlite:///{tmp}/serve.db")
+        systems = [
+            System("fspo", local_backend(model)),
+            System("random", local_backend(random)),
+            System("random-nocache", local_backend(random, cache_bytes=0)),
+        ]
+        app = create_app(store, systems)
+        keys = {u: store.create_key(u)[1] for u in names}
+        probe_user, load_users = names[0], {u: keys[u] for u in names[1:]}
+        store.add_preferences(probe_user, by_user[probe_user][:8], source="benchmark")
+        with serve_in_thread(app) as url:
+            cache = _cache_arms(
+                url,
+                keys[probe_user],
+                [p.question for p in by_user[probe_user][8:]][: args.cache_questions],
+                args.cache_tokens,
+            )
+            print(f"prefix cache: {json.dumps(cache)}")
+            load = _load(url, store, load_users, by_user, args)
+            print(f"load: {json.dumps(load)}")
+        store.close()
+    print(json.dumps({"model": str(model), "load": load, "prefix_cache": cache}))
+
+
+if __name__ == "__main__":
+    main()

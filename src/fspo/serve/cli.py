@@ -1,0 +1,296 @@
+"""The `fspo serve` command: run the personalized API (and the page), manage keys, move preferences.
+
+``fspo serve --model DIR`` serves one trained model as the system ``fspo`` (plus any
+``--baseline NAME=DIR[:SHOTS]``) on 127.0.0.1. Its sub-commands work on the same database without a
+server: ``keys create|list|revoke``, ``import`` and ``export`` (preferences in the project's record
+formats, so what people labelled can become training data).
+
+Heavy imports (torch, FastAPI, SQLAlchemy) happen inside the commands, so `fspo --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fspo.core.errors import UserError
+
+if TYPE_CHECKING:
+    from fspo.serve.engine import Backend, System
+    from fspo.serve.store import Store
+
+DEFAULT_DB = "sqlite:///fspo-serve.db"
+
+app = typer.Typer(
+    help="Serve a model over an OpenAI-compatible API personalized by each user's preferences; manage keys.",
+    invoke_without_command=True,
+)
+keys_app = typer.Typer(help="API keys: create (shown once), list, revoke.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+console = Console(soft_wrap=True)
+
+DB_HELP = "The database: a SQLAlchemy URL (sqlite:///FILE, postgresql://...)."
+
+
+def open_store(db: str, *, create: bool = True) -> Store:
+    """The store at `db`; any failure to open it is a `UserError` naming --db.
+
+    With ``create=False`` a missing SQLite file is an error rather than a new empty database
+    (listing or exporting from a mistyped path should say so, not print nothing).
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    from fspo.serve.store import Store
+
+    try:
+        url = make_url(db)
+    except ArgumentError as err:
+        raise UserError(f"--db: {db!r} is not a database URL (e.g. {DEFAULT_DB}): {err}") from None
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        file = Path(url.database)
+        if not create and not file.is_file():
+            raise UserError(f"--db: no database file {str(file)!r}")
+        if not file.parent.is_dir():
+            raise UserError(f"--db: folder {str(file.parent)!r} does not exist")
+    try:
+        return Store(db)
+    except (SQLAlchemyError, ImportError) as err:  # no driver for the URL, server unreachable, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"--db: cannot open {url.render_as_string(hide_password=True)!r}: {first}") from None
+
+
+@dataclass(frozen=True)
+class BaselineSpec:
+    name: str
+    model: Path
+    shots: int | None
+
+
+def parse_baseline(spec: str) -> BaselineSpec:
+    """``NAME=DIR[:SHOTS]`` (e.g. ``base=runs/q/base/model:0`` for a zero-shot baseline).
+
+    Without SHOTS the baseline takes as many shots as the served model (--shots).
+    """
+    name, sep, rest = spec.partition("=")
+    if not sep or not name.strip() or not rest.strip():
+        raise UserError(f"--baseline {spec!r}: expected NAME=DIR[:SHOTS]")
+    folder, colon, shots = rest.rpartition(":")
+    if not colon:
+        return BaselineSpec(name.strip(), Path(rest), None)
+    if not shots.isdigit() or not folder:
+        raise UserError(f"--baseline {spec!r}: SHOTS must be a whole number >= 0, not {shots!r}")
+    return BaselineSpec(name.strip(), Path(folder), int(shots))
+
+
+def _model_folder(option: str, path: Path) -> Path:
+    if not path.is_dir():
+        raise UserError(f"{option}: no model folder {str(path)!r}")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{option}: {str(path)!r} has no config.json (not a saved model folder)")
+    return path
+
+
+def build_systems(
+    model: Path,
+    *,
+    name: str = "fspo",
+    shots: int = 8,
+    baselines: list[str] | None = None,
+    backend: str = "local",
+    backend_url: str | None = None,
+    backend_model: str | None = None,
+    backend_key: str | None = None,
+    cache_mb: int = 256,
+) -> list[System]:
+    """The served systems: `model` as `name`, then each baseline; one backend per distinct folder."""
+    from fspo.serve.engine import System, local_backend, remote_backend
+
+    specs = [parse_baseline(b) for b in baselines or []]
+    names = [name, *(s.name for s in specs)]
+    if len(set(names)) != len(names):
+        raise UserError(f"--baseline: system names must be distinct, got {', '.join(names)}")
+    if backend not in ("local", "vllm"):
+        raise UserError(f"--backend: {backend!r} is not one of local, vllm")
+    if backend == "vllm" and not (backend_url and backend_model):
+        raise UserError("--backend vllm needs --backend-url URL and --backend-model NAME")
+    main = _model_folder("--model", model).resolve()
+    folders = [main, *(_model_folder(f"--baseline {s.name}", s.model).resolve() for s in specs)]
+    backends: dict[Path, Backend] = {}
+
+    def load(folder: Path) -> Backend:
+        # A baseline that is the same folder (e.g. FSPO's model with 0 shots) shares its backend.
+        if folder not in backends:
+            if backend == "vllm" and folder == main:
+                backends[folder] = remote_backend(
+                    backend_url,
+                    folder,
+                    remote_model=backend_model,
+                    api_key=backend_key,  # type: ignore[arg-type]
+                )
+            else:
+                backends[folder] = local_backend(folder, cache_bytes=cache_mb << 20)
+        return backends[folder]
+
+    systems = [System(name, load(main), shots=shots)]
+    for spec, folder in zip(specs, folders[1:], strict=True):
+        systems.append(System(spec.name, load(folder), shots=shots if spec.shots is None else spec.shots))
+    return systems
+
+
+@app.callback(invoke_without_command=True)
+def serve(
+    ctx: typer.Context,
+    model: Path | None = typer.Option(None, help="The model folder to serve (as `fspo train` saves it)."),
+    db: str = typer.Option(DEFAULT_DB, help=DB_HELP),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8000, min=0, max=65535),
+    name: str = typer.Option("fspo", help="The served name of --model (the `model` field of requests)."),
+    shots: int = typer.Option(
+        8, min=0, help="At most this many of the caller's newest preferences as shots."
+    ),
+    baseline: list[str] = typer.Option(
+        [], help="Another system, NAME=DIR[:SHOTS] (SHOTS 0: no personalization); repeatable."
+    ),
+    study: Path | None = typer.Option(None, help="A study file (YAML/JSON): enables the blind study."),
+    backend: str = typer.Option("local", help="local (in-process) or vllm (an OpenAI-compatible server)."),
+    backend_url: str | None = typer.Option(
+        None, help="--backend vllm: its base URL, e.g. http://host:8001/v1."
+    ),
+    backend_model: str | None = typer.Option(None, help="--backend vllm: the model name it serves."),
+    backend_key: str | None = typer.Option(
+        None, envvar="FSPO_BACKEND_API_KEY", help="--backend vllm: its key."
+    ),
+    cache_mb: int = typer.Option(256, min=0, help="Per-user prefix cache size in MiB (0: off)."),
+) -> None:
+    """Serve --model (and baselines) until interrupted; sub-commands manage keys and preferences."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if model is None:
+        raise UserError("serve: --model DIR is required (or use a sub-command: keys, import, export)")
+    import uvicorn
+
+    from fspo.serve.app import create_app
+
+    study_config = None
+    if study is not None:
+        from fspo.serve.study import StudyConfig
+
+        study_config = StudyConfig.load(study)
+    systems = build_systems(
+        model,
+        name=name,
+        shots=shots,
+        baselines=baseline,
+        backend=backend,
+        backend_url=backend_url,
+        backend_model=backend_model,
+        backend_key=backend_key,
+        cache_mb=cache_mb,
+    )
+    store = open_store(db)
+    try:
+        api = create_app(store, systems, study=study_config)
+        url = f"http://{host}:{port}"
+        console.print(f"fspo serve: {url}  (systems: {', '.join(s.name for s in systems)})", highlight=False)
+        console.print(f"  database: {store!r}", highlight=False)
+        if study_config is not None:
+            console.print(f"  study: sign-in code [bold]{study_config.code}[/] at {url}/", highlight=False)
+        keys = store.keys()  # a method of the store, not of a dict
+        if not any(k.scope == "user" and k.revoked_at is None for k in keys):
+            console.print(
+                f"  no user keys yet: fspo serve keys create --user NAME --db {db}", highlight=False
+            )
+        uvicorn.run(api, host=host, port=port, log_level="info")
+    finally:
+        store.close()
+
+
+@keys_app.command("create")
+def keys_create(
+    user: str = typer.Option(..., help="The user the key acts as (created if new)."),
+    admin: bool = typer.Option(False, "--admin", help="An admin key (only /v1/admin/* routes)."),
+    name: str = typer.Option("", help="A label for the key (who or what holds it)."),
+    db: str = typer.Option(DEFAULT_DB, help=DB_HELP),
+) -> None:
+    """Create a key and print it; it is stored hashed, so this is the only time it is shown."""
+    with open_store(db) as store:
+        info, key = store.create_key(user, scope="admin" if admin else "user", name=name)
+    console.print(key, highlight=False)
+    Console(stderr=True).print(f"key {info.id} ({info.scope}) for user {info.user_id!r}: shown once, keep it")
+
+
+@keys_app.command("list")
+def keys_list(
+    user: str | None = typer.Option(None, help="Only this user's keys."),
+    db: str = typer.Option(DEFAULT_DB, help=DB_HELP),
+) -> None:
+    """The keys (never their secrets): id, user, scope, name, created, revoked."""
+    with open_store(db, create=False) as store:
+        keys = store.keys(user)
+    table = Table("id", "user", "scope", "name", "created", "revoked")
+    for k in keys:
+        revoked = k.revoked_at.isoformat(timespec="seconds") if k.revoked_at else ""
+        table.add_row(k.id, k.user_id, k.scope, k.name, k.created_at.isoformat(timespec="seconds"), revoked)
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: str = typer.Argument(..., help="The key's id (the part after 'fspo-', as `keys list` shows)."),
+    db: str = typer.Option(DEFAULT_DB, help=DB_HELP),
+) -> None:
+    """Revoke a key: it fails authentication from now on."""
+    with open_store(db, create=False) as store:
+        if not store.revoke_key(key_id):
+            raise UserError(f"keys revoke: no active key {key_id!r}")
+    console.print(f"revoked key {key_id}")
+
+
+@app.command("import")
+def import_(
+    path: Path = typer.Argument(
+        ..., help="Preference records (.jsonl/.json/.parquet), or a data folder (preferences + users)."
+    ),
+    users: Path | None = typer.Option(None, help="User records to import too (descriptions, metadata)."),
+    source: str = typer.Option("import", help="Recorded as each preference's source."),
+    db: str = typer.Option(DEFAULT_DB, help=DB_HELP),
+) -> None:
+    """Import preferences (each with its own user, created if new) in the project's record formats."""
+    from fspo.data.io import read_dataset_dir, read_records
+    from fspo.data.schema import Preference, User
+
+    user_records: list[Any] = []
+    if path.is_dir():
+        prefs, user_records, _ = read_dataset_dir(path)
+    else:
+        if not path.is_file():
+            raise UserError(f"import: no such file or folder {str(path)!r}")
+        prefs = read_records(path, Preference)
+    if users is not None:
+        user_records += read_records(users, User, allow_empty=True)
+    with open_store(db) as store:
+        n_users = store.import_users(user_records) if user_records else 0
+        n_prefs = store.import_preferences(prefs, source=source)
+    console.print(f"imported {n_prefs} preferences and {n_users} user records into {db}", highlight=False)
+
+
+@app.command("export")
+def export(
+    out: Path = typer.Option(..., help="The preferences file to write (.jsonl, .json or .parquet)."),
+    user: str | None = typer.Option(None, help="Only this user's preferences."),
+    db: str = typer.Option(DEFAULT_DB, help=DB_HELP),
+) -> None:
+    """Write the stored preferences as `Preference` records (training data from real people)."""
+    from fspo.data.io import write_records
+    from fspo.data.schema import Preference
+
+    with open_store(db, create=False) as store:
+        prefs = store.export_preferences(user)
+    n = write_records(out, prefs, Preference)
+    console.print(f"wrote {n} preferences to {out}", highlight=False)

@@ -1,0 +1,487 @@
+"""The `fspo study` commands: the study's report, simulated participants, and a study from a quickstart.
+
+`simulate` is the end-to-end check of the serving path (issue #20, item 5): simulated users take the
+study through the same HTTP API a person's page uses (join with the code, label the pairs shown, ask for
+trials, vote), labelling and voting with their exact reward. On the quickstart's models its win rate
+must agree, within its interval, with the offline `fspo eval winrate` of FSPO vs population-IPO on
+the same unseen users; `init` writes the study that makes that comparison.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fspo.core.errors import UserError
+from fspo.data.schema import User
+
+app = typer.Typer(
+    help="The blind study: its report, simulated participants, a study from a quickstart.",
+    no_args_is_help=True,
+)
+console = Console()
+
+Prefer = Callable[[User, str, str, str], float]  # probability that the user prefers a over b (the judge API)
+
+
+# ------------------------------------------------------------------------------------------- report
+def study_report(
+    db: str,
+    fspo: str = "fspo",
+    baseline: str | None = None,
+    *,
+    resamples: int = 10000,
+    seed: int = 0,
+):
+    """`fspo.serve.study.report` on the database at `db`; `baseline` defaults to the one other system
+    the trials hold (a `UserError` naming them when there are several)."""
+    from fspo.serve.study import report
+
+    store = _open_store(db)
+    try:
+        if baseline is None:
+            others = sorted({s for t in store.trials() for s in (t.left_system, t.right_system)} - {fspo})
+            if len(others) != 1:
+                found = ", ".join(others) or "none"
+                raise UserError(
+                    f"--baseline: name the system FSPO was compared with (the trials hold: {found})"
+                )
+            baseline = others[0]
+        return report(store, fspo, baseline, resamples=resamples, seed=seed)
+    finally:
+        store.close()
+
+
+def _open_store(db: str):
+    """The store at `db`; a missing SQLite file is an error (opening it would create an empty one)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from fspo.serve.store import Store
+
+    try:
+        url = make_url(db)
+    except ArgumentError as err:
+        raise UserError(f"--db: {db!r} is not a database URL (e.g. sqlite:///fspo-serve.db): {err}") from None
+    file = url.database if url.get_backend_name() == "sqlite" else None
+    if file not in (None, "", ":memory:") and not Path(file).is_file():
+        raise UserError(f"--db: no database file {file!r}")
+    return Store(db)
+
+
+def print_report(rep: Any) -> None:
+    table = Table(title=f"Blind study: {rep.fspo} vs {rep.baseline} ({rep.participants} participants)")
+    table.add_column("question")
+    for name in ("n", f"{rep.fspo} wins", "ties", f"{rep.baseline} wins", "win rate"):
+        table.add_column(name, justify="right")
+    for q in rep.per_question:
+        short = q.question if len(q.question) <= 60 else q.question[:57] + "..."
+        table.add_row(
+            short, str(q.n), str(q.fspo_wins), str(q.ties), str(q.baseline_wins), f"{q.win_rate:.0%}"
+        )
+    table.add_section()
+    table.add_row(
+        "all",
+        str(rep.trials),
+        str(rep.fspo_wins),
+        str(rep.ties),
+        str(rep.baseline_wins),
+        f"{rep.win_rate:.1%}",
+    )
+    console.print(table)
+    ci = "no interval (one participant)" if rep.ci_low is None else f"[{rep.ci_low:.1%}, {rep.ci_high:.1%}]"
+    console.print(
+        f"{rep.fspo} win rate over {rep.baseline} (ties half): [bold]{rep.win_rate:.1%}[/] "
+        f"{rep.confidence:.0%} CI {ci} ({rep.interval}, {rep.resamples} resamples), n={rep.trials} votes"
+        + (f", {rep.unvoted} trials without a vote" if rep.unvoted else "")
+    )
+    share = "-" if rep.left_share is None else f"{rep.left_share:.1%}"
+    console.print(
+        f"left-side share (position bias check, ties excluded): {share} "
+        f"of {rep.left_votes + rep.right_votes} decisive votes"
+    )
+
+
+@app.command("report")
+def report_cmd(
+    db: str = typer.Option(..., help="The serve database (SQLAlchemy URL, e.g. sqlite:///fspo-serve.db)."),
+    out: Path | None = typer.Option(None, help="Write the report as JSON here."),
+    study: Path | None = typer.Option(None, help="The study file: its fspo and baseline system names."),
+    fspo: str | None = typer.Option(None, help="FSPO's system name (default: the study's, else 'fspo')."),
+    baseline: str | None = typer.Option(
+        None, help="The baseline's name (default: the study's, else the other)."
+    ),
+    resamples: int = typer.Option(10000, min=100, help="Bootstrap resamples (of participants)."),
+    seed: int = typer.Option(0, help="Bootstrap seed."),
+) -> None:
+    """FSPO's win rate (ties half) with a participant bootstrap interval, position bias, per question."""
+    from fspo.core.files import atomic_write_json
+
+    names = _study_names(study) if study else {}
+    rep = study_report(
+        db,
+        fspo or names.get("fspo", "fspo"),
+        baseline or names.get("baseline"),
+        resamples=resamples,
+        seed=seed,
+    )
+    print_report(rep)
+    if out is not None:
+        atomic_write_json(out, {"kind": "fspo.study_report", "db": db, **rep.model_dump(mode="json")})
+        console.print(f"wrote {out}")
+
+
+def _study_names(file: Path) -> dict[str, str]:
+    from fspo.core.files import read_fields
+
+    fields = read_fields(file)
+    return {k: str(fields[k]) for k in ("fspo", "baseline") if k in fields}
+
+
+# ----------------------------------------------------------------------------------------- simulate
+@dataclass
+class Participation:
+    """What one simulated user did in the study."""
+
+    user_id: str
+    participant: str
+    labels: int = 0
+    ties_skipped: int = 0  # pairs the user is indifferent to: labelling them would teach noise
+    votes: dict[str, int] = field(default_factory=lambda: {"left": 0, "right": 0, "tie": 0})
+
+
+def _check(response: Any, what: str) -> Any:
+    """The JSON of a successful response; otherwise a `UserError` with the server's message."""
+    if response.status_code >= 400:
+        try:
+            message = response.json()["error"]["message"]
+        except Exception:  # noqa: BLE001 - any non-JSON body: show its text
+            message = response.text[:300]
+        raise UserError(f"{what}: the server answered {response.status_code}: {message}")
+    return response.json()
+
+
+def _choice(p: float, first: str, second: str, tie: str | None) -> str | None:
+    return first if p > 0.5 else second if p < 0.5 else tie
+
+
+def participate(client: Any, code: str, user: User, prefer: Prefer) -> Participation:
+    """One simulated user takes the study through the HTTP API, as the page does."""
+    joined = _check(client.post("/v1/study/join", json={"code": code}), "join")
+    me = Participation(user.user_id, joined["participant"])
+    auth = {"Authorization": f"Bearer {joined['api_key']}"}
+    labels = []
+    for pair in _check(client.get("/v1/study/pairs", headers=auth), "GET /v1/study/pairs"):
+        chosen = _choice(prefer(user, pair["question"], pair["a"], pair["b"]), "a", "b", None)
+        if chosen is None:
+            me.ties_skipped += 1
+            continue
+        rejected = "b" if chosen == "a" else "a"
+        labels.append(
+            {
+                "question": pair["question"],
+                "chosen": pair[chosen],
+                "rejected": pair[rejected],
+                "metadata": {"pair_id": pair["pair_id"]},
+            }
+        )
+    if not labels:
+        return me  # indifferent to every pair shown: no shots, so the study has no trial for them
+    _check(
+        client.post("/v1/users/me/preferences", json={"preferences": labels}, headers=auth),
+        "POST /v1/users/me/preferences",
+    )
+    me.labels = len(labels)
+    while True:
+        trial = _check(client.get("/v1/study/next", headers=auth), "GET /v1/study/next")
+        if trial["done"]:
+            return me
+        choice = _choice(
+            prefer(user, trial["question"], trial["left"], trial["right"]), "left", "right", "tie"
+        )
+        path = f"/v1/study/trials/{trial['trial_id']}/vote"
+        _check(client.post(path, json={"choice": choice}, headers=auth), f"POST {path}")
+        me.votes[choice] += 1
+
+
+def simulate(
+    url: str,
+    code: str,
+    users: Sequence[User],
+    *,
+    prefer: Prefer | None = None,
+    workers: int = 1,
+    timeout: float = 600.0,
+    on_done: Callable[[Participation], None] | None = None,
+) -> list[Participation]:
+    """Every user in `users` takes the study at `url`, as one participant each, `workers` at a time.
+
+    The server never says which system is on which side, so the mapping participant -> user (returned)
+    is kept here. `prefer` is the users' judge, by default `fspo.sim.reward.prefer` (their exact reward).
+    """
+    import httpx
+
+    if prefer is None:
+        from fspo.sim.reward import prefer as sim_prefer
+
+        prefer = sim_prefer
+    for user in users:  # fail before any request when a user has no exact reward
+        prefer(user, "question", "one answer", "another answer")
+
+    with httpx.Client(base_url=url.rstrip("/"), timeout=timeout) as client:
+
+        def one(user: User) -> Participation:
+            try:
+                done = participate(client, code, user, prefer)
+            except httpx.HTTPError as err:
+                raise UserError(f"study server {url}: {type(err).__name__}: {err}") from None
+            if on_done is not None:
+                on_done(done)
+            return done
+
+        if workers <= 1:
+            return [one(u) for u in users]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(one, users))
+
+
+def pick_users(users: Sequence[User], participants: int | None, seed: int) -> list[User]:
+    """All users in file order, or `participants` of them drawn with `seed`."""
+    if participants is None or participants == len(users):
+        return list(users)
+    if participants > len(users):
+        raise UserError(f"--participants {participants}: the users file has only {len(users)} users")
+    return random.Random(seed).sample(list(users), participants)
+
+
+@app.command("simulate")
+def simulate_cmd(
+    url: str = typer.Option(..., help="The study server, e.g. http://127.0.0.1:8000."),
+    study: Path = typer.Option(..., help="The study file (its sign-in code)."),
+    users: Path = typer.Option(..., help="Simulated users (users.jsonl): one participant each."),
+    participants: int | None = typer.Option(None, min=1, help="Only this many users, drawn with --seed."),
+    seed: int = typer.Option(0, help="Seed of the draw of users."),
+    workers: int = typer.Option(1, min=1, help="Participants taking the study at once."),
+    db: str | None = typer.Option(
+        None, help="The server's database: print the study report from it at the end."
+    ),
+    out: Path | None = typer.Option(
+        None, help="Write participants (with their users), votes and report as JSON."
+    ),
+) -> None:
+    """Simulated users take the study through the HTTP API; labels and votes by their exact reward."""
+    from rich.progress import Progress
+
+    from fspo.core.files import atomic_write_json, read_fields
+    from fspo.data.io import read_records
+
+    code = read_fields(study).get("code")
+    if not isinstance(code, str) or not code:
+        raise UserError(f"{study}: code: the study file needs its sign-in code")
+    chosen = pick_users(read_records(users, User), participants, seed)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("simulated participants", total=len(chosen))
+        done = simulate(url, code, chosen, workers=workers, on_done=lambda _: progress.advance(task))
+    votes = {k: sum(p.votes[k] for p in done) for k in ("left", "right", "tie")}
+    silent = [p.user_id for p in done if not p.labels]
+    console.print(
+        f"{len(done)} participants, {sum(p.labels for p in done)} labels "
+        f"({sum(p.ties_skipped for p in done)} pairs skipped as ties), {sum(votes.values())} votes: "
+        + ", ".join(f"{k} {v}" for k, v in votes.items())
+    )
+    if silent:
+        console.print(
+            f"[yellow]{len(silent)} users were indifferent to every pair shown, so had no trials[/]"
+        )
+    result: dict[str, Any] = {
+        "kind": "fspo.study_simulation",
+        "url": url,
+        "users": str(users),
+        "seed": seed,
+        "participants": [asdict(p) for p in done],
+        "votes": votes,
+    }
+    if db is not None:
+        names = _study_names(study)
+        rep = study_report(db, names.get("fspo", "fspo"), names.get("baseline"))
+        print_report(rep)
+        result["report"] = rep.model_dump(mode="json")
+    else:
+        console.print(f"the win rate: fspo study report --db <the server's --db> --study {study}")
+    if out is not None:
+        atomic_write_json(out, result)
+        console.print(f"wrote {out}")
+
+
+# --------------------------------------------------------------------------------------------- init
+def init_from_quickstart(
+    quickstart: str | Path,
+    out: str | Path,
+    *,
+    code: str | None = None,
+    label_count: int | None = None,
+    trials: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write a study of the quickstart's unseen users into `out`: study.yaml, pairs.jsonl, questions.jsonl,
+    users.jsonl. Returns what was written and the commands to serve and simulate it.
+
+    The study is the offline evaluation's, moved online: the unseen users' test episodes the quickstart
+    generated answers for (the first `eval_episodes` of ``test_unseen``) give the participants (their
+    users), the held-out questions (their queries) and the bank (their shots). Each participant gets as
+    many trials as those episodes per user, so the study has about as many votes as the offline win rate
+    has pairs. A participant labels pairs of the shared bank, to some of which their user is indifferent
+    (the simulator's minimal pairs differ in one trait, which not every user cares about) and which the
+    simulated user leaves unlabelled. So `label_count` defaults to the fewest pairs with which 9 in 10
+    participants label at least as many pairs as the episodes have shots (binomial in the share of
+    decided (user, pair) combinations, measured with the users' exact rewards on the bank), and the
+    serve command printed caps the shots at the episodes' number (``--shots``), as offline.
+    """
+    import secrets
+
+    import yaml
+
+    from fspo.core.files import atomic_write_jsonl, atomic_write_text
+    from fspo.core.stages import StageRunner
+    from fspo.data.episodes import load_episodes, load_meta
+    from fspo.data.io import find_data_file, read_records, write_records
+
+    root, out = Path(quickstart), Path(out)
+    runner = StageRunner(root, console=console)
+    users = {u.user_id: u for u in read_records(find_data_file(root / "sim", "users"), User)}
+    episodes = load_episodes(root / "episodes", "test_unseen")
+    generated = (runner.marker("generate") or {}).get("params", {})
+    if isinstance(generated.get("eval_episodes"), int):
+        episodes = episodes[: generated["eval_episodes"]]  # the ones `fspo quickstart` evaluated
+    if not episodes:
+        raise UserError(f"{root / 'episodes'}: no test_unseen episodes: the quickstart has no unseen users")
+    missing = sorted({e.user_id for e in episodes} - set(users))
+    if missing:
+        raise UserError(f"{root / 'sim'}: users.jsonl lacks the episodes' users {', '.join(missing[:5])}")
+    participants = [users[uid] for uid in dict.fromkeys(e.user_id for e in episodes)]
+    bank = list({(p.question, p.chosen, p.rejected): p for e in episodes for p in e.shots}.values())
+    questions = list(dict.fromkeys(e.query.question for e in episodes))
+    shots = int(load_meta(root / "episodes").get("shots") or len(episodes[0].shots))
+
+    if label_count is None:
+        decided = _decided_share(participants, bank, seed)
+        if decided == 0:
+            raise UserError("the unseen users are indifferent to every pair of the bank: nothing to label")
+        label_count = _labels_needed(shots, decided, len(bank))
+    trials = trials or max(1, round(len(episodes) / len(participants)))
+    study = {
+        "code": code or secrets.token_urlsafe(6),
+        "pairs": "pairs.jsonl",
+        "label_count": label_count,
+        "questions": "questions.jsonl",
+        "trials_per_participant": min(trials, len(questions)),
+        "fspo": "fspo",
+        "baseline": "population-ipo",
+        "seed": seed,
+        **({"max_new_tokens": generated["max_new_tokens"]} if "max_new_tokens" in generated else {}),
+    }
+    write_records(out / "pairs.jsonl", bank)  # user_id: whose shot it was (the server ignores it)
+    atomic_write_jsonl(out / "questions.jsonl", ({"question": q} for q in questions))
+    write_records(out / "users.jsonl", participants)
+    header = (
+        f"# A blind study of FSPO vs population-IPO on the unseen users of the quickstart in {root}\n"
+        "# (written by `fspo study init`; paths are relative to this file's folder).\n"
+    )
+    atomic_write_text(out / "study.yaml", header + yaml.safe_dump(study, sort_keys=False))
+
+    db = f"sqlite:///{out / 'study.db'}"
+    serve = (
+        f"fspo serve --model {root / 'fspo' / 'model'} --shots {shots} "
+        f"--baseline population-ipo={root / 'pop_ipo' / 'model'}:0 --study {out / 'study.yaml'} --db {db}"
+    )
+    sim = (
+        f"fspo study simulate --url http://127.0.0.1:8000 --study {out / 'study.yaml'} "
+        f"--users {out / 'users.jsonl'} --db {db}"
+    )
+    offline = (
+        (runner.marker("report") or {}).get("summary", {}).get("winrates", {}).get("fspo vs population-ipo")
+    )
+    return {
+        "study": study,
+        "participants": len(participants),
+        "pairs": len(bank),
+        "questions": len(questions),
+        "episodes": len(episodes),
+        "shots": shots,
+        "serve": serve,
+        "simulate": sim,
+        "offline": (offline or {}).get("unseen"),
+        "missing_models": [
+            str(p) for p in (root / "fspo" / "model", root / "pop_ipo" / "model") if not p.is_dir()
+        ],
+    }
+
+
+def _decided_share(users: Sequence[User], bank: Sequence[Any], seed: int, max_checks: int = 5000) -> float:
+    """The share of (user, bank pair) combinations the user is not indifferent to, by the exact reward
+    (over a seeded sample of at most `max_checks` combinations)."""
+    from fspo.sim.reward import prefer
+
+    combos = [(u, p) for u in users for p in bank]
+    if len(combos) > max_checks:
+        combos = random.Random(seed).sample(combos, max_checks)
+    decided = sum(prefer(u, p.question, p.chosen, p.rejected) != 0.5 for u, p in combos)
+    return decided / len(combos)
+
+
+def _labels_needed(shots: int, decided: float, most: int, coverage: float = 0.9) -> int:
+    """The fewest pairs n (at most `most`) for which P(Binomial(n, decided) >= shots) >= `coverage`."""
+    from scipy import stats
+
+    n = shots
+    while n < most and stats.binom.sf(shots - 1, n, decided) < coverage:
+        n += 1
+    return min(n, most)
+
+
+@app.command("init")
+def init_cmd(
+    from_quickstart: Path = typer.Option(..., help="A `fspo quickstart` output folder."),
+    out: Path = typer.Option(..., help="Folder for study.yaml, pairs.jsonl, questions.jsonl, users.jsonl."),
+    code: str | None = typer.Option(None, help="The sign-in code (default: a random one)."),
+    label_count: int | None = typer.Option(
+        None, min=1, help="Pairs each participant labels (default: see docs)."
+    ),
+    trials: int | None = typer.Option(
+        None, min=1, help="Trials per participant (default: episodes per user)."
+    ),
+    seed: int = typer.Option(0, help="The study's seed (pairs, questions and sides per participant)."),
+) -> None:
+    """A study of the quickstart's FSPO vs population-IPO on its unseen users, and how to run it."""
+    info = init_from_quickstart(
+        from_quickstart, out, code=code, label_count=label_count, trials=trials, seed=seed
+    )
+    s = info["study"]
+    console.print(
+        f"wrote {out}/study.yaml, pairs.jsonl ({info['pairs']} pairs), "
+        f"questions.jsonl ({info['questions']}), users.jsonl ({info['participants']} unseen users): "
+        f"{s['label_count']} labels and "
+        f"{s['trials_per_participant']} trials per participant (offline: {info['episodes']} episodes, "
+        f"{info['shots']} shots each)"
+    )
+    for path in info["missing_models"]:
+        console.print(f"[yellow]no model at {path}: finish the quickstart first[/]")
+    console.print("serve it:")
+    console.print(f"  {info['serve']}", highlight=False, markup=False, soft_wrap=True)
+    console.print("then, in another shell, simulate its participants:")
+    console.print(f"  {info['simulate']}", highlight=False, markup=False, soft_wrap=True)
+    if info["offline"]:
+        w = info["offline"]
+        console.print(
+            f"offline (fspo eval winrate, exact reward, unseen users): {w['win_rate']:.1%} "
+            f"[{w['ci'][0]:.1%}, {w['ci'][1]:.1%}] n={w['n']}"
+        )

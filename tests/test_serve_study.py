@@ -1,0 +1,491 @@
+"""The blind study: its report (participant bootstrap), its routes end to end, simulated participants over
+HTTP, and the `fspo study` commands."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from conftest import write_jsonl
+from fspo.core.errors import UserError
+from fspo.data.toy import COLOURS, toy_preferences, toy_reward_for, toy_users
+from fspo.eval.stats import wilson_interval
+from fspo.infer.generate import Mode
+from fspo.serve.app import create_app
+from fspo.serve.engine import Answer, System
+from fspo.serve.store import Store
+from fspo.serve.study import StudyConfig, participant_interval, summarize_trials
+
+
+def _trial(participant, question, vote, fspo_left=True):
+    left, right = ("fspo", "base") if fspo_left else ("base", "fspo")
+    return SimpleNamespace(
+        participant=participant, question=question, left_system=left, right_system=right, vote=vote
+    )
+
+
+def _won(participant, question, outcome, fspo_left):
+    """A voted trial whose outcome for FSPO is `outcome` ('win', 'tie', 'loss'), FSPO on the left or not."""
+    if outcome == "tie":
+        return _trial(participant, question, "tie", fspo_left)
+    fspo_side = "left" if fspo_left else "right"
+    other = "right" if fspo_left else "left"
+    return _trial(participant, question, fspo_side if outcome == "win" else other, fspo_left)
+
+
+# ------------------------------------------------------------------------------------------- report
+def test_report_counts_ties_half_and_checks_position_bias():
+    outcomes = ["win", "win", "tie", "loss"]  # per participant: 2.5 of 4
+    trials = [
+        _won(f"p{p}", f"q{i}", outcome, fspo_left=(p + i) % 2 == 0)
+        for p in range(10)
+        for i, outcome in enumerate(outcomes)
+    ]
+    trials.append(_trial("p0", "q9", None))  # not voted yet: not counted
+    trials.append(
+        SimpleNamespace(participant="p0", question="q8", left_system="x", right_system="y", vote="left")
+    )
+    rep = summarize_trials(trials, "fspo", "base", resamples=2000, seed=1)
+
+    assert (rep.trials, rep.unvoted, rep.participants) == (40, 1, 10)
+    assert (rep.fspo_wins, rep.ties, rep.baseline_wins) == (20, 10, 10)
+    assert rep.win_rate == pytest.approx(25 / 40)
+    # Every participant has the same rate, so no resample can move it.
+    assert (rep.ci_low, rep.ci_high) == (pytest.approx(0.625), pytest.approx(0.625))
+    # Left votes: a win with FSPO left or a loss with FSPO right; ties are left out of the share.
+    left = sum(t.vote == "left" for t in trials[:40])
+    assert (rep.left_votes, rep.right_votes) == (left, 30 - left)
+    assert rep.left_share == pytest.approx(left / 30)
+    by_q = {q.question: q for q in rep.per_question}
+    assert (by_q["q2"].n, by_q["q2"].ties, by_q["q2"].win_rate) == (10, 10, 0.5)
+    assert (by_q["q3"].fspo_wins, by_q["q3"].baseline_wins, by_q["q3"].win_rate) == (0, 10, 0.0)
+
+
+def test_interval_resamples_participants_not_trials():
+    # One participant who loves FSPO and votes a lot; nine who prefer the baseline, twice each.
+    trials = [_won("fan", f"q{i}", "win", i % 2 == 0) for i in range(100)]
+    trials += [_won(f"p{p}", f"q{i}", "loss", i % 2 == 0) for p in range(9) for i in range(2)]
+    rep = summarize_trials(trials, "fspo", "base", resamples=4000, seed=0)
+    assert rep.win_rate == pytest.approx(100 / 118)
+    assert rep.ci_low <= rep.win_rate <= rep.ci_high
+
+    # Counting every vote as independent (each its own participant) gives about Wilson's narrow interval.
+    alone = [SimpleNamespace(**{**vars(t), "participant": f"t{i}"}) for i, t in enumerate(trials)]
+    independent = summarize_trials(alone, "fspo", "base", resamples=4000, seed=0)
+    lo, hi = wilson_interval(100, 118)
+    assert independent.ci_high - independent.ci_low == pytest.approx(hi - lo, rel=0.35)
+    # By people, the 100 votes of one person weigh as one person: the interval is far wider.
+    assert rep.ci_high - rep.ci_low > 3 * (hi - lo)
+    assert rep.ci_low < 0.5  # nine of ten people preferred the baseline
+
+
+def test_interval_is_seeded_and_covers_a_known_rate():
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    counts = rng.integers(3, 12, size=40)
+    sums = np.array([rng.binomial(n, 0.7) for n in counts], dtype=float)
+    a = participant_interval(sums, counts, resamples=3000, seed=3)
+    assert a == participant_interval(sums, counts, resamples=3000, seed=3)
+    assert a != participant_interval(sums, counts, resamples=3000, seed=4)
+    assert a[0] < sums.sum() / counts.sum() < a[1]
+    assert a[0] < 0.7 < a[1]
+    assert all(math.isnan(x) for x in participant_interval([3.0], [4]))  # one person: no interval
+    alone = summarize_trials([_trial("p", "q", "tie")], "fspo", "base")
+    assert (alone.ci_low, alone.ci_high, alone.left_share) == (None, None, None)  # JSON null, not NaN
+
+
+def test_report_errors_are_user_errors():
+    with pytest.raises(UserError, match="no study trials"):
+        summarize_trials([], "fspo", "base")
+    with pytest.raises(UserError, match="none has a vote"):
+        summarize_trials([_trial("p", "q", None)], "fspo", "base")
+    with pytest.raises(UserError, match="the trials hold: fspo vs base"):
+        summarize_trials([_trial("p", "q", "left")], "fspo", "population-ipo")
+
+
+# ------------------------------------------------------------------------------------------- config
+def _study_files(folder: Path, prefs, questions, **fields) -> Path:
+    write_jsonl(folder / "pairs.jsonl", prefs)
+    (folder / "questions.txt").write_text("\n".join(questions) + "\n")
+    study = {
+        "code": "letmein",
+        "pairs": "pairs.jsonl",
+        "label_count": 4,
+        "questions": "questions.txt",
+        "trials_per_participant": 3,
+        "fspo": "fspo",
+        "baseline": "base",
+        "seed": 0,
+        "max_new_tokens": 16,
+        **fields,
+    }
+    (folder / "study.yaml").write_text(yaml.safe_dump(study))
+    return folder / "study.yaml"
+
+
+QUESTIONS = [f"Which {t} would suit me?" for t in ("coat", "hat", "car", "wall", "cup")]
+
+
+@pytest.fixture
+def study_file(tmp_path):
+    return _study_files(tmp_path, toy_preferences(toy_users(4), per_user=3), QUESTIONS)
+
+
+def test_study_config_draws_are_per_participant_and_seeded(study_file):
+    study = StudyConfig.load(study_file)
+    assert study.pairs == study_file.parent / "pairs.jsonl"  # relative to the study file
+    assert len(study.bank) == 12 and study.question_bank == QUESTIONS
+    a = study.pairs_for("alice")
+    assert a == study.pairs_for("alice") and a != study.pairs_for("bob")
+    assert len({p["pair_id"] for p in a}) == 4
+    for p in a:  # the pair's two answers, in a drawn order
+        pair = study.bank[p["pair_id"]]
+        assert {p["a"], p["b"]} == {pair.chosen, pair.rejected} and p["question"] == pair.question
+    qs = study.questions_for("alice")
+    assert len(set(qs)) == 3 and qs == study.questions_for("alice")
+    sides = [study.fspo_on_left(f"p{i}", q) for i in range(100) for q in QUESTIONS]
+    assert 0.4 < sum(sides) / len(sides) < 0.6
+    assert sides == [study.fspo_on_left(f"p{i}", q) for i in range(100) for q in QUESTIONS]
+    other_seed = study.model_copy(update={"seed": 1})
+    assert [other_seed.fspo_on_left(f"p{i}", q) for i in range(100) for q in QUESTIONS] != sides
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"label_count": 13}, "label_count 13: the bank"),
+        ({"trials_per_participant": 6}, "5 distinct questions"),
+        ({"baseline": "fspo"}, "a study compares two systems"),
+        ({"label_count": 0}, "label_count: Input should be greater than or equal to 1"),
+        ({"colour": "red"}, "colour: Extra inputs are not permitted"),
+        ({"pairs": "nowhere.jsonl"}, "nowhere.jsonl"),
+    ],
+)
+def test_study_config_errors_name_the_field(tmp_path, change, message):
+    file = _study_files(tmp_path, toy_preferences(toy_users(4), per_user=3), QUESTIONS, **change)
+    with pytest.raises(UserError, match=message):
+        StudyConfig.load(file)
+    study = StudyConfig.load(_study_files(tmp_path, toy_preferences(toy_users(4), per_user=3), QUESTIONS))
+    with pytest.raises(UserError, match="study baseline: system 'base' is not served"):
+        study.check_systems(["fspo", "other"])
+
+
+# ------------------------------------------------------------------------------------------- routes
+@dataclass
+class ColourBackend:
+    """The toy world's ideal FSPO: names the colour the shots' preferred answers name most (or `fixed`)."""
+
+    fixed: str | None = None
+    text: str | None = None  # answer this instead
+    model_id: str = "colour"
+    max_new_tokens_limit: int = 64
+    default_mode: Mode = Mode.PLAIN
+    calls: list = field(default_factory=list)
+
+    def answer(self, req, on_text=None):
+        self.calls.append(req)
+        named = Counter(w for s in req.shots for w in s.chosen.split() if w in COLOURS)
+        colour = self.fixed or (named.most_common(1)[0][0] if named else "grey")
+        text = f"Get the {colour} one." if self.text is None else self.text
+        if on_text is not None:
+            on_text(text)
+        return Answer(text, None, 10, 4, 0, "stop")
+
+    def forget(self, user_id):
+        pass
+
+
+def toy_prefer(user, question, a, b):
+    r = toy_reward_for(user)
+    ra, rb = r(question, a), r(question, b)
+    return 1.0 if ra > rb else 0.0 if ra < rb else 0.5
+
+
+def _colour_app(tmp_path, study_file, fixed="red"):
+    store = Store(f"sqlite:///{tmp_path / 'serve.db'}")
+    fspo, base = ColourBackend(), ColourBackend(fixed=fixed)
+    systems = [System("fspo", fspo), System("base", base, shots=0)]
+    return create_app(store, systems, study=StudyConfig.load(study_file)), store, fspo, base
+
+
+def _label(client, key, pairs, user):
+    """Label every pair as `user` would; on a pair they are indifferent to, pick a (as a person must)."""
+    labels = []
+    for p in pairs:
+        s = toy_prefer(user, p["question"], p["a"], p["b"])
+        chosen, rejected = (p["a"], p["b"]) if s >= 0.5 else (p["b"], p["a"])
+        labels.append({"question": p["question"], "chosen": chosen, "rejected": rejected})
+    r = client.post("/v1/users/me/preferences", json={"preferences": labels}, headers=_auth(key))
+    assert r.status_code < 300, r.text
+    return labels
+
+
+def _auth(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_study_routes_end_to_end(tmp_path, study_file):
+    from fastapi.testclient import TestClient
+
+    app, store, fspo, base = _colour_app(tmp_path, study_file)
+    user = toy_users(4)[1]  # likes blue
+    with TestClient(app) as client:
+        r = client.post("/v1/study/join", json={"code": "wrong"})
+        assert r.status_code == 403 and r.json()["error"]["param"] == "code"
+        r = client.post("/v1/study/join", json={"code": "letmein", "name": "x"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "name"
+        joined = client.post("/v1/study/join", json={"code": "letmein"}).json()
+        key, me = joined["api_key"], joined["participant"]
+        assert client.get("/v1/study/pairs").status_code == 401
+        r = client.get("/v1/study/next", headers=_auth(key))
+        assert r.status_code == 409 and "label" in r.json()["error"]["message"]
+
+        pairs = client.get("/v1/study/pairs", headers=_auth(key)).json()
+        assert pairs == client.get("/v1/study/pairs", headers=_auth(key)).json()
+        assert len(pairs) == 4 and all(set(p) == {"pair_id", "question", "a", "b"} for p in pairs)
+        labels = _label(client, key, pairs, user)
+
+        trial = client.get("/v1/study/next", headers=_auth(key)).json()
+        assert set(trial) == {"trial_id", "question", "left", "right", "done", "index", "total"}
+        assert (trial["done"], trial["index"], trial["total"]) == (False, 1, 3)
+        assert client.get("/v1/study/next", headers=_auth(key)).json() == trial  # unvoted: shown again
+        # FSPO answered from this participant's labels (oldest first), the zero-shot baseline from none.
+        assert [list(r.shots) for r in fspo.calls] == [store.shots(me)] and len(labels) == 4
+        assert [len(r.shots) for r in base.calls] == [0]
+        assert fspo.calls[0].cache_owner == me and fspo.calls[0].max_new_tokens == 16
+        stored = store.trial(me, trial["trial_id"])
+        assert {stored.left_system, stored.right_system} == {"fspo", "base"}
+        fspo_side, base_side = ("left", "right") if stored.left_system == "fspo" else ("right", "left")
+        assert trial[fspo_side] == ColourBackend().answer(fspo.calls[0]).text
+        assert trial[base_side] == "Get the red one."
+        assert "fspo" not in json.dumps(trial) and "base" not in json.dumps(trial)
+
+        vote = f"/v1/study/trials/{trial['trial_id']}/vote"
+        r = client.post(vote, json={"choice": "center"}, headers=_auth(key))
+        assert r.status_code == 400 and r.json()["error"]["param"] == "choice"
+        assert client.post(vote, json={"choice": "left"}, headers=_auth(key)).json() == {
+            "trial_id": trial["trial_id"],
+            "vote": "left",
+        }
+        r = client.post(vote, json={"choice": "right"}, headers=_auth(key))
+        assert r.status_code == 409
+        assert store.trial(me, trial["trial_id"]).vote == "left"
+
+        other = client.post("/v1/study/join", json={"code": "letmein"}).json()
+        assert other["participant"] != me
+        r = client.post(vote, json={"choice": "tie"}, headers=_auth(other["api_key"]))
+        assert r.status_code == 404  # another's trial is as absent as a trial that never was
+        assert (
+            client.post("/v1/study/trials/999/vote", json={"choice": "tie"}, headers=_auth(key)).status_code
+            == 404
+        )
+        store.ensure_user("admin")
+        admin = store.create_key("admin", "admin")[1]
+        assert client.get("/v1/study/pairs", headers=_auth(admin)).status_code == 403
+
+        seen = [trial["question"]]
+        for i in (2, 3):
+            t = client.get("/v1/study/next", headers=_auth(key)).json()
+            assert t["index"] == i
+            seen.append(t["question"])
+            assert client.post(
+                f"/v1/study/trials/{t['trial_id']}/vote", json={"choice": "tie"}, headers=_auth(key)
+            )
+        assert client.get("/v1/study/next", headers=_auth(key)).json() == {"done": True, "total": 3}
+        assert len(set(seen)) == 3 and set(seen) <= set(QUESTIONS)
+        assert sorted(seen) == sorted(app.state.study.questions_for(me))
+    assert [t.vote for t in store.trials(me)] == ["left", "tie", "tie"]
+    assert store.trials(other["participant"]) == []
+
+
+def test_join_without_a_study_is_404(tmp_path):
+    from fastapi.testclient import TestClient
+
+    store = Store(f"sqlite:///{tmp_path / 'serve.db'}")
+    app = create_app(store, [System("fspo", ColourBackend())])
+    with TestClient(app) as client:
+        r = client.post("/v1/study/join", json={"code": "x"})
+    assert r.status_code == 404 and "no study" in r.json()["error"]["message"]
+
+
+# ----------------------------------------------------------------------------------------- simulate
+def test_simulate_over_http_votes_as_each_user_would(tmp_path, study_file):
+    from fspo.core.loopback import serve_in_thread
+    from fspo.serve.study import report
+    from fspo.serve.study_cli import simulate
+
+    app, store, _, _ = _colour_app(tmp_path, study_file, fixed="red")
+    users = toy_users(8)
+    with serve_in_thread(app) as url:
+        done = simulate(url, "letmein", users, prefer=toy_prefer, workers=2)
+    assert [p.user_id for p in done] == [u.user_id for u in users]
+    by_participant = {p.participant: next(u for u in users if u.user_id == p.user_id) for p in done}
+    trials = store.trials()
+    assert trials and all(t.vote is not None for t in trials)
+    for p in done:  # labels skip the pairs the user is indifferent to; each voter finished the study
+        assert p.labels + p.ties_skipped == 4
+        mine = [t for t in trials if t.participant == p.participant]
+        assert len(mine) == (3 if p.labels else 0) == sum(p.votes.values())
+    # Every vote is the user's exact preference between the two sides shown.
+    expected = []
+    for t in trials:
+        user = by_participant[t.participant]
+        s = toy_prefer(user, t.question, t.left_answer, t.right_answer)
+        assert t.vote == ("left" if s > 0.5 else "right" if s < 0.5 else "tie")
+        fspo_answer = t.left_answer if t.left_system == "fspo" else t.right_answer
+        base_answer = t.right_answer if t.left_system == "fspo" else t.left_answer
+        expected.append(toy_prefer(user, t.question, fspo_answer, base_answer))
+    rep = report(store, "fspo", "base", resamples=1000)
+    assert rep.win_rate == pytest.approx(sum(expected) / len(expected))
+    # FSPO names each user's colour from their labels; the baseline always says red: red users tie.
+    reds = {p.participant for p in done if by_participant[p.participant].metadata["fav"] == "red"}
+    assert rep.ties == sum(t.participant in reds for t in trials) and rep.baseline_wins == 0
+
+
+def test_simulate_refuses_users_without_an_exact_reward(tmp_path, study_file):
+    from fspo.serve.study_cli import simulate
+
+    with pytest.raises(UserError, match="not a simulated user"):
+        simulate("http://127.0.0.1:9", "letmein", toy_users(2))  # the default judge: fspo.sim's reward
+
+
+def test_simulate_reports_the_servers_refusal(tmp_path, study_file):
+    from fspo.core.loopback import serve_in_thread
+    from fspo.serve.study_cli import simulate
+
+    app, *_ = _colour_app(tmp_path, study_file)
+    with (
+        serve_in_thread(app) as url,
+        pytest.raises(UserError, match="join: the server answered 403: wrong study code"),
+    ):
+        simulate(url, "wrong", toy_users(1), prefer=toy_prefer)
+
+
+# ------------------------------------------------------------------- the commands, on simulated users
+def study_cli(*args):
+    """Run `fspo study ...` as `fspo.cli.main` does: a UserError is one message and exit status 2."""
+    from typer.testing import CliRunner
+
+    from fspo.serve.study_cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if isinstance(result.exception, UserError):
+        return 2, str(result.exception)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def mini_quickstart(tmp_path_factory):
+    """The folders of a quickstart that `fspo study init` reads: sim/ (roleplay users) and episodes/."""
+    from fspo.data.episodes import build_episodes, write_episodes
+    from fspo.sim import simulate as simulate_users
+    from fspo.sim import write_sim
+
+    root = tmp_path_factory.mktemp("quickstart")
+    data = simulate_users(
+        "roleplay",
+        n_users=15,
+        prefs_per_user=8,
+        seed=0,
+        pairing="minimal",
+        traits=["format", "enthusiasm"],
+        min_traits=1,
+        max_traits=1,
+        holdout="users",
+    )
+    write_sim(root / "sim", data)
+    write_episodes(
+        root / "episodes", build_episodes(data.preferences, data.users, shots=2, seed=0), {"shots": 2}
+    )
+    return root
+
+
+def test_init_simulate_report_on_the_quickstarts_unseen_users(tmp_path, mini_quickstart, tiny_llama_folder):
+    from fspo.core.loopback import serve_in_thread
+    from fspo.data.episodes import load_episodes
+    from fspo.data.io import read_records
+    from fspo.data.schema import Preference, User
+    from fspo.serve.engine import local_backend
+
+    out = tmp_path / "study"
+    code, text = study_cli("init", "--from-quickstart", mini_quickstart, "--out", out, "--code", "abc")
+    assert code == 0, text
+    assert "fspo serve --model" in text and "population-ipo=" in text and "fspo study simulate" in text
+    unseen = load_episodes(mini_quickstart / "episodes", "test_unseen")
+    users = read_records(out / "users.jsonl", User)
+    assert {u.user_id for u in users} == {e.user_id for e in unseen}
+    bank = read_records(out / "pairs.jsonl", Preference)
+    assert {(p.question, p.chosen) for p in bank} == {(s.question, s.chosen) for e in unseen for s in e.shots}
+    study = StudyConfig.load(out / "study.yaml")
+    assert study.code == "abc" and (study.fspo, study.baseline) == ("fspo", "population-ipo")
+    assert set(study.question_bank) == {e.query.question for e in unseen}
+    assert study.trials_per_participant == round(len(unseen) / len(users))
+    assert 2 <= study.label_count <= len(bank)  # enough pairs for two decided labels, on average
+
+    db = tmp_path / "serve.db"
+    store = Store(f"sqlite:///{db}")
+    model = local_backend(tiny_llama_folder, cache_bytes=0)
+    # As the serve command `init` prints: FSPO with at most the episodes' number of shots.
+    assert "--shots 2 " in text
+    systems = [System("fspo", model, shots=2), System("population-ipo", model, shots=0)]
+    app = create_app(store, systems, study=study)
+    with serve_in_thread(app) as url:
+        code, text = study_cli(
+            "simulate", "--url", url, "--study", out / "study.yaml", "--users", out / "users.jsonl",
+            "--db", f"sqlite:///{db}", "--out", tmp_path / "sim.json",
+        )  # fmt: skip
+    assert code == 0, text
+    sim = json.loads((tmp_path / "sim.json").read_text())
+    voters = [p for p in sim["participants"] if p["labels"]]
+    assert sim["report"]["trials"] == sum(sum(p["votes"].values()) for p in voters) > 0
+    assert {p["user_id"] for p in sim["participants"]} == {u.user_id for u in users}
+
+    code, text = study_cli("report", "--db", f"sqlite:///{db}", "--out", tmp_path / "report.json")
+    assert code == 0, text
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert (rep["fspo"], rep["baseline"]) == ("fspo", "population-ipo")  # the one other system of the trials
+    assert rep["win_rate"] == sim["report"]["win_rate"] and "win rate over population-ipo" in text
+    assert sum(q["n"] for q in rep["per_question"]) == rep["trials"]
+
+
+def test_report_command_errors(tmp_path):
+    assert study_cli("report", "--db", f"sqlite:///{tmp_path / 'none.db'}") == (
+        2,
+        f"--db: no database file {str(tmp_path / 'none.db')!r}",
+    )
+    Store(f"sqlite:///{tmp_path / 'empty.db'}").close()
+    code, text = study_cli("report", "--db", f"sqlite:///{tmp_path / 'empty.db'}", "--baseline", "b")
+    assert code == 2 and "no study trials of 'fspo' vs 'b'" in text
+    code, text = study_cli("report", "--db", f"sqlite:///{tmp_path / 'empty.db'}")
+    assert code == 2 and "--baseline: name the system" in text
+    code, text = study_cli("init", "--from-quickstart", tmp_path, "--out", tmp_path / "o")
+    assert code == 2 and "sim" in text
+
+
+def test_an_empty_answer_is_shown_as_no_answer(tmp_path, study_file):
+    from fastapi.testclient import TestClient
+
+    from fspo.serve.study import NO_ANSWER
+
+    store = Store(f"sqlite:///{tmp_path / 'serve.db'}")
+    systems = [System("fspo", ColourBackend()), System("base", ColourBackend(text="  "), shots=0)]
+    app = create_app(store, systems, study=StudyConfig.load(study_file))
+    with TestClient(app) as client:
+        key = client.post("/v1/study/join", json={"code": "letmein"}).json()["api_key"]
+        _label(client, key, client.get("/v1/study/pairs", headers=_auth(key)).json(), toy_users(4)[0])
+        trial = client.get("/v1/study/next", headers=_auth(key)).json()
+    shown = store.trials()[0]
+    base_side = "left" if shown.left_system == "base" else "right"
+    assert trial[base_side] == NO_ANSWER and trial["left" if base_side == "right" else "right"].startswith(
+        "Get"
+    )
