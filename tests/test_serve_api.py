@@ -438,6 +438,39 @@ def test_a_crash_is_a_500_json_without_traceback(tmp_path: Path, backend, monkey
     w.store.close()
 
 
+def test_a_remote_backends_failure_is_a_502_naming_it(tmp_path: Path, tiny_llama_folder: Path, study_files):
+    """A vLLM-style server answering 500, then gone: every route that generates says which backend at
+    which URL failed (502), streamed or not, in the study too; never the generic 500."""
+    from fspo.llm.stub import Reply, serve_openai
+    from fspo.serve.engine import remote_backend
+
+    def assert_backend_error(error: dict, url: str, why: str) -> None:
+        assert error["code"] == "backend_error" and error["type"] == "server_error", error
+        assert f"backend 'fspo' at {url}" in error["message"] and why in error["message"], error
+
+    with serve_openai(lambda body: Reply(status=500)) as server:
+        remote = remote_backend(server.base_url, tiny_llama_folder, remote_model="m")
+        # The openai client retries a 500 with back-off; one failure is what this test is about.
+        remote.client = remote.client.with_options(max_retries=0)
+        w = World(tmp_path, remote, StudyConfig.load(study_files))
+        r = w.call("B", "POST", "/v1/completions", json={"prompt": "Which hat?", "max_tokens": 4})
+        assert r.status_code == 502 and "Traceback" not in r.text
+        assert_backend_error(r.json()["error"], server.base_url, "500")
+        streamed = w.call("B", "POST", "/v1/completions", json={"prompt": "Which hat?", "stream": True})
+        assert_backend_error(_events(streamed)[0]["error"], server.base_url, "500")
+
+        joined = w.client.post("/v1/study/join", json={"code": "let-me-in"}).json()
+        w.keys["P"] = joined["api_key"]
+        assert w.call("P", "POST", "/v1/users/me/preferences", json=_pref(1)).status_code == 201
+        r = w.call("P", "GET", "/v1/study/next")
+        assert r.status_code == 502 and w.store.trials() == []
+    messages = [{"role": "user", "content": "Which hat?"}]
+    r = w.call("B", "POST", "/v1/chat/completions", json={"messages": messages})  # the server is gone
+    assert r.status_code == 502
+    assert_backend_error(r.json()["error"], server.base_url, "Connection error")
+    w.store.close()
+
+
 # ---------------------------------------------------------------------------------- the episode
 
 

@@ -374,9 +374,19 @@ def test_one_trial_per_participant_and_question(store: Store):
     assert store.trials("p") == [t]
     with pytest.raises(NotFound):
         _trial(store, "nobody")
-    with pytest.raises(InvalidRecord) as e:
-        store.create_trial("p", "q2", "fspo", "base", "answer", " ")
-    assert e.value.field == "right_answer"
+    # A system may answer nothing: the trial keeps it as said. The other fields must be texts.
+    empty = store.create_trial("p", "q2", "fspo", "base", "answer", "")
+    assert (store.trial("p", empty.id).left_answer, store.trial("p", empty.id).right_answer) == ("answer", "")
+    for i, (field, args) in enumerate(
+        [
+            ("question", ("p", " ", "fspo", "base", "a", "b")),
+            ("right_system", ("p", "q3", "fspo", "", "a", "b")),
+            ("left_answer", ("p", "q4", "fspo", "base", None, "b")),
+        ]
+    ):
+        with pytest.raises(InvalidRecord) as e:
+            store.create_trial(*args)
+        assert e.value.field == field, i
 
 
 def test_vote_once(store: Store):

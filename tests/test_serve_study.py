@@ -472,20 +472,41 @@ def test_report_command_errors(tmp_path):
     assert code == 2 and "sim" in text
 
 
-def test_an_empty_answer_is_shown_as_no_answer(tmp_path, study_file):
+def test_an_empty_answer_is_stored_and_shown_as_said(tmp_path, study_file):
+    """A system that answers nothing gets an empty side: no placeholder text in the data, since the
+    offline evaluation judges the empty answer too, and a vote for it is a vote for saying nothing."""
     from fastapi.testclient import TestClient
 
-    from fspo.serve.study import NO_ANSWER
-
     store = Store(f"sqlite:///{tmp_path / 'serve.db'}")
-    systems = [System("fspo", ColourBackend()), System("base", ColourBackend(text="  "), shots=0)]
+    systems = [System("fspo", ColourBackend()), System("base", ColourBackend(text=""), shots=0)]
     app = create_app(store, systems, study=StudyConfig.load(study_file))
     with TestClient(app) as client:
         key = client.post("/v1/study/join", json={"code": "letmein"}).json()["api_key"]
         _label(client, key, client.get("/v1/study/pairs", headers=_auth(key)).json(), toy_users(4)[0])
         trial = client.get("/v1/study/next", headers=_auth(key)).json()
-    shown = store.trials()[0]
-    base_side = "left" if shown.left_system == "base" else "right"
-    assert trial[base_side] == NO_ANSWER and trial["left" if base_side == "right" else "right"].startswith(
-        "Get"
-    )
+        voted = client.post(
+            f"/v1/study/trials/{trial['trial_id']}/vote", json={"choice": "left"}, headers=_auth(key)
+        )
+    assert voted.status_code == 200
+    stored = store.trials()[0]
+    base_side, fspo_side = ("left", "right") if stored.left_system == "base" else ("right", "left")
+    assert trial[base_side] == "" == getattr(stored, f"{base_side}_answer")
+    assert trial[fspo_side].startswith("Get")
+
+
+def test_simulated_votes_tie_exactly_where_the_offline_judge_ties(monkeypatch):
+    """`fspo study simulate` votes with `fspo.sim.reward.prefer`, `fspo eval winrate` judges with
+    `ExactRewardJudge`: one tie rule, so float noise in a reward is a tie for both."""
+    from fspo.eval.judges import ExactRewardJudge
+    from fspo.sim import reward as sim_reward
+
+    rewards = {"a": 0.1 + 0.2, "b": 0.3, "c": 0.3 + 2e-9}  # a and b differ in the last bits only
+
+    def reward_for(user):
+        return lambda question, text: rewards[text]
+
+    monkeypatch.setattr(sim_reward, "reward_for", reward_for)
+    judge = ExactRewardJudge(reward_for=reward_for)
+    user = toy_users(1)[0]
+    for a, b, expected in [("a", "b", 0.5), ("b", "a", 0.5), ("c", "a", 1.0), ("a", "c", 0.0)]:
+        assert sim_reward.prefer(user, "q", a, b) == judge.prefer(user, "q", a, b) == expected, (a, b)

@@ -70,27 +70,30 @@ def prefer_many(judge: Judge, items: Sequence[tuple[User, str, str, str]], worke
 
 # --------------------------------------------------------------------------------------------- exact
 def _sim_reward_for(user: User) -> RewardFn:
-    try:
-        from fspo.sim import reward_for
-    except ImportError as err:  # the simulator is a separate stage; say what is missing
-        raise UserError("the 'exact' judge needs fspo.sim.reward_for (simulated users)") from err
+    from fspo.sim import reward_for
+
     return reward_for(user)
 
 
 class ExactRewardJudge:
     """The simulated user's exact reward decides: higher reward wins, equal rewards tie.
 
-    Rewards closer than `tie_margin` count as ties so that float noise never decides a pair.
-    `reward_for` is injectable (tests, other simulators); by default it is `fspo.sim.reward_for`,
-    which rebuilds the user's reward from `User.metadata`.
+    Rewards closer than `tie_margin` (default `fspo.sim.reward.TIE_MARGIN`) count as ties, by the
+    rule of `fspo.sim.reward.prefer_rewards`, so this judge decides every pair as the study's
+    simulated participants (`fspo.sim.reward.prefer`) vote on it. `reward_for` is injectable (tests,
+    other simulators); by default it is `fspo.sim.reward_for`, which rebuilds the user's reward from
+    `User.metadata`.
     """
 
     name = "exact"
 
-    def __init__(self, reward_for: Callable[[User], RewardFn] | None = None, tie_margin: float = 1e-9):
+    def __init__(self, reward_for: Callable[[User], RewardFn] | None = None, tie_margin: float | None = None):
+        from fspo.sim.reward import TIE_MARGIN, prefer_rewards  # fspo.sim only when this judge is used
+
         self._reward_for = reward_for or _sim_reward_for
         self._cache: dict[str, RewardFn] = {}
-        self.tie_margin = tie_margin
+        self._decide = prefer_rewards
+        self.tie_margin = TIE_MARGIN if tie_margin is None else tie_margin
 
     def reward(self, user: User) -> RewardFn:
         if user.user_id not in self._cache:
@@ -105,10 +108,7 @@ class ExactRewardJudge:
 
     def prefer(self, user: User, question: str, a: str, b: str) -> float:
         fn = self.reward(user)
-        diff = fn(question, a) - fn(question, b)
-        if abs(diff) <= self.tie_margin:
-            return 0.5
-        return 1.0 if diff > 0 else 0.0
+        return self._decide(fn(question, a), fn(question, b), self.tie_margin)
 
 
 # ------------------------------------------------------------------------------------------- prompts

@@ -489,7 +489,8 @@ def remote_backend(
         config = AutoConfig.from_pretrained(str(model_dir))
     except (OSError, ValueError) as err:
         raise UserError(f"model folder {str(model_dir)!r} has no readable config.json ({err})") from None
-    client = openai.OpenAI(base_url=url, api_key=api_key or "EMPTY")
+    # A person waits on each request: one retry, and a timeout that fails (502) rather than hangs.
+    client = openai.OpenAI(base_url=url, api_key=api_key or "EMPTY", max_retries=1, timeout=120.0)
     return RemoteBackend(
         client,
         tokenizer,

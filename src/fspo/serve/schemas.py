@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from fspo.serve.store import NewPreference
+
 
 def _not_blank(text: str) -> str:
     if not text.strip():
@@ -155,8 +157,9 @@ class CompletionRequest(GenerationBody):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
-class PreferenceIn(Body):
-    """One labeled comparison of the caller's: for `question`, they prefer `chosen` over `rejected`."""
+class PreferenceIn(NewPreference):
+    """One labeled comparison of the caller's: for `question`, they prefer `chosen` over `rejected`.
+    The store's `NewPreference`, checked field by field here so that a refusal names the field."""
 
     question: Text
     chosen: Text
@@ -174,3 +177,11 @@ class PreferenceIn(Body):
 
 class PreferenceBatch(Body):
     preferences: list[PreferenceIn] = Field(min_length=1)
+
+
+class NewKey(Body):
+    """An admin's request for a key: it acts as `user_id` (created if new)."""
+
+    user_id: str = Field(min_length=1, max_length=200)
+    scope: Literal["user", "admin"] = "user"
+    name: str = Field("", max_length=200)

@@ -738,17 +738,23 @@ class Store:
         left_answer: str,
         right_answer: str,
     ) -> Trial:
-        """A new blind trial; Conflict when the participant already has one for this question."""
+        """A new blind trial; Conflict when the participant already has one for this question.
+
+        An answer may be empty (a model may stop at once): the trial keeps what the system said, as
+        the offline evaluation judges it. Every other field must be a non-blank text."""
         fields = {
             "participant": participant,
             "question": question,
             "left_system": left_system,
             "right_system": right_system,
-            "left_answer": left_answer,
-            "right_answer": right_answer,
         }
         for name, value in fields.items():
             _text(name, value)
+        answers = {"left_answer": left_answer, "right_answer": right_answer}
+        for name, value in answers.items():
+            if not isinstance(value, str):
+                raise InvalidRecord(f"{name}: must be a string, not {type(value).__name__}", field=name)
+        fields.update(answers)
         try:
             with self._session(write=True) as s:
                 self._need_user(s, participant, "participant")

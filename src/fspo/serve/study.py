@@ -32,17 +32,19 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from fspo.core.errors import UserError
 from fspo.data.schema import Preference
+from fspo.serve.answers import generate, prepare
+from fspo.serve.auth import user_principal
+from fspo.serve.errors import APIError
+from fspo.serve.schemas import CompletionRequest
+from fspo.serve.store import Conflict, Principal, Trial
 
 Choice = Literal["left", "right", "tie"]
-# What a trial stores and shows for a system that answered nothing (a model may stop at once): the
-# participant must see that the side is empty, and the store keeps no blank answer texts.
-NO_ANSWER = "(no answer)"
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -171,9 +173,6 @@ def _rng(*parts: object):
 
 
 # ------------------------------------------------------------------------------------------- routes
-# `fspo.serve.app` includes this router, so nothing here imports the app (no import cycle): errors are
-# HTTPExceptions carrying the `param` and `code` the app's error handler puts in its OpenAI-shaped body,
-# and the caller is read from its key with the same rule as the app's `principal_of`/`user_principal`.
 router = APIRouter(prefix="/v1/study", tags=["study"])
 
 
@@ -187,41 +186,13 @@ class VoteBody(BaseModel):
     choice: Choice
 
 
-class StudyError(HTTPException):
-    """An HTTP error whose body names the request field at fault (`param`) and a machine `code`."""
-
-    def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None, **kw: Any
-    ):
-        super().__init__(status_code=status, detail=message, **kw)
-        self.param, self.code = param, code
-
-
 def _study(request: Request) -> StudyConfig:
-    study = getattr(request.app.state, "study", None)
+    study = request.app.state.study
     if study is None:
-        raise StudyError(
+        raise APIError(
             404, "this server runs no study (start it with `fspo serve --study FILE`)", code="no_study"
         )
     return study
-
-
-def _participant(request: Request) -> str:
-    """The caller's user id, from its user-scope bearer key (401 without a valid key, 403 for an admin's)."""
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    principal = request.app.state.store.authenticate(key.strip()) if scheme.lower() == "bearer" else None
-    if principal is None:
-        raise StudyError(
-            401,
-            "missing, invalid or revoked API key (send 'Authorization: Bearer <key>')",
-            code="invalid_api_key",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    if principal.scope != "user":
-        raise StudyError(
-            403, "an admin key cannot take part in the study; use a participant's key", code="wrong_scope"
-        )
-    return principal.user_id
 
 
 @router.post("/join")
@@ -229,7 +200,7 @@ def join(body: JoinBody, request: Request) -> dict[str, str]:
     """A new participant: a user of their own and a user-scope key, shown this once."""
     study = _study(request)
     if not hmac.compare_digest(body.code.encode(), study.code.encode()):
-        raise StudyError(403, "wrong study code", param="code", code="wrong_study_code")
+        raise APIError(403, "wrong study code", param="code", code="wrong_study_code")
     store = request.app.state.store
     participant = f"study-{secrets.token_hex(8)}"
     store.ensure_user(participant, metadata={"study": True})
@@ -238,21 +209,19 @@ def join(body: JoinBody, request: Request) -> dict[str, str]:
 
 
 @router.get("/pairs")
-def pairs(request: Request, participant: str = Depends(_participant)) -> list[dict[str, Any]]:
+def pairs(request: Request, principal: Principal = Depends(user_principal)) -> list[dict[str, Any]]:
     """The pairs this participant labels; each label goes to ``POST /v1/users/me/preferences``."""
-    return _study(request).pairs_for(participant)
+    return _study(request).pairs_for(principal.user_id)
 
 
 @router.get("/next")
-async def next_trial(request: Request, participant: str = Depends(_participant)) -> dict[str, Any]:
+async def next_trial(request: Request, principal: Principal = Depends(user_principal)) -> dict[str, Any]:
     """The participant's unvoted trial, else a new one for their next question, else ``done``.
 
     Database work runs in the default threadpool, generation in the app's generation pool, as the
     completion routes do, so participants waiting for answers never hold the threads others need.
     """
-    from fspo.serve.store import Conflict
-
-    study, store = _study(request), request.app.state.store
+    study, store, participant = _study(request), request.app.state.store, principal.user_id
     trials = await run_in_threadpool(store.trials, participant)
     total = study.trials_per_participant
     for trial in trials:
@@ -263,7 +232,7 @@ async def next_trial(request: Request, participant: str = Depends(_participant))
     if len(trials) >= total or not todo:
         return {"done": True, "total": total}
     if not await run_in_threadpool(store.count_preferences, participant):
-        raise StudyError(
+        raise APIError(
             409, "label the study's pairs first: FSPO answers from your own preferences", code="no_labels"
         )
     question = todo[0]
@@ -284,15 +253,15 @@ async def next_trial(request: Request, participant: str = Depends(_participant))
 
 @router.post("/trials/{trial_id}/vote")
 def vote(
-    trial_id: int, body: VoteBody, request: Request, participant: str = Depends(_participant)
+    trial_id: int, body: VoteBody, request: Request, principal: Principal = Depends(user_principal)
 ) -> dict[str, Any]:
     """One vote per trial: the store refuses a second (Conflict: 409) and another's trial (NotFound: 404)."""
     _study(request)
-    trial = request.app.state.store.vote(participant, trial_id, body.choice)
+    trial = request.app.state.store.vote(principal.user_id, trial_id, body.choice)
     return {"trial_id": trial.id, "vote": trial.vote}
 
 
-def _shown(trial: Any, index: int, total: int) -> dict[str, Any]:
+def _shown(trial: Trial, index: int, total: int) -> dict[str, Any]:
     """What the page sees of a trial: never the systems' names."""
     return {
         "trial_id": trial.id,
@@ -306,29 +275,19 @@ def _shown(trial: Any, index: int, total: int) -> dict[str, Any]:
 
 
 async def _answer(request: Request, study: StudyConfig, name: str, participant: str, question: str) -> str:
-    """System `name`'s answer to `question` for `participant`, with the shots ``POST /v1/completions``
-    gives them by default (their newest preferences, up to the system's number and the app's cap), in
-    the system's mode, generated in the app's generation pool."""
-    from fspo.serve.engine import AnswerRequest
-
+    """System `name`'s answer to `question` for `participant`: what ``POST /v1/completions`` gives them
+    by default (their newest preferences as shots, up to the system's number; the system's mode), at
+    the study's length and seed. Stored as said, even empty: the offline evaluation judges it so too."""
     app = request.app
     system = app.state.systems[name]
-    cap = (
-        app.state.limits.max_shots if system.shots is None else min(system.shots, app.state.limits.max_shots)
-    )
-    shots = await run_in_threadpool(app.state.store.shots, participant, cap)
-    req = AnswerRequest(
-        shots=shots,
-        question=question,
-        mode=system.served_mode,
-        max_new_tokens=min(study.max_new_tokens, system.backend.max_new_tokens_limit),
+    body = CompletionRequest(
+        prompt=question,
+        model=name,
+        max_tokens=min(study.max_new_tokens, system.backend.max_new_tokens_limit),
         seed=study.seed,
-        cache_owner=participant,
     )
-    answer = await asyncio.get_running_loop().run_in_executor(
-        app.state.generation_pool, system.backend.answer, req
-    )
-    return answer.text if answer.text.strip() else NO_ANSWER
+    prepared = await run_in_threadpool(prepare, app, participant, body)
+    return (await generate(app, system, prepared.request)).text
 
 
 # ------------------------------------------------------------------------------------------- report

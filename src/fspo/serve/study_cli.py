@@ -61,19 +61,9 @@ def study_report(
 
 def _open_store(db: str):
     """The store at `db`; a missing SQLite file is an error (opening it would create an empty one)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    from fspo.serve.cli import open_store
 
-    from fspo.serve.store import Store
-
-    try:
-        url = make_url(db)
-    except ArgumentError as err:
-        raise UserError(f"--db: {db!r} is not a database URL (e.g. sqlite:///fspo-serve.db): {err}") from None
-    file = url.database if url.get_backend_name() == "sqlite" else None
-    if file not in (None, "", ":memory:") and not Path(file).is_file():
-        raise UserError(f"--db: no database file {file!r}")
-    return Store(db)
+    return open_store(db, create=False)
 
 
 def print_report(rep: Any) -> None:

@@ -41,8 +41,24 @@ def reward_for(user: User) -> Callable[[str, str], float]:
     return reward
 
 
-def prefer(user: User, question: str, a: str, b: str) -> float:
-    """Probability that `user` prefers `a` over `b`: 1, 0, or 0.5 on an exact tie (the judge API)."""
+# Rewards closer than this are a tie. A reward is a weighted sum of features in floating point, so two
+# answers a user values equally can come out a few ulps apart (0.1 + 0.2 != 0.3): that noise must not
+# decide a pair.
+# One rule for every judge of a simulated user: `prefer` (the online study's simulated votes) and
+# `fspo.eval.judges.ExactRewardJudge` (the offline win rate) both decide with `prefer_rewards`.
+TIE_MARGIN = 1e-9
+
+
+def prefer_rewards(ra: float, rb: float, tie_margin: float = TIE_MARGIN) -> float:
+    """1 when reward `ra` beats `rb`, 0 when it loses, 0.5 when they are within `tie_margin`."""
+    diff = ra - rb
+    if abs(diff) <= tie_margin:
+        return 0.5
+    return 1.0 if diff > 0 else 0.0
+
+
+def prefer(user: User, question: str, a: str, b: str, tie_margin: float = TIE_MARGIN) -> float:
+    """Probability that `user` prefers `a` over `b` by their exact reward: 1, 0, or 0.5 on a tie
+    (the judge API)."""
     r = reward_for(user)
-    ra, rb = r(question, a), r(question, b)
-    return 1.0 if ra > rb else 0.0 if ra < rb else 0.5
+    return prefer_rewards(r(question, a), r(question, b), tie_margin)
