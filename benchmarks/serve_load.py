@@ -218,7 +218,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=3, help="add + ask rounds per user")
     ap.add_argument("--tokens", type=int, default=16, help="max new tokens of a load answer")
-    ap.add_argument("--cache-questions", type=int, default=8)
+    ap.add_argument("--cache-questions", type=int, default=16)
     ap.add_argument("--cache-tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
