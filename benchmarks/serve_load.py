@@ -8,8 +8,9 @@ in-process) on 127.0.0.1 and measures two things in one run:
    by all of its preferences so far). The texts are the roleplay simulator's. A bounded number of
    requests (users x rounds x 2); it stops by itself. Printed: p50/p95 latency of each kind,
    requests/s, lost writes (an acknowledged preference missing from the store, or a count that
-   differs) and cross-user reads (a listed preference that is not the caller's, or a 2xx on another
-   user's preference id; each user tries its neighbour's ids).
+   differs) and cross-user reads (a listed preference of another user id or not among the ids the
+   caller's own adds were acknowledged with, or a 2xx on another user's preference id; each user
+   tries its neighbour's ids). Users share questions, so the check goes by id, never by text.
 2. Prefix cache: one user with 8 stored preferences asks `--cache-questions` questions, each answered
    three ways, interleaved: zero-shot, 8-shot with the prefix cache disabled (a second copy of the
    model served with `cache_bytes=0`) and 8-shot with it (warm: the user's prefix prefilled by an
@@ -18,6 +19,9 @@ in-process) on 127.0.0.1 and measures two things in one run:
    answers run to `--cache-tokens` instead of stopping where a trained model's would; the mean
    completion tokens of each arm are printed to show it. The goal: cached 8-shot within 1.2x of
    zero-shot.
+
+The prefix cache counters of each served system (`PrefixCache.stats`) close the report: the cached
+arm's hits, and the load's misses (every round's new preference changes that user's shots).
 
     .venv/bin/python benchmarks/serve_load.py                      # model: runs/quickstart/fspo/model
     .venv/bin/python benchmarks/serve_load.py --model DIR --users 50 --rounds 3
@@ -143,8 +147,8 @@ def _load(base_url: str, store: Any, users: dict[str, str], prefs: dict[str, lis
             listed = client.get("/v1/users/me/preferences", headers=auth, params={"limit": 200}).json()[
                 "data"
             ]
-            own = {p.question for p in prefs[u]}
-            crossed += sum(item["question"] not in own for item in listed)
+            acked = set(results[u]["acked"])
+            crossed += sum(item["user_id"] != u or item["id"] not in acked for item in listed)
             neighbour = names[(i + 1) % len(names)]
             for pref_id in results[neighbour]["acked"][:2]:
                 url = f"/v1/users/me/preferences/{pref_id}"
@@ -260,7 +264,8 @@ def main() -> None:
             load = _load(url, store, load_users, by_user, args)
             print(f"load: {json.dumps(load)}")
         store.close()
-    print(json.dumps({"model": str(model), "load": load, "prefix_cache": cache}))
+        counters = {s.name: s.backend.cache.stats() for s in systems if s.backend.cache is not None}
+    print(json.dumps({"model": str(model), "load": load, "prefix_cache": cache, "cache_counters": counters}))
 
 
 if __name__ == "__main__":

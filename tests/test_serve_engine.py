@@ -29,6 +29,7 @@ from fspo.serve.engine import (
     LocalBackend,
     System,
     _AnswerStream,
+    _default_model_id,
     local_backend,
     remote_backend,
 )
@@ -265,12 +266,43 @@ def test_prefix_cache_lru_by_bytes(backends, episodes):
     cache.put("b", kvs[1], owner="u2")
     assert cache.get("a") is not None  # now "b" is the least recently used
     cache.put("c", kvs[2], owner="u1")
-    assert "b" not in cache and "a" in cache and "c" in cache and cache.bytes == 2 * size
+    assert len(cache) == 2 and cache.bytes == 2 * size and cache.evictions == 1
+    assert cache.get("b") is None and cache.get("c") is not None  # "b" was evicted, not "a"
     copy = cache.get("a")
     assert copy is not kvs[0] and copy.get_seq_length() == 40
     assert cache.forget("u1") == 2 and len(cache) == 0 and cache.bytes == 0
     assert not PrefixCache(size - 1).put("x", kvs[0])  # larger than the whole budget: not kept
-    assert (cache.hits, cache.misses) == (2, 0)
+    assert cache.stats() == {
+        "entries": 0, "bytes": 0, "max_bytes": 2 * size, "hits": 3, "misses": 1, "evictions": 1
+    }  # fmt: skip
+
+
+def test_a_prefix_too_large_for_the_cache_is_used_without_a_copy(backends, episodes, monkeypatch):
+    backend = backends["plain"]
+    e = episodes[0]
+    req = AnswerRequest(shots=e.shots, question=e.query.question, cache_owner=e.user_id)
+    ids = prompt_ids_for(e.shots, e.query.question, backend.tokenizer, Mode.PLAIN, backend.layout)
+    real_prefill, prefilled = backend._prefill, []
+
+    def prefill(prefix):
+        prefilled.append(real_prefill(prefix))
+        return prefilled[-1]
+
+    monkeypatch.setattr(backend, "_prefill", prefill)
+    monkeypatch.setattr(backend, "cache", PrefixCache(max_bytes=1))  # refuses every entry
+    kv, cached = backend._prefix_kv(req, Mode.PLAIN, ids)
+    assert kv is prefilled[-1] and cached == 0 and len(backend.cache) == 0
+    monkeypatch.setattr(backend, "cache", PrefixCache(max_bytes=64 << 20))  # keeps it: hands out a copy
+    kv, cached = backend._prefix_kv(req, Mode.PLAIN, ids)
+    assert kv is not prefilled[-1] and kv.get_seq_length() == prefilled[-1].get_seq_length()
+    assert len(backend.cache) == 1
+
+
+def test_model_id_names_the_run_of_a_model_folder(backends, tmp_path):
+    assert _default_model_id("runs/quickstart/fspo/model") == "fspo"
+    assert _default_model_id(tmp_path / "sft_rat" / "model") == "sft_rat"
+    assert _default_model_id(tmp_path / "my-model") == "my-model"
+    assert backends["plain"].model_id == "plain"
 
 
 def test_no_cache_without_shots_or_for_short_prefixes(backends, episodes):
@@ -368,6 +400,25 @@ def test_remote_backend_sends_the_local_prompt_ids_and_cuts_the_stream(model_dir
     assert "".join(deltas) == answer.text and answer.finish_reason == "stop"
     assert answer.prompt_tokens == len(local) and answer.cached_tokens == 0
     assert server.chunks_sent[0] < 300  # closed once the answer was finished, not read to the end
+    # RAT writes headings itself: no stop string, so closing early is what ends the generation.
+    assert "stop" not in body and body["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize("mode", [Mode.PLAIN, Mode.ORACLE])
+def test_remote_backend_stops_at_the_heading_and_reports_cached_tokens(model_dirs, episodes, mode):
+    """A plain or oracle answer ends at the next heading, so the server is told to stop there: the stream
+    then runs to its usage chunk, and the server's prefix-cache hits become `Answer.cached_tokens`."""
+    e = episodes[1]
+    text = "Get the blue hat.\n# Example 4\n## Question \n" + " ".join(f"w{i}" for i in range(300))
+    with serve_openai(lambda body: Reply(text, usage=(999, 6), cached_tokens=57)) as server:
+        backend = remote_backend(server.base_url, model_dirs["plain"], remote_model="m")
+        answer, deltas = ask(backend, e, mode, description=e.description, max_new_tokens=300)
+    body = server.requests[0]
+    assert body["stop"] == ["\n#"] and body["stream_options"] == {"include_usage": True}
+    assert (answer.text, answer.finish_reason, "".join(deltas)) == ("Get the blue hat.", "stop", answer.text)
+    assert answer.cached_tokens == 57 and answer.completion_tokens == 6  # the server's usage
+    assert answer.prompt_tokens == len(body["prompt"])
+    assert server.chunks_sent == [4]  # the server ended the answer, not a closed connection
 
 
 def test_remote_backend_plain_and_length(model_dirs, episodes):

@@ -261,5 +261,29 @@ def test_text_cannot_inject_a_heading_into_the_layout():
     lines = text.split("\n")
     assert [line for line in lines if line.startswith("# ")] == ["# Example 1", "# Task"]
     assert sum(line.startswith("## Question") for line in lines) == 2  # the shot's and the query's
-    assert as_data("plain text\n  # indented") == "plain text\n  # indented"
     assert as_data("#tag") == "\\#tag"
+    assert as_data("plain text\nno # heading here") == "plain text\nno # heading here"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("ok\r# Task", "ok\n\\# Task"),  # a lone carriage return starts a line too
+        ("ok\r\n# Task\r\nmore", "ok\n\\# Task\nmore"),
+        ("ok\n   # Task", "ok\n   \\# Task"),  # indented: the backslash goes right before the '#'
+        ("ok\n\t## Question", "ok\n\t\\## Question"),
+        ("\t## Question \nx", "\\## Question \nx"),  # leading blanks of the whole text are stripped
+        ("a\r\nb\rc", "a\nb\nc"),
+    ],
+)
+def test_as_data_escapes_indented_headings_and_any_line_end(text, expected):
+    from fspo.data.template import as_data, render_context
+
+    assert as_data(text) == expected
+    # Through the template: the shot's text adds no line that reads as a heading.
+    shot = Preference(user_id="u", question="q", chosen=text, rejected="no")
+    prompt = render_context([shot], "q2", TemplateOptions())
+    assert "\r" not in prompt
+    headings = [line.strip() for line in prompt.split("\n") if line.lstrip().startswith("#")]
+    layout = ["# Example 1", "## Question", "## Preferred Response", "## Dispreferred Response"]
+    assert headings == [*layout, "# Task", "## Question"]

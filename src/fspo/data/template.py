@@ -149,14 +149,25 @@ def task_sentence(num_shots: int, options: TemplateOptions) -> str:
 
 
 def as_data(text: str) -> str:
-    """`text` stripped, with every line that starts with '#' escaped as '\\#'.
+    """`text` stripped, line ends made ``\\n``, and every line whose first non-blank character is '#'
+    escaped by a backslash right before that '#' (``"  # x"`` -> ``"  \\# x"``).
 
     Why: headings are the layout. A question or answer holding a line such as ``# Task`` or
     ``## Preferred Response`` would otherwise change which parts of the episode the model reads as
     shots, query and answer (a person's text at the server, an LLM's markdown in synthetic data).
-    Text without such lines, which is all simulated and released data, renders byte for byte as before.
+    A lone ``\\r`` starts a line for a reader as much as ``\\n`` does, and markdown still reads a
+    heading indented by a few spaces, so both are handled. Text with ``\\n`` line ends and no such
+    lines, which is all simulated and released data, renders byte for byte as before.
     """
-    return "\n".join("\\" + line if line.startswith("#") else line for line in text.strip().split("\n"))
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").strip().split("\n")
+    return "\n".join(_escape_heading(line) for line in lines)
+
+
+def _escape_heading(line: str) -> str:
+    body = line.lstrip()
+    if not body.startswith("#"):
+        return line
+    return line[: len(line) - len(body)] + "\\" + body
 
 
 def render_context(

@@ -15,7 +15,10 @@ throughput) without a real endpoint. Usage::
 
 A responder returns the assistant text (str), a whole response body (dict), or a `Reply` to fail
 (`Reply(status=429, headers={"retry-after": "0"})`), to be slow (`Reply("ok", delay=2.0)`), or both;
-`Reply(usage=(prompt_tokens, completion_tokens))` fixes the reported usage (default: word counts).
+`Reply(usage=(prompt_tokens, completion_tokens))` fixes the reported usage (default: word counts),
+`Reply(cached_tokens=n)` adds ``usage.prompt_tokens_details.cached_tokens`` (vLLM's prefix-cache hits).
+A request's ``stop`` strings are honoured as vLLM does: the text ends before the first one found,
+which is not sent, and the finish reason is "stop".
 It is called in the server's event loop thread: keep it quick and make it thread-safe.
 
 ``POST /v1/completions`` (what `fspo.serve`'s remote backend sends: the prompt as a list of token ids)
@@ -53,6 +56,7 @@ class Reply:
     usage: tuple[int, int] | None = None  # (prompt_tokens, completion_tokens); default: word counts
     finish_reason: str = "stop"  # of a text completion
     chunk_delay: float = 0.0  # seconds between the chunks of a streamed text completion
+    cached_tokens: int | None = None  # reported as usage.prompt_tokens_details.cached_tokens
 
 
 Responder = Callable[[dict[str, Any]], "str | dict[str, Any] | Reply"]
@@ -61,6 +65,25 @@ Responder = Callable[[dict[str, Any]], "str | dict[str, Any] | Reply"]
 def user_text(request: dict[str, Any]) -> str:
     """The content of the last user message of a chat request (what most responders look at)."""
     return next(m["content"] for m in reversed(request["messages"]) if m["role"] == "user")
+
+
+def usage_body(usage: tuple[int, int], cached_tokens: int | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "prompt_tokens": usage[0],
+        "completion_tokens": usage[1],
+        "total_tokens": sum(usage),
+    }
+    if cached_tokens is not None:
+        body["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return body
+
+
+def apply_stop(content: str, stop: Any) -> tuple[str, bool]:
+    """`content` cut before the earliest of the request's `stop` strings (a string or a list), and
+    whether it was cut."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    found = [i for i in (content.find(s) for s in stops if s) if i >= 0]
+    return (content[: min(found)], True) if found else (content, False)
 
 
 def chat_body(content: str, model: str, usage: tuple[int, int]) -> dict[str, Any]:
@@ -72,18 +95,20 @@ def chat_body(content: str, model: str, usage: tuple[int, int]) -> dict[str, Any
         "choices": [
             {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
         ],
-        "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)},
+        "usage": usage_body(usage),
     }
 
 
-def completion_body(content: str, model: str, usage: tuple[int, int], finish_reason: str) -> dict[str, Any]:
+def completion_body(
+    content: str, model: str, usage: tuple[int, int], finish_reason: str, cached_tokens: int | None = None
+) -> dict[str, Any]:
     return {
         "id": "cmpl-stub",
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "text": content, "finish_reason": finish_reason, "logprobs": None}],
-        "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)},
+        "usage": usage_body(usage, cached_tokens),
     }
 
 
@@ -124,7 +149,7 @@ class StubServer:
                 return JSONResponse(reply.body or err, status_code=reply.status, headers=reply.headers)
             if reply.body is not None:
                 return JSONResponse(reply.body, headers=reply.headers)
-            content = reply.content or ""
+            content, _ = apply_stop(reply.content or "", body.get("stop"))
             words_in = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
             usage = reply.usage or (words_in, len(content.split()))
             return JSONResponse(chat_body(content, body.get("model", "stub"), usage), headers=reply.headers)
@@ -144,12 +169,14 @@ class StubServer:
             return JSONResponse(reply.body or err, status_code=reply.status, headers=reply.headers)
         if reply.body is not None:
             return JSONResponse(reply.body, headers=reply.headers)
-        content = reply.content or ""
+        content, stopped = apply_stop(reply.content or "", body.get("stop"))
+        finish_reason = "stop" if stopped else reply.finish_reason
         usage = reply.usage or (_prompt_size(body.get("prompt")), len(content.split()))
         model = body.get("model", "stub")
         if not body.get("stream"):
             return JSONResponse(
-                completion_body(content, model, usage, reply.finish_reason), headers=reply.headers
+                completion_body(content, model, usage, finish_reason, reply.cached_tokens),
+                headers=reply.headers,
             )
         slot = len(self.chunks_sent)
         self.chunks_sent.append(0)
@@ -157,7 +184,7 @@ class StubServer:
 
         async def events() -> Any:
             def event(text: str | None, finish: str | None, last_usage: bool = False) -> str:
-                chunk = completion_body(text or "", model, usage, "stop")
+                chunk = completion_body(text or "", model, usage, "stop", reply.cached_tokens)
                 chunk["choices"][0]["finish_reason"] = finish
                 if text is None:  # the usage chunk: no choices
                     chunk["choices"] = []
@@ -170,7 +197,7 @@ class StubServer:
                 self.chunks_sent[slot] += 1
                 if reply.chunk_delay:
                     await asyncio.sleep(reply.chunk_delay)
-            yield event("", reply.finish_reason)
+            yield event("", finish_reason)
             if with_usage:
                 yield event(None, None, last_usage=True)
             yield "data: [DONE]\n\n"

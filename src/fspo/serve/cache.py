@@ -64,9 +64,6 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._entries
-
     def get(self, key: Hashable) -> Any | None:
         """A private copy of the stored cache for `key` (then most recently used), or None."""
         with self._lock:
@@ -115,6 +112,7 @@ class PrefixCache:
             self._bytes = 0
 
     def stats(self) -> dict[str, int]:
+        """The counters at one moment (benchmarks/serve_load.py reports them per served system)."""
         with self._lock:
             return {
                 "entries": len(self._entries),

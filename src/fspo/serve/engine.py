@@ -53,6 +53,8 @@ MIN_PREFIX_TOKENS = 32
 # Two questions that differ in their first character: the prompts of the same shots with either
 # share exactly the tokens before the question, i.e. the part every question of this user shares.
 _PROBES = ("A", "B")
+# What ends a plain or oracle answer (`answer_finished`: a later line starts with '#'), as a stop string.
+HEADING_STOP = "\n#"
 
 
 @dataclass(frozen=True)
@@ -334,8 +336,9 @@ class LocalBackend(_Prompting):
         if kv is not None:
             return kv, len(prefix)
         stored = self._prefill(prefix)
-        self.cache.put(key, stored, owner=req.cache_owner)
-        return copy.deepcopy(stored), 0
+        if self.cache.put(key, stored, owner=req.cache_owner):
+            return copy.deepcopy(stored), 0  # `generate` extends what it gets; the entry stays the prefix
+        return stored, 0  # not kept (larger than the whole cache): nothing else will read it
 
     def _prefill(self, prefix: list[int]) -> Any:
         import torch
@@ -356,8 +359,17 @@ class RemoteBackend(_Prompting):
 
     The tokenizer, layout and context length come from the local model folder, so the prompt is
     the one `LocalBackend` builds, sent as a list of token ids (the server does not re-tokenize
-    it). The response is streamed and the stream closed as soon as the answer is finished, so the
-    server stops generating the next example. Requests run concurrently (the server batches them).
+    it). Requests run concurrently (the server batches them).
+
+    The response is streamed. A plain or oracle answer ends at the first line starting with '#'
+    (the next example, or the dispreferred heading), so the request says ``stop=["\\n#"]``: the
+    server ends the generation there itself and then sends the usage chunk asked for with
+    ``stream_options.include_usage``, whose ``prompt_tokens_details.cached_tokens`` are its
+    prefix-cache hits (vLLM fills it when started with ``--enable-prompt-tokens-details``). A RAT
+    answer follows headings the model writes itself (description, response), so no stop string can
+    mark its end: the stream is closed as soon as the answer is finished, so that the server stops
+    generating the next example, and the usage chunk never comes: cached tokens are then unknown and
+    reported as 0, and the completion tokens are counted here.
     """
 
     def __init__(
@@ -397,6 +409,8 @@ class RemoteBackend(_Prompting):
             top_p=req.top_p,
             seed=req.seed,
             stream=True,
+            stream_options={"include_usage": True},
+            **({} if rat else {"stop": [HEADING_STOP]}),
         )
         try:
             for chunk in response:
@@ -407,6 +421,8 @@ class RemoteBackend(_Prompting):
                 raw += choice.text or ""
                 finish = choice.finish_reason or finish
                 stream.update(raw)
+                # RAT; or an answer that starts with '#' (the stop string needs the newline before
+                # it); or a server that ignores `stop`.
                 if answer_finished(raw, rat):
                     break
         finally:
@@ -432,7 +448,11 @@ class RemoteBackend(_Prompting):
 
 
 def _default_model_id(model_dir: str | Path) -> str:
-    return Path(model_dir).resolve().name
+    """The folder's name, or its run's when the folder is a run's ``model`` output (a training run
+    saves its model as ``<run>/model``: ``runs/quickstart/fspo/model`` is "fspo"), so that the
+    models of one quickstart are told apart in ``GET /v1/models``."""
+    path = Path(model_dir).resolve()
+    return path.parent.name if path.name == "model" and path.parent.name else path.name
 
 
 def local_backend(
