@@ -20,8 +20,9 @@ from fspo.core.errors import UserError
 from fspo.core.loopback import serve_in_thread
 from fspo.data.schema import Preference
 from fspo.data.toy import toy_preferences, toy_users
+from fspo.infer.generate import Mode
 from fspo.serve.app import Limits, StopCut, create_app
-from fspo.serve.engine import System, local_backend
+from fspo.serve.engine import Answer, AnswerRequest, System, local_backend
 from fspo.serve.store import Store
 from fspo.serve.study import StudyConfig
 
@@ -202,7 +203,7 @@ def test_no_route_lets_one_user_reach_anothers_preferences_or_votes(world: World
 
     # Nothing of B's or Q's changed; Q can still vote, once.
     assert [x.id for x in world.store.preferences("B")] == sorted(world.b_ids, reverse=True)
-    assert world.store.trial(q["participant"], q_trial["trial_id"]).vote is None
+    assert [t.vote for t in world.store.trials(q["participant"])] == [None]
     assert (
         world.call(
             "Q", "POST", f"/v1/study/trials/{q_trial['trial_id']}/vote", json={"choice": "tie"}
@@ -218,6 +219,61 @@ def test_deleting_all_of_ones_preferences_leaves_the_others(world: World):
     world.call("A", "POST", "/v1/users/me/preferences", json={"preferences": [_pref(1), _pref(2)]})
     assert world.call("A", "DELETE", "/v1/users/me/preferences").json()["deleted"] == 2
     assert world.store.count_preferences("B") == len(world.b_ids)
+
+
+def test_only_participants_take_the_study(world: World):
+    """A user key that did not join the study (A's) gets 403 on every study route; no trial is made."""
+    study_routes = [(m, p) for m, p in _routes(world.app) if p.startswith("/v1/study/")]
+    assert {p for _, p in study_routes} == {
+        "/v1/study/pairs",
+        "/v1/study/next",
+        "/v1/study/trials/{trial_id}/vote",
+    }
+    world.call("A", "POST", "/v1/users/me/preferences", json=_pref(1))  # labels would not let A in either
+    for method, path in study_routes:
+        error = assert_clear_error(world.call("A", method, _fill(path), json={"choice": "left"}), 403)
+        assert error["code"] == "not_a_participant", (method, path)
+    assert world.store.trials() == []
+
+    joined = world.client.post("/v1/study/join", json={"code": "let-me-in"}).json()
+    world.keys["P"] = joined["api_key"]
+    assert world.call("P", "GET", "/v1/study/pairs").status_code == 200
+    assert_clear_error(world.call("P", "GET", "/v1/study/next"), 409)  # no labels yet
+    vote = "/v1/study/trials/{}/vote"
+    assert_clear_error(world.call("P", "POST", vote.format(1), json={"choice": "both"}), 400, "choice")
+    assert_clear_error(world.call("P", "POST", vote.format(2**70), json={"choice": "left"}), 400, "trial_id")
+    assert_clear_error(world.call("P", "POST", vote.format(1), json={"choice": "left"}), 404, "trial_id")
+
+
+def test_the_page_and_the_api_carry_the_security_headers(world: World):
+    """No framing (clickjacking), no sniffing, no referrer; the API's answers are never cached; the
+    header's policy is the page's own <meta> policy plus frame-ancestors, which a <meta> cannot set."""
+    page = (Path(__file__).parents[1] / "src/fspo/serve/static/index.html").read_text()
+    meta = re.search(r'http-equiv="Content-Security-Policy"\s+content="([^"]+)"', page).group(1)
+    world.call("A", "POST", "/v1/users/me/preferences", json=_pref(1))
+    responses = {
+        "page": world.call(None, "GET", "/"),
+        "static": world.call(None, "GET", "/static/app.js"),
+        "models": world.call("A", "GET", "/v1/models"),
+        "preferences": world.call("A", "GET", "/v1/users/me/preferences"),
+        "401": world.call(None, "GET", "/v1/users/me/preferences"),
+        "400": world.call("A", "POST", "/v1/completions", json={"prompt": ""}),
+        "404": world.call("A", "GET", "/v1/nowhere"),
+        "stream": world.call(
+            "A", "POST", "/v1/completions", json={"prompt": "Which hat?", "stream": True, "max_tokens": 2}
+        ),
+    }
+    assert responses["page"].status_code == 200 and responses["stream"].status_code == 200
+    for what, r in responses.items():
+        assert r.headers["content-security-policy"] == meta + "; frame-ancestors 'none'", what
+        assert r.headers["x-frame-options"] == "DENY", what
+        assert r.headers["x-content-type-options"] == "nosniff", what
+        assert r.headers["referrer-policy"] == "no-referrer", what
+        api = r.request.url.path.startswith("/v1/")
+        assert (r.headers.get("cache-control") == "no-store") == api, (what, r.headers.get("cache-control"))
+    # No Swagger or ReDoc pages (they load scripts from a CDN); the schema itself is public.
+    assert world.client.get("/docs").status_code == 404 and world.client.get("/redoc").status_code == 404
+    assert world.client.get("/openapi.json").status_code == 200
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -346,13 +402,16 @@ BAD = [
     ("POST", "/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("POST", "/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
     ("POST", "/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
+    ("POST", "/v1/completions", {"prompt": "Which hat? " * 4000}, 400, None),  # longer than the context
+    # Streamed too: the failure comes before any text, so it is the response's status, not an event.
+    ("POST", "/v1/completions", {"prompt": "Which hat? " * 4000, "stream": True}, 400, None),
     (
         "POST",
-        "/v1/completions",
-        {"prompt": "Which hat? " * 4000},
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "Which hat? " * 4000}], "stream": True},
         400,
         None,
-    ),  # longer than the model's context
+    ),
     ("POST", "/v1/users/me/preferences", {**_pref(1), "chosen": " "}, 400, "chosen"),
     ("POST", "/v1/users/me/preferences", {**_pref(1), "rejected": _pref(1)["chosen"]}, 400, "rejected"),
     ("POST", "/v1/users/me/preferences", {**_pref(1), "user_id": "B"}, 400, "user_id"),
@@ -371,7 +430,30 @@ BAD = [
     ("DELETE", "/v1/users/me/preferences/abc", None, 400, "pref_id"),
     ("DELETE", "/v1/users/me/preferences/999999", None, 404, "pref_id"),
     ("GET", "/v1/users/me/description", None, 409, None),  # A has no preferences yet
-    ("POST", "/v1/study/trials/1/vote", {"choice": "both"}, 400, "choice"),
+    # Integers past what the database or the sampler holds (2**70): a 400 naming the field, never a 500.
+    ("GET", f"/v1/users/me/preferences?before={2**70}", None, 400, "before"),
+    ("DELETE", f"/v1/users/me/preferences/{2**70}", None, 400, "pref_id"),
+    ("POST", "/v1/completions", {"prompt": "hi", "preference_ids": [2**70]}, 400, "preference_ids[0]"),
+    ("POST", "/v1/completions", {"prompt": "hi", "seed": 2**70}, 400, "seed"),
+    ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2**70}, 400, "max_tokens"),
+    ("POST", "/v1/completions", {"prompt": "hi", "shots": 2**70}, 400, "shots"),
+    # What no database stores faithfully: NaN (JSON has none; stored as null) and NUL (PostgreSQL refuses it).
+    (
+        "POST",
+        "/v1/users/me/preferences",
+        b'{"question": "q", "chosen": "c", "rejected": "r", "metadata": {"x": NaN}}',
+        400,
+        "metadata",
+    ),
+    ("POST", "/v1/users/me/preferences", {**_pref(1), "chosen": "red\u0000"}, 400, "chosen"),
+    (
+        "POST",
+        "/v1/users/me/preferences",
+        b'{"preferences": [{"question": "q1", "chosen": "c", "rejected": "r"},'
+        b' {"question": "q2", "chosen": "c", "rejected": "r", "metadata": {"tags": ["a", Infinity]}}]}',
+        400,
+        "preferences[1].metadata",
+    ),
     ("GET", "/v1/nowhere", None, 404, None),
     ("PUT", "/v1/models", None, 405, None),
 ]
@@ -394,7 +476,9 @@ def test_bad_requests_get_a_clear_4xx_naming_the_field(world, method, path, body
 def test_bodies_over_the_limit_get_413_declared_or_streamed(tmp_path: Path, backend):
     w = World(tmp_path, backend, None, limits=Limits(max_body_bytes=2048))
     big = {"messages": [{"role": "user", "content": "x" * 4000}]}
-    assert_clear_error(w.call("A", "POST", "/v1/chat/completions", json=big), 413)
+    too_big = w.call("A", "POST", "/v1/chat/completions", json=big)
+    assert_clear_error(too_big, 413)
+    assert too_big.headers["x-frame-options"] == "DENY"  # refused before the app: still protected
     # A chunked body has no Content-Length: the bytes are counted as they arrive.
     chunks = (
         b'{"question": "' + b"q" * 1000,
@@ -429,24 +513,47 @@ def test_a_crash_is_a_500_json_without_traceback(tmp_path: Path, backend, monkey
     r = client.post("/v1/completions", headers=w.headers("A"), json={"prompt": "Which hat?"})
     assert r.status_code == 500 and "Traceback" not in r.text and "ZeroDivision" not in r.text
     assert r.json()["error"]["type"] == "server_error"
+    # Streamed, a crash before any text is the response's status too; one after text is an error event.
     streamed = client.post(
         "/v1/completions", headers=w.headers("A"), json={"prompt": "Which hat?", "stream": True}
     )
-    events = [line.removeprefix("data: ") for line in streamed.text.splitlines() if line.startswith("data: ")]
-    assert json.loads(events[0])["error"]["type"] == "server_error" and events[-1] == "[DONE]"
+    assert streamed.status_code == 500 and streamed.json()["error"]["type"] == "server_error"
     assert "ZeroDivision" not in streamed.text
+
+    def crash_midway(req, on_text=None):
+        on_text("Get the")
+        return 1 / 0
+
+    monkeypatch.setattr(backend, "answer", crash_midway)
+    streamed = client.post(
+        "/v1/completions", headers=w.headers("A"), json={"prompt": "Which hat?", "stream": True}
+    )
+    assert streamed.status_code == 200 and "ZeroDivision" not in streamed.text
+    events = _events(streamed)
+    assert events[0]["choices"][0]["text"] == "Get the" and events[-1]["error"]["type"] == "server_error"
     w.store.close()
 
 
-def test_a_remote_backends_failure_is_a_502_naming_it(tmp_path: Path, tiny_llama_folder: Path, study_files):
-    """A vLLM-style server answering 500, then gone: every route that generates says which backend at
-    which URL failed (502), streamed or not, in the study too; never the generic 500."""
+def test_a_remote_backends_failure_is_a_502_naming_it(
+    tmp_path: Path, tiny_llama_folder: Path, study_files, caplog
+):
+    """A vLLM-style server answering 500, then gone: every route that generates says which backend
+    failed (502), streamed or not, in the study too; never the generic 500. Where it runs and what it
+    said go to the server's log only: the deployment's address is none of the caller's business."""
     from fspo.llm.stub import Reply, serve_openai
     from fspo.serve.engine import remote_backend
 
-    def assert_backend_error(error: dict, url: str, why: str) -> None:
+    def assert_backend_error(response: httpx.Response, url: str, why: str) -> None:
+        assert response.status_code == 502 and "Traceback" not in response.text
+        error = response.json()["error"]
         assert error["code"] == "backend_error" and error["type"] == "server_error", error
-        assert f"backend 'fspo' at {url}" in error["message"] and why in error["message"], error
+        # Both systems share the stub: in the study either one's failure may come first.
+        assert re.fullmatch(r"backend '(fspo|base)' failed \(see the server log\)", error["message"]), error
+        assert url not in response.text and "127.0.0.1" not in response.text
+        logged = caplog.records[-1].getMessage()
+        assert url in logged and why in logged, logged
+
+    caplog.set_level("WARNING", logger="fspo.serve")
 
     with serve_openai(lambda body: Reply(status=500)) as server:
         remote = remote_backend(server.base_url, tiny_llama_folder, remote_model="m")
@@ -454,20 +561,18 @@ def test_a_remote_backends_failure_is_a_502_naming_it(tmp_path: Path, tiny_llama
         remote.client = remote.client.with_options(max_retries=0)
         w = World(tmp_path, remote, StudyConfig.load(study_files))
         r = w.call("B", "POST", "/v1/completions", json={"prompt": "Which hat?", "max_tokens": 4})
-        assert r.status_code == 502 and "Traceback" not in r.text
-        assert_backend_error(r.json()["error"], server.base_url, "500")
+        assert_backend_error(r, server.base_url, "500")
         streamed = w.call("B", "POST", "/v1/completions", json={"prompt": "Which hat?", "stream": True})
-        assert_backend_error(_events(streamed)[0]["error"], server.base_url, "500")
+        assert_backend_error(streamed, server.base_url, "500")
 
         joined = w.client.post("/v1/study/join", json={"code": "let-me-in"}).json()
         w.keys["P"] = joined["api_key"]
         assert w.call("P", "POST", "/v1/users/me/preferences", json=_pref(1)).status_code == 201
-        r = w.call("P", "GET", "/v1/study/next")
-        assert r.status_code == 502 and w.store.trials() == []
+        assert_backend_error(w.call("P", "GET", "/v1/study/next"), server.base_url, "500")
+        assert w.store.trials() == []
     messages = [{"role": "user", "content": "Which hat?"}]
     r = w.call("B", "POST", "/v1/chat/completions", json={"messages": messages})  # the server is gone
-    assert r.status_code == 502
-    assert_backend_error(r.json()["error"], server.base_url, "Connection error")
+    assert_backend_error(r, server.base_url, "Connection error")
     w.store.close()
 
 
@@ -594,8 +699,57 @@ def test_preferences_add_list_page_delete(world: World, monkeypatch):
         json={"model": "base", "prompt": "Which hat?", "shots": 3, "max_tokens": 1},
     ).json()["fspo"]
     assert zero["shots_used"] == 0  # a zero-shot system stays zero-shot
-    desc = world.call("A", "GET", "/v1/users/me/description?shots=2").json()
-    assert desc["shots_used"] == 2 and "description" in desc
+
+
+def test_a_description_needs_a_rat_system_and_shots(tmp_path: Path, backend, monkeypatch):
+    """RAT's description of the caller: refused, naming why, where there is none to give (a system not
+    served in RAT mode, no shots); else the description RAT wrote from the caller's newest shots."""
+    store = Store(f"sqlite:///{tmp_path / 'serve.db'}")
+    systems = [
+        System("fspo", backend, shots=8),  # the tiny model's own layout: plain
+        System("rat", backend, mode=Mode.RAT, shots=8),
+        System("rat-zero", backend, mode=Mode.RAT, shots=0),
+    ]
+    client = TestClient(create_app(store, systems))
+    headers = {"Authorization": f"Bearer {store.create_key('A')[1]}"}
+    ids = [p.id for p in store.add_preferences("A", [Preference(user_id="A", **_pref(i)) for i in range(3)])]
+
+    def get(query: str) -> httpx.Response:
+        return client.get(f"/v1/users/me/description{query}", headers=headers)
+
+    assert_clear_error(get(""), 400, "model")  # the default system, plain
+    assert_clear_error(get("?model=fspo"), 400, "model")
+    assert_clear_error(get("?model=rat&shots=0"), 400, "shots")
+    assert_clear_error(get("?model=rat-zero"), 400, "shots")
+    assert_clear_error(get(f"?model=rat&shots={2**70}"), 400, "shots")
+    assert_clear_error(get("?model=nope"), 404, "model")
+
+    asked: list[AnswerRequest] = []
+
+    def rat_answer(req: AnswerRequest, on_text=None) -> Answer:
+        asked.append(req)
+        return Answer(
+            text="Get the red one.",
+            description="Likes red things.",
+            prompt_tokens=50,
+            completion_tokens=6,
+            cached_tokens=0,
+            finish_reason="stop",
+        )
+
+    monkeypatch.setattr(backend, "answer", rat_answer)
+    r = get("?model=rat&shots=2")
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "object": "user.description",
+        "description": "Likes red things.",
+        "model": "rat",
+        "shots_used": 2,
+        "preference_ids": ids[1:],  # the newest two, oldest first
+    }
+    assert [s.question for s in asked[-1].shots] == [_pref(i)["question"] for i in (1, 2)]
+    assert asked[-1].mode is Mode.RAT and asked[-1].max_new_tokens == LIMIT
+    store.close()
 
 
 def test_admin_routes(world: World):
@@ -614,7 +768,12 @@ def test_admin_routes(world: World):
     assert world.call("admin", "DELETE", f"/v1/admin/keys/{made.json()['id']}").json()["revoked"] is True
     assert_clear_error(world.client.get("/v1/users/me", headers={"Authorization": f"Bearer {key}"}), 401)
     kinds = [e["kind"] for e in world.call("admin", "GET", "/v1/admin/events?user_id=C").json()["data"]]
-    assert kinds[-1] == "key.revoke"
+    assert kinds[0] == "user.create" and kinds[-1] == "key.revoke"
+    newest = world.call("admin", "GET", "/v1/admin/events?user_id=C&limit=1").json()["data"]
+    assert [e["kind"] for e in newest] == ["key.revoke"]
+    assert_clear_error(
+        world.call("admin", "POST", "/v1/admin/keys", json={"user_id": "C\u0000"}), 400, "user_id"
+    )
 
 
 # ---------------------------------------------------------------------------------- the openai client
@@ -651,14 +810,26 @@ def test_the_official_openai_client_works_unchanged(world: World):
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert text == chat.choices[0].message.content and chunks[-1].usage.total_tokens > 0
 
-        rat = client.completions.create(
-            model="fspo",
-            prompt="Which colour for thing 3?",
-            max_tokens=LIMIT,
-            extra_body={"shots": 2, "mode": "rat"},
+        def rat():
+            return client.completions.create(
+                model="fspo",
+                prompt="Which colour for thing 3?",
+                max_tokens=LIMIT,
+                extra_body={"shots": 2, "mode": "rat"},
+            )
+
+        first, second = rat(), rat()
+        assert first.object == "text_completion" and first.fspo["mode"] == "rat"
+        assert first.fspo["shots_used"] == 2 and second.usage.prompt_tokens_details.cached_tokens > 0
+        # The answer and RAT's description are the backend's own for these shots (greedy: the same).
+        shots = [p.record() for p in world.store.shots("A", 2)]
+        direct = world.backend.answer(
+            AnswerRequest(
+                shots=shots, question="Which colour for thing 3?", mode=Mode.RAT, max_new_tokens=LIMIT
+            )
         )
-        assert rat.object == "text_completion" and rat.fspo["mode"] == "rat" and rat.fspo["shots_used"] == 2
-        assert "description" in rat.fspo and rat.usage.prompt_tokens_details.cached_tokens >= 0
+        for got in (first, second):
+            assert (got.choices[0].text, got.fspo["description"]) == (direct.text, direct.description)
         pieces = list(client.completions.create(model="fspo", prompt="Which hat?", max_tokens=4, stream=True))
         assert pieces[-1].choices[0].finish_reason in ("stop", "length")
 
@@ -745,3 +916,24 @@ def test_serve_command_errors_are_one_line_user_errors(tmp_path: Path, tiny_llam
     for args, needle in cases:
         code, message = _serve_cli(*args)
         assert code == 2 and needle in message and "\n" not in message.strip(), (args, message)
+
+
+def test_serve_never_prints_the_database_password(tmp_path: Path, tiny_llama_folder: Path, monkeypatch):
+    import uvicorn
+
+    from fspo.serve import cli as serve_cli
+
+    opened: list[str] = []
+
+    def open_store(db: str, **kwargs) -> Store:  # the real URL is used to open the database ...
+        opened.append(db)
+        return Store(f"sqlite:///{tmp_path / 'serve.db'}")
+
+    monkeypatch.setattr(serve_cli, "open_store", open_store)
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    db = "postgresql://ann:hunter2@db.example/fspo"
+    write_jsonl(tmp_path / "prefs.jsonl", toy_preferences(toy_users(1), per_user=2))
+    for args in (["--model", tiny_llama_folder], ["import", tmp_path / "prefs.jsonl"]):
+        code, out = _serve_cli(*args, "--db", db)
+        assert code == 0 and opened[-1] == db
+        assert "ann:***@db.example/fspo" in out and "hunter2" not in out, out  # ... never printed

@@ -4,6 +4,7 @@ study trials, the event log, import/export, and concurrent writers on a real fil
 from __future__ import annotations
 
 import hashlib
+import math
 import sqlite3
 import threading
 import time
@@ -228,6 +229,36 @@ def test_bad_preferences_are_refused_naming_the_field(store: Store, item, field)
     assert store.events(kind="preference.add") == []
 
 
+@pytest.mark.parametrize(
+    ("item", "field"),
+    [
+        ({"question": "q\x00", "chosen": "c", "rejected": "r"}, "question"),
+        ({"question": "q", "chosen": "c", "rejected": "r", "metadata": {"x": float("nan")}}, "metadata"),
+        ({"question": "q", "chosen": "c", "rejected": "r", "metadata": {"x": [1, float("inf")]}}, "metadata"),
+        ({"question": "q", "chosen": "c", "rejected": "r", "metadata": {"x\x00": 1}}, "metadata"),
+        (Preference(user_id="a", question="q", chosen="c\x00", rejected="r"), "chosen"),
+        (
+            Preference(user_id="a", question="q", chosen="c", rejected="r", metadata={"x": -math.inf}),
+            "metadata",
+        ),
+    ],
+)
+def test_what_no_database_can_hold_is_refused_naming_the_field(store: Store, item, field):
+    """NUL in text (PostgreSQL refuses it) and NaN/Infinity in metadata (JSON has none: stored as null)."""
+    store.ensure_user("a")
+    with pytest.raises(InvalidRecord) as e:
+        store.add_preferences("a", [_new(0), item])
+    assert (e.value.field, e.value.index) == (field, 1)
+    if isinstance(item, Preference):
+        with pytest.raises(InvalidRecord) as e:
+            store.import_preferences([item])
+        assert e.value.field == field
+    assert store.count_preferences("a") == 0
+    with pytest.raises(InvalidRecord) as e:
+        store.ensure_user("b", metadata={"score": float("nan")})
+    assert e.value.field == "metadata" and store.get_user("b") is None
+
+
 def test_adding_for_an_unknown_user_is_not_found(store: Store):
     with pytest.raises(NotFound, match="nobody"):
         store.add_preferences("nobody", [_new(0)])
@@ -249,12 +280,11 @@ def test_keyset_paging(store: Store):
 def test_shots_are_the_newest_oldest_first(store: Store):
     store.ensure_user("a")
     added = store.add_preferences("a", [_new(i) for i in range(5)])
-    records = [p.record() for p in added]
-    assert store.shots("a", 3) == records[2:]
-    assert store.shots("a") == records
+    assert store.shots("a", 3) == added[2:]  # with their ids: the API reports which shots it used
+    assert store.shots("a") == added
     assert store.shots("a", 0) == []
-    assert store.shots("a", 50) == records
-    assert store.shots("a", ids=[added[3].id, added[0].id]) == [records[0], records[3]]
+    assert store.shots("a", 50) == added
+    assert store.shots("a", ids=[added[3].id, added[0].id]) == [added[0], added[3]]
     with pytest.raises(InvalidRecord):
         store.shots("a", -1)
 
@@ -368,15 +398,13 @@ def test_one_trial_per_participant_and_question(store: Store):
     with pytest.raises(Conflict):
         _trial(store)
     assert _trial(store, "r").participant == "r"  # another participant, same question: fine
-    assert store.trial("p", t.id) == t
-    assert store.trial("r", t.id) is None
     assert [x.participant for x in store.trials()] == ["p", "r"]
     assert store.trials("p") == [t]
     with pytest.raises(NotFound):
         _trial(store, "nobody")
     # A system may answer nothing: the trial keeps it as said. The other fields must be texts.
-    empty = store.create_trial("p", "q2", "fspo", "base", "answer", "")
-    assert (store.trial("p", empty.id).left_answer, store.trial("p", empty.id).right_answer) == ("answer", "")
+    store.create_trial("p", "q2", "fspo", "base", "answer", "")
+    assert (store.trials("p")[-1].left_answer, store.trials("p")[-1].right_answer) == ("answer", "")
     for i, (field, args) in enumerate(
         [
             ("question", ("p", " ", "fspo", "base", "a", "b")),
@@ -404,7 +432,7 @@ def test_vote_once(store: Store):
     assert voted.vote == "tie" and voted.voted_at is not None and voted.voted_at.tzinfo is UTC
     with pytest.raises(Conflict):
         store.vote("p", t.id, "left")
-    assert store.trial("p", t.id).vote == "tie"
+    assert [x.vote for x in store.trials("p")] == ["tie"]
     assert [e.payload["choice"] for e in store.events(kind="trial.vote")] == ["tie"]
 
 
@@ -465,6 +493,47 @@ def test_every_write_logs_one_event(store: Store):
     assert events[6].payload == {"count": 1}
     assert all(e.user_id == "a" and e.created_at.tzinfo is UTC for e in events)
     assert [e.kind for e in store.events("b")] == ["user.create", "preference.import"]
+
+
+def test_a_page_of_events_and_the_counts_are_chosen_by_the_database(two: Store):
+    everything = two.events()
+    seen = _statements(two)
+    newest = two.events(limit=3)
+    assert newest == everything[-3:]  # oldest first, as the whole log
+    assert two.events("a", limit=1) == [e for e in everything if e.user_id == "a"][-1:]
+    assert all("LIMIT" in stmt for stmt in seen if stmt.startswith("SELECT"))
+    seen.clear()
+    two.ensure_user("c")
+    seen.clear()
+    assert two.preference_counts() == {"a": 3, "b": 3}  # c has none
+    assert len([stmt for stmt in seen if stmt.startswith("SELECT")]) == 1
+
+
+def test_a_first_key_survives_losing_the_race_to_create_its_user(store: Store, monkeypatch):
+    """Off SQLite two first keys for one new user can both try to insert it; the loser retries."""
+    from sqlalchemy.exc import IntegrityError
+
+    real, lost = Store._ensure, []
+
+    def racing(self, s, user_id, description, metadata):
+        if not lost:  # the other writer inserted the user first: our insert fails on its primary key
+            lost.append(user_id)
+            raise IntegrityError("INSERT INTO users", {}, Exception("UNIQUE constraint failed"))
+        return real(self, s, user_id, description, metadata)
+
+    monkeypatch.setattr(Store, "_ensure", racing)
+    info, key = store.create_key("new")
+    assert lost == ["new"] and store.authenticate(key).key_id == info.id
+
+
+def test_urls_are_parsed_once_and_shown_without_password():
+    from fspo.serve.store import parse_url, shown_url
+
+    assert parse_url("sqlite:///x.db").get_backend_name() == "sqlite"
+    with pytest.raises(UserError, match="--db"):
+        parse_url("no url at all")
+    shown = shown_url("postgresql://ann:hunter2@db.example/fspo")
+    assert "hunter2" not in shown and "ann" in shown and "db.example/fspo" in shown
 
 
 def test_import_export_round_trip(store: Store):

@@ -258,10 +258,11 @@ def test_study_routes_end_to_end(tmp_path, study_file):
         assert (trial["done"], trial["index"], trial["total"]) == (False, 1, 3)
         assert client.get("/v1/study/next", headers=_auth(key)).json() == trial  # unvoted: shown again
         # FSPO answered from this participant's labels (oldest first), the zero-shot baseline from none.
-        assert [list(r.shots) for r in fspo.calls] == [store.shots(me)] and len(labels) == 4
+        assert [list(r.shots) for r in fspo.calls] == [[p.record() for p in store.shots(me)]]
+        assert len(labels) == 4
         assert [len(r.shots) for r in base.calls] == [0]
         assert fspo.calls[0].cache_owner == me and fspo.calls[0].max_new_tokens == 16
-        stored = store.trial(me, trial["trial_id"])
+        (stored,) = store.trials(me)
         assert {stored.left_system, stored.right_system} == {"fspo", "base"}
         fspo_side, base_side = ("left", "right") if stored.left_system == "fspo" else ("right", "left")
         assert trial[fspo_side] == ColourBackend().answer(fspo.calls[0]).text
@@ -277,7 +278,7 @@ def test_study_routes_end_to_end(tmp_path, study_file):
         }
         r = client.post(vote, json={"choice": "right"}, headers=_auth(key))
         assert r.status_code == 409
-        assert store.trial(me, trial["trial_id"]).vote == "left"
+        assert [t.vote for t in store.trials(me)] == ["left"]
 
         other = client.post("/v1/study/join", json={"code": "letmein"}).json()
         assert other["participant"] != me
@@ -290,6 +291,13 @@ def test_study_routes_end_to_end(tmp_path, study_file):
         store.ensure_user("admin")
         admin = store.create_key("admin", "admin")[1]
         assert client.get("/v1/study/pairs", headers=_auth(admin)).status_code == 403
+        # A user key of someone who did not join: refused on every study route, even with labels.
+        outsider = store.create_key("outsider")[1]
+        _label(client, outsider, pairs, user)
+        for method, path in [("GET", "/v1/study/pairs"), ("GET", "/v1/study/next"), ("POST", vote)]:
+            r = client.request(method, path, json={"choice": "left"}, headers=_auth(outsider))
+            assert r.status_code == 403 and r.json()["error"]["code"] == "not_a_participant", path
+        assert store.trials("outsider") == []
 
         seen = [trial["question"]]
         for i in (2, 3):
@@ -470,6 +478,25 @@ def test_report_command_errors(tmp_path):
     assert code == 2 and "--baseline: name the system" in text
     code, text = study_cli("init", "--from-quickstart", tmp_path, "--out", tmp_path / "o")
     assert code == 2 and "sim" in text
+
+
+def test_the_report_file_never_holds_the_database_password(tmp_path, monkeypatch):
+    from fspo.serve import study_cli as commands
+
+    trials = [_won("p0", "q0", "win", True), _won("p1", "q0", "loss", False)]
+    opened: list[str] = []
+
+    def from_trials(db, fspo, baseline, **kwargs):
+        opened.append(db)
+        return summarize_trials(trials, fspo, baseline or "base", resamples=100)
+
+    monkeypatch.setattr(commands, "study_report", from_trials)
+    db = "postgresql://ann:hunter2@db.example/fspo"
+    code, text = study_cli("report", "--db", db, "--out", tmp_path / "report.json")
+    assert code == 0 and opened == [db]  # the real URL opens the database ...
+    written = (tmp_path / "report.json").read_text()
+    assert json.loads(written)["db"] == "postgresql://ann:***@db.example/fspo"  # ... the file never has it
+    assert "hunter2" not in written and "hunter2" not in text
 
 
 def test_an_empty_answer_is_stored_and_shown_as_said(tmp_path, study_file):

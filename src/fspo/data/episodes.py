@@ -45,6 +45,7 @@ from typing import Any
 
 from fspo.core.errors import DataError, UserError
 from fspo.core.files import atomic_write_json
+from fspo.core.rng import seeded_rng
 from fspo.data.io import gc_paused, iter_rows, read_records, write_records
 from fspo.data.schema import Episode, Preference, User
 
@@ -116,11 +117,6 @@ def _key(p: Preference) -> tuple[str, str, str]:
     return (p.question, p.chosen, p.rejected)
 
 
-def _rng(seed: int, *parts: str) -> random.Random:
-    # String seeds are hashed with SHA-512 by `random`, so this is stable across runs and Pythons.
-    return random.Random(":".join([str(seed), *parts]))
-
-
 def split_users(user_ids: Sequence[str], users: dict[str, User], test_user_fraction: float, seed: int):
     """(train, test) user ids: `metadata["split"]` where given, else `test_user_fraction` at random."""
     if not 0.0 <= test_user_fraction < 1.0:
@@ -138,7 +134,7 @@ def split_users(user_ids: Sequence[str], users: dict[str, User], test_user_fract
         else:
             raise UserError(f"user {uid!r}: metadata.split must be 'train' or 'test', got {marked!r}")
     free = sorted(free)
-    _rng(seed, "user-split").shuffle(free)
+    seeded_rng(seed, "user-split").shuffle(free)
     n_test = round(test_user_fraction * len(free))
     if test_user_fraction > 0 and len(free) >= 2:
         n_test = min(max(n_test, 1), len(free) - 1)  # at least one of each when both are asked for
@@ -265,12 +261,12 @@ def _build(
 
     train_groups: list[list[Episode]] = []
     for uid in train_ids:
-        pool, heldout = _hold_out(by_user[uid], shots, heldout_per_user, _rng(seed, uid, "heldout"))
+        pool, heldout = _hold_out(by_user[uid], shots, heldout_per_user, seeded_rng(seed, uid, "heldout"))
         if heldout_per_user and not heldout:
             report.no_heldout[uid] = len(by_user[uid])
-        rng = _rng(seed, uid, "train")
+        rng = seeded_rng(seed, uid, "train")
         train_groups += block_episodes("train", uid, _blocks(pool, shots, train_passes, rng, k))
-        rng = _rng(seed, uid, "test_seen")
+        rng = seeded_rng(seed, uid, "test_seen")
         for p in range(test_passes):
             for start in range(0, len(heldout), k):
                 shot_list = rng.sample(pool, shots)  # one shot set per K held-out queries
@@ -278,14 +274,14 @@ def _build(
                     out["test_seen"].append(make("test_seen", uid, p, i, shot_list, query))
 
     for uid in test_ids:
-        rng = _rng(seed, uid, "test_unseen")
+        rng = seeded_rng(seed, uid, "test_unseen")
         for group in block_episodes("test_unseen", uid, _blocks(by_user[uid], shots, test_passes, rng, k)):
             out["test_unseen"].extend(group)
 
     # Training reads episodes in file order; mixing users makes every batch a mix of users. Whole
     # groups are shuffled, so the K episodes sharing a shot set stay adjacent (with K = 1 this is
     # the same permutation as shuffling the episodes: `shuffle` depends only on the length).
-    _rng(seed, "train-order").shuffle(train_groups)
+    seeded_rng(seed, "train-order").shuffle(train_groups)
     out["train"] = [e for group in train_groups for e in group]
     return out
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from fastapi import FastAPI
 
@@ -94,22 +94,19 @@ def _shots(
     # A system's shot count is its maximum: a zero-shot baseline stays zero-shot whatever is asked.
     cap = limits.max_shots if system.shots is None else min(system.shots, limits.max_shots)
     if body.preference_ids is not None:
-        ids = body.preference_ids
-        if len(ids) > cap:
+        if len(body.preference_ids) > cap:
             raise APIError(
                 400, f"preference_ids: at most {cap} for model {system.name!r}", param="preference_ids"
             )
         try:
-            shots = store.shots(user_id, ids=ids)
+            stored = store.shots(user_id, ids=body.preference_ids)
         except NotFound as err:
             raise APIError(404, str(err), param="preference_ids", code="preference_not_found") from None
-        return list(shots), sorted(ids)  # the store gives them oldest (smallest id) first
-    if body.shots is not None and body.shots > limits.max_shots:
-        raise APIError(400, f"shots: at most {limits.max_shots}", param="shots")
-    n = cap if body.shots is None else min(body.shots, cap)
-    newest = store.preferences(user_id, limit=n) if n > 0 else []
-    oldest_first = newest[::-1]
-    return [p.record() for p in oldest_first], [p.id for p in oldest_first]
+    else:
+        if body.shots is not None and body.shots > limits.max_shots:
+            raise APIError(400, f"shots: at most {limits.max_shots}", param="shots")
+        stored = store.shots(user_id, n=cap if body.shots is None else min(body.shots, cap))
+    return [p.record() for p in stored], [p.id for p in stored]
 
 
 async def generate(app: FastAPI, system: System, request: AnswerRequest) -> Answer:
@@ -119,16 +116,26 @@ async def generate(app: FastAPI, system: System, request: AnswerRequest) -> Answ
     try:
         return await loop.run_in_executor(app.state.generation_pool, system.backend.answer, request)
     except Exception as err:
-        failure = backend_failure(system, err)
-        if failure is None:
-            raise
-        raise failure from err
+        raise_failure(system, err)
+
+
+def raise_failure(system: System, err: Exception) -> NoReturn:
+    """Raise a generation's failure `err` as the response's error: the 502 of `backend_failure`, else
+    `err` itself (a `UserError` becomes a 400 naming its field, anything else a logged 500, by the
+    error handlers)."""
+    failure = backend_failure(system, err)
+    if failure is None:
+        raise err
+    raise failure from err
 
 
 def backend_failure(system: System, err: Exception) -> APIError | None:
     """A 502 naming `system` when `err` is its remote server's failure (unreachable, timed out, an error
     status, a stream cut off), so the caller learns it was the backend and not their request or this
-    server; None for any other error. Logged here, once, since the caller's message is all that says so.
+    server; None for any other error.
+
+    The details (the backend's address, its status and body) go to the server's log only: they describe
+    the deployment, which is none of the caller's business, and a backend's error body may echo anything.
     """
     import httpx
     import openai
@@ -140,6 +147,5 @@ def backend_failure(system: System, err: Exception) -> APIError | None:
         where = f" at {err.request.url}"
     except (AttributeError, RuntimeError):  # httpx raises RuntimeError for an error without a request
         where = ""
-    message = f"backend {system.name!r}{where} failed: {str(err) or type(err).__name__}"
-    logger.warning(message)
-    return APIError(502, message, code="backend_error")
+    logger.warning("backend %r%s failed: %s", system.name, where, str(err) or type(err).__name__)
+    return APIError(502, f"backend {system.name!r} failed (see the server log)", code="backend_error")

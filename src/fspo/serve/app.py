@@ -10,11 +10,13 @@ Routes (user-scope keys, except ``/v1/admin/*``, which only admin-scope keys rea
   GET /v1/users/me; POST/GET/DELETE /v1/users/me/preferences; DELETE /v1/users/me/preferences/{id}
   GET /v1/users/me/description (RAT's description of the caller, inferred from their preferences)
   GET /v1/admin/users, GET/POST /v1/admin/keys, DELETE /v1/admin/keys/{key_id}, GET /v1/admin/events
-  /v1/study/* (`fspo.serve.study`), and without a key: GET / (the page), /static/*, GET /healthz.
+  /v1/study/* (`fspo.serve.study`, participants only), and without a key: GET / (the page), /static/*,
+  GET /healthz, GET /openapi.json (no /docs: Swagger's page loads its scripts from a CDN).
 
-Every error is OpenAI-shaped (`fspo.serve.errors`). Blocking work (the database, generation) runs in
-threads: generation in a pool of its own, so that requests waiting for the model never hold the
-threads that database-only requests need.
+Every error is OpenAI-shaped (`fspo.serve.errors`); every response carries the browser protections
+of `SecurityHeaders` (no framing, no sniffing, API answers never cached). Blocking work (the database,
+generation) runs in threads: generation in a pool of its own, so that requests waiting for the model
+never hold the threads that database-only requests need.
 """
 
 from __future__ import annotations
@@ -34,27 +36,29 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi import Body as BodyParam
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fspo.core.errors import UserError
-from fspo.serve.answers import Limits, Prepared, backend_failure, generate, prepare
+from fspo.infer.generate import Mode
+from fspo.serve.answers import Limits, Prepared, backend_failure, generate, prepare, raise_failure
 from fspo.serve.auth import admin_principal, user_principal
 from fspo.serve.engine import Answer, System
 from fspo.serve.errors import APIError, error_body, error_response, install_error_handlers, validate_body
 from fspo.serve.schemas import (
+    INT64_MAX,
     ChatCompletionRequest,
     CompletionRequest,
     GenerationBody,
     NewKey,
     PreferenceBatch,
-    PreferenceIn,
 )
-from fspo.serve.store import Principal, Store
+from fspo.serve.store import NewPreference, Principal, Store
 from fspo.serve.study import StudyConfig
 from fspo.serve.study import router as study_router
 
@@ -109,6 +113,46 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+# The page's policy (the same as its <meta> tag, which cannot say frame-ancestors): everything from this
+# server, no inline script, and no framing by any site, so no other page can overlay and click it.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "base-uri 'self'; form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Frame-Options": "DENY",  # frame-ancestors for browsers that predate it
+    "X-Content-Type-Options": "nosniff",  # a JSON answer holding user text is never run as a script
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class SecurityHeaders:
+    """The browser protections of `SECURITY_HEADERS` on every response, and ``Cache-Control: no-store``
+    on the API's (``/v1/*``): they hold a user's preferences and answers, which no shared cache or
+    browser history should keep."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        api = scope["path"].startswith("/v1/")
+
+        async def send_secured(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers[name] = value
+                if api:
+                    headers["Cache-Control"] = "no-store"
+            await send(message)
+
+        await self.app(scope, receive, send_secured)
 
 
 # --- completions ------------------------------------------------------------------------------
@@ -176,19 +220,25 @@ def _error_event(system: System, err: Exception) -> dict[str, Any]:
     return error_body(500, "internal server error (logged on the server)", code="internal_error")
 
 
-async def _stream(
+async def _start_stream(
     app: FastAPI,
     prepared: Prepared,
     body: GenerationBody,
     chunk: Callable[[str | None, str | None], dict[str, Any]],
     first: dict[str, Any] | None,
-) -> AsyncIterator[str]:
-    """Server-sent events of one streamed completion: `chunk(delta, finish_reason)` shapes each event.
+) -> StreamingResponse:
+    """The server-sent events of one streamed completion: `chunk(delta, finish_reason)` shapes each.
 
-    The backend generates in the generation pool and hands each text delta to `on_text`, which
-    posts it to this coroutine's queue through the event loop (the only thread-safe way into an
-    asyncio queue). If the client disconnects, Starlette cancels this generator; `gone` then makes
-    the next `on_text` raise, which ends the generation early.
+    The generation starts here, and its first event (a text delta, the end, or a failure) is awaited
+    before the response begins: a request that fails before any text (a prompt longer than the
+    model's context, the backend down, a crash) gets the status and JSON error it would get unstreamed
+    (400, 502, 500). Only a failure after text was sent, when the status line is long gone, becomes an
+    error event in the stream.
+
+    The backend generates in the generation pool and hands each text delta to `on_text`, which posts
+    it to this request's queue through the event loop (the only thread-safe way into an asyncio
+    queue). If the client disconnects, Starlette cancels the events' generator; `gone` then makes the
+    next `on_text` raise, which ends the generation early.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -210,21 +260,43 @@ async def _stream(
             post("done", prepared.system.backend.answer(prepared.request, on_text=on_text))
         except _ClientGone:
             pass
-        except Exception as err:  # reported to the client as an error event
+        except Exception as err:  # raised as the response's error, or sent as an error event
             post("error", err)
 
+    loop.run_in_executor(app.state.generation_pool, work)
+    try:
+        head = await queue.get()
+    except BaseException:  # cancelled while waiting: nobody will read what is generated
+        gone.set()
+        raise
+    if head[0] == "error":
+        raise_failure(prepared.system, head[1])
+    return _event_stream(_events(queue, head, gone, prepared, body, chunk, first))
+
+
+async def _events(
+    queue: asyncio.Queue[tuple[str, Any]],
+    head: tuple[str, Any],
+    gone: threading.Event,
+    prepared: Prepared,
+    body: GenerationBody,
+    chunk: Callable[[str | None, str | None], dict[str, Any]],
+    first: dict[str, Any] | None,
+) -> AsyncIterator[str]:
+    """The events of `_start_stream`, from its generation's first event `head` on."""
     cut = StopCut(body.stop_sequences)
     usage_field = {"usage": None} if body.include_usage else {}
+    event = head
     try:
-        loop.run_in_executor(app.state.generation_pool, work)
         if first is not None:
             yield _sse({**first, **usage_field})
         while True:
-            kind, value = await queue.get()
+            kind, value = event
             if kind == "text":
                 text = cut.feed(value)
                 if text:
                     yield _sse({**chunk(text, None), **usage_field})
+                event = await queue.get()
                 continue
             if kind == "error":
                 yield _sse(_error_event(prepared.system, value))
@@ -302,7 +374,7 @@ async def chat_completions(
 
         first = chunk("", None)
         first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-        return _event_stream(_stream(app, prepared, body, chunk, first))
+        return await _start_stream(app, prepared, body, chunk, first)
     answer = await generate(app, prepared.system, prepared.request)
     cut = StopCut(body.stop_sequences)
     text = cut.feed(answer.text) + cut.flush()
@@ -340,7 +412,7 @@ async def completions(
             choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
             return {**head, "choices": [choice]}
 
-        return _event_stream(_stream(app, prepared, body, chunk, None))
+        return await _start_stream(app, prepared, body, chunk, None)
     answer = await generate(app, prepared.system, prepared.request)
     cut = StopCut(body.stop_sequences)
     text = cut.feed(answer.text) + cut.flush()
@@ -377,7 +449,7 @@ def add_preferences(
     if isinstance(payload, dict) and "preferences" in payload:
         items = validate_body(PreferenceBatch, payload).preferences
     else:
-        items = [validate_body(PreferenceIn, payload)]
+        items = [validate_body(NewPreference, payload)]
     if len(items) > limits.max_batch:
         raise APIError(400, f"preferences: at most {limits.max_batch} a request", param="preferences")
     stored = request.app.state.store.add_preferences(principal.user_id, items, source="api")
@@ -389,7 +461,9 @@ def add_preferences(
 def list_preferences(
     request: Request,
     limit: int = Query(50, ge=1),
-    before: int | None = Query(None, description="Only preferences with a smaller id (the next page)"),
+    before: int | None = Query(
+        None, ge=1, le=INT64_MAX, description="Only preferences with a smaller id (the next page)"
+    ),
     principal: Principal = Depends(user_principal),
 ) -> dict[str, Any]:
     limits: Limits = request.app.state.limits
@@ -408,7 +482,9 @@ def list_preferences(
 
 @router.delete("/v1/users/me/preferences/{pref_id}")
 def delete_preference(
-    request: Request, pref_id: int, principal: Principal = Depends(user_principal)
+    request: Request,
+    pref_id: int = PathParam(ge=1, le=INT64_MAX),
+    principal: Principal = Depends(user_principal),
 ) -> dict[str, Any]:
     # Another user's id answers exactly like a missing one, so ids reveal nothing about others.
     if not request.app.state.store.delete_preference(principal.user_id, pref_id):
@@ -430,15 +506,35 @@ def delete_preferences(request: Request, principal: Principal = Depends(user_pri
 async def description(
     request: Request,
     model: str | None = Query(None, description="The served system to ask (default: the server's)"),
-    shots: int | None = Query(None, ge=0),
+    shots: int | None = Query(None, ge=0, le=INT64_MAX),
     principal: Principal = Depends(user_principal),
 ) -> dict[str, Any]:
+    """RAT's description of the caller: what a RAT-served system writes, from the caller's preferences
+    as shots, before its answer. Refused (400, naming why) where there would be nothing to report: a
+    system that is not served in RAT mode writes no description, and one without shots (``shots=0``
+    or a zero-shot system) has nothing of the caller's to describe. ``description`` is null only when
+    the model wrote an empty one."""
     app = request.app
     if not await run_in_threadpool(app.state.store.count_preferences, principal.user_id):
         raise APIError(409, "no preferences yet: add some first", code="no_preferences")
+    name = model or app.state.default_system
+    system = app.state.systems.get(name)
+    if system is not None and system.served_mode is not Mode.RAT:
+        raise APIError(
+            400,
+            f"model: {name!r} is served in {system.served_mode} mode and writes no description; "
+            f"ask a system served in rat mode",
+            param="model",
+            code="not_rat",
+        )
     body = CompletionRequest(prompt=DESCRIPTION_QUESTION, model=model, shots=shots, mode="rat")
     prepared = await run_in_threadpool(prepare, app, principal.user_id, body)
     system = prepared.system
+    if not prepared.preference_ids:
+        why = "shots=0" if shots == 0 else f"model {system.name!r} takes no shots"
+        raise APIError(
+            400, f"shots: a description needs at least one of your preferences ({why})", param="shots"
+        )
     # The whole budget: the description comes first, and the answer after it must not cut it short.
     req = dataclasses.replace(prepared.request, max_new_tokens=system.backend.max_new_tokens_limit)
     answer = await generate(app, system, req)
@@ -457,11 +553,11 @@ async def description(
 @router.get("/v1/admin/users")
 def admin_users(request: Request, principal: Principal = Depends(admin_principal)) -> dict[str, Any]:
     store: Store = request.app.state.store
+    counts = store.preference_counts()
     return {
         "object": "list",
         "data": [
-            {**u.model_dump(mode="json"), "preferences": store.count_preferences(u.user_id)}
-            for u in store.users()
+            {**u.model_dump(mode="json"), "preferences": counts.get(u.user_id, 0)} for u in store.users()
         ],
     }
 
@@ -498,7 +594,7 @@ def admin_events(
     limit: int = Query(100, ge=1, le=1000),
     principal: Principal = Depends(admin_principal),
 ) -> dict[str, Any]:
-    events = request.app.state.store.events(user_id)[-limit:]
+    events = request.app.state.store.events(user_id, limit=limit)
     return {"object": "list", "data": [e.model_dump(mode="json") for e in events]}
 
 
@@ -532,6 +628,10 @@ def create_app(
         title="fspo serve",
         summary="Answers personalized by each user's own stored preferences (FSPO), OpenAI-compatible.",
         lifespan=lifespan,
+        # No /docs or /redoc: they load their scripts from a CDN, which the page's policy (and a server
+        # that may run without internet) rules out. /openapi.json stays: it lists routes, no data.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.store = store
     app.state.systems = by_name
@@ -541,6 +641,7 @@ def create_app(
     app.state.generation_pool = pool
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(SecurityHeaders)  # added last: outermost, so the 413s above get the headers too
     app.include_router(router)
     app.include_router(study_router)
     app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")

@@ -43,15 +43,11 @@ def open_store(db: str, *, create: bool = True) -> Store:
     With ``create=False`` a missing SQLite file is an error rather than a new empty database
     (listing or exporting from a mistyped path should say so, not print nothing).
     """
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+    from sqlalchemy.exc import SQLAlchemyError
 
-    from fspo.serve.store import Store
+    from fspo.serve.store import Store, parse_url
 
-    try:
-        url = make_url(db)
-    except ArgumentError as err:
-        raise UserError(f"--db: {db!r} is not a database URL (e.g. {DEFAULT_DB}): {err}") from None
+    url = parse_url(db)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         file = Path(url.database)
         if not create and not file.is_file():
@@ -176,6 +172,7 @@ def serve(
     import uvicorn
 
     from fspo.serve.app import create_app
+    from fspo.serve.store import shown_url
 
     study_config = None
     if study is not None:
@@ -201,11 +198,10 @@ def serve(
         console.print(f"  database: {store!r}", highlight=False)
         if study_config is not None:
             console.print(f"  study: sign-in code [bold]{study_config.code}[/] at {url}/", highlight=False)
-        keys = store.keys()  # a method of the store, not of a dict
+        keys = store.keys()  # noqa: SIM118 - Store.keys is a query of API keys, not a dict's keys
         if not any(k.scope == "user" and k.revoked_at is None for k in keys):
-            console.print(
-                f"  no user keys yet: fspo serve keys create --user NAME --db {db}", highlight=False
-            )
+            hint = f"fspo serve keys create --user NAME --db {shown_url(db)}"
+            console.print(f"  no user keys yet: {hint}", highlight=False)
         uvicorn.run(api, host=host, port=port, log_level="info")
     finally:
         store.close()
@@ -264,6 +260,7 @@ def import_(
     """Import preferences (each with its own user, created if new) in the project's record formats."""
     from fspo.data.io import read_dataset_dir, read_records
     from fspo.data.schema import Preference, User
+    from fspo.serve.store import shown_url
 
     user_records: list[Any] = []
     if path.is_dir():
@@ -277,7 +274,9 @@ def import_(
     with open_store(db) as store:
         n_users = store.import_users(user_records) if user_records else 0
         n_prefs = store.import_preferences(prefs, source=source)
-    console.print(f"imported {n_prefs} preferences and {n_users} user records into {db}", highlight=False)
+    console.print(
+        f"imported {n_prefs} preferences and {n_users} user records into {shown_url(db)}", highlight=False
+    )
 
 
 @app.command("export")

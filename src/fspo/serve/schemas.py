@@ -5,25 +5,25 @@ Why pydantic models with ``extra="forbid"``: a misspelt or unsupported option (`
 be the one the caller asked for. The OpenAI fields the official client sends are all accepted;
 those this server cannot honour (``n`` > 1, non-zero penalties) are refused by name too.
 Limits that depend on the server's configuration (a backend's token limit, the shot cap) are
-checked by the app, which knows them.
+checked by the app, which knows them. A preference's body is the store's `NewPreference`, valid
+exactly when the core record is.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from fspo.serve.store import NewPreference
+from fspo.serve.store import NewPreference, storable
 
-
-def _not_blank(text: str) -> str:
-    if not text.strip():
-        raise ValueError("must not be empty or whitespace only")
-    return text
-
-
-Text = Annotated[str, AfterValidator(_not_blank)]
+# Integers the database and the generator can hold: a larger one (2**70) is refused with its field's
+# name instead of overflowing the SQL integer or the sampler's seed (a 500).
+INT64_MAX = 2**63 - 1
+RowId = Annotated[int, Field(ge=1, le=INT64_MAX)]  # a preference's or a trial's id
+Seed = Annotated[int, Field(ge=-(2**63), le=INT64_MAX)]  # OpenAI's range for `seed`
+Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
+StoredText = Annotated[str, AfterValidator(storable)]
 
 
 class Body(BaseModel):
@@ -60,22 +60,22 @@ class GenerationBody(Body):
     """Fields shared by chat completions and completions, plus FSPO's own options."""
 
     model: str | None = None  # a served system's name; None: the server's default system
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     # Greedy by default (OpenAI's default is 1.0) so that the same shots and question give the same answer.
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     user: str | None = None  # accepted for compatibility, never used: the caller is the API key's user
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     # FSPO: which of the caller's stored preferences become the episode's shots, and how to answer.
-    shots: int | None = Field(None, ge=0)  # the newest N (default: the system's number)
-    preference_ids: list[int] | None = None  # exactly these of the caller's preferences
+    shots: Count | None = None  # the newest N (default: the system's number)
+    preference_ids: list[RowId] | None = None  # exactly these of the caller's preferences
     mode: Literal["plain", "rat"] | None = None  # None: the model's trained mode
 
     @field_validator("n")
@@ -149,7 +149,8 @@ class CompletionRequest(GenerationBody):
     def _one_prompt(cls, prompt: str | list[str]) -> str | list[str]:
         if isinstance(prompt, list) and len(prompt) != 1:
             raise ValueError("exactly one prompt per request")
-        _not_blank(prompt if isinstance(prompt, str) else prompt[0])
+        if not (prompt if isinstance(prompt, str) else prompt[0]).strip():
+            raise ValueError("must not be empty or whitespace only")
         return prompt
 
     @property
@@ -157,31 +158,13 @@ class CompletionRequest(GenerationBody):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
-class PreferenceIn(NewPreference):
-    """One labeled comparison of the caller's: for `question`, they prefer `chosen` over `rejected`.
-    The store's `NewPreference`, checked field by field here so that a refusal names the field."""
-
-    question: Text
-    chosen: Text
-    rejected: Text
-    metadata: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("rejected")
-    @classmethod
-    def _differ(cls, rejected: str, info: ValidationInfo) -> str:
-        chosen = info.data.get("chosen")
-        if isinstance(chosen, str) and chosen.strip() == rejected.strip():
-            raise ValueError("chosen and rejected answers are identical")
-        return rejected
-
-
 class PreferenceBatch(Body):
-    preferences: list[PreferenceIn] = Field(min_length=1)
+    preferences: list[NewPreference] = Field(min_length=1)
 
 
 class NewKey(Body):
     """An admin's request for a key: it acts as `user_id` (created if new)."""
 
-    user_id: str = Field(min_length=1, max_length=200)
+    user_id: StoredText = Field(min_length=1, max_length=200)
     scope: Literal["user", "admin"] = "user"
-    name: str = Field("", max_length=200)
+    name: StoredText = Field("", max_length=200)

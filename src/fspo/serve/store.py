@@ -31,16 +31,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from sqlalchemy import (
     JSON,
     CheckConstraint,
@@ -61,7 +62,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import StaticPool
@@ -76,6 +77,48 @@ VOTES: tuple[str, ...] = ("left", "right", "tie")
 MIGRATIONS = Path(__file__).parent / "migrations"
 KEY_PREFIX = "fspo"
 _KEY_RE = re.compile(r"fspo-([0-9a-f]{16})-([A-Za-z0-9_-]{20,128})")
+T = TypeVar("T")
+
+
+def parse_url(url: str) -> URL:
+    """`url` as a SQLAlchemy URL; a `UserError` naming --db when it is not one (the one place saying so)."""
+    try:
+        return make_url(url)
+    except Exception as e:  # sqlalchemy's ArgumentError, or a non-string
+        raise UserError(f"--db: {url!r} is not a database URL (e.g. sqlite:///fspo-serve.db): {e}") from None
+
+
+def shown_url(url: str) -> str:
+    """`url` fit to print or write to a report: its password, if any, masked."""
+    return parse_url(url).render_as_string(hide_password=True)
+
+
+def storable(value: Any) -> Any:
+    """`value` unchanged if every database stores it faithfully, else a `ValueError` saying where not.
+
+    Two things are refused: a NUL character in a string (PostgreSQL's text and JSON types reject it:
+    the insert would fail) and a non-finite float, NaN or Infinity, anywhere in a JSON value (JSON has
+    none: the JSON column would silently store null, or fail).
+    """
+    _check_storable(value, "")
+    return value
+
+
+def _check_storable(value: Any, where: str) -> None:
+    at = f" at {where}" if where else ""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError(f"contains a NUL character (\\u0000){at}, which cannot be stored")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value} is not a finite number{at} (JSON has no NaN or Infinity)")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_storable(key, where)
+            _check_storable(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_storable(item, f"{where}[{i}]")
 
 
 # ----------------------------------------------------------------------------------------- errors
@@ -121,13 +164,29 @@ class _Out(BaseModel):
 
 
 class NewPreference(BaseModel):
-    """A preference as a user submits it: the user is the caller (from its key), never a field."""
+    """A preference as a user submits it: the user is the caller (from its key), never a field.
+
+    Valid exactly when the core record (`fspo.data.schema.Preference`) with the caller's id is, so the
+    store and the API accept what training data accepts, with each refusal at its field (``rejected``),
+    and when a database can hold it (`storable`).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     question: str
     chosen: str
     rejected: str
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("*")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        return storable(value)
+
+    @model_validator(mode="after")
+    def _core_rules(self) -> NewPreference:
+        # pydantic merges a ValidationError raised here into this model's, each error at its own field.
+        Preference(user_id="caller", **self.model_dump())
+        return self
 
 
 class StoredPreference(_Out):
@@ -356,16 +415,17 @@ def _validated(
                         field="user_id",
                         index=i,
                     )
+                _check_record(item, i)
                 out.append(item)
                 continue
-            fields = item.model_dump() if isinstance(item, BaseModel) else dict(item)
-            if "user_id" in fields:
+            if isinstance(item, Mapping) and "user_id" in item:
                 raise InvalidRecord(
                     f"preferences[{i}].user_id: the user comes from the API key, not the body",
                     field="user_id",
                     index=i,
                 )
-            out.append(Preference(user_id=user_id, **fields))
+            new = item if isinstance(item, NewPreference) else NewPreference.model_validate(item)
+            out.append(Preference(user_id=user_id, **new.model_dump()))
         except ValidationError as e:
             for err in e.errors():
                 name = ".".join(str(p) for p in err["loc"]) or "preference"
@@ -379,6 +439,16 @@ def _validated(
         msg = problems[0] if len(problems) == 1 else f"{len(problems)} problems in the preferences"
         raise InvalidRecord(msg, problems if len(problems) > 1 else None, field=first[0], index=first[1])
     return out
+
+
+def _check_record(pref: Preference, index: int) -> None:
+    """An `InvalidRecord` naming the field of a core record (one read from a file) that no database
+    can hold faithfully (`storable`); records built from a `NewPreference` are already checked."""
+    for name in ("user_id", "question", "chosen", "rejected", "metadata"):
+        try:
+            storable(getattr(pref, name))
+        except ValueError as e:
+            raise InvalidRecord(f"preferences[{index}].{name}: {e}", field=name, index=index) from None
 
 
 def _pref(row: PreferenceRow) -> StoredPreference:
@@ -434,10 +504,7 @@ class Store:
         self, url: str = "sqlite:///fspo-serve.db", *, busy_timeout_ms: int = 5000, echo: bool = False
     ):
         self.url = url
-        try:
-            parsed = make_url(url)
-        except Exception as e:  # sqlalchemy's ArgumentError: not a URL at all
-            raise UserError(f"--db: not a database URL: {url!r} ({e})") from e
+        parsed = parse_url(url)
         self._sqlite = parsed.get_backend_name() == "sqlite"
         memory = self._sqlite and parsed.database in (None, "", ":memory:")
         kwargs: dict[str, Any] = {"echo": echo}
@@ -485,7 +552,7 @@ class Store:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Store({make_url(self.url).render_as_string(hide_password=True)!r})"
+        return f"Store({shown_url(self.url)!r})"
 
     @staticmethod
     def _log(s: Session, kind: str, user_id: str | None, **payload: Any) -> None:
@@ -503,6 +570,11 @@ class Store:
     ) -> tuple[UserRow, bool]:
         """(the user's row, whether anything was written), creating or updating it in session `s`."""
         _text("user_id", user_id)
+        for name, value in (("user_id", user_id), ("description", description), ("metadata", metadata)):
+            try:
+                storable(value)
+            except ValueError as e:
+                raise InvalidRecord(f"{name}: {e}", field=name) from None
         row = s.get(UserRow, user_id)
         if row is None:
             row = UserRow(user_id=user_id, description=description, meta=dict(metadata or {}))
@@ -521,16 +593,23 @@ class Store:
 
     # -- users
 
-    def ensure_user(self, user_id: str, description: str | None = None, metadata: dict | None = None) -> User:
-        """The user, created if missing; a non-None description or metadata replaces the stored one."""
+    def _write_creating_user(self, write: Callable[[Session], T]) -> T:
+        """`write` in a write transaction, run once more if it lost a race to create the same new user.
+
+        Off SQLite, BEGIN IMMEDIATE does not serialize writers: another may insert the user between
+        our read and our insert, and ours fails on the primary key (IntegrityError). The user exists
+        then, so the second run finds it.
+        """
         try:
             with self._session(write=True) as s:
-                return _user(self._ensure(s, user_id, description, metadata)[0])
+                return write(s)
         except IntegrityError:
-            # Another writer created it between our read and insert (possible off SQLite, where
-            # BEGIN IMMEDIATE does not serialize writers): it exists now, so update it.
             with self._session(write=True) as s:
-                return _user(self._ensure(s, user_id, description, metadata)[0])
+                return write(s)
+
+    def ensure_user(self, user_id: str, description: str | None = None, metadata: dict | None = None) -> User:
+        """The user, created if missing; a non-None description or metadata replaces the stored one."""
+        return self._write_creating_user(lambda s: _user(self._ensure(s, user_id, description, metadata)[0]))
 
     def get_user(self, user_id: str) -> User | None:
         with self._session() as s:
@@ -554,14 +633,22 @@ class Store:
         """A new key for `user_id` (created if missing): its info and the plaintext, which is never stored."""
         if scope not in SCOPES:
             raise InvalidRecord(f"scope: must be one of {', '.join(SCOPES)}, not {scope!r}", field="scope")
+        _text("user_id", user_id)
+        try:
+            storable(name)
+        except ValueError as e:
+            raise InvalidRecord(f"name: {e}", field="name") from None
         key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
-        with self._session(write=True) as s:
+
+        def write(s: Session) -> KeyInfo:
             self._ensure(s, user_id, None, None)
             row = KeyRow(id=key_id, user_id=user_id, secret_sha256=_hash(secret), scope=scope, name=name)
             s.add(row)
             s.flush()
             self._log(s, "key.create", user_id, key_id=key_id, scope=scope, name=name)
-            return _key(row), f"{KEY_PREFIX}-{key_id}-{secret}"
+            return _key(row)
+
+        return self._write_creating_user(write), f"{KEY_PREFIX}-{key_id}-{secret}"
 
     def authenticate(self, key: str) -> Principal | None:
         """The key's principal, or None for anything else: malformed, unknown, wrong secret, revoked."""
@@ -637,8 +724,11 @@ class Store:
         with self._session() as s:
             return [_pref(r) for r in s.scalars(q.order_by(PreferenceRow.id.desc()).limit(limit))]
 
-    def shots(self, user_id: str, n: int | None = None, ids: Sequence[int] | None = None) -> list[Preference]:
-        """The user's shots for an episode, oldest first (the order episodes give shots).
+    def shots(
+        self, user_id: str, n: int | None = None, ids: Sequence[int] | None = None
+    ) -> list[StoredPreference]:
+        """The user's shots for an episode, oldest first (the order episodes give shots), with their ids
+        (`StoredPreference.record` is the episode's shot).
 
         `ids`: exactly these preferences (each must be this user's: else NotFound naming the first id
         that is not; `n` is then ignored). Otherwise the newest `n` (None: all).
@@ -651,7 +741,7 @@ class Store:
             missing = [i for i in wanted if i not in {r.id for r in rows}]
             if missing:
                 raise NotFound(f"preference_ids: no preference {missing[0]} of yours", field="preference_ids")
-            return [_pref(r).record() for r in rows]
+            return [_pref(r) for r in rows]
         if n is not None and (not isinstance(n, int) or n < 0):
             raise InvalidRecord(f"shots: must be a non-negative integer, not {n!r}", field="shots")
         if n == 0:
@@ -661,7 +751,13 @@ class Store:
             q = q.limit(n)
         with self._session() as s:
             rows = list(s.scalars(q))
-        return [_pref(r).record() for r in reversed(rows)]
+        return [_pref(r) for r in reversed(rows)]
+
+    def preference_counts(self) -> dict[str, int]:
+        """Every user's number of preferences (a user without any is absent), in one query."""
+        q = select(PreferenceRow.user_id, func.count()).group_by(PreferenceRow.user_id)
+        with self._session() as s:
+            return {user_id: count for user_id, count in s.execute(q)}
 
     def count_preferences(self, user_id: str) -> int:
         with self._session() as s:
@@ -695,6 +791,7 @@ class Store:
                 raise InvalidRecord(
                     f"preferences[{i}]: expected a Preference record, got {type(p).__name__}", index=i
                 )
+            _check_record(p, i)
         with self._session(write=True) as s:
             for user_id in dict.fromkeys(p.user_id for p in prefs):
                 self._ensure(s, user_id, None, None)
@@ -777,13 +874,6 @@ class Store:
                 f"question: participant {participant!r} already has a trial for it", field="question"
             ) from e
 
-    def trial(self, participant: str, trial_id: int) -> Trial | None:
-        with self._session() as s:
-            row = s.scalar(
-                select(TrialRow).where(TrialRow.id == trial_id, TrialRow.participant == participant)
-            )
-            return None if row is None else _trial(row)
-
     def trials(self, participant: str | None = None) -> list[Trial]:
         q = select(TrialRow).order_by(TrialRow.id)
         if participant is not None:
@@ -816,20 +906,25 @@ class Store:
 
     # -- events
 
-    def events(self, user_id: str | None = None, kind: str | None = None) -> list[Event]:
-        """The append-only log, oldest first (all users' when `user_id` is None)."""
-        q = select(EventRow).order_by(EventRow.id)
+    def events(
+        self, user_id: str | None = None, kind: str | None = None, limit: int | None = None
+    ) -> list[Event]:
+        """The append-only log, oldest first (all users' when `user_id` is None); `limit`: only the newest
+        `limit` events, chosen by the database (the log only grows, so it is never read whole for a page)."""
+        q = select(EventRow)
         if user_id is not None:
             q = q.where(EventRow.user_id == user_id)
         if kind is not None:
             q = q.where(EventRow.kind == kind)
+        q = q.order_by(EventRow.id.desc()).limit(limit) if limit is not None else q.order_by(EventRow.id)
         with self._session() as s:
-            return [
-                Event(
-                    id=r.id, user_id=r.user_id, kind=r.kind, payload=r.payload or {}, created_at=r.created_at
-                )
-                for r in s.scalars(q)
-            ]
+            rows = list(s.scalars(q))
+        if limit is not None:
+            rows.reverse()
+        return [
+            Event(id=r.id, user_id=r.user_id, kind=r.kind, payload=r.payload or {}, created_at=r.created_at)
+            for r in rows
+        ]
 
 
 def _sqlite_events(engine: Engine, busy_timeout_ms: int) -> None:

@@ -1,13 +1,15 @@
 """The blind study of the paper, served: people label a few pairs, then choose between two hidden systems.
 
-A participant joins with the study's code (`POST /v1/study/join`) and gets a user of their own and an
-API key. They label `label_count` pairs of the study's bank (`GET /v1/study/pairs`; each label is a
-preference posted to `/v1/users/me/preferences`, so it is stored like any other and becomes a shot).
-Then, for `trials_per_participant` held-out questions, `GET /v1/study/next` shows FSPO's answer, written
-with the participant's own preferences as shots, beside the baseline's, on sides drawn per trial; the
-participant votes left, right or tie (`POST /v1/study/trials/{id}/vote`). The database holds one trial
-per (participant, question) and takes one vote per trial (`Store.create_trial` / `Store.vote`), so a
-double click, a replayed request or a second tab cannot vote twice.
+A participant joins with the study's code (`POST /v1/study/join`) and gets a user of their own (marked
+as a participant) and an API key; the other study routes refuse any other key (403), so every trial
+and vote comes from someone who joined. They label `label_count` pairs of the study's bank
+(`GET /v1/study/pairs`; each label is a preference posted to `/v1/users/me/preferences`, so it is
+stored like any other and becomes a shot). Then, for `trials_per_participant` held-out questions,
+`GET /v1/study/next` shows FSPO's answer, written with the participant's own preferences as shots,
+beside the baseline's, on sides drawn per trial; the participant votes left, right or tie
+(`POST /v1/study/trials/{id}/vote`). The database holds one trial per (participant, question) and
+takes one vote per trial (`Store.create_trial` / `Store.vote`), so a double click, a replayed request
+or a second tab cannot vote twice.
 
 Every random draw (which pairs, which sides of a pair, which questions, which side FSPO is on) is a
 function of (study seed, participant, item) alone: a participant's study is the same whatever the
@@ -22,7 +24,6 @@ share of votes for the left side (the position-bias check), and results per ques
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import math
 import secrets
@@ -33,15 +34,17 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from fastapi import APIRouter, Depends, Request
+from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from fspo.core.errors import UserError
+from fspo.core.rng import seeded_rng
 from fspo.data.schema import Preference
 from fspo.serve.answers import generate, prepare
 from fspo.serve.auth import user_principal
 from fspo.serve.errors import APIError
-from fspo.serve.schemas import CompletionRequest
+from fspo.serve.schemas import INT64_MAX, CompletionRequest
 from fspo.serve.store import Conflict, Principal, Trial
 
 Choice = Literal["left", "right", "tie"]
@@ -143,7 +146,7 @@ class StudyConfig(BaseModel):
     # The draws: functions of (seed, participant, item) only.
     def pairs_for(self, participant: str) -> list[dict[str, Any]]:
         """`label_count` distinct pairs of the bank, each with its two answers in a drawn order."""
-        rng = _rng(self.seed, participant, "pairs")
+        rng = seeded_rng(self.seed, participant, "pairs")
         shown = []
         for i in rng.sample(range(len(self.bank)), self.label_count):
             pair = self.bank[i]
@@ -153,23 +156,14 @@ class StudyConfig(BaseModel):
 
     def questions_for(self, participant: str) -> list[str]:
         """The participant's `trials_per_participant` questions, distinct, in the order they are asked."""
-        rng = _rng(self.seed, participant, "questions")
+        rng = seeded_rng(self.seed, participant, "questions")
         return [
             self.question_bank[i]
             for i in rng.sample(range(len(self.question_bank)), self.trials_per_participant)
         ]
 
     def fspo_on_left(self, participant: str, question: str) -> bool:
-        return _rng(self.seed, participant, "sides", question).random() < 0.5
-
-
-def _rng(*parts: object):
-    """A `random.Random` seeded from `parts` through SHA-256: stable across processes and Python versions
-    (unlike `hash()`), and independent for every (seed, participant, item)."""
-    import random
-
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
+        return seeded_rng(self.seed, participant, "sides", question).random() < 0.5
 
 
 # ------------------------------------------------------------------------------------------- routes
@@ -195,6 +189,26 @@ def _study(request: Request) -> StudyConfig:
     return study
 
 
+# The user metadata that marks a participant: set at join, the one way into the study's routes.
+PARTICIPANT = "study"
+
+
+def participant_principal(request: Request, principal: Principal = Depends(user_principal)) -> Principal:
+    """The caller, who must be a participant (a user made by ``POST /v1/study/join``).
+
+    Any other user key is refused (403): the study's trials and votes must come only from people who
+    joined with the code, labelled the study's pairs and were shown blind answers, or the report would
+    mix in answers chosen by anyone holding a key.
+    """
+    _study(request)
+    user = request.app.state.store.get_user(principal.user_id)
+    if user is None or user.metadata.get(PARTICIPANT) is not True:
+        raise APIError(
+            403, "only study participants (joined with the code) take the study", code="not_a_participant"
+        )
+    return principal
+
+
 @router.post("/join")
 def join(body: JoinBody, request: Request) -> dict[str, str]:
     """A new participant: a user of their own and a user-scope key, shown this once."""
@@ -203,20 +217,25 @@ def join(body: JoinBody, request: Request) -> dict[str, str]:
         raise APIError(403, "wrong study code", param="code", code="wrong_study_code")
     store = request.app.state.store
     participant = f"study-{secrets.token_hex(8)}"
-    store.ensure_user(participant, metadata={"study": True})
+    store.ensure_user(participant, metadata={PARTICIPANT: True})
     _, key = store.create_key(participant, "user", name="study")
     return {"api_key": key, "participant": participant}
 
 
 @router.get("/pairs")
-def pairs(request: Request, principal: Principal = Depends(user_principal)) -> list[dict[str, Any]]:
+def pairs(request: Request, principal: Principal = Depends(participant_principal)) -> list[dict[str, Any]]:
     """The pairs this participant labels; each label goes to ``POST /v1/users/me/preferences``."""
     return _study(request).pairs_for(principal.user_id)
 
 
 @router.get("/next")
-async def next_trial(request: Request, principal: Principal = Depends(user_principal)) -> dict[str, Any]:
+async def next_trial(
+    request: Request, principal: Principal = Depends(participant_principal)
+) -> dict[str, Any]:
     """The participant's unvoted trial, else a new one for their next question, else ``done``.
+
+    A new trial needs at least one of the participant's preferences (409 ``no_labels`` before that):
+    FSPO's side answers from them, so without any the trial would compare two unpersonalized answers.
 
     Database work runs in the default threadpool, generation in the app's generation pool, as the
     completion routes do, so participants waiting for answers never hold the threads others need.
@@ -253,10 +272,12 @@ async def next_trial(request: Request, principal: Principal = Depends(user_princ
 
 @router.post("/trials/{trial_id}/vote")
 def vote(
-    trial_id: int, body: VoteBody, request: Request, principal: Principal = Depends(user_principal)
+    body: VoteBody,
+    request: Request,
+    trial_id: int = PathParam(ge=1, le=INT64_MAX),
+    principal: Principal = Depends(participant_principal),
 ) -> dict[str, Any]:
     """One vote per trial: the store refuses a second (Conflict: 409) and another's trial (NotFound: 404)."""
-    _study(request)
     trial = request.app.state.store.vote(principal.user_id, trial_id, body.choice)
     return {"trial_id": trial.id, "vote": trial.vote}
 

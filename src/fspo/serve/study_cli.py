@@ -113,6 +113,7 @@ def report_cmd(
 ) -> None:
     """FSPO's win rate (ties half) with a participant bootstrap interval, position bias, per question."""
     from fspo.core.files import atomic_write_json
+    from fspo.serve.store import shown_url
 
     names = _study_names(study) if study else {}
     rep = study_report(
@@ -124,7 +125,8 @@ def report_cmd(
     )
     print_report(rep)
     if out is not None:
-        atomic_write_json(out, {"kind": "fspo.study_report", "db": db, **rep.model_dump(mode="json")})
+        report = {"kind": "fspo.study_report", "db": shown_url(db), **rep.model_dump(mode="json")}
+        atomic_write_json(out, report)
         console.print(f"wrote {out}")
 
 

@@ -23,7 +23,6 @@ import asyncio
 import itertools
 import json
 import math
-import random
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from typing import Any
 from tqdm import tqdm
 
 from fspo.core.files import AppendLog, atomic_open, atomic_write_json, atomic_write_text
+from fspo.core.rng import seeded_rng
 from fspo.core.stages import Stage, fingerprint, run_ordered
 from fspo.llm import LETTER_SCORES, LLMClient, ParseFailure, RequestCache, ask_both_orders, make_backend
 from fspo.synth.config import SynthConfig, TraitDimension
@@ -54,10 +54,6 @@ STAGES = ("traits", "personas", "questions", "answers", "labels", "export")
 
 def _fp(*parts: Any) -> str:
     return fingerprint(parts)
-
-
-def _rng(seed: int, *parts: Any) -> random.Random:
-    return random.Random(":".join(str(p) for p in (seed, *parts)))
 
 
 def normalize_question(text: str) -> str:
@@ -185,7 +181,7 @@ class Pipeline:
         return dims
 
     def _persona_traits(self, dims: list[TraitDimension], i: int) -> dict[str, str]:
-        rng = _rng(self.cfg.seed, "persona", i)
+        rng = seeded_rng(self.cfg.seed, "persona", i)
         k = self.cfg.personas.traits_per_persona or len(dims)
         chosen = rng.sample(dims, min(k, len(dims)))
         return {d.name: rng.choice(d.values) for d in chosen}
@@ -371,7 +367,7 @@ class Pipeline:
     ) -> Iterator[tuple[str, int, int, int, bool]]:
         k = min(self.cfg.labels.per_user, len(pool))
         for user in users:
-            rng = _rng(self.cfg.seed, "labels", user)
+            rng = seeded_rng(self.cfg.seed, "labels", user)
             for p in rng.sample(range(len(pool)), k):
                 q, i, j = pool[p]
                 yield user, q, i, j, rng.random() < 0.5
@@ -385,7 +381,7 @@ class Pipeline:
             for i, j in itertools.combinations(range(len(ans)), 2):
                 if ans[i] is not None and ans[j] is not None and ans[i].strip() != ans[j].strip():
                     pool.append((qi, i, j))
-        _rng(self.cfg.seed, "pool").shuffle(pool)
+        seeded_rng(self.cfg.seed, "pool").shuffle(pool)
         return pool[: self.cfg.labels.pair_pool] if self.cfg.labels.pair_pool else pool
 
     async def labels(self) -> None:

@@ -36,19 +36,13 @@
     return headers;
   }
 
-  // The error's message as the API words it: OpenAI-shaped {"error": {"message"}}, or FastAPI's
-  // {"detail"} should a route answer before the app's handlers shape it.
+  // The error's message as the API words it (every error is OpenAI-shaped: {"error": {"message"}}); the
+  // status line when the body is not the API's (a proxy's error page).
   async function errorOf(resp) {
     let message = "The server answered " + resp.status + (resp.statusText ? " " + resp.statusText : "") + ".";
     try {
       const body = await resp.json();
-      if (body && body.error && typeof body.error.message === "string") {
-        message = body.error.message;
-      } else if (body && typeof body.detail === "string") {
-        message = body.detail;
-      } else if (body && Array.isArray(body.detail) && body.detail.length && body.detail[0].msg) {
-        message = body.detail.map((d) => d.msg).join("; ");
-      }
+      if (body && body.error && typeof body.error.message === "string") message = body.error.message;
     } catch (_) {
       // not JSON: keep the status line
     }
@@ -68,16 +62,8 @@
   async function api(method, path, body) {
     const resp = await send(method, path, body);
     if (!resp.ok) throw await errorOf(resp);
-    if (resp.status === 204) return null;
     const text = await resp.text();
     return text ? JSON.parse(text) : null;
-  }
-
-  // A list answer may be a bare array or an object holding it ({"data": [...]}, {"pairs": [...]}).
-  function listOf(value, ...names) {
-    if (Array.isArray(value)) return value;
-    for (const name of names) if (value && Array.isArray(value[name])) return value[name];
-    return [];
   }
 
   // ---- status, errors, views -----------------------------------------------------------------
@@ -184,7 +170,7 @@
     let before = null;
     for (let page = 0; page < 20; page++) {
       const query = "?limit=100" + (before === null ? "" : "&before=" + before);
-      const prefs = listOf(await api("GET", "v1/users/me/preferences" + query), "data", "preferences");
+      const prefs = (await api("GET", "v1/users/me/preferences" + query)).data;
       for (const p of prefs) keys.add(pairKey(p.question, p.chosen, p.rejected));
       if (prefs.length < 100) break;
       before = prefs[prefs.length - 1].id;
@@ -199,10 +185,11 @@
     setStatus("Loading the pairs to label…");
     let pairs;
     try {
-      pairs = listOf(await api("GET", "v1/study/pairs"), "pairs", "data");
+      pairs = await api("GET", "v1/study/pairs");
     } catch (err) {
-      if (!(err instanceof ApiError) || err.status !== 404) throw err;
-      pairs = [];  // no study on this server: nothing to label
+      // 404: no study on this server; 403: a key of a user who did not join it. Nothing to label.
+      if (!(err instanceof ApiError) || (err.status !== 404 && err.status !== 403)) throw err;
+      pairs = [];
     }
     const done = await labeledKeys();
     state.total = pairs.length;
@@ -396,7 +383,7 @@
       state.prefsBefore = null;
     }
     const query = "?limit=" + PREFS_PAGE + (state.prefsBefore === null ? "" : "&before=" + state.prefsBefore);
-    const prefs = listOf(await api("GET", "v1/users/me/preferences" + query), "data", "preferences");
+    const prefs = (await api("GET", "v1/users/me/preferences" + query)).data;
     for (const pref of prefs) list.append(prefItem(pref));
     if (prefs.length) state.prefsBefore = prefs[prefs.length - 1].id;
     $("prefs-more").hidden = prefs.length < PREFS_PAGE;
