@@ -88,11 +88,9 @@ def cli_args(*words: object, **options: object) -> list[str]:
     return args
 
 
-def data_cli(*args: object) -> tuple[int, str]:
-    """Run `fspo data ...` as `fspo.cli.main` does: a UserError is one message and exit status 2."""
+def run_typer(app: object, *args: object) -> tuple[int, str]:
+    """Run a typer `app` as `fspo.cli.main` does: a UserError is one message and exit status 2."""
     from typer.testing import CliRunner
-
-    from fspo.data.cli import app
 
     result = CliRunner().invoke(app, [str(a) for a in args])
     if isinstance(result.exception, UserError):
@@ -100,6 +98,13 @@ def data_cli(*args: object) -> tuple[int, str]:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.output
+
+
+def data_cli(*args: object) -> tuple[int, str]:
+    """`fspo data ...` through `run_typer`."""
+    from fspo.data.cli import app
+
+    return run_typer(app, *args)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import write_jsonl
+from conftest import run_typer, write_jsonl
 from fspo.core.errors import UserError
 from fspo.data.toy import COLOURS, toy_preferences, toy_reward_for, toy_users
 from fspo.eval.stats import wilson_interval
@@ -379,17 +379,10 @@ def test_simulate_reports_the_servers_refusal(tmp_path, study_file):
 
 # ------------------------------------------------------------------- the commands, on simulated users
 def study_cli(*args):
-    """Run `fspo study ...` as `fspo.cli.main` does: a UserError is one message and exit status 2."""
-    from typer.testing import CliRunner
-
+    """`fspo study ...` through conftest's `run_typer`."""
     from fspo.serve.study_cli import app
 
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if isinstance(result.exception, UserError):
-        return 2, str(result.exception)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
+    return run_typer(app, *args)
 
 
 @pytest.fixture(scope="module")

@@ -133,32 +133,9 @@ class StubServer:
         self.app.post("/v1/completions")(self._completions)
         self.app.post("/completions")(self._completions)
 
-    async def _chat(self, request: Request) -> JSONResponse:
-        body = await request.json()
-        self.requests.append(body)
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            reply = self.responder(body)
-            if not isinstance(reply, Reply):
-                reply = Reply(body=reply) if isinstance(reply, dict) else Reply(content=reply)
-            if reply.delay:
-                await asyncio.sleep(reply.delay)
-            if reply.status != 200:
-                err = {"error": {"message": f"stub error {reply.status}", "code": reply.status}}
-                return JSONResponse(reply.body or err, status_code=reply.status, headers=reply.headers)
-            if reply.body is not None:
-                return JSONResponse(reply.body, headers=reply.headers)
-            content, _ = apply_stop(reply.content or "", body.get("stop"))
-            words_in = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
-            usage = reply.usage or (words_in, len(content.split()))
-            return JSONResponse(chat_body(content, body.get("model", "stub"), usage), headers=reply.headers)
-        finally:
-            self.in_flight -= 1
-
-    async def _completions(self, request: Request) -> Any:
-        body = await request.json()
-        self.requests.append(body)
+    async def _reply(self, body: dict[str, Any]) -> Reply | JSONResponse:
+        """The responder's scripted reply to `body`, after its delay; a whole response when the script
+        gives an error status or a raw body."""
         reply = self.responder(body)
         if not isinstance(reply, Reply):
             reply = Reply(body=reply) if isinstance(reply, dict) else Reply(content=reply)
@@ -169,6 +146,30 @@ class StubServer:
             return JSONResponse(reply.body or err, status_code=reply.status, headers=reply.headers)
         if reply.body is not None:
             return JSONResponse(reply.body, headers=reply.headers)
+        return reply
+
+    async def _chat(self, request: Request) -> JSONResponse:
+        body = await request.json()
+        self.requests.append(body)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            reply = await self._reply(body)
+            if isinstance(reply, JSONResponse):
+                return reply
+            content, _ = apply_stop(reply.content or "", body.get("stop"))
+            words_in = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
+            usage = reply.usage or (words_in, len(content.split()))
+            return JSONResponse(chat_body(content, body.get("model", "stub"), usage), headers=reply.headers)
+        finally:
+            self.in_flight -= 1
+
+    async def _completions(self, request: Request) -> Any:
+        body = await request.json()
+        self.requests.append(body)
+        reply = await self._reply(body)
+        if isinstance(reply, JSONResponse):
+            return reply
         content, stopped = apply_stop(reply.content or "", body.get("stop"))
         finish_reason = "stop" if stopped else reply.finish_reason
         usage = reply.usage or (_prompt_size(body.get("prompt")), len(content.split()))
