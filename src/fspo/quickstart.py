@@ -5,8 +5,10 @@ the same with RAT, and the zero-shot population baseline → personalized genera
 of the paper → win rates judged by each simulated user's exact reward → accuracy vs shots → report.
 
 Every stage is cached under `out/<stage>/` (see `fspo.core.stages`), so a second run only redoes what
-changed; training stages resume from their checkpoints after a kill. The numbers printed at the end
-are the ones written to `out/report/results.json`.
+changed: settings, or a stage's files, which its marker holds the sha256 of (a damaged output re-runs
+its stage, and the stages that read it when the re-run wrote other bytes). After a kill, training
+stages resume from their checkpoints and generation from its append log. The numbers printed at the
+end are the ones written to `out/report/results.json`.
 """
 
 from __future__ import annotations

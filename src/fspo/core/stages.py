@@ -10,6 +10,21 @@ records the fingerprint it started with (`_started.json`), and its folder is emp
 under any other one (a finished run of other inputs, or one killed midway), so that a resume only
 ever continues the same configuration.
 
+A finished stage is only as good as its files: the marker also records the size and sha256 of every
+file the stage wrote (`outputs`), and a stage is "cached" only when each is still there with the same
+bytes; a missing, truncated or edited file re-runs the stage and says which file (`Stage.check`). Files
+added to a stage folder after it finished (the reference log-prob sidecars training writes beside the
+episodes) are not the stage's outputs and are neither checked nor a reason to re-run. A marker from
+before the hashes existed cannot be verified, so its stage re-runs rather than adopting whatever files
+are there now: adopting would bless exactly the damage the check is for (a file cut in half before the
+upgrade).
+
+A downstream stage's fingerprint holds its upstream stages' *input* fingerprints, so it stays the same
+when an upstream stage merely re-runs; its marker also records a digest of each upstream stage's
+outputs (`upstream_outputs`), and it re-runs when those differ. So an upstream stage that re-ran and
+wrote the same bytes (sim, episodes, generation: deterministic) leaves its downstream cached, and one
+whose files came out different (a training stage's metrics carry wall times) re-runs its downstream.
+
 Two ways to drive it: `StageRunner` runs named synchronous stages under one folder (the quickstart);
 `Stage` and `run_ordered` are the parts for stages that compute their own fingerprints and stream
 their items to an append log (`fspo synth`).
@@ -32,11 +47,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 
 from fspo.core.files import AppendLog, atomic_write_json
 
 MARKER = "_stage.json"
 STARTED = "_started.json"
+_BOOKKEEPING = frozenset({MARKER, STARTED})
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -48,31 +65,108 @@ def fingerprint(params: Any) -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    """The JSON object in `path`; None if there is none or it is not readable JSON (markers are written
+    atomically, so a damaged one was damaged by hand: `Stage.check` says so and re-runs the stage)."""
+    try:
+        value = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def output_hashes(folder: Path) -> dict[str, dict[str, Any]]:
+    """`{relative path: {"bytes", "sha256"}}` of every regular file under `folder` but the markers."""
+    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink())
+    return {
+        rel: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        for path in files
+        if (rel := path.relative_to(folder).as_posix()) not in _BOOKKEEPING
+    }
+
+
+def outputs_digest(outputs: dict[str, Any]) -> str:
+    """One hash of a stage's recorded outputs: what a downstream marker remembers of its upstream."""
+    return fingerprint(outputs)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n} bytes"
 
 
 class Stage:
-    """The folder `root/name` of one stage run under the inputs whose fingerprint is `fingerprint`."""
+    """The folder `root/name` of one stage run under the inputs whose fingerprint is `fingerprint`.
 
-    def __init__(self, root: Path, name: str, fingerprint: str):
+    `depends` names the stages (folders under `root`) whose outputs this one reads: their output
+    digests (as their markers record them) are recorded at `finish` and must be unchanged for `check`
+    to say cached. Check (or re-run) those stages first, as `StageRunner` does by running in order:
+    this one trusts their markers.
+    """
+
+    def __init__(self, root: Path, name: str, fingerprint: str, depends: tuple[str, ...] = ()):
+        self.root = root
         self.name = name
         self.path = root / name
         self.fingerprint = fingerprint
+        self.depends = depends
 
     def marker(self) -> dict[str, Any] | None:
         """The finished marker, whatever inputs it was made from (None if the stage never finished)."""
         return _read_json(self.path / MARKER)
 
-    def done(self) -> dict[str, Any] | None:
-        """The marker of a finished run with the same fingerprint, else None."""
+    def _upstream_digests(self) -> dict[str, str | None]:
+        digests: dict[str, str | None] = {}
+        for dep in self.depends:
+            outputs = (_read_json(self.root / dep / MARKER) or {}).get("outputs")
+            digests[dep] = None if outputs is None else outputs_digest(outputs)
+        return digests
+
+    def check(self) -> tuple[dict[str, Any] | None, str | None]:
+        """`(marker, None)` if a run with this fingerprint finished and its outputs are intact; else
+        `(None, why)`: `why` is one line naming what failed the check, or None when there is nothing to
+        check (the stage never finished, or finished under other inputs)."""
         marker = self.marker()
-        return marker if marker and marker.get("fingerprint") == self.fingerprint else None
+        if marker is None and (self.path / MARKER).exists():
+            return None, f"{self.path / MARKER} is not a JSON object"
+        if not marker or marker.get("fingerprint") != self.fingerprint:
+            return None, None
+        outputs = marker.get("outputs")
+        if not isinstance(outputs, dict):
+            return None, f"{self.path / MARKER} has no output hashes (an older fspo wrote it): not verifiable"
+        for rel, want in outputs.items():
+            path = self.path / rel
+            if not path.is_file():
+                return None, f"{path} is missing"
+            size = path.stat().st_size
+            if size != want["bytes"]:
+                how = "was truncated to" if size < want["bytes"] else "grew to"
+                return None, f"{path} {how} {_size(size)} (the stage wrote {_size(want['bytes'])})"
+            if _sha256(path) != want["sha256"]:
+                return None, f"{path} was edited since the stage wrote it (same size, other bytes)"
+        used = marker.get("upstream_outputs", {})
+        for dep, digest in self._upstream_digests().items():
+            if used.get(dep) != digest:
+                return None, f"{self.root / dep} holds other outputs than the ones this stage was made from"
+        return marker, None
+
+    def done(self) -> dict[str, Any] | None:
+        """The marker of a finished run with the same fingerprint and intact outputs, else None (and
+        why it is not cached, when a marker failed the check, is printed to stderr)."""
+        marker, why = self.check()
+        if why:
+            Console(stderr=True, soft_wrap=True).print(f"{self.name}: re-running: {why}", markup=False)
+        return marker
 
     def begin(self, fresh: bool = False) -> Path:
         """Ready the folder to run in: what a killed run of the same inputs left stays (to resume from);
         anything else (a finished run, other inputs, or everything when `fresh`) is removed first."""
         started = _read_json(self.path / STARTED) or {}
-        if self.path.exists() and (fresh or self.marker() or started.get("fingerprint") != self.fingerprint):
+        finished = (self.path / MARKER).exists()
+        if self.path.exists() and (fresh or finished or started.get("fingerprint") != self.fingerprint):
             shutil.rmtree(self.path)  # another configuration's outputs: resuming from them would mix runs
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path / STARTED, {"stage": self.name, "fingerprint": self.fingerprint})
@@ -84,10 +178,18 @@ class Stage:
         return log, sum(1 for _ in log.read())
 
     def finish(self, summary: dict[str, Any], **extra: Any) -> dict[str, Any]:
-        """Write the marker (`summary`, what the stage reports, plus `extra` facts); returns `summary`."""
+        """Write the marker (`summary`, what the stage reports, plus `extra` facts, the hashes of the
+        files in the stage folder and the digests of its upstream stages' outputs); returns `summary`."""
         atomic_write_json(
             self.path / MARKER,
-            {"stage": self.name, "fingerprint": self.fingerprint, **extra, "summary": summary},
+            {
+                "stage": self.name,
+                "fingerprint": self.fingerprint,
+                **extra,
+                "summary": summary,
+                "outputs": output_hashes(self.path),
+                "upstream_outputs": self._upstream_digests(),
+            },
         )
         return summary
 
@@ -148,12 +250,14 @@ class StageRunner:
         Returns the stage's summary (what `fn` returned, stored in the marker).
         """
         upstream = {d: (self.marker(d) or {}).get("fingerprint") for d in depends}
-        stage = Stage(self.root, name, fingerprint({"params": params, "upstream": upstream}))
-        done = stage.done()
-        if done and not self.force:
+        stage = Stage(self.root, name, fingerprint({"params": params, "upstream": upstream}), depends)
+        done, why = stage.check() if not self.force else (None, None)
+        if done:
             self.console.print(f"[dim]• {name}: cached ({done.get('seconds', 0):.0f} s when it ran)[/]")
             self.timings[name] = 0.0
             return done.get("summary") or {}
+        if why:
+            self.console.print(f"[yellow]• {name}: re-running:[/] {escape(why)}", soft_wrap=True)
         folder = stage.begin(fresh=self.force)
         self.console.rule(f"[bold]{name}")
         start = time.perf_counter()
