@@ -44,6 +44,7 @@ def test_batch_and_single_give_the_same_greedy_output(world):
         "split",
         "mode",
         "seed",
+        "batch_size",
     } <= rec.keys()
     assert rec["system"] == "plain" and rec["new_tokens"] <= 12
 
@@ -69,11 +70,17 @@ def test_shots_keeps_the_first_k(world):
     assert "# Example 1" in text and "# Example 2" not in text
 
 
-def test_resume_skips_done_episodes_and_writes_atomically(world, tmp_path):
+def test_resume_skips_done_batches_and_writes_atomically(world, tmp_path):
     _, episodes, model, tok = world
     out = tmp_path / "gen.jsonl"
-    first = generate_for_episodes(model, tok, episodes[:3], max_new_tokens=6, out=out)
+    kw = {"max_new_tokens": 6, "batch_size": 2}
+    first = generate_for_episodes(model, tok, episodes[:3], out=out, **kw)
     assert len(out.read_text().splitlines()) == 3 and not partial_path(out).exists()
+    both = generate_for_episodes(model, tok, episodes, out=out, **kw)
+    assert both[:3] == first  # records already written are kept as they were
+    assert [json.loads(x)["episode_id"] for x in out.read_text().splitlines()] == [
+        e.episode_id for e in episodes
+    ]
     calls = []
     original = model.generate
 
@@ -81,18 +88,19 @@ def test_resume_skips_done_episodes_and_writes_atomically(world, tmp_path):
         calls.append(k["input_ids"].shape[0])
         return original(*a, **k)
 
+    whole = out.read_bytes()
+    lines = whole.splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:-1]))  # one episode missing: only its batch (of 2) runs again
     model.generate = counting
     try:
-        both = generate_for_episodes(model, tok, episodes, max_new_tokens=6, out=out, batch_size=8)
+        generate_for_episodes(model, tok, episodes, out=out, **kw)
     finally:
         del model.generate
-    assert calls == [len(episodes) - 3]  # only the new episodes were generated
-    assert both[:3] == first
-    assert [json.loads(x)["episode_id"] for x in out.read_text().splitlines()] == [
-        e.episode_id for e in episodes
-    ]
+    assert calls == [2] and out.read_bytes() == whole
     with pytest.raises(UserError, match="other settings"):
-        generate_for_episodes(model, tok, episodes, max_new_tokens=7, out=out)
+        generate_for_episodes(model, tok, episodes, out=out, max_new_tokens=7, batch_size=2)
+    with pytest.raises(UserError, match="other settings"):  # the batch size decides the batches
+        generate_for_episodes(model, tok, episodes, out=out, max_new_tokens=6, batch_size=3)
 
 
 def test_rat_and_oracle_modes(world):

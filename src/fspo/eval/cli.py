@@ -35,7 +35,9 @@ def accuracy(
     beta: float = typer.Option(1.0, help="Implicit-reward scale (changes no ranking; recorded)."),
     batch_size: int = typer.Option(8, min=1),
     max_episodes: int | None = typer.Option(None, help="At most this many episodes per split (quick runs)."),
-    out: Path = typer.Option(Path("accuracy.json"), help="Output JSON."),
+    out: Path = typer.Option(
+        Path("accuracy.json"), help="Output JSON (a killed run resumes from its .partial log)."
+    ),
     dispreferred: bool | None = typer.Option(
         None, help="Show the shots' dispreferred answers (default: as the model was trained)."
     ),
@@ -43,6 +45,7 @@ def accuracy(
     """Preference accuracy of the model's implicit reward, per split, vs the number of shots."""
     from fspo.core.files import atomic_write_json
     from fspo.eval.accuracy import accuracy_curve, group_by_split
+    from fspo.eval.generate import partial_path
     from fspo.eval.records import load_test_episodes
     from fspo.infer.layout import trained_layout
     from fspo.models.loading import load_model, load_tokenizer
@@ -52,6 +55,9 @@ def accuracy(
     if max_episodes is not None:
         groups = {s: eps[:max_episodes] for s, eps in groups.items()}
     tokenizer = load_tokenizer(model)
+    log = partial_path(out)  # scored batches, kept until the result is written: a rerun resumes
+    if log.exists():
+        console.print(f"resuming: the batches scored in {log} (a stopped run's) are kept")
     result = accuracy_curve(
         load_model(model),
         tokenizer,
@@ -62,8 +68,11 @@ def accuracy(
         batch_size=batch_size,
         options=trained_layout(model, dispreferred),
         model_name=str(model),
+        ref_name=str(ref) if ref else None,
+        log=log,
     )
     atomic_write_json(out, result)
+    log.unlink(missing_ok=True)
     table = Table(title=f"Preference accuracy ({result['scoring']})")
     table.add_column("split")
     for k in ks:
@@ -151,7 +160,7 @@ def generate(
     ),
 ) -> None:
     """Generate a personalized answer for each test episode from its user's shots."""
-    from fspo.eval.generate import Mode, generate_for_episodes
+    from fspo.eval.generate import Mode, generate_for_episodes, partial_path
     from fspo.eval.records import load_test_episodes, users_by_id
     from fspo.infer.layout import trained_layout
     from fspo.models.loading import load_model, load_tokenizer
@@ -161,6 +170,8 @@ def generate(
     except ValueError as err:
         raise UserError(f"--mode: unknown mode {mode!r}; use plain, rat or oracle") from err
     eps = load_test_episodes(episodes)
+    if partial_path(out).exists():
+        console.print(f"resuming: the generations in {partial_path(out)} (a stopped run's) are kept")
     records = generate_for_episodes(
         load_model(model),
         load_tokenizer(model),

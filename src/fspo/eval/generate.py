@@ -7,7 +7,8 @@ the output first, so a killed run resumes where it stopped.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ from fspo.data.schema import Episode, User
 from fspo.data.template import TemplateOptions, parse_generation
 from fspo.infer.generate import Mode, answer_finished, batch_seed, generate_batch, prompt_ids
 
-SETTINGS = ("system", "mode", "shots", "max_new_tokens", "temperature", "top_p", "seed")
+# Everything that decides a record's text. `batch_size` is among them: it decides which episodes
+# share a batch, hence the padding and, when sampling, `batch_seed`.
+SETTINGS = ("system", "mode", "shots", "max_new_tokens", "temperature", "top_p", "seed", "batch_size")
 
 
 def _record(
@@ -47,23 +50,48 @@ def _record(
     }
 
 
+def _read_log(path: Path) -> Iterator[tuple[str, dict]]:
+    """('file:line', record) for each whole line of an append log, after cutting a torn last line.
+
+    A kill can stop `AppendLog.append` mid-line; opening the log drops that line, so its episode
+    is generated again. Any other bad line was not written by us and is a `DataError` naming it.
+    """
+    AppendLog(path).close()  # the repair happens on open
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                raise DataError(
+                    f"{path}:{n}: not valid JSON ({err}); delete the file to start over"
+                ) from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: record: expected a JSON object")
+            yield f"{path}:{n}", row
+
+
 def _resume(out: Path, settings: dict[str, Any]) -> dict[str, dict]:
-    """Records already generated with the same settings (final output and/or partial log)."""
+    """Records already generated with the same settings: the final output's, then the partial log's."""
     from fspo.eval.records import read_rows
 
     done: dict[str, dict] = {}
-    for path in (out, partial_path(out)):
-        if not path.exists():
-            continue
-        if path == partial_path(out):
-            AppendLog(path).close()  # cut a torn last line left by a kill
-        for where, rec in read_rows(path):
+    sources = []
+    if out.exists():
+        sources.append(read_rows(out))
+    if partial_path(out).exists():
+        sources.append(_read_log(partial_path(out)))
+    for rows in sources:
+        for where, rec in rows:
             theirs = {k: rec.get(k) for k in SETTINGS}
             if theirs != settings:
                 raise UserError(
                     f"{where}: generated with other settings {theirs} (now {settings}); "
                     "delete it or write to another --out"
                 )
+            if not isinstance(rec.get("episode_id"), str):
+                raise DataError(f"{where}: episode_id: missing or not a string")
             done[rec["episode_id"]] = rec
     return done
 
@@ -94,7 +122,8 @@ def generate_for_episodes(
 
     `shots` keeps each episode's first k shots (None: all). `system` names the system in reports
     (default: the mode). `users` supplies descriptions for oracle mode when episodes lack them.
-    With `out`, episodes already in `out` (or in its ``.partial`` log from a killed run) are skipped.
+    With `out`, episodes already in `out` or in its ``.partial`` append log (a killed run's finished
+    records) are kept, not generated again; the settings must match theirs (`UserError` otherwise).
     """
     mode = Mode(mode)
     if tokenizer.pad_token_id is None:  # batching pads; eos pads harmlessly (masked out)
@@ -109,25 +138,30 @@ def generate_for_episodes(
         "temperature": temperature,
         "top_p": top_p,
         "seed": seed,
+        "batch_size": batch_size,
     }
     out_path = Path(out) if out is not None else None
     done = _resume(out_path, settings) if out_path is not None else {}
-    todo = [e for e in episodes if e.episode_id not in done]
+    # The batches are planned over *all* episodes, done or not (longest prompts first: less
+    # padding), so a resumed run decodes every batch it still needs exactly as an uninterrupted run
+    # would: same rows, same padding, same `batch_seed`. A batch is skipped only when every episode
+    # in it is done; a batch a kill cut part-way is decoded again whole and only its missing
+    # records are taken, so the output is byte-identical to a run that never stopped.
     encoded = []
-    for e in todo:
+    for e in episodes:
         desc = e.description or (users[e.user_id].description if users and e.user_id in users else None)
         encoded.append((e, prompt_ids(e, tokenizer, mode, shots, options, desc)))
-    encoded.sort(key=lambda item: -len(item[1]))  # similar lengths together: less padding
+    encoded.sort(key=lambda item: -len(item[1]))  # stable: ties keep the input order
+    batches = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
+    todo = [chunk for chunk in batches if any(e.episode_id not in done for e, _ in chunk)]
 
     log = AppendLog(partial_path(out_path)) if out_path is not None and todo else None
     try:
-        batches = range(0, len(encoded), batch_size)
         if progress:
             from tqdm import tqdm
 
-            batches = tqdm(batches, desc=f"generate {settings['system']}", unit="batch")
-        for start in batches:
-            chunk = encoded[start : start + batch_size]
+            todo = tqdm(todo, desc=f"generate {settings['system']}", unit="batch")
+        for chunk in todo:
             new = generate_batch(
                 model,
                 tokenizer,
@@ -139,6 +173,8 @@ def generate_for_episodes(
                 seed=batch_seed(seed, [e.episode_id for e, _ in chunk]),
             )
             for (episode, ids), new_ids in zip(chunk, new, strict=True):
+                if episode.episode_id in done:  # kept as first written
+                    continue
                 rec = _record(episode, new_ids, len(ids), tokenizer, settings)
                 done[episode.episode_id] = rec
                 if log is not None:
