@@ -344,8 +344,11 @@ def _accuracy(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
             beta=p.beta,
             options=trained_layout(path),  # as each was trained: shots' layout, RAT's description
             model_name=label,
+            log=folder / f"accuracy.{label}.partial",  # a killed run resumes from its scored batches
         )
     atomic_write_json(folder / "accuracy.json", curves)
+    for log in folder.glob("accuracy.*.partial"):
+        log.unlink()
     return {label: _acc_at(c, p.shots) for label, c in curves.items()}
 
 

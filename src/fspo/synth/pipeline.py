@@ -88,7 +88,7 @@ class Pipeline:
             [self._fps[u] for u in upstream],
         )
         self._fps[name] = fp
-        return Stage(self.out, name, fp)
+        return Stage(self.out, name, fp, depends=upstream)
 
     def _cached(self, stage: Stage) -> bool:
         """True (its summary recorded) if `stage` finished with these inputs; else ready it to run."""

@@ -5,7 +5,8 @@ states, but into the folder it is given, file by file: a kill midway would leave
 like a checkpoint and is not. So each checkpoint is written to ``checkpoints/.tmp-step-N`` and
 renamed to ``checkpoints/step-N`` only when complete (a rename is atomic); a ``.tmp-*`` folder is
 never read. The data position needs no state of its own: it is a function of the step
-(`fspo.train.data.batch_order`).
+(`fspo.train.data.batch_order`). What a killed run logged after its last checkpoint is dropped on
+resume (`drop_records_after`): those steps run again and are logged again.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fspo.core.files import atomic_write_json
+from fspo.core.files import atomic_write_json, atomic_write_text
 
 STATE_FILE = "trainer_state.json"
 
@@ -60,6 +61,29 @@ def save_checkpoint(accelerator: Any, out: Path, step: int, state: dict[str, Any
 def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
     accelerator.load_state(str(path))
     return json.loads((path / STATE_FILE).read_text())
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Rewrite the JSONL log `path` without its records past `step`; returns how many were dropped.
+
+    A run killed after its checkpoint at `step` may have logged later steps (and a finished run its
+    end); the resumed run redoes and logs them, so without this every such step would be in the log
+    twice, with the killed run's throughput. A line torn by the kill is dropped too.
+    """
+    if not path.is_file():
+        return 0
+    kept: list[str] = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+            kept.append(line + "\n")
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
+    return len(lines) - len(kept)
 
 
 def _fsync_dir(path: Path) -> None:

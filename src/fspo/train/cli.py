@@ -61,7 +61,9 @@ def _options(
     eval_episodes: str | None = typer.Option(None, help="Held-out episodes (file, or folder: test_unseen)."),
     out: str | None = typer.Option(None, help="Run folder: checkpoints, metrics.jsonl, model/."),
     config: str | None = typer.Option(None, help="Config file (JSON/YAML), e.g. a run's fspo_config.json."),
-    resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out."),
+    resume: bool = typer.Option(
+        False, help="Continue from the latest checkpoint in --out (if none: says so, starts at step 0)."
+    ),
     shots: int | None = typer.Option(None, help="Use at most N shots per episode (0 = zero-shot baseline)."),
     include_dispreferred: bool | None = typer.Option(
         None, "--include-dispreferred/--no-include-dispreferred"

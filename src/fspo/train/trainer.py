@@ -40,7 +40,13 @@ from fspo.infer import prefix
 from fspo.infer.logps import collate_targets, compute_pair_logps, forward_logps
 from fspo.infer.pairs import ContextTokens, QuestionTokens, SeqLogps
 from fspo.train.buckets import epoch_batches
-from fspo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fspo.train.checkpoint import (
+    checkpoint_dir,
+    drop_records_after,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fspo.train.config import CONFIG_FILE, TrainConfig
 from fspo.train.contexts import Unit, group_examples, row_stats
 from fspo.train.data import RenderStats, batch_order, check_descriptions, tokenize_episodes
@@ -266,6 +272,13 @@ def _reference_fingerprint(cfg: TrainConfig) -> str | None:
     return model_fingerprint(cfg.model)
 
 
+def _device_kind(device: torch.device) -> str:
+    """The kind of processor a reference value was computed on: ``cpu``, or the GPU model's name."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
 def _reference_values(
     cfg: TrainConfig,
     accelerator: Any,
@@ -288,6 +301,8 @@ def _reference_values(
         key = {
             "template": cfg.template_options().model_dump(mode="json"),
             "mixed_precision": cfg.mixed_precision,
+            # Other kernels give other floats: a GPU's values are not reused on the CPU, or the reverse.
+            "device": _device_kind(accelerator.device),
         }
         cache = ReferenceCache(sidecar_path(file, model_fp, key), model_fp, key)
     start = time.perf_counter()
@@ -473,6 +488,11 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Run:
         start_step = int(state["step"])
         if main:
             accelerator.print(f"resuming from {ckpt} at step {start_step}/{total_steps}")
+    elif resume and main:
+        # Said, not refused: a job script may pass --resume on its first start as on every restart.
+        accelerator.print(f"no checkpoint in {checkpoint_dir(out)}: starting from step 0")
+    if resume and main:
+        drop_records_after(out / "metrics.jsonl", start_step)
     if cfg.report_to:
         accelerator.init_trackers("fspo", config={k: str(v) for k, v in cfg.model_dump().items()})
 
@@ -582,8 +602,8 @@ class _Throughput:
 def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     """Run one training stage as configured; returns where the final model folder is.
 
-    `resume=True` continues from the latest complete checkpoint in ``cfg.out`` (or starts fresh if
-    there is none); without it, an ``out`` that already holds checkpoints is refused.
+    `resume=True` continues from the latest complete checkpoint in ``cfg.out`` (or, saying so, starts
+    from step 0 if there is none); without it, an ``out`` that already holds checkpoints is refused.
     """
     run = _setup(cfg, resume)
     accelerator = run.accelerator
