@@ -264,3 +264,15 @@ def test_cli_episodes_questions_per_context_keeps_siblings_adjacent(tmp_path: Pa
     pairs = list(zip(train[0::2], train[1::2], strict=False))
     # consecutive siblings: one user, the very same shots, two different queries
     assert all(a.user_id == b.user_id and a.shots == b.shots and a.query != b.query for a, b in pairs)
+
+
+def test_cli_episodes_that_would_be_empty_is_an_error(tmp_path: Path) -> None:
+    # --shots larger than any user's preferences makes no episode: an error, and nothing written.
+    from conftest import data_cli
+    from fspo.data.io import write_dataset_dir
+
+    prefs, users = population([6, 6])
+    write_dataset_dir(tmp_path / "data", prefs, users)
+    code, out = data_cli("episodes", "--data", tmp_path / "data", "--shots", 500, "--out", tmp_path / "eps")
+    assert code == 2 and "--shots 500" in out and "nothing was written" in out
+    assert not (tmp_path / "eps").exists()

@@ -173,3 +173,15 @@ def test_prefix_shared_pair_scores_equal_separate_target_scores(files, eval_lm):
     shared = pair_margins(model, tok, episodes, 1, batch_size=3)
     plain = pair_margins(model, tok, episodes, 1, batch_size=3, score_fn=score_targets)
     assert shared == pytest.approx(plain, abs=1e-4)
+
+
+def test_accuracy_with_zero_episodes_is_refused_before_any_work() -> None:
+    # --max-episodes 0 used to score nothing and write NaN accuracies into the JSON.
+    from typer.testing import CliRunner
+
+    from fspo.cli import app
+
+    result = CliRunner().invoke(
+        app, ["eval", "accuracy", "--model", "m", "--episodes", "e", "--max-episodes", "0"]
+    )
+    assert result.exit_code == 2 and "max-episodes" in result.output

@@ -71,6 +71,7 @@ def episodes(
     skip_invalid: bool = typer.Option(False, help="Skip invalid records (and list them) instead of failing."),
 ) -> None:
     """Sample few-shot episodes (train, test_seen, test_unseen) from a data folder."""
+    from fspo.core.errors import UserError
     from fspo.data.episodes import SPLITS, build_episodes, write_episodes
     from fspo.data.io import read_dataset_dir
 
@@ -91,6 +92,11 @@ def episodes(
     )
     for line in result.report.lines(shots):
         _note(line)
+    if not any(result[split] for split in SPLITS):
+        raise UserError(
+            f"--shots {shots}: no user of {data} has enough distinct preferences for one episode "
+            f"(each needs at least {shots + 1}); nothing was written"
+        )
     meta = {
         "source": str(data),
         "seed": seed,

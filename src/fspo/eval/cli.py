@@ -34,7 +34,9 @@ def accuracy(
     shots: str = typer.Option("0,1,2,4,8", help="Numbers of shots, comma-separated."),
     beta: float = typer.Option(1.0, help="Implicit-reward scale (changes no ranking; recorded)."),
     batch_size: int = typer.Option(8, min=1),
-    max_episodes: int | None = typer.Option(None, help="At most this many episodes per split (quick runs)."),
+    max_episodes: int | None = typer.Option(
+        None, min=1, help="At most this many episodes per split (quick runs)."
+    ),
     out: Path = typer.Option(
         Path("accuracy.json"), help="Output JSON (a killed run resumes from its .partial log)."
     ),
