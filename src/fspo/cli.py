@@ -7,9 +7,11 @@ assembles them and turns `UserError`s into one clear line (exit status 2) instea
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fspo.core.errors import UserError
 
@@ -56,9 +58,21 @@ def quickstart(
     run_quickstart(out=out, profile=profile, force=force)
 
 
+def _fail(message: str) -> NoReturn:
+    # The message is user text (paths, field values): escaped, so brackets in it are not read as markup.
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
+    sys.exit(2)
+
+
 def main() -> None:
     try:
         app()
     except UserError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
-        sys.exit(2)
+        _fail(str(err))
+    except (PermissionError, IsADirectoryError, NotADirectoryError, FileNotFoundError) as err:
+        # A path the user gave that cannot be opened or written (e.g. --out /proc/x, a folder given as
+        # a file) is their mistake, said in one line with the path; an OSError naming no file is not.
+        if err.filename is None:
+            raise
+        paths = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        _fail(f"{paths}: {err.strerror or type(err).__name__}")

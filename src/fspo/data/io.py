@@ -174,6 +174,8 @@ def _iter_json_rows(path: Path, problems: list[str] | None) -> Iterator[tuple[st
 def _iter_columnar_rows(path: Path) -> Iterator[tuple[str, Any]]:
     from datasets import Dataset
 
+    if path.suffix.lower() in CSV_SUFFIXES:
+        _check_utf8(path)
     with _quiet_datasets():
         try:
             if path.suffix.lower() in PARQUET_SUFFIXES:
@@ -186,6 +188,21 @@ def _iter_columnar_rows(path: Path) -> Iterator[tuple[str, Any]]:
             raise DataError(f"{path}: cannot read the file: {type(err).__name__}: {err}") from None
     for i, row in enumerate(ds, start=1):
         yield f"{path}:row {i}", {k: _none_if_nan(v) for k, v in row.items()}
+
+
+def _check_utf8(path: Path) -> None:
+    """Raise a `DataError` naming the first line of a text file that is not UTF-8 (a CSV exported as
+    Latin-1 or Windows-1252, say): the CSV reader would only say that generating the dataset failed.
+    Line by line is exact, since a newline byte never occurs inside a UTF-8 multi-byte character."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
+                    f"{err.start + 1}); save the file as UTF-8 (it may be a Latin-1 or Windows-1252 export)"
+                ) from None
 
 
 def _parquet_num_rows(path: Path) -> int:

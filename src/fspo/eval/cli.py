@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import typer
@@ -23,6 +24,25 @@ def _parse_shots(text: str) -> list[int]:
     if not values or any(v < 0 for v in values):
         raise UserError(f"--shots: expected non-negative integers, got {text!r}")
     return values
+
+
+def check_out(out: Path, option: str = "--out") -> None:
+    """Refuse an output path that cannot be written before any model loads or any `.partial` log
+    starts: a folder where a file is meant, a parent that is a file, a place nobody may write (e.g.
+    /proc). Writability is tried with a temporary file in the nearest existing folder, since
+    `os.access` says yes to root everywhere."""
+    if out.is_dir():
+        raise UserError(f"{option} {out} is a folder; give a file path (e.g. {out / 'result.json'})")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{option} {out}: {folder} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UserError(f"{option} {out}: cannot write in {folder} ({err.strerror})") from None
 
 
 def accuracy(
@@ -53,6 +73,7 @@ def accuracy(
     from fspo.models.loading import load_model, load_tokenizer
 
     ks = _parse_shots(shots)
+    check_out(out)
     groups = group_by_split(load_test_episodes(episodes))
     if max_episodes is not None:
         groups = {s: eps[:max_episodes] for s, eps in groups.items()}
@@ -109,6 +130,7 @@ def winrate(
     from fspo.eval.judges import JUDGES
     from fspo.eval.winrates import winrate as run_winrate
 
+    check_out(out)
     options: dict = {}
     if judge == "openai":
         options = {
@@ -171,6 +193,7 @@ def generate(
         Mode(mode)
     except ValueError as err:
         raise UserError(f"--mode: unknown mode {mode!r}; use plain, rat or oracle") from err
+    check_out(out)
     eps = load_test_episodes(episodes)
     if partial_path(out).exists():
         console.print(f"resuming: the generations in {partial_path(out)} (a stopped run's) are kept")

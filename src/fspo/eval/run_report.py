@@ -13,8 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from fspo.core.errors import UserError
-from fspo.data.io import read_records
+from fspo.data.io import format_validation_error, read_records
 from fspo.data.schema import Episode, Preference, User
 from fspo.eval.report import collect_examples, preference_disagreement, write_report
 from fspo.eval.winrates import WinRate
@@ -23,22 +25,50 @@ MAX_MATRIX_USERS = 40
 
 
 def _json_kind(path: Path) -> tuple[str | None, Any]:
+    """The ``kind`` of a JSON file and its content. A file that is not JSON at all (a result cut short
+    by a kill or a full disk) is an error naming it: skipping it would drop its results from the
+    report without a word."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None, None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); fix or remove it"
+        ) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(
+            f"{path}:{err.lineno}: column {err.colno}: not valid JSON ({err.msg}); the file is cut short "
+            "or damaged: rerun the step that wrote it, or remove it"
+        ) from None
     return (data.get("kind") if isinstance(data, dict) else None), data
 
 
 def _generation_file(path: Path) -> list[dict[str, Any]] | None:
+    """The records of a generation JSONL (its first line has episode_id/answer/system), else None; a
+    broken later line of a generation file is an error naming the line."""
     try:
         with open(path, encoding="utf-8") as f:
             first = json.loads(f.readline() or "null")
-        if not (isinstance(first, dict) and {"episode_id", "answer", "system"} <= first.keys()):
-            return None
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, ValueError):
+    except (UnicodeDecodeError, ValueError):
+        return None  # not a generation file (or not even JSON lines): not ours to judge
+    if not (isinstance(first, dict) and {"episode_id", "answer", "system"} <= first.keys()):
         return None
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(
+                f"{path}:{number}: not valid JSON ({err.msg}); the generation file is cut short or "
+                "damaged: rerun `fspo generate` (it resumes) or remove the line"
+            ) from None
+        if not (isinstance(record, dict) and {"episode_id", "answer", "system"} <= record.keys()):
+            raise UserError(f"{path}:{number}: not a generation record (needs episode_id, answer, system)")
+        records.append(record)
+    return records
 
 
 def _first(run: Path, name: str) -> Path | None:
@@ -67,7 +97,13 @@ def report_from_run(
             continue
         kind, data = _json_kind(path)
         if kind == "fspo.winrate":
-            winrates += [WinRate.model_validate(r) for r in data["results"]]
+            try:
+                winrates += [WinRate.model_validate(r) for r in data["results"]]
+            except ValidationError as err:
+                problems = "\n  ".join(format_validation_error(f"{path}: results", err)[:10])
+                raise UserError(f"{path}: not a valid win-rate result:\n  {problems}") from None
+            except (KeyError, TypeError):
+                raise UserError(f"{path}: not a valid win-rate result (needs a 'results' list)") from None
         elif kind == "fspo.accuracy":
             accuracy[str(data.get("model") or path.parent.name)] = data
     for path in sorted(run.rglob("*.jsonl")):

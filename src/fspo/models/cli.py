@@ -25,7 +25,7 @@ def init(
     corpus: str | None = typer.Option(None, help="Plain-text corpus (documents separated by blank lines)."),
     sim_domain: str | None = typer.Option(None, help="Simulated domain to take text from, e.g. roleplay."),
     size: str = typer.Option("small", help="tiny | small | medium | base (fspo.models.default.SIZES)."),
-    pretrain_steps: int = typer.Option(400, help="Causal-LM steps after init (0 = leave random)."),
+    pretrain_steps: int = typer.Option(400, min=0, help="Causal-LM steps after init (0 = leave random)."),
     seed: int = typer.Option(0),
 ) -> None:
     """Train a tokenizer on the corpus, create a small Llama, and pretrain it on the same text."""

@@ -435,14 +435,14 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Run:
         raise UserError(f"cannot set up accelerate with this config: {err}") from None
     set_seed(cfg.seed)
     main = accelerator.is_main_process
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / CONFIG_FILE)
 
     model, tokenizer = _build_model(cfg)
     pad_id = pad_id_of(tokenizer)
     world = accelerator.num_processes
     units, stats, train_file, shot_spans, batches_per_epoch = _train_split(cfg, tokenizer, world)
+    if main:  # only once model and episodes are readable: a failed start leaves no run folder behind
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / CONFIG_FILE)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * (batches_per_epoch // cfg.grad_accum)))
 
     # Reference log-probs from the starting model, before any update: of the held-out set (for
