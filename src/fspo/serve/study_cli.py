@@ -42,9 +42,10 @@ def study_report(
 ):
     """`fspo.serve.study.report` on the database at `db`; `baseline` defaults to the one other system
     the trials hold (a `UserError` naming them when there are several)."""
+    from fspo.serve.cli import open_store
     from fspo.serve.study import report
 
-    store = _open_store(db)
+    store = open_store(db, create=False)  # a missing file is an error, not a new empty database
     try:
         if baseline is None:
             others = sorted({s for t in store.trials() for s in (t.left_system, t.right_system)} - {fspo})
@@ -57,13 +58,6 @@ def study_report(
         return report(store, fspo, baseline, resamples=resamples, seed=seed)
     finally:
         store.close()
-
-
-def _open_store(db: str):
-    """The store at `db`; a missing SQLite file is an error (opening it would create an empty one)."""
-    from fspo.serve.cli import open_store
-
-    return open_store(db, create=False)
 
 
 def print_report(rep: Any) -> None:

@@ -47,54 +47,12 @@ def _run(stage: str, options: dict[str, Any], config: str | None, resume: bool) 
         cfg = load_config(config, {**given, "stage": stage})
     else:
         cfg = make_config({**recipe(stage), **given, "stage": stage})
-    _preflight(cfg)
     result = train(cfg, resume=resume)
     console = Console()
     console.print(f"model saved to [bold]{result.model_dir}[/] after {result.steps} steps")
     shown = {**result.metrics, **result.eval_metrics}
     if shown:
         console.print(", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
-
-
-def _preflight(cfg: Any) -> None:
-    """Check what can be checked before `train` writes the run folder's config or loads anything: the
-    run folder is not a file, LoRA's target modules are in the model. A bad --out or a typo in a module
-    name would otherwise fail after the model loads, with a library's traceback."""
-    from pathlib import Path
-
-    from fspo.core.errors import UserError
-
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; a run folder must be a folder (a new one or a run's)")
-    if cfg.lora is not None and not isinstance(cfg.lora.target_modules, str):
-        _check_lora_targets(cfg.model, list(cfg.lora.target_modules))
-
-
-def _check_lora_targets(model: str, targets: list[str]) -> None:
-    """Each LoRA target must name a module of `model` (peft matches a name or a dotted suffix of one);
-    the model is built on the meta device from its config, so no weights are read."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from fspo.core.errors import UserError
-
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError):
-        return  # not a model folder: loading it says so, with the reason
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    names = [n for n, _ in skeleton.named_modules() if n]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if missing:
-        leaves = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules() if n and not any(m.children())}
-        )
-        raise UserError(
-            f"--lora-target-modules: {', '.join(missing)} not found in model {model!r}; "
-            f"its layers are named: {', '.join(leaves)} (or use all-linear)"
-        )
 
 
 def _options(

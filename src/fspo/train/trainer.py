@@ -194,6 +194,19 @@ class _Reference:
 # --------------------------------------------------------------------------------------------
 
 
+def _check_lora_targets(model: Any, model_id: str, targets: list[str]) -> None:
+    """Each LoRA target must name a module of `model` (peft matches a name or a dotted suffix of one);
+    peft's own error for a typo is a traceback that does not say which names exist."""
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in modules)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules if not any(m.children())})
+        raise UserError(
+            f"--lora-target-modules: {', '.join(missing)} not found in model {model_id!r}; "
+            f"its layers are named: {', '.join(leaves)} (or use all-linear)"
+        )
+
+
 def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
     from fspo.models.loading import load_model, load_tokenizer
 
@@ -201,6 +214,9 @@ def _build_model(cfg: TrainConfig) -> tuple[Any, Any]:
     model = load_model(cfg.model)
     if cfg.lora is not None:
         from peft import LoraConfig, get_peft_model
+
+        if not isinstance(cfg.lora.target_modules, str):
+            _check_lora_targets(model, cfg.model, list(cfg.lora.target_modules))
 
         model = get_peft_model(
             model,
@@ -419,6 +435,8 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Run:
     from transformers import get_scheduler
 
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; a run folder must be a folder (a new one or a run's)")
     ckpt = latest_checkpoint(out)
     if ckpt is not None and not resume:
         raise UserError(
