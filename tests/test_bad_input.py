@@ -468,3 +468,49 @@ def test_bad_input(case: Case, outcomes: dict[str, Outcome]) -> None:
     }
     allowed = {name for name in changed if any(name == p or name.startswith(p + "/") for p in case.creates)}
     assert changed == allowed, f"files changed or created: {sorted(changed - allowed)}\n{shown}"
+
+
+# --- repeated records in a data folder (tests/test_duplicates.py has the policy itself) ---
+
+
+def _data_with_repeat(name: str, make_line: Callable[[dict], dict]):
+    """A setup copying the shared data folder as `data`, with one more line in `name`: `make_line` of
+    that file's first record (a record that conflicts with line 1)."""
+
+    def make(case: Path, shared: Path) -> None:
+        import json
+
+        shutil.copytree(shared / "data", case / "data")
+        path = case / "data" / name
+        first = json.loads(path.read_text().splitlines()[0])
+        with open(path, "a") as f:
+            f.write(json.dumps(make_line(first)) + "\n")
+
+    return make
+
+
+CASES.extend(
+    [
+        Case(
+            "episodes-conflicting-users",
+            "data episodes -d {c}/data -n 2 -o {c}/eps",
+            "users.jsonl:5: user u0: conflicts with",
+            files={"data": _data_with_repeat("users.jsonl", lambda r: {**r, "description": "another"})},
+        ),
+        Case(
+            "episodes-swapped-preference",
+            "data episodes -d {c}/data -n 2 -o {c}/eps",
+            "(chosen and rejected swapped)",
+            files={
+                "data": _data_with_repeat(
+                    "preferences.jsonl", lambda r: {**r, "chosen": r["rejected"], "rejected": r["chosen"]}
+                )
+            },
+        ),
+        Case(
+            "episodes-unknown-duplicate-policy",
+            "data episodes -d {s}/data -n 2 -o {c}/eps --on-duplicate newest",
+            "--on-duplicate must be one of error, first, last",
+        ),
+    ]
+)

@@ -43,7 +43,7 @@ def resolved(monkeypatch, tmp_path):
 
     seen = []
 
-    def fake_train(cfg, resume=False):
+    def fake_train(cfg, resume=False, overwrite=False):
         seen.append(cfg)
         raise SystemExit(0)
 

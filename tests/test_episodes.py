@@ -147,7 +147,8 @@ def test_small_users_duplicates_and_unknown_users_are_reported() -> None:
         "skipped 2 users with fewer than 4 preferences (needed for 3 shots + 1 query): ghost (1), user0 (2)",
         "2 training users have too few preferences to hold any out, so they have no test_seen episodes: "
         "user1 (6), user2 (6)",
-        "ignored 1 duplicate preferences (same user, question and answers)",
+        "ignored 1 duplicate preferences (same user, question and answers): "
+        "preferences[14] (user2): same as preferences[13]",
         "1 users have preferences but no users.jsonl record (no description): ghost",
         "1 users have no preferences: idle",
     ]

@@ -51,22 +51,36 @@ def quickstart(
     out: str = typer.Option("runs/quickstart", help="Folder for every stage's outputs (cached, resumable)."),
     profile: str = typer.Option("default", help="Size profile: 'default' (~15 min) or 'tiny' (a smoke run)."),
     force: bool = typer.Option(False, help="Ignore cached stage outputs and redo everything."),
+    overwrite: bool = typer.Option(
+        False, help="Allow another profile than the run in --out (changed stages are redone)."
+    ),
 ) -> None:
     """The whole pipeline on the embedded default model; prints the results table."""
     from fspo.quickstart import run_quickstart
 
-    run_quickstart(out=out, profile=profile, force=force)
+    run_quickstart(out=out, profile=profile, force=force, overwrite=overwrite)
 
 
 def _fail(message: str) -> NoReturn:
     # The message is user text (paths, field values): escaped, so brackets in it are not read as markup.
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
+    Console(stderr=True, soft_wrap=True).print(
+        f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True
+    )
     sys.exit(2)
 
 
 def main() -> None:
+    from fspo.core import outputs
+
     try:
         app()
+    except SystemExit:
+        # Ctrl-C: click has printed "Aborted!"; say what the stopped run left and what to rerun.
+        if outputs.interrupted:
+            for note in outputs.interrupted:
+                Console(stderr=True).print(f"[yellow]interrupted:[/] {escape(note)}", highlight=False)
+            sys.exit(130)
+        raise
     except UserError as err:
         _fail(str(err))
     except (PermissionError, IsADirectoryError, NotADirectoryError, FileNotFoundError) as err:

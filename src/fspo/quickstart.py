@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fspo.core.errors import UserError
+from fspo.core.outputs import OutputFolder
 from fspo.core.stages import StageRunner
 from fspo.sim.corpus import StyledLayout
 
@@ -97,13 +98,34 @@ GENERATED_SYSTEMS: tuple[tuple[str, str | None, str, int | None], ...] = (
 )
 
 
+# The stage folders the quickstart writes under its `out` (its output policy's own files).
+STAGES = ("sim", "episodes", "model", "sft", "fspo", "sft_rat", "fspo_rat", "pop_sft", "pop_ipo", "generate",
+          "accuracy", "report")  # fmt: skip
+
+
 def run_quickstart(
-    out: str | Path = "runs/quickstart", profile: str = "default", force: bool = False
+    out: str | Path = "runs/quickstart",
+    profile: str = "default",
+    force: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
+    """Run (or resume) every stage into `out`. An `out` holding a run of another profile is refused
+    unless `overwrite` (or `force`, which redoes every stage); then the stage cache redoes exactly the
+    stages whose settings changed."""
     p = load_profile(profile)
     console = Console()
     runner = StageRunner(Path(out), force=force, console=console)
     params = p.model_dump(mode="json")
+    output = OutputFolder(
+        out, "quickstart", params, STAGES, overwrite=overwrite or force, resumable=True, cached_stages=True
+    )
+    with output.writing():
+        summary = _run_stages(p, runner, params)
+    _print_table(console, summary, runner.timings)
+    return summary
+
+
+def _run_stages(p: Profile, runner: StageRunner, params: dict[str, Any]) -> dict[str, Any]:
 
     runner.run("sim", _pick(params, "domain users prefs_per_user seed sim_options"), lambda d: _sim(p, d))
     runner.run("episodes", _pick(params, "shots seed"), lambda d: _episodes(p, runner, d), ("sim",))
@@ -149,7 +171,6 @@ def run_quickstart(
         lambda d: _report(p, runner, d),
         ("sim", "generate", "accuracy"),
     )
-    _print_table(console, summary, runner.timings)
     return summary
 
 

@@ -23,6 +23,11 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
+# What `write_dataset_dir` and `write_episodes` write (any record format): `--overwrite` removes these.
+DATA_FOLDER_OUTPUTS = ("preferences.*", "users.*")
+EPISODE_FOLDER_OUTPUTS = ("train.*", "test_seen.*", "test_unseen.*", "meta.json")
+
+
 def _note(message: str) -> None:
     err_console.print(f"[yellow]note:[/] {message}", highlight=False)
 
@@ -37,15 +42,20 @@ def import_(
     scorer_match: bool = typer.Option(
         True, help="ELIX: keep only rows whose scorer_level wrote one of the two answers (official filter)."
     ),
+    overwrite: bool = typer.Option(False, help="Replace the outputs of another run in --out."),
 ) -> None:
     """Import one of the FSPO paper's released datasets into a data folder."""
+    from fspo.core.outputs import OutputFolder
     from fspo.data.adapters import import_released
     from fspo.data.io import write_dataset_dir
 
+    params = {"file": str(file.resolve()), "format": format, "scorer_match": scorer_match}
+    folder = OutputFolder(out, "data import", params, DATA_FOLDER_OUTPUTS, overwrite=overwrite)
     result = import_released(file, format, scorer_match=scorer_match)
     for note in result.notes:
         _note(note)
-    n_prefs, n_users = write_dataset_dir(out, result.preferences, result.users)
+    with folder.writing():
+        n_prefs, n_users = write_dataset_dir(out, result.preferences, result.users)
     console.print(f"imported {n_prefs} preferences of {n_users} users from {result.rows} rows into {out}")
 
 
@@ -69,16 +79,35 @@ def episodes(
         1, min=1, help="Queries per shot set, kept adjacent (for `fspo train --questions-per-context K`)."
     ),
     skip_invalid: bool = typer.Option(False, help="Skip invalid records (and list them) instead of failing."),
+    on_duplicate: str = typer.Option(
+        "error",
+        "--on-duplicate",
+        help="Records that conflict (one user id twice with other content, or one preference with its "
+        "label swapped): error, or keep the first or the last of each. An exact repeat is kept once.",
+    ),
+    overwrite: bool = typer.Option(False, help="Replace the outputs of another run in --out."),
 ) -> None:
     """Sample few-shot episodes (train, test_seen, test_unseen) from a data folder."""
     from fspo.core.errors import UserError
+    from fspo.core.outputs import OutputFolder
     from fspo.data.episodes import SPLITS, build_episodes, write_episodes
     from fspo.data.io import read_dataset_dir
 
-    prefs, users, reports = read_dataset_dir(data, skip_invalid=skip_invalid)
+    settings = {
+        "data": str(data.resolve()), "shots": shots, "seed": seed, "test_user_fraction": test_user_fraction,
+        "heldout_per_user": heldout_per_user, "train_passes": train_passes, "test_passes": test_passes,
+        "questions_per_context": questions_per_context, "skip_invalid": skip_invalid,
+        "on_duplicate": on_duplicate,
+    }  # fmt: skip
+    folder = OutputFolder(out, "data episodes", settings, EPISODE_FOLDER_OUTPUTS, overwrite=overwrite)
+    prefs, users, reports = read_dataset_dir(data, skip_invalid=skip_invalid, on_duplicate=on_duplicate)
     for rep in reports:
         if rep.skipped:
             _note(rep.summary())
+        for line in rep.dropped[:20]:
+            _note(line)
+        if len(rep.dropped) > 20:
+            _note(f"{rep.path}: ... and {len(rep.dropped) - 20} more repeated records left out")
     result = build_episodes(
         prefs,
         users,
@@ -107,8 +136,11 @@ def episodes(
         "test_user_fraction": test_user_fraction,
         "heldout_per_user": heldout_per_user,
         "skipped_invalid_records": sum(r.skipped for r in reports),
+        "on_duplicate": on_duplicate,
+        "dropped_duplicate_records": sum(len(r.dropped) for r in reports),
     }
-    write_episodes(out, result, meta)
+    with folder.writing():
+        write_episodes(out, result, meta)
     rep = result.report
     users_per_split = {
         "train": len(rep.train_users),
@@ -153,9 +185,11 @@ def convert(
         None, "--kind", "-k", help="preference, user or episode; guessed from the file name if omitted."
     ),
     skip_invalid: bool = typer.Option(False, help="Skip invalid records (and list them) instead of failing."),
+    overwrite: bool = typer.Option(False, help="Replace DST if it exists."),
 ) -> None:
     """Convert a record file between JSONL and Parquet (records are validated on the way)."""
     from fspo.core.errors import UserError
+    from fspo.core.outputs import claim_file
     from fspo.data.io import read_records_with_report, write_records
 
     kind = kind or _guess_kind(src)
@@ -163,6 +197,7 @@ def convert(
         raise UserError(f"--kind must be one of {', '.join(RECORD_TYPES)}, got {kind!r}")
     if src.resolve() == dst.resolve():
         raise UserError(f"{dst}: input and output are the same file")
+    claim_file(dst, "DST", overwrite=overwrite)
     records, report = read_records_with_report(src, RECORD_TYPES[kind], skip_invalid=skip_invalid)  # type: ignore[arg-type]
     if report.skipped:
         _note(report.summary())

@@ -30,7 +30,10 @@ trainer's ``questions_per_context=K`` then scores those K queries in one row, ru
 (docs/speed.md). With K=1 every block is N shots and one query: one episode per block.
 
 Nothing is dropped silently: users too small to sample, duplicate preferences and preferences
-without a `User` record are counted in the `SamplingReport` attached to the result.
+without a `User` record are counted in the `SamplingReport` attached to the result. Repeated records
+of a data folder are resolved (by line, with a policy) when the folder is read
+(`fspo.data.io.read_dataset_dir`); the check here is the safety net for records passed in from Python,
+which are named by their position (``preferences[i]``, ``users[i]``).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from typing import Any
 
 from fspo.core.errors import DataError, UserError
 from fspo.core.files import atomic_write_json
+from fspo.core.outputs import require_finished
 from fspo.core.rng import seeded_rng
 from fspo.data.io import gc_paused, iter_rows, read_records, write_records
 from fspo.data.schema import Episode, Preference, User
@@ -64,6 +68,8 @@ class SamplingReport:
     too_few: dict[str, int] = field(default_factory=dict)  # user -> number of preferences
     no_heldout: dict[str, int] = field(default_factory=dict)  # train users too small to hold out
     duplicates: int = 0
+    duplicate_items: list[str] = field(default_factory=list)  # 'preferences[i] (user): same as [j]'
+    repeated_users: list[str] = field(default_factory=list)  # 'u1 (users[2], users[5])': the last is used
     users_without_record: list[str] = field(default_factory=list)
     users_without_preferences: list[str] = field(default_factory=list)
 
@@ -80,7 +86,15 @@ class SamplingReport:
                 f"so they have no test_seen episodes: {_examples(self.no_heldout)}"
             )
         if self.duplicates:
-            out.append(f"ignored {self.duplicates} duplicate preferences (same user, question and answers)")
+            out.append(
+                f"ignored {self.duplicates} duplicate preferences (same user, question and answers): "
+                f"{_examples(self.duplicate_items)}"
+            )
+        if self.repeated_users:
+            out.append(
+                f"{len(self.repeated_users)} user ids have more than one User record; the last of each is "
+                f"used: {_examples(self.repeated_users)}"
+            )
         if self.users_without_record:
             out.append(
                 f"{len(self.users_without_record)} users have preferences but no users.jsonl record "
@@ -215,15 +229,23 @@ def _build(
         raise UserError("train_passes, test_passes and heldout_per_user must be >= 0")
 
     report = SamplingReport()
-    user_by_id = {u.user_id: u for u in users}
+    user_by_id: dict[str, User] = {}
+    user_at: dict[str, list[int]] = {}
+    for i, user in enumerate(users):
+        user_by_id[user.user_id] = user  # the last record wins, as a dict built from them would
+        user_at.setdefault(user.user_id, []).append(i)
+    report.repeated_users = [
+        f"{uid} ({', '.join(f'users[{i}]' for i in at)})" for uid, at in user_at.items() if len(at) > 1
+    ]
     by_user: dict[str, list[Preference]] = defaultdict(list)
-    seen: set[tuple[str, tuple[str, str, str]]] = set()
-    for pref in preferences:
+    seen: dict[tuple[str, tuple[str, str, str]], int] = {}
+    for i, pref in enumerate(preferences):
         key = (pref.user_id, _key(pref))
-        if key in seen:
+        j = seen.setdefault(key, i)
+        if j != i:
             report.duplicates += 1  # a duplicate could end up as its own twin's shot
+            report.duplicate_items.append(f"preferences[{i}] ({pref.user_id}): same as preferences[{j}]")
             continue
-        seen.add(key)
         by_user[pref.user_id].append(pref)
     report.users_without_record = sorted(uid for uid in by_user if uid not in user_by_id)
     report.users_without_preferences = sorted(uid for uid in user_by_id if uid not in by_user)
@@ -340,6 +362,7 @@ def episodes_file(path: str | Path, split: str = "train") -> Path:
     """
     path = Path(path)
     if path.is_dir():
+        require_finished(path)  # a run stopped between its files is not a set of episodes
         if split not in SPLITS:
             raise UserError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         for name in (f"{split}.jsonl", f"{split}_episodes.jsonl", f"episodes_{split}.jsonl"):

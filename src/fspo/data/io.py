@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 
 from fspo.core.errors import DataError, UserError
 from fspo.core.files import atomic_open
+from fspo.core.outputs import require_finished
 from fspo.data.schema import Episode, Preference, User
 
 R = TypeVar("R", Preference, User, Episode)
@@ -55,6 +56,9 @@ class ReadReport:
     total: int = 0
     valid: int = 0
     problems: list[str] = field(default_factory=list)
+    # Valid records left out as duplicates of another record of the same file (`read_dataset_dir`'s
+    # --on-duplicate policy), one 'file:line: ...; kept line N' note each. Not counted in `skipped`.
+    dropped: list[str] = field(default_factory=list)
 
     @property
     def skipped(self) -> int:
@@ -142,10 +146,20 @@ def _iter_json_rows(path: Path, problems: list[str] | None) -> Iterator[tuple[st
         head = head[3:].lstrip()
     if path.suffix.lower() == ".json" and head.startswith(b"["):
         # A whole-file JSON array is accepted too: a common export format.
+        data = path.read_bytes()
         try:
-            items = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise DataError(f"{path}: not valid UTF-8 JSON: {err}") from None
+            items = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            line = data.count(b"\n", 0, err.start) + 1
+            start = data.rfind(b"\n", 0, err.start) + 1
+            column = len(data[start : err.start].decode("utf-8", errors="replace")) + 1  # in characters
+            raise DataError(
+                f"{path}:{line}: column {column}: not UTF-8 text (byte {data[err.start]:#04x}); "
+                "save the file as UTF-8"
+            ) from None
+        except json.JSONDecodeError as err:
+            # The whole file is one JSON value here, so the decoder's line and column are the file's.
+            raise DataError(f"{path}:{err.lineno}: column {err.colno}: broken JSON: {err.msg}") from None
         for i, item in enumerate(items, start=1):
             yield f"{path}:record {i}", item
         return
@@ -160,7 +174,8 @@ def _iter_json_rows(path: Path, problems: list[str] | None) -> Iterator[tuple[st
                     continue  # blank lines separate nothing and hold no record
                 row = json.loads(text)
             except UnicodeDecodeError as err:
-                problem = f"{where}: record: not valid UTF-8 (byte {err.start})"
+                column = len(raw[: err.start].decode("utf-8", errors="replace")) + 1
+                problem = f"{where}: record: not valid UTF-8 (byte {raw[err.start]:#04x} at column {column})"
             except json.JSONDecodeError as err:
                 problem = f"{where}: record: broken JSON: {err.msg} (column {err.colno})"
             else:
@@ -225,7 +240,7 @@ def _decode_json_fields(kind: type[BaseModel], row: dict[str, Any], where: str) 
             try:
                 out[name] = json.loads(value)
             except json.JSONDecodeError as err:
-                return f"{where}: {name}: not valid JSON text: {err.msg}"
+                return f"{where}: {name}: not valid JSON text: {err.msg} (column {err.colno})"
         elif value is None and name == "metadata":
             out.pop(name)  # a missing metadata cell means no metadata
     return out
@@ -246,6 +261,14 @@ def iter_records(
     they are only recorded in `report` (pass one to see them). An empty file is an error unless
     `allow_empty` (e.g. a users file of a data set without user records).
     """
+    for _, record in _iter_located(path, kind, skip_invalid, report, allow_empty):
+        yield record
+
+
+def _iter_located(
+    path: str | Path, kind: type[R], skip_invalid: bool, report: ReadReport | None, allow_empty: bool
+) -> Iterator[tuple[str, R]]:
+    """`iter_records`, yielding ``(where, record)``: the duplicate check names both lines of a pair."""
     report = report if report is not None else ReadReport(str(path))
     report.path = str(path)
     is_columnar = Path(path).suffix.lower() in PARQUET_SUFFIXES + CSV_SUFFIXES
@@ -268,7 +291,7 @@ def iter_records(
             report.problems.extend(format_validation_error(where, err))
             continue
         report.valid += 1
-        yield record
+        yield where, record
     report.total += len(parse_problems)
     report.problems.extend(parse_problems)
     if report.total == 0 and not allow_empty:
@@ -372,21 +395,172 @@ def find_data_file(folder: str | Path, stem: str, required: bool = True) -> Path
     return found[0]
 
 
+ON_DUPLICATE = ("error", "first", "last")
+
+
 def read_dataset_dir(
-    folder: str | Path, skip_invalid: bool = False
+    folder: str | Path, skip_invalid: bool = False, on_duplicate: str = "error"
 ) -> tuple[list[Preference], list[User], list[ReadReport]]:
-    """Read a data folder: its preferences (required) and users (optional), with read reports."""
+    """Read a data folder: its preferences (required) and users (optional), with read reports.
+
+    Records that say the same thing twice are resolved here, where their lines are still known (see
+    `resolve_duplicates`): a user id on two lines of the users file, or one user's preference on the
+    same question and the same two answers (in either order) on two lines of the preferences file.
+    An exact repeat keeps the first and is noted; records that differ (a swapped label, another
+    description or metadata) are conflicts: with `on_duplicate` "error" (the default) they are one
+    `DataError` naming both lines of each, with "first" or "last" the first or the last of each group
+    is kept. Every record left out is one note in its file's `ReadReport.dropped`.
+    """
+    _check_policy(on_duplicate)
+    require_finished(folder)  # a run stopped between its files is not data
     reports = []
     pref_path = find_data_file(folder, PREFERENCES_STEM)
     assert pref_path is not None
-    prefs, rep = read_records_with_report(pref_path, Preference, skip_invalid)
+    prefs, conflicts, rep = _read_unique(pref_path, Preference, skip_invalid, False, on_duplicate)
     reports.append(rep)
     users: list[User] = []
     user_path = find_data_file(folder, USERS_STEM, required=False)
     if user_path is not None:
-        users, rep = read_records_with_report(user_path, User, skip_invalid, allow_empty=True)
+        users, more, rep = _read_unique(user_path, User, skip_invalid, True, on_duplicate)
         reports.append(rep)
+        conflicts += more
+    _raise_conflicts(folder, conflicts)
     return prefs, users, reports
+
+
+def read_unique_records(
+    path: str | Path,
+    kind: type[R],
+    on_duplicate: str = "error",
+    skip_invalid: bool = False,
+    allow_empty: bool = False,
+) -> tuple[list[R], ReadReport]:
+    """`read_records_with_report` for one preferences or users file, with `read_dataset_dir`'s
+    handling of repeated records (`report.dropped` lists what was left out)."""
+    _check_policy(on_duplicate)
+    records, conflicts, report = _read_unique(Path(path), kind, skip_invalid, allow_empty, on_duplicate)
+    _raise_conflicts(path, conflicts)
+    return records, report
+
+
+def _check_policy(on_duplicate: str) -> None:
+    if on_duplicate not in ON_DUPLICATE:
+        raise UserError(f"--on-duplicate must be one of {', '.join(ON_DUPLICATE)}, got {on_duplicate!r}")
+
+
+def _raise_conflicts(source: str | Path, conflicts: list[str]) -> None:
+    if conflicts:
+        raise DataError(
+            f"{source}: {len(conflicts)} conflicting records (the same user id, or the same user, question "
+            "and answer pair, with a different label, description or metadata); fix them, or pass "
+            "--on-duplicate first|last to keep the first or the last of each",
+            conflicts,
+        )
+
+
+def _read_unique(
+    path: Path, kind: type[R], skip_invalid: bool, allow_empty: bool, on_duplicate: str
+) -> tuple[list[R], list[str], ReadReport]:
+    """(records without repeats, conflicts, report) of one file; see `resolve_duplicates`."""
+    report = ReadReport(str(path))
+    with gc_paused():  # the key tuples too: with the collector on, they cost 4x on a large file
+        pairs = list(_iter_located(path, kind, skip_invalid, report, allow_empty))
+        records, conflicts = resolve_duplicates(
+            [r for _, r in pairs], [w for w, _ in pairs], on_duplicate, report
+        )
+    return records, conflicts, report
+
+
+def _preference_key(p: Preference) -> tuple[str, ...]:
+    # the same answer pair whichever answer won
+    c, r = p.chosen, p.rejected
+    return (p.user_id, p.question, c, r) if c < r else (p.user_id, p.question, r, c)
+
+
+def _user_key(u: User) -> str:
+    return u.user_id
+
+
+def _label(record: Preference | User) -> str:
+    if isinstance(record, Preference):
+        q = record.question if len(record.question) <= 40 else record.question[:37] + "..."
+        return f"user {record.user_id}, question {q!r}"
+    return f"user {record.user_id}"
+
+
+def _differences(kept: Preference | User, other: Preference | User) -> str:
+    """What `other` says that `kept` does not ("" for an exact repeat), named by field."""
+    out = []
+    if isinstance(kept, Preference) and isinstance(other, Preference) and kept.chosen != other.chosen:
+        out.append("chosen and rejected swapped")
+    for name in ("description", "metadata"):
+        mine, theirs = getattr(kept, name, None), getattr(other, name, None)
+        if mine == theirs:
+            continue
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            missing = object()
+            keys = sorted(
+                k for k in mine.keys() | theirs.keys() if mine.get(k, missing) != theirs.get(k, missing)
+            )
+            shown = ", ".join(f"metadata.{k}" for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
+            out.append(f"{shown} differ" if len(keys) > 1 else f"{shown} differs")
+        else:
+            out.append(f"{name} differs")
+    return "; ".join(out)
+
+
+def resolve_duplicates(
+    records: list[R], wheres: list[str], on_duplicate: str, report: ReadReport
+) -> tuple[list[R], list[str]]:
+    """(records without repeats, conflict messages) for the records of one file, read at `wheres`.
+
+    Records with the same key (user id; or user, question and unordered answer pair) form a group.
+    The group's kept record takes the place of its first line, so the order of everything else is
+    the same whatever the policy: the first record with "error" and "first", the last with "last"
+    (for a group of exact repeats, the first).
+    Each other member is one note in `report.dropped`. With "error", each member that differs from
+    the first is also a conflict message 'file:line: label: conflicts with file:line (what differs)'
+    (the caller raises them all at once); an exact repeat is never an error.
+    """
+    key = _preference_key if records and isinstance(records[0], Preference) else _user_key
+    first: dict[Any, int] = {}
+    repeats: dict[int, list[int]] = {}
+    for i, record in enumerate(records):
+        j = first.setdefault(key(record), i)  # type: ignore[arg-type]
+        if j != i:
+            repeats.setdefault(j, []).append(i)
+    if not repeats:
+        return records, []  # the common case: one dict pass, nothing copied
+    out: list[R | None] = list(records)
+    conflicts = []
+    prefix = f"{report.path}:"
+    for j, later in repeats.items():
+        group = [j, *later]
+        kept = j  # an exact repeat keeps the first whatever the policy: there is nothing to choose
+        if on_duplicate == "last" and any(_differences(records[j], records[m]) for m in later):
+            kept = later[-1]
+        kept_at = _position(wheres[kept], prefix)
+        for m in group:
+            if m == kept:
+                continue
+            what = _differences(records[kept], records[m])
+            label = _label(records[m])
+            if what and on_duplicate == "error":
+                conflicts.append(f"{wheres[m]}: {label}: conflicts with {wheres[kept]} ({what})")
+            relation = (
+                f"conflicts with {kept_at} ({label}: {what})" if what else f"duplicate of {kept_at} ({label})"
+            )
+            report.dropped.append(f"{wheres[m]}: {relation}; kept {kept_at}")
+        for m in later:
+            out[m] = None
+        out[j] = records[kept]  # in the first one's place
+    return [r for r in out if r is not None], conflicts
+
+
+def _position(where: str, prefix: str) -> str:
+    """'line 7', 'row 7' or 'record 7' from a 'file:7' / 'file:row 7' / 'file:record 7' location."""
+    pos = where.removeprefix(prefix)
+    return f"line {pos}" if pos.isdigit() else pos
 
 
 def write_dataset_dir(

@@ -77,17 +77,23 @@ class MarginLog:
                 where = f"{self.path}:{n}"
                 try:
                     row = json.loads(line)
-                except ValueError as err:
-                    raise DataError(f"{where}: not valid JSON ({err}); delete it to start over") from None
+                except json.JSONDecodeError as err:
+                    raise DataError(
+                        f"{where}: column {err.colno}: not valid JSON ({err.msg}); "
+                        "pass --overwrite to start over"
+                    ) from None
                 if not header:
                     if not isinstance(row, dict) or row.get("kind") != LOG_KIND:
-                        raise UserError(f"{where}: not an accuracy log; delete it or write to another --out")
+                        raise UserError(
+                            f"{where}: not an accuracy log; "
+                            "pass --overwrite to start over, or write to another --out"
+                        )
                     theirs = row.get("settings") or {}
                     changed = {k: (theirs.get(k), v) for k, v in settings.items() if theirs.get(k) != v}
                     if changed or theirs.keys() != settings.keys():
                         raise UserError(
                             f"{where}: written with other settings (logged, now: {changed}); "
-                            "delete it or write to another --out"
+                            "pass --overwrite to start over, or write to another --out"
                         )
                     header = True
                     continue

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import typer
@@ -10,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fspo.core.errors import UserError
+from fspo.core.outputs import claim_file
 
 console = Console()
 
@@ -24,25 +24,6 @@ def _parse_shots(text: str) -> list[int]:
     if not values or any(v < 0 for v in values):
         raise UserError(f"--shots: expected non-negative integers, got {text!r}")
     return values
-
-
-def check_out(out: Path, option: str = "--out") -> None:
-    """Refuse an output path that cannot be written before any model loads or any `.partial` log
-    starts: a folder where a file is meant, a parent that is a file, a place nobody may write (e.g.
-    /proc). Writability is tried with a temporary file in the nearest existing folder, since
-    `os.access` says yes to root everywhere."""
-    if out.is_dir():
-        raise UserError(f"{option} {out} is a folder; give a file path (e.g. {out / 'result.json'})")
-    folder = out.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise UserError(f"{option} {out}: {folder} is a file, not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise UserError(f"{option} {out}: cannot write in {folder} ({err.strerror})") from None
 
 
 def accuracy(
@@ -60,6 +41,7 @@ def accuracy(
     out: Path = typer.Option(
         Path("accuracy.json"), help="Output JSON (a killed run resumes from its .partial log)."
     ),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     dispreferred: bool | None = typer.Option(
         None, help="Show the shots' dispreferred answers (default: as the model was trained)."
     ),
@@ -73,12 +55,14 @@ def accuracy(
     from fspo.models.loading import load_model, load_tokenizer
 
     ks = _parse_shots(shots)
-    check_out(out)
+    claim_file(out, overwrite=overwrite)
     groups = group_by_split(load_test_episodes(episodes))
     if max_episodes is not None:
         groups = {s: eps[:max_episodes] for s, eps in groups.items()}
     tokenizer = load_tokenizer(model)
     log = partial_path(out)  # scored batches, kept until the result is written: a rerun resumes
+    if overwrite:
+        log.unlink(missing_ok=True)
     if log.exists():
         console.print(f"resuming: the batches scored in {log} (a stopped run's) are kept")
     result = accuracy_curve(
@@ -125,12 +109,13 @@ def winrate(
     system: str | None = typer.Option(None, help="Name of system A (default: from the records)."),
     opponent: str | None = typer.Option(None, help="Name of system B (default: from the records)."),
     out: Path = typer.Option(Path("winrate.json"), help="Output JSON (results, per-pair scores, usage)."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Win rate of A against B, judged pair by pair (ties count half), with a Wilson CI."""
     from fspo.eval.judges import JUDGES
     from fspo.eval.winrates import winrate as run_winrate
 
-    check_out(out)
+    claim_file(out, overwrite=overwrite)
     options: dict = {}
     if judge == "openai":
         options = {
@@ -182,6 +167,7 @@ def generate(
     dispreferred: bool | None = typer.Option(
         None, help="Show the shots' dispreferred answers (default: as the model was trained)."
     ),
+    overwrite: bool = typer.Option(False, help="Discard --out and its .partial log and generate anew."),
 ) -> None:
     """Generate a personalized answer for each test episode from its user's shots."""
     from fspo.eval.generate import Mode, generate_for_episodes, partial_path
@@ -193,7 +179,10 @@ def generate(
         Mode(mode)
     except ValueError as err:
         raise UserError(f"--mode: unknown mode {mode!r}; use plain, rat or oracle") from err
-    check_out(out)
+    claim_file(out, resumes=True)  # a file of the same settings is continued (checked per record)
+    if overwrite:
+        out.unlink(missing_ok=True)
+        partial_path(out).unlink(missing_ok=True)
     eps = load_test_episodes(episodes)
     if partial_path(out).exists():
         console.print(f"resuming: the generations in {partial_path(out)} (a stopped run's) are kept")
@@ -230,13 +219,21 @@ def report(
     preferences: Path | None = typer.Option(None, help="Preferences for the disagreement matrix."),
     episodes: Path | None = typer.Option(None, help="Episode file for the shot summaries of examples."),
     title: str | None = typer.Option(None),
+    overwrite: bool = typer.Option(False, help="Replace a report of another run in --out."),
 ) -> None:
     """Markdown + HTML report (tables, accuracy and disagreement plots, examples) and results.json."""
+    from fspo.core.outputs import OutputFolder
+    from fspo.eval.report import OUTPUTS
     from fspo.eval.run_report import report_from_run
 
-    paths = report_from_run(
-        run_dir, out, users=users, preferences=preferences, episodes=episodes, title=title
-    )
+    out = out or run_dir / "report"
+    inputs = {"run": run_dir, "users": users, "preferences": preferences, "episodes": episodes}
+    params = {**{k: v and str(Path(v).resolve()) for k, v in inputs.items()}, "title": title}
+    folder = OutputFolder(out, "report", params, OUTPUTS, overwrite=overwrite)  # the same inputs: refreshed
+    with folder.writing():
+        paths = report_from_run(
+            run_dir, out, users=users, preferences=preferences, episodes=episodes, title=title
+        )
     for name, path in paths.items():
         console.print(f"{name}: {path}")
 

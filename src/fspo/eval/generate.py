@@ -63,9 +63,10 @@ def _read_log(path: Path) -> Iterator[tuple[str, dict]]:
                 continue
             try:
                 row = json.loads(line)
-            except ValueError as err:
+            except json.JSONDecodeError as err:
                 raise DataError(
-                    f"{path}:{n}: not valid JSON ({err}); delete the file to start over"
+                    f"{path}:{n}: column {err.colno}: not valid JSON ({err.msg}); "
+                    "pass --overwrite to start over"
                 ) from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{n}: record: expected a JSON object")
@@ -88,7 +89,7 @@ def _resume(out: Path, settings: dict[str, Any]) -> dict[str, dict]:
             if theirs != settings:
                 raise UserError(
                     f"{where}: generated with other settings {theirs} (now {settings}); "
-                    "delete it or write to another --out"
+                    "pass --overwrite to start over, or write to another --out"
                 )
             if not isinstance(rec.get("episode_id"), str):
                 raise DataError(f"{where}: episode_id: missing or not a string")

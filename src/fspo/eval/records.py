@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fspo.core.errors import DataError, UserError
-from fspo.data.io import iter_rows, read_records
+from fspo.data.io import iter_rows, read_records, read_unique_records
 from fspo.data.schema import Episode, User
 
 TEST_SPLITS = ("test_seen", "test_unseen")
@@ -40,7 +40,9 @@ def load_test_episodes(path: str | Path, splits: Iterable[str] = TEST_SPLITS) ->
 
 
 def users_by_id(path: str | Path) -> dict[str, User]:
-    users = read_records(path, User)
+    """The users of a users file by id; one id on two lines with different content is an error naming
+    both lines (which description would the judge use?); an exact repeat is read once."""
+    users, _ = read_unique_records(path, User)
     if not users:
         raise DataError(f"{path}: no users (empty file)")
     return {u.user_id: u for u in users}

@@ -304,6 +304,10 @@ table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:
 pre{white-space:pre-wrap;background:#f6f6f6;padding:6px}img{max-width:100%}.rat{color:#555}"""
 
 
+# What `write_report` writes in its folder (`fspo report --overwrite` removes these, nothing else).
+OUTPUTS = ("report.md", "report.html", "results.json", "accuracy.png", "disagreement.png")
+
+
 def write_report(
     out_dir: str | Path,
     winrates: Sequence[WinRate] = (),

@@ -62,8 +62,8 @@ def _generation_file(path: Path) -> list[dict[str, Any]] | None:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(
-                f"{path}:{number}: not valid JSON ({err.msg}); the generation file is cut short or "
-                "damaged: rerun `fspo generate` (it resumes) or remove the line"
+                f"{path}:{number}: column {err.colno}: not valid JSON ({err.msg}); the generation file is "
+                "cut short or damaged: rerun `fspo generate` (it resumes) or remove the line"
             ) from None
         if not (isinstance(record, dict) and {"episode_id", "answer", "system"} <= record.keys()):
             raise UserError(f"{path}:{number}: not a generation record (needs episode_id, answer, system)")

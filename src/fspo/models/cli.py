@@ -27,19 +27,25 @@ def init(
     size: str = typer.Option("small", help="tiny | small | medium | base (fspo.models.default.SIZES)."),
     pretrain_steps: int = typer.Option(400, min=0, help="Causal-LM steps after init (0 = leave random)."),
     seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False, help="Replace the model in --out."),
 ) -> None:
     """Train a tokenizer on the corpus, create a small Llama, and pretrain it on the same text."""
     from rich.console import Console
 
-    from fspo.models.default import init_model
+    from fspo.core.outputs import OutputFolder
+    from fspo.models.default import MODEL_FILES, init_model
     from fspo.models.pretrain import pretrain as run_pretrain
 
+    params = {"corpus": corpus, "sim_domain": sim_domain, "size": size, "pretrain_steps": pretrain_steps,
+              "seed": seed}  # fmt: skip
+    folder = OutputFolder(out, "model init", params, MODEL_FILES, overwrite=overwrite)
     texts = _texts(corpus, sim_domain, seed)
-    path = init_model(out, texts, size=size, seed=seed)  # type: ignore[arg-type]
     console = Console()
-    console.print(f"created {path} ({len(texts)} documents)")
-    if pretrain_steps:
-        summary = run_pretrain(path, texts, steps=pretrain_steps, seed=seed)
+    with folder.writing():
+        path = init_model(out, texts, size=size, seed=seed)  # type: ignore[arg-type]
+        console.print(f"created {path} ({len(texts)} documents)")
+        summary = run_pretrain(path, texts, steps=pretrain_steps, seed=seed) if pretrain_steps else None
+    if summary:
         console.print(
             f"pretrained {pretrain_steps} steps: loss {summary['first_loss']:.3f} → "
             f"{summary['final_loss']:.3f} "

@@ -68,9 +68,28 @@ def init_model(
         tmp / "fspo_model.json", {"size": size, "seed": seed, "parameters": n_params, "pretrained": False}
     )
     if out.exists():
-        shutil.rmtree(out)
+        foreign = sorted(p.name for p in out.iterdir() if not is_model_file(p.name))
+        if foreign:
+            shutil.rmtree(tmp)
+            raise UserError(
+                f"{out} holds files that are not a model's ({', '.join(foreign[:4])}); "
+                "choose a new or empty folder"
+            )
+        shutil.rmtree(out)  # a model folder: replaced whole
     tmp.rename(out)
     return out
+
+
+# The files of a model folder as `save_pretrained` and `init_model` write them, and its run record.
+MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+               "tokenizer*", "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt",
+               "added_tokens.json", "fspo_model.json", "fspo_run.json")  # fmt: skip
+
+
+def is_model_file(name: str) -> bool:
+    from fnmatch import fnmatch
+
+    return any(fnmatch(name, pattern) for pattern in MODEL_FILES)
 
 
 def read_corpus(path: str | Path) -> list[str]:

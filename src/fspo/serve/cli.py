@@ -256,21 +256,34 @@ def import_(
     users: Path | None = typer.Option(None, help="User records to import too (descriptions, metadata)."),
     source: str = typer.Option("import", help="Recorded as each preference's source."),
     db: str = typer.Option(DEFAULT_DB, help=DB_HELP),
+    on_duplicate: str = typer.Option(
+        "error",
+        "--on-duplicate",
+        help="Records that conflict (one user id twice with other content, or one preference with its "
+        "label swapped): error, or keep the first or the last of each. An exact repeat is kept once.",
+    ),
 ) -> None:
     """Import preferences (each with its own user, created if new) in the project's record formats."""
-    from fspo.data.io import read_dataset_dir, read_records
+    from fspo.data.io import read_dataset_dir, read_unique_records
     from fspo.data.schema import Preference, User
     from fspo.serve.store import shown_url
 
     user_records: list[Any] = []
     if path.is_dir():
-        prefs, user_records, _ = read_dataset_dir(path)
+        prefs, user_records, reports = read_dataset_dir(path, on_duplicate=on_duplicate)
     else:
         if not path.is_file():
             raise UserError(f"import: no such file or folder {str(path)!r}")
-        prefs = read_records(path, Preference)
+        prefs, report = read_unique_records(path, Preference, on_duplicate)
+        reports = [report]
     if users is not None:
-        user_records += read_records(users, User, allow_empty=True)
+        more, report = read_unique_records(users, User, on_duplicate, allow_empty=True)
+        user_records += more
+        reports.append(report)
+    notes = Console(stderr=True, soft_wrap=True)
+    dropped = [line for rep in reports for line in rep.dropped]
+    for line in dropped[:20] + ([f"... and {len(dropped) - 20} more"] if len(dropped) > 20 else []):
+        notes.print(f"note: {line}", highlight=False, markup=False)
     with open_store(db) as store:
         n_users = store.import_users(user_records) if user_records else 0
         n_prefs = store.import_preferences(prefs, source=source)

@@ -38,14 +38,21 @@ def run(
     seed: int = typer.Option(0, help="Random seed (the run is reproducible from it)."),
     out: Path = typer.Option(..., help="Output folder: users.jsonl, preferences.jsonl, sim_meta.json."),
     option: list[str] = typer.Option([], help="Domain option key=value, e.g. margin=0.3 (repeatable)."),
+    overwrite: bool = typer.Option(False, help="Replace the outputs of another run in --out."),
 ) -> None:
     """Simulate a population and write it; prints its diversity and disagreement."""
+    from fspo.core.outputs import OutputFolder
     from fspo.sim import simulate, stats, write_sim
+    from fspo.sim.export import OUTPUTS
 
+    options = _parse_options(option)
+    params = {"domain": domain, "users": users, "prefs_per_user": prefs_per_user, "seed": seed, **options}
+    folder = OutputFolder(out, "sim run", params, OUTPUTS, overwrite=overwrite)
     with console.status(f"simulating {users} {domain} users"):
-        data = simulate(domain, users, prefs_per_user, seed, **_parse_options(option))
+        data = simulate(domain, users, prefs_per_user, seed, **options)
         summary = stats(data)
-        write_sim(out, data, summary)
+        with folder.writing():
+            write_sim(out, data, summary)
     print_stats(summary, data.info)
     console.print(f"[green]wrote[/] {out}/users.jsonl, preferences.jsonl, sim_meta.json")
 
@@ -69,10 +76,14 @@ def corpus(
     domain: str = typer.Option("roleplay", help="roleplay, reviews or elix."),
     n: int = typer.Option(50_000, help="Number of documents."),
     seed: int = typer.Option(0, help="Random seed."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Write plain domain text for pre-training the embedded small model."""
     from fspo.core.files import atomic_open, atomic_write_jsonl
+    from fspo.core.outputs import claim_file
     from fspo.sim import corpus as make_corpus
+
+    claim_file(out, overwrite=overwrite)
 
     docs = make_corpus(domain, seed=seed, n=n)
     if out.suffix == ".jsonl":

@@ -17,6 +17,7 @@ from fspo.sim.base import SimData
 from fspo.sim.stats import stats
 
 META = "sim_meta.json"
+OUTPUTS = ("users.jsonl", "preferences.jsonl", META)  # what `write_sim` writes (and `--overwrite` removes)
 
 
 def write_sim(out_dir: str | Path, data: SimData, summary: dict[str, Any] | None = None) -> dict[str, Any]:

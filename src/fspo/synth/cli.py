@@ -19,6 +19,9 @@ def run(
     config: Path = typer.Argument(..., help="YAML config (see configs/synth/ and docs/synth.md)."),
     out: str | None = typer.Option(None, help="Output folder (default: the config's `out`)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    overwrite: bool = typer.Option(
+        False, help="Allow other settings than the run in --out (changed stages are redone from the cache)."
+    ),
 ) -> None:
     """Run every stage, or resume where the last run stopped (also after kill -9)."""
     from fspo.llm import BackendUnavailable
@@ -27,7 +30,7 @@ def run(
 
     cfg = load_config(config)
     try:
-        result = run_pipeline(cfg, out=out, progress=progress, config_path=config)
+        result = run_pipeline(cfg, out=out, progress=progress, config_path=config, overwrite=overwrite)
     except BackendUnavailable as err:
         raise UserError(f"backend ({cfg.backend.resolved_base_url() or cfg.backend.kind}): {err}") from err
     console = Console()

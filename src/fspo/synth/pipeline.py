@@ -33,6 +33,7 @@ from typing import Any
 from tqdm import tqdm
 
 from fspo.core.files import AppendLog, atomic_open, atomic_write_json, atomic_write_text
+from fspo.core.outputs import OutputFolder
 from fspo.core.rng import seeded_rng
 from fspo.core.stages import Stage, fingerprint, run_ordered
 from fspo.llm import LETTER_SCORES, LLMClient, ParseFailure, RequestCache, ask_both_orders, make_backend
@@ -488,11 +489,34 @@ def run_pipeline(
     progress: bool = True,
     config_path: str | Path | None = None,
     client: LLMClient | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) every stage; returns the per-stage summaries and this run's client counters."""
+    """Run (or resume) every stage; returns the per-stage summaries and this run's client counters.
+
+    An `out` holding a run of other settings is refused unless `overwrite` (`fspo.core.outputs`);
+    then each stage's own cache redoes only the stages whose settings changed, from `cache.sqlite`.
+    """
     folder = Path(out or cfg.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    if config_path is not None:
-        atomic_write_text(folder / "config.yaml", Path(config_path).read_text(encoding="utf-8"))
-    pipe = Pipeline(cfg, folder, progress=progress, client=client)
-    return asyncio.run(pipe.run())
+    params = cfg.model_dump(mode="json", exclude={"out"})
+    output = OutputFolder(
+        folder, "synth run", params, OUTPUTS, overwrite=overwrite, resumable=True, cached_stages=True
+    )
+    with output.writing():
+        if config_path is not None:
+            atomic_write_text(folder / "config.yaml", Path(config_path).read_text(encoding="utf-8"))
+        pipe = Pipeline(cfg, folder, progress=progress, client=client)
+        return asyncio.run(pipe.run())
+
+
+# What a run writes in its folder: the stages' folders, the records, the card and the request cache.
+OUTPUTS = (
+    *STAGES,
+    "config.yaml",
+    "runs.jsonl",
+    "cache.sqlite*",
+    "users.jsonl",
+    "preferences.jsonl",
+    "card.json",
+    "README.md",
+    "stats.json",
+)

@@ -22,7 +22,7 @@ _RAT_HELP = (
 )
 
 
-def _run(stage: str, options: dict[str, Any], config: str | None, resume: bool) -> None:
+def _run(stage: str, options: dict[str, Any], config: str | None, resume: bool, overwrite: bool) -> None:
     from rich.console import Console
 
     from fspo.train.config import load_config, make_config, recipe
@@ -47,7 +47,7 @@ def _run(stage: str, options: dict[str, Any], config: str | None, resume: bool) 
         cfg = load_config(config, {**given, "stage": stage})
     else:
         cfg = make_config({**recipe(stage), **given, "stage": stage})
-    result = train(cfg, resume=resume)
+    result = train(cfg, resume=resume, overwrite=overwrite)
     console = Console()
     console.print(f"model saved to [bold]{result.model_dir}[/] after {result.steps} steps")
     shown = {**result.metrics, **result.eval_metrics}
@@ -63,6 +63,9 @@ def _options(
     config: str | None = typer.Option(None, help="Config file (JSON/YAML), e.g. a run's fspo_config.json."),
     resume: bool = typer.Option(
         False, help="Continue from the latest checkpoint in --out (if none: says so, starts at step 0)."
+    ),
+    overwrite: bool = typer.Option(
+        False, help="Replace the run in --out (another run's, or a finished one of these settings)."
     ),
     shots: int | None = typer.Option(None, help="Use at most N shots per episode (0 = zero-shot baseline)."),
     include_dispreferred: bool | None = typer.Option(
@@ -131,7 +134,8 @@ def _command(stage: str, doc: str):
     def command(**kwargs: Any) -> None:
         config = kwargs.pop("config")
         resume = kwargs.pop("resume")
-        _run(stage, kwargs, config, resume)
+        overwrite = kwargs.pop("overwrite")
+        _run(stage, kwargs, config, resume, overwrite)
 
     import inspect
     import typing

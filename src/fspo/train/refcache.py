@@ -40,6 +40,7 @@ from typing import Any
 
 from fspo.core.errors import UserError
 from fspo.core.files import atomic_write_text
+from fspo.core.outputs import RUN_FILE
 from fspo.infer.logps import eval_mode
 from fspo.infer.pairs import ContextTokens, PairTokens, as_context
 from fspo.infer.prefix import pair_logps
@@ -91,7 +92,9 @@ def model_fingerprint(folder: str | Path) -> str:
         raise UserError(f"model folder not found: {folder}")
     h = hashlib.sha256()
     files = sorted(
-        p for p in folder.iterdir() if p.suffix in {".json", ".safetensors", ".bin", ".gguf"} and p.is_file()
+        p
+        for p in folder.iterdir()
+        if p.suffix in {".json", ".safetensors", ".bin", ".gguf"} and p.is_file() and p.name != RUN_FILE
     )
     if not files:
         raise UserError(f"no model files (config.json, *.safetensors) in {folder}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ import torch
 
 from fspo.core.errors import UserError
 from fspo.core.files import AppendLog, atomic_write_json
+from fspo.core.outputs import OutputFolder, read_record
 from fspo.data.episodes import episodes_file, load_episodes
 from fspo.data.tokens import pad_id_of
 from fspo.infer import prefix
@@ -435,13 +437,7 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Run:
     from transformers import get_scheduler
 
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; a run folder must be a folder (a new one or a run's)")
     ckpt = latest_checkpoint(out)
-    if ckpt is not None and not resume:
-        raise UserError(
-            f"{out} already holds checkpoints ({ckpt.name}): pass --resume to continue, or another --out"
-        )
     try:
         accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),
@@ -458,8 +454,7 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Run:
     pad_id = pad_id_of(tokenizer)
     world = accelerator.num_processes
     units, stats, train_file, shot_spans, batches_per_epoch = _train_split(cfg, tokenizer, world)
-    if main:  # only once model and episodes are readable: a failed start leaves no run folder behind
-        out.mkdir(parents=True, exist_ok=True)
+    if main:
         cfg.save(out / CONFIG_FILE)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * (batches_per_epoch // cfg.grad_accum)))
 
@@ -617,12 +612,59 @@ class _Throughput:
         }
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Run one training stage as configured; returns where the final model folder is.
 
     `resume=True` continues from the latest complete checkpoint in ``cfg.out`` (or, saying so, starts
-    from step 0 if there is none); without it, an ``out`` that already holds checkpoints is refused.
+    from step 0 if there is none) of a run with the same settings. Without it, an ``out`` that holds a
+    checkpoint or a finished model is refused, as is one holding another run's outputs (other
+    settings), unless `overwrite`, which removes that run's outputs first.
     """
+    folder = _output_folder(cfg, resume, overwrite)  # refused before anything loads
+    # The main process keeps the run record (RANK is set by torchrun/accelerate launch; reading it
+    # here, before the Accelerator exists, leaves the distributed setup to the Accelerator alone).
+    main = int(os.environ.get("RANK", "0")) == 0
+    with folder.writing() if main else contextlib.nullcontext():
+        return _train(cfg, resume)
+
+
+# What a run writes in its folder (`--overwrite` removes these, and nothing else): `fspo/` is the
+# tensorboard tracker's, `.model.*` the final save's staging folders.
+OUTPUTS = (
+    "checkpoints",
+    "metrics.jsonl",
+    "model",
+    ".model.tmp",
+    ".model.old",
+    "train_summary.json",
+    CONFIG_FILE,
+    "fspo",
+)
+# Settings that change how a run is watched and saved, not what it trains: a resume may change them.
+_NOT_THE_RUN = {"out", "progress", "report_to", "log_every", "eval_every", "save_every", "keep_checkpoints"}
+
+
+def _output_folder(cfg: TrainConfig, resume: bool, overwrite: bool) -> OutputFolder:
+    """The run folder under the output policy (`fspo.core.outputs`): a folder holding another run is
+    refused without `overwrite`; one holding this run (same settings) is continued with `resume`,
+    and refused without it once there is something to lose (a checkpoint or a finished model)."""
+    params = cfg.model_dump(mode="json", exclude=_NOT_THE_RUN)
+    folder = OutputFolder(cfg.out, f"train {cfg.stage}", params, OUTPUTS, overwrite=overwrite, resumable=True)
+    if folder.continues and not resume and not overwrite:
+        out = Path(cfg.out)
+        finished = (read_record(out) or {}).get("state") == "finished"
+        ckpt = latest_checkpoint(out)
+        if finished or ckpt is not None:
+            held = "a finished run" if finished else f"a stopped run (checkpoint {ckpt.name})"  # type: ignore[union-attr]
+            raise UserError(
+                f"--out {out} holds {held} of these settings: pass --resume to continue it, "
+                "--overwrite to train again from the start, or another --out"
+            )
+        folder.replace = True  # stopped before its first checkpoint: nothing to continue from
+    return folder
+
+
+def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
     run = _setup(cfg, resume)
     accelerator = run.accelerator
     run.model.train()
