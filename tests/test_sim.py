@@ -290,8 +290,34 @@ def test_styled_documents_keep_one_style_and_contrast_it():
     for ex, task in zip(examples, tasks, strict=True):
         shots, last = ex.split("# Example 3\n")
         assert task == shots + f"{TASK}{TASK_PLAIN}\n" + last.rstrip("\n") + "\n"
-    with pytest.raises(UserError, match="no fixed-style writer"):
-        corpus("elix", n=10, descriptions=0, styled=0.5)
+    assert len(corpus("elix", n=10, descriptions=0, styled=0.5)) == 10  # every domain has a writer
+
+
+def test_a_writer_keeps_one_style_across_questions() -> None:
+    import random
+
+    from fspo.sim.reviews import write_review
+
+    rng = random.Random(5)
+    reviews = get_domain("reviews")
+    for sentiment in ("positive", "negative"):
+        lengths = {}
+        for verbose in (False, True):
+            texts = [
+                write_review("The Lost River", "drama", rng, (sentiment, "plot", verbose)) for _ in range(8)
+            ]
+            signs = {np.sign(reviews.featurize("", t)[0]) for t in texts}
+            assert signs == {1.0 if sentiment == "positive" else -1.0}
+            lengths[verbose] = [len(t.split()) for t in texts]
+        assert min(lengths[True]) > max(lengths[False])
+    elix = get_domain("elix")
+    levels = set()
+    for _ in range(8):
+        write = elix.writer(rng)
+        found = [elix.featurize(q, write(i))[0] for i, q in enumerate(elix.questions()[:6])]
+        assert max(found) - min(found) <= 1.0, found  # one level's vocabulary and sentence length
+        levels.add(round(found[0]))
+    assert len(levels) > 2  # writers differ from each other
     with pytest.raises(UserError, match="styled must be a share"):
         corpus("roleplay", n=10, consistent=0.8, styled=0.5)
     assert len(corpus("roleplay", n=10, consistent=0.8, styled=0.1)) == 10  # 0.1 + 0.8 + 0.1 is 1 in decimal

@@ -48,7 +48,19 @@ _register()
 
 @app.command()
 def quickstart(
-    out: str = typer.Option("runs/quickstart", help="Folder for every stage's outputs (cached, resumable)."),
+    domain: str | None = typer.Option(
+        None,
+        help="roleplay | reviews | elix: the paper's domain, its unseen users new combinations of traits. "
+        "Default: the demo's population (roleplay, one trait per user).",
+    ),
+    seed: int | None = typer.Option(None, help="Seed of the users, episodes, model and training."),
+    shots: int | None = typer.Option(None, min=1, help="Shots per episode (default: the profile's)."),
+    config: str | None = typer.Option(
+        None, help="A YAML/JSON file of profile fields overriding any (see configs/quickstart/default.yaml)."
+    ),
+    out: str | None = typer.Option(
+        None, help="Folder for every stage's outputs (cached, resumable); default runs/quickstart[-choices]."
+    ),
     profile: str = typer.Option("default", help="Size profile: 'default' (~15 min) or 'tiny' (a smoke run)."),
     force: bool = typer.Option(False, help="Ignore cached stage outputs and redo everything."),
     overwrite: bool = typer.Option(
@@ -56,9 +68,11 @@ def quickstart(
     ),
 ) -> None:
     """The whole pipeline on the embedded default model; prints the results table."""
-    from fspo.quickstart import run_quickstart
+    from fspo.quickstart import default_out, load_profile, run_quickstart
 
-    run_quickstart(out=out, profile=profile, force=force, overwrite=overwrite)
+    p = load_profile(profile, domain=domain, config=config, seed=seed, shots=shots)
+    out = out or default_out(domain, seed, shots, config)
+    run_quickstart(out=out, profile=p, force=force, overwrite=overwrite)
 
 
 def _fail(message: str) -> NoReturn:

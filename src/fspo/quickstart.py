@@ -42,6 +42,7 @@ class Profile(BaseModel):
     sim_options: dict[str, Any]
     shots: int
     include_dispreferred: bool
+    also_shots: tuple[int, ...]
     seed: int
     model_size: str
     corpus_docs: int
@@ -70,15 +71,59 @@ class Profile(BaseModel):
     gen_batch_size: int
 
 
-def load_profile(name: str) -> Profile:
-    """The profile `name`: ``quickstart/default.yaml`` with ``quickstart/<name>.yaml`` on top."""
+DOMAINS = ("roleplay", "reviews", "elix")
+
+
+def load_profile(
+    name: str = "default",
+    domain: str | None = None,
+    config: str | Path | None = None,
+    seed: int | None = None,
+    shots: int | None = None,
+) -> Profile:
+    """A run's profile, each layer overriding the fields it names: ``quickstart/default.yaml``, the
+    domain's population (``quickstart/domains/<domain>.yaml``), the size profile `name` (e.g. tiny),
+    a `config` file of the user's (YAML/JSON; a key that is no profile field is an error naming it),
+    then `seed` and `shots`. More shots than the accuracy curve reaches extend it to `shots`."""
+    from fspo.core.files import read_fields
     from fspo.train.config import named_config
 
-    values = {**named_config("quickstart", "default"), **named_config("quickstart", name)}
+    values = named_config("quickstart", "default")
+    if domain is not None:
+        if domain not in DOMAINS:
+            raise UserError(f"--domain: unknown domain {domain!r}; choose one of {', '.join(DOMAINS)}")
+        values |= named_config("quickstart/domains", domain)
+    if name != "default":
+        values |= named_config("quickstart", name)
+    if config is not None:
+        given = read_fields(config)
+        unknown = sorted(set(given) - set(Profile.model_fields))
+        if unknown:
+            raise UserError(
+                f"config file {str(config)!r}: unknown profile field(s) {', '.join(unknown)} "
+                "(the fields are those of fspo/configs/quickstart/default.yaml)"
+            )
+        values |= given
+    if seed is not None:
+        values["seed"] = seed
+    if shots is not None:
+        values["shots"] = shots
+        values["accuracy_shots"] = sorted({k for k in values["accuracy_shots"] if k <= shots} | {shots})
     try:
         return Profile.model_validate(values)
     except ValidationError as err:
-        raise UserError(f"quickstart profile {name!r}: {err}") from None
+        where = f"config file {str(config)!r}" if config is not None else f"quickstart profile {name!r}"
+        raise UserError(f"{where}: {err}") from None
+
+
+def default_out(domain: str | None, seed: int | None, shots: int | None, config: str | Path | None) -> str:
+    """``runs/quickstart``, named after what was chosen: ``runs/quickstart-reviews-seed1``."""
+    parts = ["quickstart"]
+    parts += [domain] if domain else []
+    parts += [f"seed{seed}"] if seed is not None else []
+    parts += [f"{shots}shots"] if shots is not None else []
+    parts += [Path(config).stem] if config is not None else []
+    return str(Path("runs") / "-".join(parts))
 
 
 # The systems the quickstart generates answers with, as the paper compares them: (name, trained model
@@ -98,6 +143,11 @@ GENERATED_SYSTEMS: tuple[tuple[str, str | None, str, int | None], ...] = (
 )
 
 
+def generated_systems(p: Profile) -> tuple[tuple[str, str | None, str, int | None], ...]:
+    """`GENERATED_SYSTEMS` plus FSPO answering with fewer shots, one system per `p.also_shots`."""
+    return GENERATED_SYSTEMS + tuple((f"fspo-{k}-shots", "fspo", "plain", k) for k in p.also_shots)
+
+
 # The stage folders the quickstart writes under its `out` (its output policy's own files).
 STAGES = ("sim", "episodes", "model", "sft", "fspo", "sft_rat", "fspo_rat", "pop_sft", "pop_ipo", "generate",
           "accuracy", "report")  # fmt: skip
@@ -105,14 +155,14 @@ STAGES = ("sim", "episodes", "model", "sft", "fspo", "sft_rat", "fspo_rat", "pop
 
 def run_quickstart(
     out: str | Path = "runs/quickstart",
-    profile: str = "default",
+    profile: str | Profile = "default",
     force: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) every stage into `out`. An `out` holding a run of another profile is refused
-    unless `overwrite` (or `force`, which redoes every stage); then the stage cache redoes exactly the
-    stages whose settings changed."""
-    p = load_profile(profile)
+    """Run (or resume) every stage of `profile` (a name or a `load_profile` result) into `out`. An
+    `out` holding a run of another profile is refused unless `overwrite` (or `force`, which redoes
+    every stage); then the stage cache redoes exactly the stages whose settings changed."""
+    p = load_profile(profile) if isinstance(profile, str) else profile
     console = Console()
     runner = StageRunner(Path(out), force=force, console=console)
     params = p.model_dump(mode="json")
@@ -154,7 +204,7 @@ def _run_stages(p: Profile, runner: StageRunner, params: dict[str, Any]) -> dict
         "generate",
         {
             **_pick(params, "eval_episodes max_new_tokens seed include_dispreferred"),
-            "systems": GENERATED_SYSTEMS,
+            "systems": generated_systems(p),
         },
         lambda d: _generate(p, runner, d, model_dir),
         ("episodes", "model", *trained),
@@ -167,7 +217,7 @@ def _run_stages(p: Profile, runner: StageRunner, params: dict[str, Any]) -> dict
     )
     summary = runner.run(
         "report",
-        {"systems": [s[0] for s in GENERATED_SYSTEMS]},
+        {"systems": [s[0] for s in generated_systems(p)]},
         lambda d: _report(p, runner, d),
         ("sim", "generate", "accuracy"),
     )
@@ -318,7 +368,7 @@ def _generate(p: Profile, runner: StageRunner, folder: Path, model_dir: str) -> 
     episodes = _test_episodes(p, runner)
     counts = {}
     loaded: dict[str, tuple[Any, Any]] = {}  # several systems share a model (base, fspo, fspo_rat)
-    for system, stage, mode, shots in GENERATED_SYSTEMS:
+    for system, stage, mode, shots in generated_systems(p):
         path = model_dir if stage is None else str(runner.folder(stage) / "model")
         if path not in loaded:
             loaded[path] = (load_model(path), load_tokenizer(path))
@@ -385,12 +435,13 @@ def _acc_at(curve: dict[str, Any], shots: int) -> dict[str, float]:
 def _report(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
     from fspo.data.io import read_dataset_dir
     from fspo.eval import collect_examples, winrate, write_report
+    from fspo.eval.personal import shot_ceiling, trait_shares
     from fspo.sim import disagreement_matrix
 
     gen = runner.folder("generate")
     users_file = runner.folder("sim") / "users.jsonl"
     results = []
-    pairs = [(s[0], "base") for s in GENERATED_SYSTEMS if s[0] != "base"]
+    pairs = [(s[0], "base") for s in generated_systems(p) if s[0] != "base"]
     # Head to head: FSPO against each baseline (the base model can be far weaker than any trained
     # system, so beating it says little about personalization), and RAT against FSPO and its oracle.
     pairs += [
@@ -402,6 +453,10 @@ def _report(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
         ("oracle", "fspo"),
         ("oracle", "fspo-rat"),
     ]
+    for (
+        k
+    ) in p.also_shots:  # all the shots against fewer (the paper's 4 vs 8), and fewer against the population
+        pairs += [("fspo", f"fspo-{k}-shots"), (f"fspo-{k}-shots", "population-ipo")]
     for system, opponent in pairs:
         res = winrate(
             gen / f"{system}.jsonl",
@@ -415,10 +470,15 @@ def _report(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
     prefs, users, _ = read_dataset_dir(runner.folder("sim"))
     generations = {
         s[0]: [json.loads(line) for line in (gen / f"{s[0]}.jsonl").read_text().splitlines()]
-        for s in GENERATED_SYSTEMS
+        for s in generated_systems(p)
     }
     examples = collect_examples(generations, _test_episodes(p, runner), {u.user_id: u for u in users})
     accuracy = json.loads((runner.folder("accuracy") / "accuracy.json").read_text())
+    user_map = {u.user_id: u for u in users}
+    shares = trait_shares(user_map, [r for recs in generations.values() for r in recs])
+    test = _test_episodes(p, runner)
+    by_split = {s: [e for e in test if e.split == s] for s in ("test_unseen", "test_seen")}
+    ceiling = shot_ceiling(user_map, by_split, max_shots=p.shots)
     notes = [
         f"Profile: {p.model_dump_json()}",
         "Win rates are judged by each simulated user's exact reward r_u(text); ties count as half.",
@@ -431,8 +491,12 @@ def _report(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
         accuracy,
         examples,
         disagreement_matrix(users, prefs),
-        title="FSPO quickstart: simulated roleplay users",
+        title=f"FSPO quickstart: simulated {p.domain} users",
         notes=notes,
+        sections={
+            "Trait values the answers carry": _shares_markdown(shares),
+            "What the shots can tell: the Bayes ceiling": _ceiling_markdown(ceiling, accuracy),
+        },
     )
     merged: dict[str, dict[str, Any]] = {}
     for w in results:
@@ -441,7 +505,51 @@ def _report(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
             "ci": [round(w.ci_low, 4), round(w.ci_high, 4)],
             "n": w.n,
         }
-    return {"winrates": merged, "report": str(folder / "report.md")}
+    return {
+        "winrates": merged,
+        "trait_shares": shares,
+        "ceiling": ceiling,
+        "accuracy": {name: _acc_at(curve, p.shots) for name, curve in accuracy.items()},
+        "report": str(folder / "report.md"),
+    }
+
+
+def _shares_markdown(shares: dict[str, dict[str, dict[str, float]]]) -> str:
+    rows = [
+        "Per system, the mean share of each user's trait values its answers carry (`fspo.eval.personal`;",
+        "a personalizing model carries nearly all, one answering for the population average carries what",
+        "the average user's values share with each user's), and the relevance every user rewards alike.",
+        "",
+        "| system | unseen: trait share | unseen: relevance | seen: trait share | seen: relevance |",
+        "|---|---|---|---|---|",
+    ]
+    for system, per in shares.items():
+        cells = []
+        for split in ("test_unseen", "test_seen"):
+            c = per.get(split)
+            cells += [f"{100 * c['trait_share']:.1f}%", f"{c['relevance']:.3f}"] if c else ["-", "-"]
+        rows.append(f"| {system} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _ceiling_markdown(ceiling: dict[str, dict[str, dict[str, float]]], accuracy: dict[str, Any]) -> str:
+    rows = [
+        "Preference accuracy a Bayes learner reaches from n shots, holding the population's personas as",
+        "hypotheses (`fspo.eval.personal.shot_ceiling`), beside FSPO's implicit-reward accuracy.",
+        "",
+        "| split | shots | ceiling | FSPO accuracy | share of the ceiling |",
+        "|---|---|---|---|---|",
+    ]
+    splits = accuracy.get("fspo", {}).get("splits", {})
+    fspo = {split: {pt["shots"]: pt["accuracy"] for pt in points} for split, points in splits.items()}
+    for split, curve in ceiling.items():
+        for n, c in curve.items():
+            mine = fspo.get(split, {}).get(int(n))
+            share = f"{100 * mine / c['accuracy']:.0f}%" if mine is not None and c["accuracy"] else "-"
+            shown = "-" if mine is None else f"{mine:.3f}"
+            bound = f"{c['accuracy']:.3f} [{c['ci_low']:.2f}, {c['ci_high']:.2f}]"
+            rows.append(f"| {split} | {n} | {bound} | {shown} | {share} |")
+    return "\n".join(rows)
 
 
 def _unseen_note(p: Profile) -> str:

@@ -316,8 +316,11 @@ def write_report(
     disagreement: Any = None,
     title: str = "FSPO evaluation",
     notes: Sequence[str] = (),
+    sections: Mapping[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write report.md, report.html, results.json and the figures into `out_dir`; return their paths.
+
+    `sections`: more sections, title -> Markdown text, after the win rates (in the HTML as text).
 
     `accuracy`: one `accuracy_curve` result or a mapping label -> result. `disagreement`: a matrix,
     (matrix, user ids) as returned by `preference_disagreement`, or a `fspo.sim.Disagreement`.
@@ -363,6 +366,9 @@ def write_report(
             f"<code>{html.escape(t['judge'])}</code>: estimate [95% CI] n=pairs; ties count half.</p>"
         )
         h.append(_html_table(t))
+    for heading, body in (sections or {}).items():
+        md += [f"## {heading}\n", body.rstrip() + "\n"]
+        h.append(f"<h2>{html.escape(heading)}</h2><pre>{html.escape(body)}</pre>")
     if "accuracy_png" in paths:
         md += [
             "## Preference accuracy vs number of shots\n",

@@ -125,6 +125,22 @@ class Domain(ABC):
     def reward(self, traits: Traits, question: str, text: str) -> float:
         return float(self.score(traits, self.features(question, [text]))[0])
 
+    def carried(self, traits: Traits, feats: np.ndarray) -> list[bool]:
+        """Per trait of the persona, whether a text (its feature row `feats`) carries the persona's
+        value of it: its feature for that value is above its feature for every other value of the
+        trait (bullets over prose; for a one-column trait, above one half). Domains whose traits
+        are not columns (a numeric level) override this."""
+        out = []
+        for trait, spec in traits.items():
+            own = feats[self._col[f"{trait}={spec['value']}"]]
+            others = [
+                feats[i]
+                for c, i in self._col.items()
+                if c.startswith(f"{trait}=") and i != self._col[f"{trait}={spec['value']}"]
+            ]
+            out.append(bool(own > max(others)) if others else bool(own > 0.5))
+        return out
+
     # --- personas ----------------------------------------------------------------------------
     @abstractmethod
     def sample_persona(self, rng: Any, decided: Callable[[Traits], float]) -> Persona:

@@ -125,11 +125,7 @@ class Elix(Domain):
         concept = self._questions[question_index][0]
         pool: list[str] = []
         for i in range(self.options.answers_per_question * 20):
-            level = i % len(LEVELS)
-            n = rng.randint(2, 3) if level < 3 else 2  # expert sentences are long already
-            text = " ".join(
-                s.format(c=concept, C=concept.capitalize()) for s in rng.sample(SENTENCES[level], n)
-            )
+            text = write_explanation(concept, i % len(LEVELS), rng)
             if concept not in words(text):
                 continue
             if text not in pool:
@@ -137,6 +133,10 @@ class Elix(Domain):
             if len(pool) == self.options.answers_per_question:
                 break
         return pool
+
+    def writer(self, rng: random.Random) -> Callable[[int], str]:
+        level = rng.randrange(len(LEVELS))
+        return lambda qi: write_explanation(self._questions[qi][0], level, rng)
 
     def featurize(self, question: str, text: str) -> list[float]:
         return [estimate_level(text), keyword_coverage(set(words(text)), self.keywords(question), needed=1)]
@@ -147,6 +147,10 @@ class Elix(Domain):
             -float(spec["weight"]) * np.abs(feats[..., 0] - float(spec["value"]))
             + RELEVANCE_WEIGHT * feats[..., 1]
         )
+
+    def carried(self, traits: Traits, feats: np.ndarray) -> list[bool]:
+        """The text's level is within half a level of the user's (a half-level user: between theirs)."""
+        return [bool(abs(feats[0] - float(traits["level"]["value"])) <= 0.5)]
 
     def sample_persona(self, rng: random.Random, decided: Callable[[Traits], float]) -> Persona:
         level = (
@@ -182,3 +186,10 @@ class Elix(Domain):
 
 
 _CONCEPT_SET = frozenset(CONCEPTS)
+
+
+def write_explanation(concept: str, level: int, rng: random.Random) -> str:
+    """Two or three sentences about `concept` at education level `level` (expert sentences are long
+    already, so two)."""
+    n = rng.randint(2, 3) if level < 3 else 2
+    return " ".join(s.format(c=concept, C=concept.capitalize()) for s in rng.sample(SENTENCES[level], n))

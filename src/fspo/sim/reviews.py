@@ -111,6 +111,15 @@ class Reviews(Domain):
         genre, adj, noun = self._movies[question_index]
         return self._distinct_pool(lambda: write_review(f"The {adj} {noun}", genre, rng))
 
+    def writer(self, rng: random.Random) -> Callable[[int], str]:
+        style = draw_review_style(rng)
+
+        def write(question_index: int) -> str:
+            genre, adj, noun = self._movies[question_index]
+            return write_review(f"The {adj} {noun}", genre, rng, style)
+
+        return write
+
     def featurize(self, question: str, text: str) -> list[float]:
         toks = words(text)
         counts = Counter(toks)
@@ -146,10 +155,20 @@ class Reviews(Domain):
 _KNOWN = frozenset(w.lower() for w in (*ADJECTIVES, *NOUNS, *GENRES))
 
 
-def write_review(title: str, genre: str, rng: random.Random) -> str:
-    sentiment = rng.choice(("positive", "negative", "mixed"))
-    focus = rng.choice(("acting", "plot", "both"))
-    verbose = rng.random() < 0.5
+ReviewStyle = tuple[str, str, bool]  # sentiment (positive/negative/mixed), focus (acting/plot/both), verbose
+
+
+def draw_review_style(rng: random.Random) -> ReviewStyle:
+    return (
+        rng.choice(("positive", "negative", "mixed")),
+        rng.choice(("acting", "plot", "both")),
+        rng.random() < 0.5,
+    )
+
+
+def write_review(title: str, genre: str, rng: random.Random, style: ReviewStyle | None = None) -> str:
+    """A review of the movie; its style drawn with `rng` unless given (a writer keeps one style)."""
+    sentiment, focus, verbose = style or draw_review_style(rng)
     n_opinions = 3 if verbose else 1
     sentences = []
     for i in range(n_opinions):

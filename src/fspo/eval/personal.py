@@ -1,0 +1,142 @@
+"""How personal are the answers, and how much could the shots tell? Two measures on simulated users.
+
+`trait_shares`: for each system's generated answers, the share of each user's trait values the answer
+carries (`Domain.carried`: bullets when the user wants bullets; a level within half a level), and the
+relevance every user rewards alike. A win rate mixes both; this splits them apart. A model that
+personalizes carries nearly all of an unseen user's values; one that answers for the population
+average carries what the average user's values share with this user's.
+
+`shot_ceiling`: the Bayes ceiling of preference accuracy after n shots, with no model involved. Every
+simulated preference is decided by an exact reward, so a learner that knows the population's
+personas as its hypotheses can weigh them by how well each explains the shots and vote on the query:
+
+    posterior(u) ∝ prod_{i<=n} (1 - eps if persona u orders shot i as the user did else eps)
+    prediction   = posterior-weighted vote of the personas on the query pair
+
+With n = 0 this is the population learner (the best any zero-shot model of these users can do on
+average); the rise with n is all the personalization there is to learn. `eps` is the label noise the
+learner assumes (it only matters when no persona fits). The hypotheses are every persona of the
+population (`hypotheses="population"`): a learner that knows which kinds of user exist, unseen
+combinations included, which is what the shots can tell about a new user; `"train"` restricts them to
+the training users, which is what a learner that only saw those can infer.
+
+Why hand-written: both are FSPO's own measurements over `fspo.sim`'s exact rewards.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from fspo.core.errors import UserError
+from fspo.data.schema import Episode, User
+from fspo.eval.stats import wilson_interval
+from fspo.sim.base import RELEVANCE, Domain
+from fspo.sim.registry import get_domain
+
+
+def _domain_of(users: Mapping[str, User]) -> Domain:
+    for user in users.values():
+        meta = user.metadata or {}
+        if "domain" in meta and "traits" in meta:
+            return get_domain(meta["domain"])
+    raise UserError("no simulated user (metadata.domain and metadata.traits) among the users")
+
+
+def trait_shares(
+    users: Mapping[str, User], records: Iterable[Mapping[str, Any]]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{system: {split: {"trait_share", "relevance", "n"}}}`` over generation records (the
+    `fspo generate` format: user_id, question, answer, system, split)."""
+    domain = _domain_of(users)
+    relevance = domain.columns.index(RELEVANCE)
+    sums: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
+    for rec in records:
+        user = users.get(rec["user_id"])
+        if user is None:
+            raise UserError(f"generation of {rec['system']}: user {rec['user_id']!r} is not among the users")
+        traits = domain.check_traits((user.metadata or {}).get("traits"))
+        feats = domain.features(rec["question"], [rec["answer"]])[0]
+        carried = domain.carried(traits, feats)
+        s = sums[(rec["system"], rec.get("split", "all"))]
+        s[0] += sum(carried) / len(carried)
+        s[1] += float(feats[relevance])
+        s[2] += 1
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (system, split), (share, rel, n) in sorted(sums.items()):
+        out.setdefault(system, {})[split] = {
+            "trait_share": round(share / n, 4),
+            "relevance": round(rel / n, 4),
+            "n": int(n),
+        }
+    return out
+
+
+def _decider(domain: Domain, personas: Sequence[dict[str, Any]]):
+    """A function (features of chosen, features of rejected) -> per-persona sign of the reward gap."""
+    if type(domain).score is Domain.score:  # a linear reward: one matrix product for every persona
+        weights = np.stack([domain.weights(t) for t in personas])
+        return lambda a, b: np.sign(weights @ (a - b))
+
+    def decide(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.sign(np.array([float(np.subtract(*domain.score(t, np.stack([a, b])))) for t in personas]))
+
+    return decide
+
+
+def shot_ceiling(
+    users: Mapping[str, User],
+    episodes: Mapping[str, Sequence[Episode]],
+    max_shots: int,
+    eps: float = 0.05,
+    hypotheses: Literal["population", "train"] = "population",
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{split: {n: {"accuracy", "ci_low", "ci_high", "n"}}}`` for n = 0..max_shots (see the module)."""
+    if not 0 < eps < 0.5:
+        raise UserError(f"eps must be in (0, 0.5), got {eps}")
+    domain = _domain_of(users)
+    chosen = [
+        u for u in users.values() if "traits" in (u.metadata or {})
+        and (hypotheses == "population" or (u.metadata or {}).get("split") != "test")
+    ]  # fmt: skip
+    # Personas that differ only by name decide alike: one hypothesis each, weighted by their count.
+    counts: dict[str, int] = defaultdict(int)
+    for u in chosen:
+        counts[json.dumps(u.metadata["traits"], sort_keys=True)] += 1
+    personas = [domain.check_traits(json.loads(k)) for k in counts]
+    log_prior = np.log(np.array(list(counts.values()), dtype=np.float64))
+    decide = _decider(domain, personas)
+    log_fit, log_miss = np.log(1 - eps), np.log(eps)
+
+    def votes(pref) -> np.ndarray:
+        feats = domain.features(pref.question, [pref.chosen, pref.rejected])
+        return decide(feats[0], feats[1])  # > 0: the persona orders the pair as the user did
+
+    result: dict[str, dict[str, dict[str, float]]] = {}
+    for split, eps_of_split in episodes.items():
+        outcomes: dict[int, list[float]] = defaultdict(list)
+        for ep in eps_of_split:
+            query = votes(ep.query)
+            shots = [votes(s) for s in ep.shots[:max_shots]]
+            log_post = log_prior.copy()
+            for n in range(len(shots) + 1):
+                if n:
+                    log_post += np.where(shots[n - 1] > 0, log_fit, log_miss)
+                post = np.exp(log_post - log_post.max())
+                post /= post.sum()
+                right = post[query > 0].sum() + 0.5 * post[query == 0].sum()
+                outcomes[n].append(1.0 if right > 0.5 + 1e-12 else 0.0 if right < 0.5 - 1e-12 else 0.5)
+        result[split] = {}
+        for n, outs in sorted(outcomes.items()):
+            lo, hi = wilson_interval(sum(outs), len(outs))
+            result[split][str(n)] = {
+                "accuracy": round(float(np.mean(outs)), 4),
+                "ci_low": round(lo, 4),
+                "ci_high": round(hi, 4),
+                "n": len(outs),
+            }
+    return result
