@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fspo-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint install clean
+.PHONY: demo paper test lint install clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -25,6 +25,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/fspo quickstart
+
+paper: $(STAMP)
+	$(VENV)/bin/fspo paper
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

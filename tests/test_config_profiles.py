@@ -18,7 +18,9 @@ REQUIRED = {"model": "m", "episodes": "e"}
 
 
 def _names(kind: str) -> list[str]:
-    return sorted(f.name.removesuffix(".yaml") for f in (NAMED_CONFIGS / kind).iterdir())
+    return sorted(
+        f.name.removesuffix(".yaml") for f in (NAMED_CONFIGS / kind).iterdir() if f.name.endswith(".yaml")
+    )
 
 
 def test_recipes_override_only_what_differs_from_the_defaults():
@@ -80,6 +82,9 @@ def test_profiles_are_the_default_file_with_each_profile_on_top():
     for name in _names("quickstart"):
         assert set(named_config("quickstart", name)) <= set(Profile.model_fields)
         load_profile(name)
+    for domain in _names("quickstart/domains"):  # the paper's populations, each a valid layer
+        assert set(named_config("quickstart/domains", domain)) <= set(Profile.model_fields)
+        assert load_profile("default", domain=domain).domain == domain
     tiny = load_profile("tiny")
     assert (tiny.model_size, tiny.pretrain_steps, tiny.accuracy_shots) == ("tiny", 4, (0, 1, 2))
     assert tiny.sim_options == default["sim_options"] and tiny.beta == default["beta"]

@@ -14,7 +14,7 @@ import fspo
 ROOT = Path(fspo.__file__).parent
 
 # Lowest first. A package may import itself and the packages before it, never one after it.
-# ``app`` is the face: the top-level modules (cli.py, quickstart.py) that wire the stages together.
+# ``app`` is the face: the top-level modules (cli.py, quickstart.py, paper.py) that wire the stages together.
 LAYERS = ("core", "data", "llm", "sim", "synth", "models", "infer", "train", "eval", "serve", "app")
 
 

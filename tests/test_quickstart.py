@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
+from fspo.core.outputs import RUN_FILE
 from fspo.core.stages import MARKER
-from fspo.quickstart import GENERATED_SYSTEMS, run_quickstart
+from fspo.quickstart import GENERATED_SYSTEMS, STAGES, run_quickstart
 
 
 def test_quickstart_tiny_runs_every_stage_and_caches(tmp_path):
@@ -27,6 +28,9 @@ def test_quickstart_tiny_runs_every_stage_and_caches(tmp_path):
         "report",
     ):
         assert (out / stage / MARKER).exists(), stage
+    # The output policy's list of what the quickstart writes (what `--overwrite` may replace) is whole.
+    assert {p.name for p in out.iterdir()} == set(STAGES) | {RUN_FILE}
+    assert json.loads((out / RUN_FILE).read_text())["state"] == "finished"
     for system, *_ in GENERATED_SYSTEMS:
         rows = (out / "generate" / f"{system}.jsonl").read_text().splitlines()
         assert rows and all(json.loads(r)["system"] == system for r in rows)

@@ -75,6 +75,25 @@ def quickstart(
     run_quickstart(out=out, profile=p, force=force, overwrite=overwrite)
 
 
+@app.command()
+def paper(
+    domains: str = typer.Option("roleplay,reviews,elix", help="Comma-separated domains."),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds; results are the mean over them."),
+    out: str = typer.Option("runs/paper", help="Folder of the runs (<domain>-seed<N>) and report/."),
+    profile: str = typer.Option("default", help="Size profile: 'default' or 'tiny' (a smoke run)."),
+    overwrite: bool = typer.Option(False, help="Allow runs in --out made with another profile."),
+) -> None:
+    """Every paper domain over several seeds (resumable): one report beside the paper's tables."""
+    from fspo.paper import print_summary, run_paper
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds: expected comma-separated integers, got {seeds!r}") from None
+    domain_list = [d.strip() for d in domains.split(",") if d.strip()]
+    print_summary(run_paper(out, domain_list, seed_list, profile=profile, overwrite=overwrite))
+
+
 def _fail(message: str) -> NoReturn:
     # The message is user text (paths, field values): escaped, so brackets in it are not read as markup.
     Console(stderr=True, soft_wrap=True).print(
@@ -86,6 +105,7 @@ def _fail(message: str) -> NoReturn:
 def main() -> None:
     from fspo.core import outputs
 
+    outputs.interrupted.clear()
     try:
         app()
     except SystemExit:
