@@ -13,6 +13,8 @@ folders that training runs start from, `cli_args` and `data_cli` for command lin
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +24,17 @@ from fspo.core.errors import UserError
 from fspo.data.schema import Episode, User
 from fspo.data.template import render
 from fspo.data.toy import toy_corpus, toy_episodes, toy_users
+
+# The real `fspo` command in a subprocess (what a user runs), offline, one thread, wide enough that a
+# one-line error is never wrapped.
+FSPO_CLI = [sys.executable, "-c", "from fspo.cli import main; main()"]
+CLI_ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+    "COLUMNS": "400",
+}
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

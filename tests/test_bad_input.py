@@ -12,11 +12,9 @@ its own test, so a failure names it.
 from __future__ import annotations
 
 import hashlib
-import os
 import shlex
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,17 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import generations, tiny_llama_dir, write_jsonl
+from conftest import CLI_ENV, FSPO_CLI, generations, tiny_llama_dir, write_jsonl
 from fspo.data.toy import toy_corpus, toy_episodes, toy_preferences, toy_users
 
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-    "COLUMNS": "400",
-}
-FSPO = [sys.executable, "-c", "from fspo.cli import main; main()"]
 CASE_TIMEOUT_S = 90
 
 
@@ -409,7 +399,7 @@ def _run(case: Case, shared: Path, folder: Path) -> Outcome:
     args = shlex.split(case.args.format(s=shared, c=folder))
     try:
         done = subprocess.run(
-            FSPO + args, env=ENV, cwd=folder, capture_output=True, text=True, timeout=CASE_TIMEOUT_S
+            FSPO_CLI + args, env=CLI_ENV, cwd=folder, capture_output=True, text=True, timeout=CASE_TIMEOUT_S
         )
         code, output = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as err:

@@ -10,22 +10,17 @@ files name the file, the line and the true column.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import CLI_ENV, FSPO_CLI, write_jsonl
 from fspo.core.errors import DataError, UserError
 from fspo.data.episodes import build_episodes
 from fspo.data.io import read_dataset_dir, read_records, write_records
 from fspo.data.schema import Preference, User
 from fspo.data.toy import toy_preferences, toy_users
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "400"}
-FSPO = [sys.executable, "-c", "from fspo.cli import main; main()"]
 
 
 def folder(tmp_path: Path, prefs: list, users: list) -> Path:
@@ -187,7 +182,7 @@ def test_build_episodes_names_what_it_drops() -> None:
 
 def fspo(*args: object, cwd: Path) -> tuple[int, str]:
     done = subprocess.run(
-        FSPO + [str(a) for a in args], env=ENV, cwd=cwd, capture_output=True, text=True, timeout=120
+        FSPO_CLI + [str(a) for a in args], env=CLI_ENV, cwd=cwd, capture_output=True, text=True, timeout=120
     )
     return done.returncode, " ".join((done.stdout + done.stderr).split())
 

@@ -72,8 +72,7 @@ def test_imports_only_point_down():
         f"{src} ({_layer(src)}) imports {dst} ({_layer(dst)})"
         for src, deps in _graph().items()
         for dst in deps
-        if rank[_layer(dst)] > rank[_layer(src)]
-        and not (_layer(src) == "app" and _layer(dst) == "app")
+        if rank[_layer(dst)] > rank[_layer(src)] and not (_layer(src) == "app" and _layer(dst) == "app")
     ]
     assert not upward, "imports that point up:\n" + "\n".join(sorted(upward))
 

@@ -12,11 +12,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,21 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import data_cli, tiny_llama_dir, write_jsonl
+from conftest import CLI_ENV, FSPO_CLI, data_cli, tiny_llama_dir, write_jsonl
 from fspo.core import outputs
 from fspo.core.errors import UserError
 from fspo.core.outputs import RUN_FILE, OutputFolder, read_record, require_finished
 from fspo.data.toy import toy_corpus, toy_episodes, toy_preferences, toy_users
 from fspo.sim import simulate
 
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-    "COLUMNS": "400",
-}
-FSPO = [sys.executable, "-c", "from fspo.cli import main; main()"]
 FIXTURES = Path(__file__).parent / "fixtures"
 OWNS = ("data.jsonl", "parts")
 
@@ -221,7 +211,7 @@ FOREIGN = "out/notes.txt"  # a user's file beside (or inside) the output, there 
 
 def _fspo(args: str, **fmt: object) -> tuple[int, str]:
     done = subprocess.run(
-        FSPO + shlex.split(args.format(**fmt)), env=ENV, capture_output=True, text=True, timeout=120
+        FSPO_CLI + shlex.split(args.format(**fmt)), env=CLI_ENV, capture_output=True, text=True, timeout=120
     )
     return done.returncode, done.stdout + done.stderr
 
@@ -426,11 +416,11 @@ def test_ctrl_c_during_training_says_what_to_rerun_and_resume_finishes(
     train_inputs: dict[str, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    cmd = [*FSPO, "train", "fspo", "--model", str(train_inputs["model"]),
+    cmd = [*FSPO_CLI, "train", "fspo", "--model", str(train_inputs["model"]),
            "--episodes", str(train_inputs["episodes"]), "--out", str(out), "--batch-size", "2",
            "--max-steps", "40", "--save-every", "2", "--log-every", "1", "--no-progress",
            "--seed", "5"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 90
     while not _logged_step(out):
         assert proc.poll() is None, "the run ended before its first step"
@@ -445,7 +435,7 @@ def test_ctrl_c_during_training_says_what_to_rerun_and_resume_finishes(
     assert not (out / "model").exists(), "the run finished before Ctrl-C"
     assert read_record(out)["state"] == "running"  # type: ignore[index]
 
-    done = subprocess.run([*cmd, "--resume"], env=ENV, capture_output=True, text=True, timeout=180)
+    done = subprocess.run([*cmd, "--resume"], env=CLI_ENV, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert read_record(out)["state"] == "finished"  # type: ignore[index]
     assert (out / "model").is_dir()

@@ -27,7 +27,9 @@ def _carried(domain_name: str, traits: dict, question: str, text: str) -> list[b
 
 # --- Domain.carried on hand-written texts -------------------------------------------------------------
 
-BULLETED_EXCITED = "- Practice a new dish every week!\n- Taste as you go, it is great!\n- Keep your knives sharp!"
+BULLETED_EXCITED = (
+    "- Practice a new dish every week!\n- Taste as you go, it is great!\n- Keep your knives sharp!"
+)
 CALM_PROSE = "Practice a new dish every week. Taste as you go, and keep your knives sharp."
 
 
@@ -47,12 +49,18 @@ def test_roleplay_bullets_and_exclamations_carry_format_bullets_and_enthusiasm_a
 def test_reviews_a_positive_concise_review_carries_positive_and_concise_not_negative_or_verbose():
     question = get_domain("reviews").questions()[0]
     review = "The Silent River is wonderful and the cast is superb."
-    assert _carried("reviews", _traits(sentiment="positive", length="concise"), question, review) == [True, True]
+    assert _carried("reviews", _traits(sentiment="positive", length="concise"), question, review) == [
+        True,
+        True,
+    ]
     assert _carried("reviews", _traits(sentiment="negative", length="verbose"), question, review) == [
         False,
         False,
     ]
-    assert _carried("reviews", _traits(sentiment="positive", length="verbose"), question, review) == [True, False]
+    assert _carried("reviews", _traits(sentiment="positive", length="verbose"), question, review) == [
+        True,
+        False,
+    ]
 
 
 def test_elix_a_level_two_feature_row_carries_level_two_and_two_and_a_half_not_level_zero():
@@ -72,24 +80,23 @@ def test_elix_a_written_level_two_explanation_carries_a_level_two_user_not_a_lev
         assert _carried("elix", _traits(level=2.0), question, text) == [True]
         assert _carried("elix", _traits(level=0.0), question, text) == [False]
         # A level-3 explanation is what a 2.5 user is carried by (and what its reward prefers).
-        assert _carried("elix", _traits(level=2.5), question, write_explanation("photosynthesis", 3, rng)) == [
-            True
-        ]
+        assert _carried(
+            "elix", _traits(level=2.5), question, write_explanation("photosynthesis", 3, rng)
+        ) == [True]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="estimate_level reads the writer's level-2 explanations at ~1.9 (level 1 at ~0.8, level 3 "
-    "at ~2.7): users at 1.5, 2.5, 3.5 are carried by the level above only, never the level below, "
-    "since Elix.carried asks |level - x.5| <= 0.5 of a low-biased estimate",
-)
-def test_elix_a_written_level_two_explanation_carries_a_two_and_a_half_user():
+def test_elix_carried_follows_the_level_the_reward_measures():
+    # The simulator measures a text's level with one estimator (`estimate_level`), the same one every
+    # user's reward reads; it reads written level-2 text at ~1.9 and level-3 text at ~2.7. A user at
+    # 2.5 therefore prefers level-3 text, and `carried` credits exactly the texts within half a level
+    # of 2.5 by that measure: what the user's own reward favours, not what the writer meant.
     rng = random.Random(0)
-    question = get_domain("elix").questions()[0]
-    texts = [write_explanation("photosynthesis", 2, rng) for _ in range(5)]
-    assert all(_carried("elix", _traits(level=2.5), question, t) == [True] for t in texts), [
-        round(estimate_level(t), 2) for t in texts
-    ]
+    elix = get_domain("elix")
+    question = elix.questions()[0]
+    for level in (2, 3):
+        for text in (write_explanation("photosynthesis", level, rng) for _ in range(5)):
+            measured = estimate_level(text)
+            assert _carried("elix", _traits(level=2.5), question, text) == [abs(measured - 2.5) <= 0.5]
 
 
 # --- trait_shares on hand-made records ----------------------------------------------------------------
@@ -119,7 +126,11 @@ def test_trait_shares_one_for_answers_in_each_users_style_zero_for_the_opposite_
         assert shares["personal"][split]["trait_share"] == 1.0
         assert shares["personal"][split]["n"] == 2
         assert shares["contrary"][split]["trait_share"] == 0.0
-        assert shares["same"][split] == {"trait_share": 1.0, "relevance": shares["same"][split]["relevance"], "n": 1}
+        assert shares["same"][split] == {
+            "trait_share": 1.0,
+            "relevance": shares["same"][split]["relevance"],
+            "n": 1,
+        }
         # The answers name cooking's topic or objects only by chance; relevance is a share either way.
         assert 0.0 <= shares["personal"][split]["relevance"] <= 1.0
 
@@ -128,7 +139,13 @@ def test_trait_shares_averages_per_answer_shares_and_names_an_unknown_user():
     question = get_domain("reviews").questions()[0]
     users = {"u": _user("u", "reviews", _traits(sentiment="positive", length="verbose"))}
     concise_positive = "The Silent River is wonderful and the cast is superb."
-    rec = {"user_id": "u", "question": question, "answer": concise_positive, "system": "s", "split": "test_unseen"}
+    rec = {
+        "user_id": "u",
+        "question": question,
+        "answer": concise_positive,
+        "system": "s",
+        "split": "test_unseen",
+    }
     assert trait_shares(users, [rec])["s"]["test_unseen"]["trait_share"] == 0.5  # positive, not verbose
     with pytest.raises(UserError, match="'ghost'"):
         trait_shares(users, [rec | {"user_id": "ghost"}])
@@ -164,7 +181,7 @@ def roleplay_population():
 
 
 @pytest.mark.parametrize("population, shots", [("elix_population", 4), ("roleplay_population", 8)])
-def test_shot_ceiling_rises_with_shots_and_a_learner_of_train_users_only_knows_less(request, population, shots):
+def test_shot_ceiling_rises_with_shots_and_train_only_hypotheses_know_less(request, population, shots):
     users, episodes = request.getfixturevalue(population)
     assert episodes["test_unseen"], "the population has unseen users"
     full = shot_ceiling(users, episodes, max_shots=shots)

@@ -109,6 +109,14 @@ def load_profile(
     if shots is not None:
         values["shots"] = shots
         values["accuracy_shots"] = sorted({k for k in values["accuracy_shots"] if k <= shots} | {shots})
+    too_many = [k for k in values["also_shots"] if k >= values["shots"]]
+    if too_many and config is not None and "also_shots" in given:
+        raise UserError(
+            f"config file {str(config)!r}: also_shots {too_many} must be below shots ({values['shots']})"
+        )
+    # A built-in layer's extra shot counts that a smaller `shots` leaves no room for are dropped:
+    # FSPO with as many shots as the episode holds is `fspo` itself.
+    values["also_shots"] = [k for k in values["also_shots"] if k < values["shots"]]
     try:
         return Profile.model_validate(values)
     except ValidationError as err:
