@@ -1,21 +1,12 @@
-"""The Bayes ceiling of benchmarks/shot_ceiling.py: it must recover a user the shots identify."""
+"""The Bayes ceiling (`fspo.eval.personal.shot_ceiling`): it must recover a user the shots identify."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
-from pathlib import Path
 
-import numpy as np
-
-from fspo.data.schema import Episode, Preference
+from fspo.data.schema import Episode, Preference, User
+from fspo.eval.personal import shot_ceiling
 from fspo.sim import get_domain
-
-_spec = importlib.util.spec_from_file_location(
-    "shot_ceiling", Path(__file__).parents[1] / "benchmarks" / "shot_ceiling.py"
-)
-shot_ceiling = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(shot_ceiling)
 
 BULLETS = {"format": {"value": "bullets", "weight": 1.0}}
 PROSE = {"format": {"value": "prose", "weight": 1.0}}
@@ -41,17 +32,28 @@ def _episodes(domain, traits, n_episodes: int, shots: int) -> list[Episode]:
     ]
 
 
+def _users(*personas: dict) -> dict[str, User]:
+    """The learner's hypotheses: one simulated roleplay user per persona."""
+    return {
+        f"h{i}": User(user_id=f"h{i}", metadata={"domain": "roleplay", "traits": traits})
+        for i, traits in enumerate(personas)
+    }
+
+
+def _accuracy(curve: dict, n: int) -> float:
+    return curve["test_unseen"][str(n)]["accuracy"]
+
+
 def test_the_shots_pick_the_right_persona_out_of_two_opposite_ones() -> None:
     domain = get_domain("roleplay", traits=["format"], min_traits=1, max_traits=1)
-    hypotheses = np.stack([domain.weights(BULLETS), domain.weights(PROSE)])
     episodes = _episodes(domain, PROSE, n_episodes=20, shots=2)
-    curve = shot_ceiling.ceiling_curve(domain, hypotheses, episodes, max_shots=2, eps=0.05)
+    curve = shot_ceiling(_users(BULLETS, PROSE), {"test_unseen": episodes}, max_shots=2, eps=0.05)
     # No shots: whichever persona wins the vote is right only for the users like it; here a prose
     # user and a 1:1 prior, so pairs that differ only in format are an even vote or wrong.
-    assert np.mean(curve[0]) < 0.9
+    assert _accuracy(curve, 0) < 0.9
     # One shot decided by format already identifies the prose persona; two make it certain.
-    assert np.mean(curve[2]) == 1.0
-    assert len(curve[2]) == 20
+    assert _accuracy(curve, 2) == 1.0
+    assert curve["test_unseen"]["2"]["n"] == 20
 
 
 def test_a_learner_holding_only_the_wrong_persona_is_wrong_whatever_the_shots() -> None:
@@ -61,10 +63,11 @@ def test_a_learner_holding_only_the_wrong_persona_is_wrong_whatever_the_shots() 
     # Where the query pair differs in format and not in relevance (the shared term), format decides
     # it, so a bullets-only learner must rank every such pair wrong.
     def format_only(e: Episode) -> bool:
-        d = shot_ceiling.pair_difference(domain, e.query)
+        feats = domain.features(e.query.question, [e.query.chosen, e.query.rejected])
+        d = feats[0] - feats[1]
         return d[domain.columns.index("format=bullets")] != 0 and d[-1] == 0
 
     only_format = [e for e in episodes if format_only(e)]
     assert only_format
-    curve = shot_ceiling.ceiling_curve(domain, domain.weights(BULLETS)[None, :], only_format, 2, 0.05)
-    assert all(np.mean(curve[n]) == 0.0 for n in range(3))
+    curve = shot_ceiling(_users(BULLETS), {"test_unseen": only_format}, 2, 0.05)
+    assert all(_accuracy(curve, n) == 0.0 for n in range(3))
