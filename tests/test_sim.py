@@ -370,3 +370,27 @@ def test_holdout_by_user_leaves_the_split_to_the_episode_sampler() -> None:
 
 def _unbulleted(text: str) -> str:
     return text.replace("- ", "").replace("\n", " ")
+
+
+def test_reviews_minimal_pairs_change_one_trait_each() -> None:
+    from fspo.sim.reviews import minimal_review_pairs
+
+    reviews = get_domain("reviews")
+    pool, pairs = minimal_review_pairs("The Lost River", "drama", 6, random.Random(1))
+    assert len(pairs) == 18 and len(pool) == 24
+    cols = reviews.columns
+    for a, b in pairs:
+        fa, fb = (
+            np.array(reviews.featurize("Write a review of the drama movie The Lost River.", t))
+            for t in (pool[a], pool[b])
+        )
+        changed = {
+            "sentiment": np.sign(fa[cols.index("sentiment=positive")])
+            != np.sign(fb[cols.index("sentiment=positive")]),
+            "focus": (fa[cols.index("focus=acting")] > fa[cols.index("focus=plot")])
+            != (fb[cols.index("focus=acting")] > fb[cols.index("focus=plot")]),
+            "length": (fa[cols.index("length=verbose")] > 0.5) != (fb[cols.index("length=verbose")] > 0.5),
+        }
+        assert sum(changed.values()) == 1, (pool[a], pool[b], changed)
+    data = simulate("reviews", 40, 20, 0, pairing="minimal")
+    assert len(data.preferences) == 40 * 20

@@ -19,6 +19,7 @@ import random
 from collections import Counter
 from collections.abc import Callable
 from functools import cached_property
+from typing import Literal
 
 from pydantic import Field
 
@@ -84,6 +85,11 @@ TEST_TYPES = tuple((("sentiment", s), ("length", n)) for s in TRAITS["sentiment"
 class ReviewsOptions(DomainOptions):
     movies: int = Field(200, ge=1, le=len(ADJECTIVES) * len(NOUNS) * len(GENRES))
     test_fraction: float = Field(0.2, ge=0, le=1, description="Share of users of the 4 interpolated types.")
+    pairing: Literal["pool", "minimal"] = Field(
+        "pool",
+        description="'pool': users compare any two reviews of a movie; 'minimal': a review and a copy "
+        "with one trait (sentiment, length or focus) changed, `answers_per_question` such bases.",
+    )
 
 
 class Reviews(Domain):
@@ -110,6 +116,14 @@ class Reviews(Domain):
     def answers(self, question_index: int, rng: random.Random) -> list[str]:
         genre, adj, noun = self._movies[question_index]
         return self._distinct_pool(lambda: write_review(f"The {adj} {noun}", genre, rng))
+
+    def answer_pairs(
+        self, question_index: int, rng: random.Random
+    ) -> tuple[list[str], list[tuple[int, int]] | None]:
+        if self.options.pairing == "pool":
+            return super().answer_pairs(question_index, rng)
+        genre, adj, noun = self._movies[question_index]
+        return minimal_review_pairs(f"The {adj} {noun}", genre, self.options.answers_per_question, rng)
 
     def writer(self, rng: random.Random) -> Callable[[int], str]:
         style = draw_review_style(rng)
@@ -186,3 +200,28 @@ def write_review(title: str, genre: str, rng: random.Random, style: ReviewStyle 
     if "{title}" not in " ".join(sentences):
         sentences.insert(0, "{title} is a {genre} movie.")
     return " ".join(s.format(title=title, genre=genre) for s in sentences)
+
+
+def minimal_review_pairs(
+    title: str, genre: str, bases: int, rng: random.Random
+) -> tuple[list[str], list[tuple[int, int]]]:
+    """`bases` reviews of one clear style each (positive or negative, acting or plot, concise or
+    verbose), each followed by three variants that change one of those traits and keep the rest, its
+    sentences drawn from the same random state: the (base, variant) pairs. As for roleplay
+    (`fspo.sim.roleplay.minimal_pair_pool`), a user's choice on such a pair names one of its values."""
+    pool: list[str] = []
+    pairs: list[tuple[int, int]] = []
+    flips = (
+        lambda s: ({"positive": "negative", "negative": "positive"}[s[0]], s[1], s[2]),
+        lambda s: (s[0], {"acting": "plot", "plot": "acting"}[s[1]], s[2]),
+        lambda s: (s[0], s[1], not s[2]),
+    )
+    for _ in range(bases):
+        style = (rng.choice(("positive", "negative")), rng.choice(("acting", "plot")), rng.random() < 0.5)
+        wording = rng.getrandbits(32)  # the same sentence choices for the base and its variants
+        base = len(pool)
+        pool.append(write_review(title, genre, random.Random(wording), style))
+        for flip in flips:
+            pool.append(write_review(title, genre, random.Random(wording), flip(style)))
+            pairs.append((base, len(pool) - 1))
+    return pool, pairs
