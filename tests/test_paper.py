@@ -200,17 +200,13 @@ def test_paper_targets_are_computed_from_the_numbers_beside_them(paper_run):
     pop = agg["winrates"]["fspo vs population-ipo"]["unseen"]
     no_shots = agg["winrates"]["fspo vs fspo-no-shots"]["unseen"]
     assert by_prefix["FSPO beats population IPO on unseen users"] == (pop["ci"][0] > TARGET_CI_LOW)
-    assert by_prefix["FSPO beats itself without shots on unseen users"] == (
-        no_shots["ci"][0] > TARGET_CI_LOW
-    )
+    assert by_prefix["FSPO beats itself without shots on unseen users"] == (no_shots["ci"][0] > TARGET_CI_LOW)
     share = agg["trait_share_unseen"]["fspo"]
     assert share is not None and 0 <= share <= 1
     assert by_prefix["FSPO's answers"] == (share >= TARGET_TRAIT_SHARE)
     assert 0 < agg["ceiling_unseen"] <= 1 and 0 <= agg["accuracy_unseen"] <= 1
     assert agg["ceiling_share"] == pytest.approx(agg["accuracy_unseen"] / agg["ceiling_unseen"])
-    assert by_prefix["FSPO's accuracy at the most shots"] == (
-        agg["ceiling_share"] >= TARGET_CEILING_SHARE
-    )
+    assert by_prefix["FSPO's accuracy at the most shots"] == (agg["ceiling_share"] >= TARGET_CEILING_SHARE)
     assert "fspo vs fspo-4-shots" not in agg["winrates"]  # tiny: 2 shots, so no 4-shot system
     assert not any(t.startswith("Interpolated users") for t in agg["targets"])
 

@@ -480,11 +480,11 @@ def _report(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
         s[0]: [json.loads(line) for line in (gen / f"{s[0]}.jsonl").read_text().splitlines()]
         for s in generated_systems(p)
     }
-    examples = collect_examples(generations, _test_episodes(p, runner), {u.user_id: u for u in users})
-    accuracy = json.loads((runner.folder("accuracy") / "accuracy.json").read_text())
-    user_map = {u.user_id: u for u in users}
-    shares = trait_shares(user_map, [r for recs in generations.values() for r in recs])
     test = _test_episodes(p, runner)
+    user_map = {u.user_id: u for u in users}
+    examples = collect_examples(generations, test, user_map)
+    accuracy = json.loads((runner.folder("accuracy") / "accuracy.json").read_text())
+    shares = trait_shares(user_map, [r for recs in generations.values() for r in recs])
     by_split = {s: [e for e in test if e.split == s] for s in ("test_unseen", "test_seen")}
     ceiling = shot_ceiling(user_map, by_split, max_shots=p.shots)
     notes = [

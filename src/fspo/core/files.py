@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from fspo.core.errors import UserError
+from fspo.core.errors import DataError, UserError
 
 
 @contextmanager
@@ -90,10 +90,8 @@ class AppendLog:
 
     def read(self) -> Iterator[Any]:
         """Every whole record, in order (streamed: works for logs larger than memory)."""
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)
+        for _, record in json_lines(self.path):
+            yield record
 
     def append(self, record: Any) -> None:
         self._f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
@@ -114,6 +112,24 @@ class AppendLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def json_lines(path: str | Path, remedy: str = "fix or remove the line") -> Iterator[tuple[str, Any]]:
+    """``('file:line', record)`` for each non-blank line of a JSON-lines file fspo wrote (an append log,
+    a generation file), streamed. A line that is not JSON was damaged after it was written (a kill
+    tears only the last line of an `AppendLog`, which it cuts on open): a `DataError` naming its line
+    and column, and `remedy`, what the user can do about it."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{path}:{n}: column {err.colno}: not valid JSON ({err.msg}); {remedy}"
+                ) from None
+            yield f"{path}:{n}", record
 
 
 class _TextFile(Protocol):  # a `Path`, or a packaged file (`importlib.resources` `Traversable`)

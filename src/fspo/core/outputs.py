@@ -18,7 +18,7 @@ folder whose run did not finish, naming the command to rerun, so a half-written 
 kill between two files) is never read as data. A command that cannot resume removes what it wrote
 when it is interrupted, leaving the folder as it found it (less the outputs `--overwrite` replaced).
 
-File outputs (`OutputFile`) follow the same rule: an existing file is replaced only with
+File outputs (`claim_file`) follow the same rule: an existing file is replaced only with
 ``--overwrite``; a command that resumes into its file (generation) checks the settings itself.
 
 Why hand-written: the rule is fspo's own (what counts as "the same run"); the pieces are atomic writes.
@@ -36,17 +36,12 @@ from typing import Any
 
 from fspo.core.errors import UserError
 from fspo.core.files import atomic_write_json
+from fspo.core.stages import fingerprint
 
 RUN_FILE = "fspo_run.json"
 
 #: What each run interrupted by Ctrl-C left and what to rerun, for the CLI to say after "Aborted!".
 interrupted: list[str] = []
-
-
-def _fingerprint(params: dict[str, Any]) -> str:
-    from fspo.core.stages import fingerprint
-
-    return fingerprint(params)
 
 
 def read_record(folder: Path) -> dict[str, Any] | None:
@@ -110,7 +105,7 @@ class OutputFolder:
         self.path = Path(path)
         self.command = command
         self.params = json.loads(json.dumps(params, default=str))  # as it will read back from the record
-        self.fingerprint = _fingerprint(self.params)
+        self.fingerprint = fingerprint(self.params)
         self.owns = tuple(owns)
         self.resumable = resumable
         self.cached_stages = cached_stages
@@ -118,6 +113,7 @@ class OutputFolder:
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"--out {self.path} is a file; this command writes a folder")
         previous = read_record(self.path) if self.path.is_dir() else None
+        self.previous = previous  # the record found, whatever run made it (None: no record)
         self.continues = previous is not None and self._same(previous)
         if self.continues:
             self.replace = overwrite  # asked to start over: this run's own outputs go too

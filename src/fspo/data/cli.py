@@ -23,11 +23,6 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
-# What `write_dataset_dir` and `write_episodes` write (any record format): `--overwrite` removes these.
-DATA_FOLDER_OUTPUTS = ("preferences.*", "users.*")
-EPISODE_FOLDER_OUTPUTS = ("train.*", "test_seen.*", "test_unseen.*", "meta.json")
-
-
 def _note(message: str) -> None:
     err_console.print(f"[yellow]note:[/] {message}", highlight=False)
 
@@ -47,10 +42,10 @@ def import_(
     """Import one of the FSPO paper's released datasets into a data folder."""
     from fspo.core.outputs import OutputFolder
     from fspo.data.adapters import import_released
-    from fspo.data.io import write_dataset_dir
+    from fspo.data.io import DATASET_OUTPUTS, write_dataset_dir
 
     params = {"file": str(file.resolve()), "format": format, "scorer_match": scorer_match}
-    folder = OutputFolder(out, "data import", params, DATA_FOLDER_OUTPUTS, overwrite=overwrite)
+    folder = OutputFolder(out, "data import", params, DATASET_OUTPUTS, overwrite=overwrite)
     result = import_released(file, format, scorer_match=scorer_match)
     for note in result.notes:
         _note(note)
@@ -90,7 +85,7 @@ def episodes(
     """Sample few-shot episodes (train, test_seen, test_unseen) from a data folder."""
     from fspo.core.errors import UserError
     from fspo.core.outputs import OutputFolder
-    from fspo.data.episodes import SPLITS, build_episodes, write_episodes
+    from fspo.data.episodes import OUTPUTS, SPLITS, build_episodes, write_episodes
     from fspo.data.io import read_dataset_dir
 
     settings = {
@@ -99,7 +94,7 @@ def episodes(
         "questions_per_context": questions_per_context, "skip_invalid": skip_invalid,
         "on_duplicate": on_duplicate,
     }  # fmt: skip
-    folder = OutputFolder(out, "data episodes", settings, EPISODE_FOLDER_OUTPUTS, overwrite=overwrite)
+    folder = OutputFolder(out, "data episodes", settings, OUTPUTS, overwrite=overwrite)
     prefs, users, reports = read_dataset_dir(data, skip_invalid=skip_invalid, on_duplicate=on_duplicate)
     for rep in reports:
         if rep.skipped:

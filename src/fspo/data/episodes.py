@@ -328,6 +328,10 @@ def _hold_out(
     return pool, heldout
 
 
+# What `write_episodes` writes in a folder, in any record format (what `--overwrite` removes).
+OUTPUTS = (*(f"{split}.*" for split in SPLITS), META_FILE)
+
+
 def write_episodes(
     out_dir: str | Path, episodes_by_split: dict[str, list[Episode]], meta: dict[str, Any] | None = None
 ) -> dict[str, Any]:

@@ -152,7 +152,7 @@ def _iter_json_rows(path: Path, problems: list[str] | None) -> Iterator[tuple[st
         except UnicodeDecodeError as err:
             line = data.count(b"\n", 0, err.start) + 1
             start = data.rfind(b"\n", 0, err.start) + 1
-            column = len(data[start : err.start].decode("utf-8", errors="replace")) + 1  # in characters
+            column = _char_column(data[start:], err.start - start)
             raise DataError(
                 f"{path}:{line}: column {column}: not UTF-8 text (byte {data[err.start]:#04x}); "
                 "save the file as UTF-8"
@@ -174,7 +174,7 @@ def _iter_json_rows(path: Path, problems: list[str] | None) -> Iterator[tuple[st
                     continue  # blank lines separate nothing and hold no record
                 row = json.loads(text)
             except UnicodeDecodeError as err:
-                column = len(raw[: err.start].decode("utf-8", errors="replace")) + 1
+                column = _char_column(raw, err.start)
                 problem = f"{where}: record: not valid UTF-8 (byte {raw[err.start]:#04x} at column {column})"
             except json.JSONDecodeError as err:
                 problem = f"{where}: record: broken JSON: {err.msg} (column {err.colno})"
@@ -205,6 +205,11 @@ def _iter_columnar_rows(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}:row {i}", {k: _none_if_nan(v) for k, v in row.items()}
 
 
+def _char_column(line: bytes, start: int) -> int:
+    """The 1-based column, in characters (what an editor shows), of byte `start` of a line."""
+    return len(line[:start].decode("utf-8", errors="replace")) + 1
+
+
 def _check_utf8(path: Path) -> None:
     """Raise a `DataError` naming the first line of a text file that is not UTF-8 (a CSV exported as
     Latin-1 or Windows-1252, say): the CSV reader would only say that generating the dataset failed.
@@ -216,7 +221,8 @@ def _check_utf8(path: Path) -> None:
             except UnicodeDecodeError as err:
                 raise DataError(
                     f"{path}:{lineno}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
-                    f"{err.start + 1}); save the file as UTF-8 (it may be a Latin-1 or Windows-1252 export)"
+                    f"{_char_column(raw, err.start)}); "
+                    "save the file as UTF-8 (it may be a Latin-1 or Windows-1252 export)"
                 ) from None
 
 
@@ -561,6 +567,10 @@ def _position(where: str, prefix: str) -> str:
     """'line 7', 'row 7' or 'record 7' from a 'file:7' / 'file:row 7' / 'file:record 7' location."""
     pos = where.removeprefix(prefix)
     return f"line {pos}" if pos.isdigit() else pos
+
+
+# What `write_dataset_dir` writes in a folder, in any record format (what `--overwrite` removes).
+DATASET_OUTPUTS = (f"{PREFERENCES_STEM}.*", f"{USERS_STEM}.*")
 
 
 def write_dataset_dir(

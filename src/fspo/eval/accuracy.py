@@ -20,13 +20,12 @@ form), never from what is done, so the resumed result is byte-identical to an un
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from fspo.core.errors import DataError, UserError
-from fspo.core.files import AppendLog
+from fspo.core.files import AppendLog, json_lines
 from fspo.data.schema import Episode
 from fspo.data.template import TemplateOptions, render
 from fspo.eval.stats import wilson_interval
@@ -70,39 +69,28 @@ class MarginLog:
     def _read(self, settings: dict[str, Any]) -> bool:
         """Load the logged batches; False when the log is empty (no header yet)."""
         header = False
-        with open(self.path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{self.path}:{n}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(
-                        f"{where}: column {err.colno}: not valid JSON ({err.msg}); "
-                        "pass --overwrite to start over"
-                    ) from None
-                if not header:
-                    if not isinstance(row, dict) or row.get("kind") != LOG_KIND:
-                        raise UserError(
-                            f"{where}: not an accuracy log; "
-                            "pass --overwrite to start over, or write to another --out"
-                        )
-                    theirs = row.get("settings") or {}
-                    changed = {k: (theirs.get(k), v) for k, v in settings.items() if theirs.get(k) != v}
-                    if changed or theirs.keys() != settings.keys():
-                        raise UserError(
-                            f"{where}: written with other settings (logged, now: {changed}); "
-                            "pass --overwrite to start over, or write to another --out"
-                        )
-                    header = True
-                    continue
-                try:
-                    key = (row["split"], int(row["shots"]), tuple(row["episode_ids"]))
-                    margins = [float(m) for m in row["margins"]]
-                except (KeyError, TypeError, ValueError) as err:
-                    raise DataError(f"{where}: not a batch record ({err!r})") from None
-                self._done[key] = margins
+        for where, row in json_lines(self.path, "pass --overwrite to start over"):
+            if not header:
+                if not isinstance(row, dict) or row.get("kind") != LOG_KIND:
+                    raise UserError(
+                        f"{where}: not an accuracy log; "
+                        "pass --overwrite to start over, or write to another --out"
+                    )
+                theirs = row.get("settings") or {}
+                changed = {k: (theirs.get(k), v) for k, v in settings.items() if theirs.get(k) != v}
+                if changed or theirs.keys() != settings.keys():
+                    raise UserError(
+                        f"{where}: written with other settings (logged, now: {changed}); "
+                        "pass --overwrite to start over, or write to another --out"
+                    )
+                header = True
+                continue
+            try:
+                key = (row["split"], int(row["shots"]), tuple(row["episode_ids"]))
+                margins = [float(m) for m in row["margins"]]
+            except (KeyError, TypeError, ValueError) as err:
+                raise DataError(f"{where}: not a batch record ({err!r})") from None
+            self._done[key] = margins
         return header
 
     def get(self, split: str, shots: int, episode_ids: Sequence[str]) -> list[float] | None:

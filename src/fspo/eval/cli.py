@@ -26,6 +26,19 @@ def _parse_shots(text: str) -> list[int]:
     return values
 
 
+def _partial_log(out: Path, overwrite: bool, what: str) -> Path:
+    """`out`'s ``.partial`` append log, where a command keeps what it finished until the result is
+    written, so that a rerun resumes from it; `overwrite` starts over without it."""
+    from fspo.eval.generate import partial_path
+
+    log = partial_path(out)
+    if overwrite:
+        log.unlink(missing_ok=True)
+    if log.exists():
+        console.print(f"resuming: the {what} in {log} (a stopped run's) are kept")
+    return log
+
+
 def accuracy(
     model: Path = typer.Option(..., help="Model folder (the policy)."),
     episodes: Path = typer.Option(..., help="Episodes folder (test_seen + test_unseen) or an episode file."),
@@ -49,7 +62,6 @@ def accuracy(
     """Preference accuracy of the model's implicit reward, per split, vs the number of shots."""
     from fspo.core.files import atomic_write_json
     from fspo.eval.accuracy import accuracy_curve, group_by_split
-    from fspo.eval.generate import partial_path
     from fspo.eval.records import load_test_episodes
     from fspo.infer.layout import trained_layout
     from fspo.models.loading import load_model, load_tokenizer
@@ -60,11 +72,7 @@ def accuracy(
     if max_episodes is not None:
         groups = {s: eps[:max_episodes] for s, eps in groups.items()}
     tokenizer = load_tokenizer(model)
-    log = partial_path(out)  # scored batches, kept until the result is written: a rerun resumes
-    if overwrite:
-        log.unlink(missing_ok=True)
-    if log.exists():
-        console.print(f"resuming: the batches scored in {log} (a stopped run's) are kept")
+    log = _partial_log(out, overwrite, "batches scored")
     result = accuracy_curve(
         load_model(model),
         tokenizer,
@@ -170,7 +178,7 @@ def generate(
     overwrite: bool = typer.Option(False, help="Discard --out and its .partial log and generate anew."),
 ) -> None:
     """Generate a personalized answer for each test episode from its user's shots."""
-    from fspo.eval.generate import Mode, generate_for_episodes, partial_path
+    from fspo.eval.generate import Mode, generate_for_episodes
     from fspo.eval.records import load_test_episodes, users_by_id
     from fspo.infer.layout import trained_layout
     from fspo.models.loading import load_model, load_tokenizer
@@ -182,10 +190,8 @@ def generate(
     claim_file(out, resumes=True)  # a file of the same settings is continued (checked per record)
     if overwrite:
         out.unlink(missing_ok=True)
-        partial_path(out).unlink(missing_ok=True)
+    _partial_log(out, overwrite, "generations")
     eps = load_test_episodes(episodes)
-    if partial_path(out).exists():
-        console.print(f"resuming: the generations in {partial_path(out)} (a stopped run's) are kept")
     records = generate_for_episodes(
         load_model(model),
         load_tokenizer(model),

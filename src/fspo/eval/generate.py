@@ -7,13 +7,12 @@ the output first, so a killed run resumes where it stopped.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from fspo.core.errors import DataError, UserError
-from fspo.core.files import AppendLog, atomic_write_jsonl
+from fspo.core.files import AppendLog, atomic_write_jsonl, json_lines
 from fspo.data.schema import Episode, User
 from fspo.data.template import TemplateOptions, parse_generation
 from fspo.infer.generate import Mode, answer_finished, batch_seed, generate_batch, prompt_ids
@@ -57,20 +56,10 @@ def _read_log(path: Path) -> Iterator[tuple[str, dict]]:
     is generated again. Any other bad line was not written by us and is a `DataError` naming it.
     """
     AppendLog(path).close()  # the repair happens on open
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path}:{n}: column {err.colno}: not valid JSON ({err.msg}); "
-                    "pass --overwrite to start over"
-                ) from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: record: expected a JSON object")
-            yield f"{path}:{n}", row
+    for where, row in json_lines(path, "pass --overwrite to start over"):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: record: expected a JSON object")
+        yield where, row
 
 
 def _resume(out: Path, settings: dict[str, Any]) -> dict[str, dict]:

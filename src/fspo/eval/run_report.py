@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from fspo.core.errors import UserError
+from fspo.core.files import json_lines
 from fspo.data.io import format_validation_error, read_records
 from fspo.data.schema import Episode, Preference, User
 from fspo.eval.report import collect_examples, preference_disagreement, write_report
@@ -55,18 +56,12 @@ def _generation_file(path: Path) -> list[dict[str, Any]] | None:
     if not (isinstance(first, dict) and {"episode_id", "answer", "system"} <= first.keys()):
         return None
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(
-                f"{path}:{number}: column {err.colno}: not valid JSON ({err.msg}); the generation file is "
-                "cut short or damaged: rerun `fspo generate` (it resumes) or remove the line"
-            ) from None
+    remedy = (
+        "the generation file is cut short or damaged: rerun `fspo generate` (it resumes) or remove the line"
+    )
+    for where, record in json_lines(path, remedy):
         if not (isinstance(record, dict) and {"episode_id", "answer", "system"} <= record.keys()):
-            raise UserError(f"{path}:{number}: not a generation record (needs episode_id, answer, system)")
+            raise UserError(f"{where}: not a generation record (needs episode_id, answer, system)")
         records.append(record)
     return records
 

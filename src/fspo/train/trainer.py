@@ -35,7 +35,7 @@ import torch
 
 from fspo.core.errors import UserError
 from fspo.core.files import AppendLog, atomic_write_json
-from fspo.core.outputs import OutputFolder, read_record
+from fspo.core.outputs import OutputFolder
 from fspo.data.episodes import episodes_file, load_episodes
 from fspo.data.tokens import pad_id_of
 from fspo.infer import prefix
@@ -652,7 +652,7 @@ def _output_folder(cfg: TrainConfig, resume: bool, overwrite: bool) -> OutputFol
     folder = OutputFolder(cfg.out, f"train {cfg.stage}", params, OUTPUTS, overwrite=overwrite, resumable=True)
     if folder.continues and not resume and not overwrite:
         out = Path(cfg.out)
-        finished = (read_record(out) or {}).get("state") == "finished"
+        finished = (folder.previous or {}).get("state") == "finished"
         ckpt = latest_checkpoint(out)
         if finished or ckpt is not None:
             held = "a finished run" if finished else f"a stopped run (checkpoint {ckpt.name})"  # type: ignore[union-attr]
