@@ -79,17 +79,18 @@ def _scripted(*replies: Any):
 
 def test_retries_429_500_and_timeouts_are_counted() -> None:
     replies = [Reply(status=429, headers={"retry-after": "0.05"}), Reply(status=500), Reply(status=503),
-               Reply('{"preferred": "A"}', delay=1.0)]  # fmt: skip
+               Reply('{"preferred": "A"}', delay=5.0)]  # fmt: skip
     with serve_openai(_scripted(*replies)) as server:
         prices = {"price_prompt_per_mtok": 2.0, "price_completion_per_mtok": 4.0}
-        client = _client(server.base_url, timeout=0.3, **prices)
+        # the timeout leaves a loaded CI machine ample time for the normal replies (0.3 s did not)
+        client = _client(server.base_url, timeout=1.5, **prices)
         start = time.monotonic()
         reply = _run(client, lambda: _ask(client))
     assert reply.preferred == "B"  # the slow "A" timed out; the retry got the normal answer
     s = client.stats
     assert dict(s.retries) == {"rate_limit": 1, "server": 2, "timeout": 1}
     assert s.sent == 5 and s.succeeded == 1 and len(server.requests) == 5
-    assert time.monotonic() - start >= 0.05 + 0.3  # honoured Retry-After, waited for the timeout
+    assert time.monotonic() - start >= 0.05 + 1.5  # honoured Retry-After, waited for the timeout
     # usage from the response's `usage` field (the stub counts words), priced per million tokens
     assert s.prompt_tokens > 0 and s.completion_tokens == 2
     assert s.cost == pytest.approx((s.prompt_tokens * 2.0 + 2 * 4.0) / 1e6)
