@@ -13,6 +13,7 @@ import pytest
 from conftest import cli_args, train_world, write_jsonl
 from fspo.core.errors import UserError
 from fspo.data.toy import toy_episodes, toy_users
+from fspo.train.card import write_model_card
 from fspo.train.config import CONFIG_FILE, load_config, make_config, recipe
 from fspo.train.trainer import train
 
@@ -94,6 +95,22 @@ def test_lora_rat_and_shot_budget(world: dict[str, Path], tmp_path: Path) -> Non
     )
     assert (r.model_dir / "adapter" / "adapter_config.json").is_file()
     assert r.render_stats["shots_dropped"] > 0 and r.render_stats["kept"] > 0
+    # The model card beside the weights: metadata the Hub reads, then the run's own facts.
+    card = (r.model_dir / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: transformers" in card and "- lora" in card
+    assert (
+        "loss `dpo`" in card
+        and "LoRA: r 4" in card
+        and "RAT (user description before the answer): target" in card
+    )
+    assert f"{r.render_stats['kept']} training episodes used" in card and "token budget 150" in card
+    write_model_card(
+        r.model_dir, {"Win rates": [{"system": "fspo", "vs": "base", "win rate": "61.0%"}]}, "Measured."
+    )
+    again = (r.model_dir / "README.md").read_text()
+    assert "## Win rates" in again and "| fspo | base | 61.0% |" in again and "Measured." in again
+    with pytest.raises(UserError, match="not a model folder fspo trained"):
+        write_model_card(tmp_path)
 
 
 def test_config_file_reproduces_run(world: dict[str, Path], tmp_path: Path) -> None:

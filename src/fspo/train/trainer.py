@@ -5,9 +5,10 @@
 * ``fspo`` – DPO or IPO against a frozen reference (the starting model, usually the SFT output).
   With zero shots it is the population IPO/DPO baseline.
 
-`train` is `_setup` (accelerate, model, data, reference, optimizer, scheduler, logging) followed by
-the loop. A batch's loss and metrics come from `_batch_loss`, the same function for a training
-micro-batch and for the held-out set. Log-probs come from `fspo.infer.logps` / `fspo.infer.prefix`,
+`train` is `setup` (accelerate, model, data, reference, optimizer, scheduler, logging) followed by
+the loop of `train_step`s (public, so that a benchmark times the very step training runs, e.g.
+``benchmarks/vs_trl.py``). A batch's loss and metrics come from `_batch_loss`, the same function for
+a training micro-batch and for the held-out set. Log-probs come from `fspo.infer.logps` / `fspo.infer.prefix`,
 losses from `fspo.train.losses`, episodes from `fspo.data.episodes` tokenized by `fspo.train.data`
 and grouped into contexts by `fspo.train.contexts`, batch order from `fspo.train.data` /
 `fspo.train.buckets`, reference log-probs from `fspo.train.refcache`, checkpoints from
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 
 from fspo.core.errors import UserError
-from fspo.core.files import AppendLog, atomic_write_json
+from fspo.core.files import AppendLog, atomic_write_json, atomic_write_text
 from fspo.core.outputs import OutputFolder
 from fspo.data.episodes import episodes_file, load_episodes
 from fspo.data.tokens import pad_id_of
@@ -42,6 +43,7 @@ from fspo.infer import prefix
 from fspo.infer.logps import collate_targets, compute_pair_logps, forward_logps
 from fspo.infer.pairs import ContextTokens, QuestionTokens, SeqLogps
 from fspo.train.buckets import epoch_batches
+from fspo.train.card import CARD_FILE, SUMMARY_FILE, model_card
 from fspo.train.checkpoint import (
     checkpoint_dir,
     drop_records_after,
@@ -251,11 +253,9 @@ def _load_split(
     stats, the episodes file itself (where the reference cache goes), and with ``shot_loss`` the
     shots' answer positions per episode id (else empty)."""
     file = episodes_file(path, split)
-    episodes = load_episodes(file)
+    episodes = load_episodes(file, limit=limit)
     if not episodes:
         raise UserError(f"episodes file {file} is empty")
-    if limit is not None:
-        episodes = episodes[:limit]
     options = cfg.template_options()
     check_descriptions(episodes, options, path)
     k = cfg.questions_per_context
@@ -374,8 +374,8 @@ class _BatchOrder:
 
 
 @dataclass
-class _Run:
-    """What the loop works with, built once by `_setup`."""
+class Run:
+    """What the loop works with, built once by `setup`."""
 
     cfg: TrainConfig
     out: Path
@@ -399,6 +399,7 @@ class _Run:
     start_step: int
     log: AppendLog | None = None  # metrics.jsonl, on the main process
     progress: Any = None  # a tqdm bar with `progress`, on the main process
+    started: float = field(default_factory=time.perf_counter)  # this session's start, for the card
 
 
 def _train_split(
@@ -428,7 +429,7 @@ def _train_split(
     return units, stats, file, shot_spans, batches_per_epoch
 
 
-def _setup(cfg: TrainConfig, resume: bool) -> _Run:
+def setup(cfg: TrainConfig, resume: bool = False) -> Run:
     """Accelerate, the model, the data, the reference, optimizer and scheduler, a checkpoint to resume
     from, and the log's start record: everything before the first step, in an order that the seeded
     random state (LoRA initialisation, then dropout) depends on."""
@@ -511,7 +512,7 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Run:
 
     shared = _shared_rows(cfg, unwrapped)
     rows = [_row_stats(cfg, u, shared) for u in units]
-    run = _Run(
+    run = Run(
         cfg=cfg,
         out=out,
         accelerator=accelerator,
@@ -545,7 +546,7 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Run:
     return run
 
 
-def _start_record(run: _Run, shared: bool, ref_info: dict[str, Any]) -> dict[str, Any]:
+def _start_record(run: Run, shared: bool, ref_info: dict[str, Any]) -> dict[str, Any]:
     """The log's first line: what this run trains on, how its rows are laid out, its reference."""
     pairs = sum(len(u.ids) for u in run.units)
     first = [_padding([run.rows[i] for i in b]) for b in run.order.epoch(0)]
@@ -572,7 +573,7 @@ def _start_record(run: _Run, shared: bool, ref_info: dict[str, Any]) -> dict[str
 
 
 def _train_logps(
-    run: _Run, units: list[Unit]
+    run: Run, units: list[Unit]
 ) -> tuple[SeqLogps, SeqLogps | None, tuple[SeqLogps, SeqLogps] | None]:
     """Policy log-probs of one micro-batch (chosen; rejected and reference's in FSPO), for `_batch_loss`."""
     cfg, pad_id = run.cfg, run.pad_id
@@ -586,6 +587,11 @@ def _train_logps(
     return policy[0], policy[1], ref
 
 
+def batch_loss(run: Run, units: list[Unit]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss of one micro-batch and its metrics, as `train_step` computes them."""
+    return _batch_loss(run.cfg, *_train_logps(run, units))
+
+
 @dataclass
 class _Throughput:
     """Work done since the last log line, for tokens/s, pairs/s and the padding fraction."""
@@ -596,7 +602,7 @@ class _Throughput:
     padded: int = 0
     start: float = field(default_factory=time.perf_counter)
 
-    def add(self, run: _Run, idx: list[int]) -> None:
+    def add(self, run: Run, idx: list[int]) -> None:
         real, padded = _padding([run.rows[i] for i in idx])
         self.real += real
         self.padded += padded
@@ -665,29 +671,16 @@ def _output_folder(cfg: TrainConfig, resume: bool, overwrite: bool) -> OutputFol
 
 
 def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
-    run = _setup(cfg, resume)
+    run = setup(cfg, resume)
     accelerator = run.accelerator
     run.model.train()
     last: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     window = _Throughput()
     for step in range(run.start_step, run.total_steps):
-        sums: dict[str, torch.Tensor] = {}
-        for a in range(cfg.grad_accum):
-            idx = run.order.micro_batch(step * cfg.grad_accum + a)
+        for idx in step_batches(run, step):
             window.add(run, idx)
-            sync = contextlib.nullcontext() if a == cfg.grad_accum - 1 else accelerator.no_sync(run.model)
-            with sync, accelerator.autocast():
-                loss, metrics = _batch_loss(cfg, *_train_logps(run, [run.units[i] for i in idx]))
-                accelerator.backward(loss / cfg.grad_accum)
-            for name, v in metrics.items():
-                sums[name] = sums.get(name, 0) + v.detach().float() / cfg.grad_accum
-        grad_norm = None
-        if cfg.max_grad_norm is not None:
-            grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
-        run.optimizer.step()
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        sums, grad_norm = train_step(run, step)
         done = step + 1
 
         if done % cfg.log_every == 0 or done == run.total_steps:
@@ -716,7 +709,36 @@ def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
     return _finish(run, last, eval_metrics)
 
 
-def _log(run: _Run, step: int, metrics: dict[str, float]) -> None:
+def step_batches(run: Run, step: int) -> list[list[int]]:
+    """The units (indices into `run.units`) of each micro-batch of optimizer step `step`."""
+    ga = run.cfg.grad_accum
+    return [run.order.micro_batch(step * ga + a) for a in range(ga)]
+
+
+def train_step(run: Run, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Optimizer step `step`: its micro-batches (`step_batches`) forward and backward, the gradient
+    clipped, the optimizer and scheduler stepped. Returns the metrics averaged over the micro-batches
+    (`_batch_loss`'s) and the gradient norm before clipping (None without `max_grad_norm`)."""
+    cfg, accelerator = run.cfg, run.accelerator
+    sums: dict[str, torch.Tensor] = {}
+    batches = step_batches(run, step)
+    for a, idx in enumerate(batches):
+        sync = contextlib.nullcontext() if a == len(batches) - 1 else accelerator.no_sync(run.model)
+        with sync, accelerator.autocast():
+            loss, metrics = batch_loss(run, [run.units[i] for i in idx])
+            accelerator.backward(loss / cfg.grad_accum)
+        for name, v in metrics.items():
+            sums[name] = sums.get(name, 0) + v.detach().float() / cfg.grad_accum
+    grad_norm = None
+    if cfg.max_grad_norm is not None:
+        grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return sums, grad_norm
+
+
+def _log(run: Run, step: int, metrics: dict[str, float]) -> None:
     """One line of metrics.jsonl (main process) and of every tracker in `report_to`."""
     if run.log is not None:
         run.log.append({"step": step, **metrics})
@@ -750,7 +772,7 @@ def _evaluate(
     return {**{f"eval/{k}": v.item() for k, v in metrics.items()}, "eval/episodes": float(len(chosen.sum))}
 
 
-def _eval_and_log(run: _Run, step: int) -> dict[str, float]:
+def _eval_and_log(run: Run, step: int) -> dict[str, float]:
     """Evaluate on the main process (the others wait), and log the result."""
     metrics: dict[str, float] = {}
     if run.accelerator.is_main_process:
@@ -762,11 +784,17 @@ def _eval_and_log(run: _Run, step: int) -> dict[str, float]:
     return metrics
 
 
-def _finish(run: _Run, last: dict[str, float], eval_metrics: dict[str, float]) -> TrainResult:
+def _finish(run: Run, last: dict[str, float], eval_metrics: dict[str, float]) -> TrainResult:
     """Save the final model, close the log, and release accelerate on every process."""
     accelerator = run.accelerator
     model_dir = run.out / "model"
-    summary = {"steps": run.total_steps, "metrics": last, "eval": eval_metrics, "render": run.stats.summary()}
+    summary = {
+        "steps": run.total_steps,
+        "metrics": last,
+        "eval": eval_metrics,
+        "render": run.stats.summary(),
+        "seconds": round(time.perf_counter() - run.started, 1),
+    }
     if accelerator.is_main_process:
         _save_final(run.cfg, run.unwrapped, run.tokenizer, run.out, model_dir, summary)
     accelerator.wait_for_everyone()
@@ -799,11 +827,12 @@ def _save_final(
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     cfg.save(tmp / CONFIG_FILE)
-    atomic_write_json(tmp / "train_summary.json", summary)
+    atomic_write_json(tmp / SUMMARY_FILE, summary)
+    atomic_write_text(tmp / CARD_FILE, model_card(cfg, summary))
     old = out / ".model.old"
     shutil.rmtree(old, ignore_errors=True)
     if model_dir.exists():
         model_dir.rename(old)
     tmp.rename(model_dir)
     shutil.rmtree(old, ignore_errors=True)
-    atomic_write_json(out / "train_summary.json", summary)
+    atomic_write_json(out / SUMMARY_FILE, summary)
