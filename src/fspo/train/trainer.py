@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 
 from fspo.core.errors import UserError
 from fspo.core.files import AppendLog, atomic_write_json, atomic_write_text
@@ -449,6 +450,12 @@ def setup(cfg: TrainConfig, resume: bool = False) -> Run:
     except (ImportError, ValueError) as err:
         raise UserError(f"cannot set up accelerate with this config: {err}") from None
     set_seed(cfg.seed)
+    if accelerator.distributed_type == DistributedType.FSDP and cfg.lora is not None:
+        # The final save merges the adapter in a copy of the model, which a sharded model cannot give.
+        raise UserError(
+            "LoRA under FSDP is not supported: a LoRA run of a 3B model fits one GPU, so use data "
+            "parallelism (configs/accelerate/ddp.yaml) or train without lora"
+        )
     main = accelerator.is_main_process
 
     model, tokenizer = _build_model(cfg)
@@ -555,6 +562,7 @@ def _start_record(run: Run, shared: bool, ref_info: dict[str, Any]) -> dict[str,
         "step": run.start_step,
         "total_steps": run.total_steps,
         "processes": run.accelerator.num_processes,
+        "distributed": str(run.accelerator.distributed_type.value),
         "train_examples": pairs,
         "contexts": len(run.units),
         "questions_per_context": pairs / len(run.units),
@@ -773,12 +781,15 @@ def _evaluate(
 
 
 def _eval_and_log(run: Run, step: int) -> dict[str, float]:
-    """Evaluate on the main process (the others wait), and log the result."""
+    """Evaluate on the main process (the others wait), and log the result. Under FSDP every process
+    runs the evaluation through the sharded model (its forward gathers weights from all of them)."""
     metrics: dict[str, float] = {}
+    sharded = run.accelerator.distributed_type == DistributedType.FSDP
+    if run.accelerator.is_main_process or sharded:
+        model = run.model if sharded else run.unwrapped
+        autocast = run.accelerator.autocast
+        metrics = _evaluate(run.cfg, model, run.eval_units, run.pad_id, run.eval_ref, autocast)
     if run.accelerator.is_main_process:
-        metrics = _evaluate(
-            run.cfg, run.unwrapped, run.eval_units, run.pad_id, run.eval_ref, run.accelerator.autocast
-        )
         _log(run, step, metrics)
     run.accelerator.wait_for_everyone()
     return metrics
@@ -795,8 +806,11 @@ def _finish(run: Run, last: dict[str, float], eval_metrics: dict[str, float]) ->
         "render": run.stats.summary(),
         "seconds": round(time.perf_counter() - run.started, 1),
     }
+    # Every process takes part: under FSDP this gathers the sharded weights (FULL_STATE_DICT, the
+    # main process gets them); otherwise it is the unwrapped model's own state dict.
+    state = accelerator.get_state_dict(run.model) if run.cfg.lora is None else None
     if accelerator.is_main_process:
-        _save_final(run.cfg, run.unwrapped, run.tokenizer, run.out, model_dir, summary)
+        _save_final(run.cfg, run.unwrapped, run.tokenizer, run.out, model_dir, summary, state)
     accelerator.wait_for_everyone()
     if run.log is not None:
         run.log.append({"event": "end", "step": run.total_steps, **eval_metrics})
@@ -811,7 +825,13 @@ def _finish(run: Run, last: dict[str, float], eval_metrics: dict[str, float]) ->
 
 
 def _save_final(
-    cfg: TrainConfig, unwrapped: Any, tokenizer: Any, out: Path, model_dir: Path, summary: dict[str, Any]
+    cfg: TrainConfig,
+    unwrapped: Any,
+    tokenizer: Any,
+    out: Path,
+    model_dir: Path,
+    summary: dict[str, Any],
+    state: dict[str, Any] | None = None,
 ) -> None:
     """save_pretrained + tokenizer + fspo_config.json into a temp folder, then rename: all or nothing.
 
@@ -824,7 +844,7 @@ def _save_final(
     if cfg.lora is not None:
         unwrapped.save_pretrained(str(tmp / "adapter"))
         model = copy.deepcopy(unwrapped).merge_and_unload()
-    model.save_pretrained(str(tmp))
+    model.save_pretrained(str(tmp), state_dict=state)
     tokenizer.save_pretrained(str(tmp))
     cfg.save(tmp / CONFIG_FILE)
     atomic_write_json(tmp / SUMMARY_FILE, summary)
