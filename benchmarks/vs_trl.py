@@ -1,7 +1,7 @@
 """fspo's training step against TRL's `DPOTrainer` (loss_type "ipo") on the same work, side by side.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/vs_trl.py \\
-        --episodes runs/smollm2-reviews/episodes-k8 [--model FOLDER] [--contexts 1] [--reps 3]
+        --episodes runs/smollm2-reviews/episodes-k8 [--model FOLDER] [--contexts 1] [--reps 2]
 
 Same model (SmolLM2-135M-Instruct unless ``--model``), same LoRA (one peft model: both trainers train
 the very same adapter), same episodes (the first training batches of an episodes folder built with
@@ -9,33 +9,40 @@ the very same adapter), same episodes (the first training batches of an episodes
 every step, same token ids (TRL's own collator receives fspo's tokenized prompt, chosen and rejected
 answers, so neither tokenizer boundary nor template can differ), IPO at the same beta and learning
 rate, gradient clipped alike. Three training steps are timed, interleaved within each repetition
-(the order rotates, so load from elsewhere hits all alike); one optimizer step of the same
-pairs for each, TRL accumulating gradients over micro-batches of ``--trl-micro-batch`` pairs (a
-whole 8-question step at once does not fit in 24 GiB):
+(the order rotates, so load from elsewhere hits all alike); one optimizer step of the same pairs for
+each, TRL accumulating gradients over micro-batches of ``--trl-micro-batch`` pairs (a whole
+8-question step at once does not fit in 24 GiB):
 
 * ``fspo``: `fspo.train.trainer.train_step`, the step `fspo train` runs, with the recipe's speed
   settings: the K questions of a user scored in one row after their shared shots
-  (`fspo.infer.prefix`), reference log-probs from the cache built once before training. The cache's
-  one-time cost is measured too and added per pair to fspo's figure ("with its cache").
+  (`fspo.infer.prefix`), reference log-probs from the cache built once before training (its cost
+  per pair is measured on a fresh copy of the episodes, so no earlier run's cache is reused).
 * ``trl``: `DPOTrainer.training_step` + optimizer step as TRL's defaults run it: every pair as two
   full sequences (prompt + chosen, prompt + rejected), the reference forward in every step (the
   adapter switched off).
 * ``trl-precomputed``: the same with TRL's ``precompute_ref_log_probs`` path (reference values in
-  the batch; the step runs no reference forward). The values are fspo's cached ones, which equal what
-  TRL's precompute pass would compute for these pairs; its one-time cost is the same as fspo's and
-  is added alike.
+  the batch, no reference forward in the step; the values are fspo's cached ones, equal to what TRL's
+  precompute pass computes).
+
+Two ratios: **per episode of training** (one epoch: every step plus each pair's reference once),
+fspo's step plus its cache cost per pair against TRL's step with its reference forward (TRL's
+precompute pass does that same forward once per pair, so precomputing does not change TRL's total);
+and **step only**, fspo's step against TRL's precomputed step (what each costs per epoch after the
+first, when both have their reference values).
 
 Before any timing, the loss of both on one shared batch: fspo with ``reduction: mean`` (average
 log-prob per answer token, as TRL's IPO) against `DPOTrainer.compute_loss`, after the LoRA B
 matrices are set to seeded random values (at peft's initialisation the policy equals the reference
-and every IPO loss is exactly 1/(4 beta^2), a comparison that cannot fail).
+and every IPO loss is exactly 1/(4 beta^2)). The script fails if they differ by more than 1e-4, or if
+the loss is still 1/(4 beta^2).
 
-Peak memory: the step's own resident memory above what was resident before it (peak resident set
-reset through /proc/self/clear_refs before every step; glibc told to return large blocks,
-MALLOC_MMAP_THRESHOLD_, so resident memory tracks live tensors). CPU only, as every figure here.
+Peak memory: in a second process (glibc told to return large blocks, MALLOC_MMAP_THRESHOLD_, so
+resident memory tracks live tensors; not in the timed process, whose allocations it would slow),
+one step of each after a warm-up, the peak resident set above the resident set before the step
+(reset through /proc/self/clear_refs). CPU only, as every figure here.
 
-TRL is a benchmark dependency only (``pip install -e ".[bench]"``). Prints a table, then as its LAST
-line one JSON object.
+TRL is a dev dependency (``pip install -e ".[dev]"``). Prints a table, then as its LAST line one JSON
+object.
 """
 
 from __future__ import annotations
@@ -44,15 +51,18 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import torch
 
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+SYSTEMS = ("fspo", "trl", "trl-precomputed")
 
 
 def _kib(field: str) -> int:
@@ -62,14 +72,12 @@ def _kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _measured(fn: Any) -> tuple[float, float]:
-    """(seconds, peak MiB above the resident set before) of one call of `fn`."""
+def _peak_mib(fn: Any) -> float:
+    """Peak resident MiB of one call of `fn` above the resident set before it."""
     before = _kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-    start = time.perf_counter()
     fn()
-    seconds = time.perf_counter() - start
-    return seconds, max(0, _kib("VmHWM") - before) / 1024
+    return max(0, _kib("VmHWM") - before) / 1024
 
 
 def _trl_examples(units: list[Any], ref: dict[str, tuple[float, float]] | None) -> list[dict[str, Any]]:
@@ -78,11 +86,8 @@ def _trl_examples(units: list[Any], ref: dict[str, tuple[float, float]] | None) 
     rows = []
     for unit in units:
         for pair_id, pair in zip(unit.ids, unit.pairs(), strict=True):
-            row = {
-                "prompt_ids": list(pair.prompt),
-                "chosen_ids": list(pair.chosen),
-                "rejected_ids": list(pair.rejected),
-            }
+            row = {"prompt_ids": list(pair.prompt), "chosen_ids": list(pair.chosen)}
+            row["rejected_ids"] = list(pair.rejected)
             if ref is not None:
                 row["ref_chosen_logps"], row["ref_rejected_logps"] = ref[pair_id]
             rows.append(row)
@@ -98,22 +103,28 @@ def _randomize_lora_b(model: Any, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-def main() -> None:
+def _fresh_episodes(src: str, dst: Path, lines: int) -> Path:
+    """The first `lines` training episodes of `src` in a file of their own: a reference cache beside
+    them is then built by this run, whatever an earlier run left beside `src`."""
+    from fspo.data.episodes import episodes_file
+
+    with episodes_file(src, "train").open(encoding="utf-8") as f:
+        dst.write_text("".join(islice(f, lines)), encoding="utf-8")
+    return dst
+
+
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--episodes", required=True, help="episodes folder or train file, built with K questions per context"
-    )
-    ap.add_argument(
-        "--model", default=None, help="model folder (default: the imported SmolLM2-135M-Instruct)"
-    )
+    ap.add_argument("--episodes", required=True, help="episodes (folder or file) built with K per context")
+    ap.add_argument("--model", default=None, help="model folder (default: imported SmolLM2-135M-Instruct)")
     ap.add_argument("--k", type=int, default=8, help="questions per context (as the episodes were built)")
     ap.add_argument("--contexts", type=int, default=1, help="contexts per step (TRL gets their pairs)")
     ap.add_argument(
         "--trl-micro-batch",
         type=int,
         default=2,
-        help="pairs per TRL forward (gradient accumulation up to the step's pairs): TRL holds every pair as "
-        "two full sequences and their logits at once, ~4.6 GiB per pair of 8-shot episodes on this CPU",
+        help="pairs per TRL forward (gradient accumulation up to the step's pairs): TRL holds every pair "
+        "as two full sequences, ~4.6 GiB per pair of 8-shot episodes on this CPU",
     )
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
@@ -122,161 +133,190 @@ def main() -> None:
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--lora-targets", default="all-linear")
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    if MMAP_ENV not in os.environ:  # must be set before the allocator starts: run again with it
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, MMAP_ENV: str(1 << 20)})
-    torch.set_num_threads(args.threads)
+    ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the second process
+    return ap.parse_args()
 
-    from datasets import Dataset
+
+def main() -> None:
+    args = _args()
+    torch.set_num_threads(args.threads)
     from rich.console import Console
     from rich.table import Table
-    from trl import DPOConfig, DPOTrainer
-
-    from fspo.models.gguf_import import import_gguf
-    from fspo.train.config import LoraConfig, TrainConfig
-    from fspo.train.trainer import batch_loss, setup, step_batches, train_step
 
     console = Console()
-    model_dir = args.model or str(import_gguf("smollm2-135m-instruct"))
-    targets = args.lora_targets if args.lora_targets == "all-linear" else args.lora_targets.split(",")
-    steps = 1 + args.warmup + args.reps  # step 0 is the shared batch of the loss check
-    tmp = Path(tempfile.mkdtemp(prefix="vs_trl-"))
-    cfg = TrainConfig(
-        stage="fspo",
-        model=model_dir,
-        episodes=args.episodes,
-        out=str(tmp / "fspo"),
-        chat_template=True,
-        loss="ipo",
-        beta=args.beta,
-        reduction="mean",
-        logps_impl="prefix",
-        questions_per_context=args.k,
-        batch_size=args.contexts,
-        max_tokens=2048,
-        lora=LoraConfig(r=args.lora_r, alpha=2 * args.lora_r, target_modules=targets),
-        lr=args.lr,
-        warmup_steps=0,
-        max_steps=steps,
-        reference_cache=True,
-        progress=False,
-        log_every=10_000,
-    )
-    run = setup(cfg)
-    start_record = json.loads((tmp / "fspo" / "metrics.jsonl").read_text().splitlines()[0])
-    cache = start_record["reference"]["train"]
-    cache_s_per_pair = cache["seconds"] / max(1, cache["computed"])
-    model = run.unwrapped
+    with tempfile.TemporaryDirectory(prefix="vs_trl-") as tmp:
+        bench = _Bench(args, Path(tmp), console)
+        if args.memory_only:
+            peaks = {name: bench.peak(name) for name in SYSTEMS}
+            print(json.dumps(peaks))
+            return
+        loss = bench.loss_check()
+        per_pair = bench.timings()
+        cache = bench.cache
+        start = bench.start
+    failed = loss["abs_diff"] > 1e-4 or loss["moved"] < 1e-3
 
-    def units_of(step: int) -> list[Any]:
-        return [run.units[i] for idx in step_batches(run, step) for i in idx]
+    console.print("peak memory: one step of each in a second process ...")
+    child = subprocess.run(
+        [sys.executable, *sys.argv, "--memory-only"], env={**os.environ, MMAP_ENV: str(1 << 20)},
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    peaks = json.loads(child.stdout.strip().splitlines()[-1])
 
-    pairs_per_step = [sum(len(u.ids) for u in units_of(s)) for s in range(steps)]
-    text = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])  # TRL needs one; unused
-    trl_args = DPOConfig(
-        output_dir=str(tmp / "trl"),
-        loss_type=["ipo"],
-        beta=args.beta,
-        learning_rate=args.lr,
-        per_device_train_batch_size=args.trl_micro_batch,
-        gradient_accumulation_steps=-(-max(pairs_per_step) // args.trl_micro_batch),
-        max_length=None,
-        max_grad_norm=cfg.max_grad_norm,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        dataset_num_proc=None,
-        logging_steps=10_000,
-    )
-    trainer = DPOTrainer(model=model, args=trl_args, train_dataset=text, processing_class=run.tokenizer)
-    trl_model = trainer.model
-    # Handed a model that already has an adapter, TRL keeps a copy of it as its reference ("ref").
-    # Here the adapter is fresh (peft's B = 0), so that copy is the base model at the cost of extra
-    # LoRA matmuls; without it TRL takes the reference by switching the adapter off, as it does when
-    # it adds the adapter itself (`peft_config`), and as fspo does.
-    if "ref" in trl_model.peft_config:
-        trl_model.delete_adapter("ref")
-    trainer.create_optimizer()
-    collate = trainer.data_collator
-
-    # The loss on a shared batch, same weights, no update.
-    _randomize_lora_b(model, seed=0)
-    model.eval()
-    with torch.no_grad():
-        fspo_loss = float(batch_loss(run, units_of(0))[0])
-        trainer.precompute_ref_logps = False
-        trl_loss = float(trainer.compute_loss(trl_model, collate(_trl_examples(units_of(0), None))))
-    console.print(f"IPO loss on one shared batch: fspo {fspo_loss:.6f}, TRL {trl_loss:.6f}")
-    model.train()
-
-    def fspo_step(step: int) -> None:
-        train_step(run, step)
-
-    def trl_step(step: int, precomputed: bool) -> None:
-        trainer.precompute_ref_logps = precomputed
-        rows = _trl_examples(units_of(step), run.train_ref if precomputed else None)
-        micro = [rows[i : i + args.trl_micro_batch] for i in range(0, len(rows), args.trl_micro_batch)]
-        trainer.current_gradient_accumulation_steps = len(micro)
-        for part in micro:
-            trainer.training_step(trl_model, collate(part))
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-
-    systems = {
-        "fspo": fspo_step,
-        "trl": lambda s: trl_step(s, False),
-        "trl-precomputed": lambda s: trl_step(s, True),
-    }
-    names = list(systems)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    peaks: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(args.warmup + args.reps):
-        step = 1 + rep
-        order = names[rep % len(names) :] + names[: rep % len(names)]
-        for name in order:
-            seconds, peak = _measured(lambda name=name, step=step: systems[name](step))
-            console.print(
-                f"  rep {rep} {name}: {seconds:.1f} s, {pairs_per_step[step]} pairs, peak +{peak:.0f} MiB"
-            )
-            if rep >= args.warmup:
-                times[name].append(seconds / pairs_per_step[step])
-                peaks[name].append(peak)
-
-    per_pair = {n: statistics.median(times[n]) for n in names}
-    with_cache = {"fspo": per_pair["fspo"] + cache_s_per_pair, "trl": per_pair["trl"],
-                  "trl-precomputed": per_pair["trl-precomputed"] + cache_s_per_pair}  # fmt: skip
+    cache_s = cache["seconds"] / cache["computed"]
+    total = {"fspo": per_pair["fspo"] + cache_s, "trl": per_pair["trl"]}
     result = {
-        "model": model_dir,
-        "shots": start_record["render"].get("mean_shots_used"),
+        "model": bench.model_dir,
+        "shots": start["render"].get("mean_shots_used"),
+        "mean_prompt_tokens": start["render"].get("mean_prompt_tokens"),
         "questions_per_context": args.k,
-        "pairs_per_step": pairs_per_step[1:],
-        "mean_prompt_tokens": start_record["render"].get("mean_prompt_tokens"),
-        "episodes_per_s": {n: round(1 / with_cache[n], 4) for n in names},
-        "episodes_per_s_step_only": {n: round(1 / per_pair[n], 4) for n in names},
-        "reference_cache_s_per_episode": round(cache_s_per_pair, 4),
-        "peak_step_mib": {n: round(max(peaks[n]), 1) for n in names},
-        "speedup_vs_trl": round(with_cache["trl"] / with_cache["fspo"], 2),
-        "speedup_vs_trl_precomputed": round(with_cache["trl-precomputed"] / with_cache["fspo"], 2),
-        "loss": {"fspo": fspo_loss, "trl": trl_loss, "abs_diff": abs(fspo_loss - trl_loss)},
+        "pairs_per_step": bench.pairs_per_step[1:],
+        "episodes_per_s_training": {n: round(1 / v, 4) for n, v in total.items()},
+        "episodes_per_s_step_only": {n: round(1 / per_pair[n], 4) for n in SYSTEMS},
+        "reference_cache_s_per_episode": round(cache_s, 4),
+        "speedup_training": round(total["trl"] / total["fspo"], 2),
+        "speedup_step_only": round(per_pair["trl-precomputed"] / per_pair["fspo"], 2),
+        "peak_step_mib": peaks,
+        "loss": loss,
+        "loss_check": "failed" if failed else "passed",
         "reps": args.reps,
         "threads": args.threads,
         "torch": torch.__version__,
         "trl": __import__("trl").__version__,
         "time": time.strftime("%Y-%m-%d %H:%M"),
     }
-    table = Table(title=f"one IPO training step, {args.k} questions x {args.contexts} context(s), CPU")
-    for col in ("system", "episodes/s (with its cache)", "episodes/s (step only)", "peak step MiB"):
+    title = f"one IPO training step, {args.k} questions x {args.contexts} context(s) per step, CPU"
+    table = Table(title=title)
+    for col in (
+        "system",
+        "episodes/s, training (step + reference)",
+        "episodes/s, step only",
+        "peak step MiB",
+    ):
         table.add_column(col)
-    for n in names:
-        table.add_row(n, f"{1 / with_cache[n]:.3f}", f"{1 / per_pair[n]:.3f}", f"{max(peaks[n]):.0f}")
+    for n in SYSTEMS:
+        trained = f"{1 / total[n]:.3f}" if n in total else "(= trl)"
+        table.add_row(n, trained, f"{1 / per_pair[n]:.3f}", f"{peaks[n]:.0f}")
     console.print(table)
     console.print(
-        f"fspo vs TRL: {result['speedup_vs_trl']}x (TRL with precomputed reference: "
-        f"{result['speedup_vs_trl_precomputed']}x); loss |diff| {result['loss']['abs_diff']:.2e}"
+        f"fspo vs TRL: {result['speedup_training']}x per episode of training, {result['speedup_step_only']}x "
+        f"per step with the reference precomputed; IPO loss on a shared batch: fspo {loss['fspo']:.6f}, "
+        f"TRL {loss['trl']:.6f} (|diff| {loss['abs_diff']:.1e}) - {result['loss_check']}"
     )
     print(json.dumps(result))
+    if failed:
+        sys.exit(1)
+
+
+class _Bench:
+    """One fspo run (`setup`) and one `DPOTrainer` over the same peft model, and the three steps."""
+
+    def __init__(self, args: argparse.Namespace, tmp: Path, console: Any):
+        from datasets import Dataset
+        from trl import DPOConfig, DPOTrainer
+
+        from fspo.models.gguf_import import import_gguf
+        from fspo.train.config import LoraConfig, TrainConfig
+        from fspo.train.trainer import setup, step_batches
+
+        self.args, self.console = args, console
+        self.model_dir = args.model or str(import_gguf("smollm2-135m-instruct"))
+        targets = args.lora_targets if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+        self.steps = 1 + args.warmup + args.reps  # step 0 is the shared batch of the loss check
+        needed = (self.steps * args.contexts + 8) * args.k * 2  # the trainer reads ~1.05x what it steps
+        cfg = TrainConfig(
+            stage="fspo", model=self.model_dir, out=str(tmp / "fspo"), chat_template=True, loss="ipo",
+            episodes=str(_fresh_episodes(args.episodes, tmp / "train.jsonl", needed)),
+            beta=args.beta, reduction="mean", logps_impl="prefix", questions_per_context=args.k,
+            batch_size=args.contexts, max_tokens=2048, lr=args.lr, warmup_steps=0, max_steps=self.steps,
+            lora=LoraConfig(r=args.lora_r, alpha=2 * args.lora_r, target_modules=targets),
+            reference_cache=True, progress=False, log_every=10_000,
+        )  # fmt: skip
+        self.cfg = cfg
+        self.run = setup(cfg)
+        self.start = json.loads((tmp / "fspo" / "metrics.jsonl").read_text().splitlines()[0])
+        self.cache = self.start["reference"]["train"]
+        if self.cache["computed"] == 0 or self.cache["reused"]:
+            raise SystemExit(f"the reference cache was not built fresh: {self.cache}")
+        self.step_batches = step_batches
+        self.pairs_per_step = [sum(len(u.ids) for u in self.units(s)) for s in range(self.steps)]
+        model = self.run.unwrapped
+        trl_args = DPOConfig(
+            output_dir=str(tmp / "trl"), loss_type=["ipo"], beta=args.beta, learning_rate=args.lr,
+            per_device_train_batch_size=args.trl_micro_batch,
+            gradient_accumulation_steps=-(-max(self.pairs_per_step) // args.trl_micro_batch),
+            max_length=None, max_grad_norm=cfg.max_grad_norm, report_to=[], use_cpu=True, bf16=False,
+            gradient_checkpointing=False, logging_steps=10_000,
+        )  # fmt: skip
+        unused = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])  # TRL needs one
+        self.trainer = DPOTrainer(
+            model=model, args=trl_args, train_dataset=unused, processing_class=self.run.tokenizer
+        )
+        # Handed a model that already has an adapter, TRL keeps a copy of it as its reference ("ref").
+        # The adapter is fresh (peft's B = 0), so that copy is the base model at the cost of extra
+        # LoRA matmuls; without it TRL takes the reference by switching the adapter off, as it does
+        # when it adds the adapter itself (`peft_config`), and as fspo does.
+        if "ref" in self.trainer.model.peft_config:
+            self.trainer.model.delete_adapter("ref")
+        self.trainer.create_optimizer()
+
+    def units(self, step: int) -> list[Any]:
+        return [self.run.units[i] for idx in self.step_batches(self.run, step) for i in idx]
+
+    def loss_check(self) -> dict[str, float]:
+        """Both losses on the batch of step 0, same weights, no update."""
+        from fspo.train.trainer import batch_loss
+
+        model, trainer = self.run.unwrapped, self.trainer
+        _randomize_lora_b(model, seed=0)
+        model.eval()
+        with torch.no_grad():
+            ours = float(batch_loss(self.run, self.units(0))[0])
+            trainer.precompute_ref_logps = False
+            batch = trainer.data_collator(_trl_examples(self.units(0), None))
+            theirs = float(trainer.compute_loss(trainer.model, batch))
+        model.train()
+        at_init = 1 / (4 * self.args.beta**2)
+        return {"fspo": ours, "trl": theirs, "abs_diff": abs(ours - theirs), "moved": abs(ours - at_init)}
+
+    def step(self, name: str, step: int) -> None:
+        from fspo.train.trainer import train_step
+
+        if name == "fspo":
+            train_step(self.run, step)
+            return
+        trainer, precomputed = self.trainer, name == "trl-precomputed"
+        trainer.precompute_ref_logps = precomputed
+        rows = _trl_examples(self.units(step), self.run.train_ref if precomputed else None)
+        size = self.args.trl_micro_batch
+        micro = [rows[i : i + size] for i in range(0, len(rows), size)]
+        trainer.current_gradient_accumulation_steps = len(micro)  # set by `Trainer.train`'s loop
+        for part in micro:
+            trainer.training_step(trainer.model, trainer.data_collator(part))
+        params = [p for p in self.run.unwrapped.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    def timings(self) -> dict[str, float]:
+        """Median seconds per pair of each system's step over `reps`, after `warmup` repetitions."""
+        times: dict[str, list[float]] = {n: [] for n in SYSTEMS}
+        for rep in range(self.args.warmup + self.args.reps):
+            step = 1 + rep
+            order = SYSTEMS[rep % len(SYSTEMS) :] + SYSTEMS[: rep % len(SYSTEMS)]
+            for name in order:
+                start = time.perf_counter()
+                self.step(name, step)
+                seconds = time.perf_counter() - start
+                self.console.print(f"  rep {rep} {name}: {seconds:.1f} s, {self.pairs_per_step[step]} pairs")
+                if rep >= self.args.warmup:
+                    times[name].append(seconds / self.pairs_per_step[step])
+        return {n: statistics.median(v) for n, v in times.items()}
+
+    def peak(self, name: str) -> float:
+        """Peak MiB of one step of `name` after one warm-up step of it."""
+        self.step(name, 1)
+        return round(_peak_mib(lambda: self.step(name, 2)), 1)
 
 
 if __name__ == "__main__":

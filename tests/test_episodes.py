@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fspo.core.errors import UserError
+from fspo.core.errors import DataError, UserError
 from fspo.data.episodes import SPLITS, build_episodes, load_episodes, load_meta, write_episodes
 from fspo.data.schema import Episode, Preference, User
 
@@ -182,6 +182,14 @@ def test_write_and_load_episode_folder(tmp_path: Path) -> None:
         load_episodes(tmp_path / "eps", "dev")
     with pytest.raises(UserError, match="not a complete episode folder"):
         load_episodes(tmp_path, "train")
+    # `limit` stops reading early, and still reports a bad record among the lines it read
+    assert load_episodes(tmp_path / "eps", "train", limit=3) == result["train"][:3]
+    lines = (tmp_path / "eps" / "train.jsonl").read_text().splitlines()
+    lines[1] = lines[1].replace('"shots"', '"shotz"', 1)
+    (tmp_path / "eps" / "train.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as err:
+        load_episodes(tmp_path / "eps", "train", limit=3)
+    assert "train.jsonl:2" in "\n".join(err.value.problems)
 
 
 def test_cli_episodes(tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ from fspo.core.errors import DataError, UserError
 from fspo.core.files import atomic_write_json
 from fspo.core.outputs import require_finished
 from fspo.core.rng import seeded_rng
-from fspo.data.io import gc_paused, iter_records, iter_rows, read_records, write_records
+from fspo.data.io import ReadReport, gc_paused, iter_records, iter_rows, read_records, write_records
 from fspo.data.schema import Episode, Preference, User
 
 SPLITS = ("train", "test_seen", "test_unseen")
@@ -397,8 +397,14 @@ def load_episodes(path: str | Path, split: str = "train", limit: int | None = No
     file = episodes_file(path, split)
     try:
         if limit is not None:
+            # Reading stops early, before the end-of-file check of `iter_records`: the problems of
+            # the lines read are checked here instead, so a bad record is never silently passed over.
+            report = ReadReport(str(file))
             with gc_paused():
-                return list(islice(iter_records(file, Episode, allow_empty=True), limit))
+                episodes = list(islice(iter_records(file, Episode, True, report, allow_empty=True), limit))
+            if report.problems:  # reported below as the file's invalid records
+                raise DataError(str(file), report.problems)
+            return episodes
         return read_records(file, Episode, allow_empty=True)
     except DataError as err:
         _refuse_other_records(file)
