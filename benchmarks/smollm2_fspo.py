@@ -43,21 +43,21 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fspo.core.files import atomic_write_json, json_lines, read_fields
+from fspo.core.files import atomic_write_json, json_lines
 from fspo.core.stages import StageRunner
 from fspo.data.episodes import load_episodes
-from fspo.data.io import read_records
-from fspo.data.schema import User
 from fspo.data.template import TemplateOptions
 from fspo.eval import accuracy_curve, generate_for_episodes, winrate
 from fspo.eval.personal import trait_shares
-from fspo.eval.records import read_generations
+from fspo.eval.records import read_generations, users_by_id
 from fspo.models.gguf_import import import_gguf
 from fspo.models.loading import load_model, load_tokenizer
-from fspo.train.card import write_model_card
+from fspo.train.card import SUMMARY_FILE, write_model_card
 from fspo.train.config import load_config
-from fspo.train.trainer import train
+from fspo.train.trainer import finished, train
 
+# Every system in the model's chat template: the untuned instruct model is prompted as it was tuned,
+# and the recipe trains FSPO in it (`chat_template: true`).
 CHAT = TemplateOptions(chat_template=True)
 PAIRS = (("fspo", "fspo-no-shots"), ("fspo", "few-shot-prompting"), ("fspo", "base"),
          ("few-shot-prompting", "base"))  # fmt: skip
@@ -68,20 +68,12 @@ def _train(args: argparse.Namespace, base: str, console: Console) -> dict[str, A
     out = Path(args.out) / "fspo"
     cfg = load_config(args.recipe, {"model": base, "episodes": args.train_episodes, "out": str(out),
                                     "progress": not args.no_progress})  # fmt: skip
-    record = out / "fspo_run.json"
-    summary = out / "train_summary.json"
-    finished = record.is_file() and json.loads(record.read_text()).get("state") == "finished"
-    # The same run (watch-only fields aside, as `fspo train --resume` allows them to differ).
-    watch = {"progress", "log_every", "save_every", "report_to", "keep_checkpoints", "eval_every"}
-    saved = read_fields(out / "fspo_config.json") if (out / "fspo_config.json").is_file() else {}
-    same = {k: v for k, v in saved.items() if k not in watch} == {
-        k: v for k, v in cfg.model_dump(mode="json").items() if k not in watch
-    }
-    if finished and summary.is_file() and same:
+    if finished(cfg):
         console.print(f"[dim]• train: finished in {out} (delete it to train again)[/]")
     else:
         train(cfg, resume=True)
-    return {"summary": json.loads(summary.read_text()), "config": cfg.model_dump(mode="json")}
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    return {"summary": summary, "config": cfg.model_dump(mode="json")}
 
 
 def _curve(folder: Path) -> list[dict[str, float]]:
@@ -116,7 +108,7 @@ def main() -> None:
     beta = trained["config"]["beta"]
 
     runner = StageRunner(out / "eval", console=console)
-    episodes = load_episodes(args.eval_episodes, "test_unseen")[: args.n]
+    episodes = load_episodes(args.eval_episodes, "test_unseen", limit=args.n)
     systems = (("base", base, 0), ("few-shot-prompting", base, None),  # (name, model, shots; None = all)
                ("fspo-no-shots", fspo, 0), ("fspo", fspo, None))  # fmt: skip
     # The trained model's fingerprint: a retrained model re-runs every evaluation.
@@ -159,7 +151,7 @@ def main() -> None:
     for a, b in PAIRS:
         r = next(x for x in winrate(files[a], files[b], args.users, "exact").results if x.split == "unseen")
         wins.append({"system": a, "opponent": b, **r.model_dump()})
-    users = {u.user_id: u for u in read_records(args.users, User)}
+    users = users_by_id(args.users)
     carried = {}
     for name in files:
         records = [row for _, row in read_generations(files[name])]

@@ -87,3 +87,22 @@ def test_both_stages_run_under_accelerate_launch_with_the_fsdp_file(tmp_path: Pa
         assert (out / "model" / "README.md").is_file() and (out / "model" / "model.safetensors").is_file()
         start = str(out / "model")
     assert rows[0]["reference"]["train"]["computed"] > 0  # the fspo stage scored its reference once
+
+
+def test_lora_under_fsdp_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # FSDP cannot run on a CPU: the accelerator is told it is under FSDP, as on GPUs with fsdp.yaml.
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    from fspo.core.errors import UserError
+    from fspo.train.config import LoraConfig, TrainConfig
+    from fspo.train.trainer import setup
+
+    users = toy_users(4)
+    eps = build_episodes(toy_preferences(users, per_user=6), users, shots=1, test_user_fraction=0)
+    episodes = write_jsonl(tmp_path / "train.jsonl", eps["train"])
+    model = tiny_llama_dir(tmp_path / "llama", toy_corpus(eps["train"]))
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    cfg = TrainConfig(model=str(model), episodes=str(episodes), out=str(tmp_path / "r"), lora=LoraConfig(r=2))
+    with pytest.raises(UserError, match="LoRA under FSDP is not supported.*ddp.yaml"):
+        setup(cfg)

@@ -103,7 +103,7 @@ def test_lora_rat_and_shot_budget(world: dict[str, Path], tmp_path: Path) -> Non
         and "LoRA: r 4" in card
         and "RAT (user description before the answer): target" in card
     )
-    assert f"{r.render_stats['kept']} training episodes used" in card and "token budget 150" in card
+    assert f"{r.render_stats['kept']} training episodes loaded" in card and "token budget 150" in card
     write_model_card(
         r.model_dir, {"Win rates": [{"system": "fspo", "vs": "base", "win rate": "61.0%"}]}, "Measured."
     )

@@ -10,24 +10,26 @@ block is `huggingface_hub.ModelCardData`'s YAML, which the Hub reads.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from fspo.core.errors import UserError
 from fspo.core.files import atomic_write_text, read_fields
 from fspo.infer.layout import CONFIG_FILE
+from fspo.models.gguf_import import MARKER as IMPORT_RECORD
 from fspo.train.config import TrainConfig
 
 CARD_FILE = "README.md"
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 SUMMARY_FILE = "train_summary.json"
-IMPORT_RECORD = "fspo_import.json"  # written by `fspo model import` into the folder it makes
 
 
 def _base_model(model: str) -> tuple[str | None, str]:
     """(hub id for the metadata or None, how the card names the starting model)."""
     folder = Path(model)
-    if not folder.is_dir():
-        return model, f"`{model}`"
+    if not folder.is_dir():  # a hub id ("org/name") goes into the metadata; a path that is gone does not
+        return (model if HUB_ID.fullmatch(model) else None), f"`{model}`"
     record = folder / IMPORT_RECORD
     if record.is_file():
         source = json.loads(record.read_text()).get("source", "")
@@ -39,14 +41,19 @@ def _base_model(model: str) -> tuple[str | None, str]:
     return None, f"`{folder}` (a local folder)"
 
 
+def _cell(value: Any) -> str:
+    """A Markdown table cell: a `|` or a line break inside (generated answers have both) would end it."""
+    return str(value).replace("|", "\\|").replace("\r\n", "\n").replace("\n", "<br>")
+
+
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return ["(none)"]
     cols = list(rows[0])
     return [
-        "| " + " | ".join(cols) + " |",
+        "| " + " | ".join(_cell(c) for c in cols) + " |",
         "|" + "---|" * len(cols),
-        *["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows],
+        *["| " + " | ".join(_cell(r.get(c, "")) for c in cols) + " |" for r in rows],
     ]
 
 
@@ -79,9 +86,13 @@ def model_card(
     lora = cfg.lora
     budget = [
         f"- stage: `{cfg.stage}`{loss}",
-        f"- steps: {summary.get('steps')} of batch {cfg.batch_size} x grad_accum {cfg.grad_accum} ({unit}), "
+        f"- steps: {summary.get('steps')} of batch {cfg.batch_size} x grad_accum {cfg.grad_accum} x "
+        f"{summary.get('processes', 1)} process(es) ({unit}), "
         f"lr {cfg.lr} ({cfg.scheduler}, {cfg.warmup_steps} warm-up), optimizer {cfg.optimizer}",
-        f"- wall time of the last session: {summary['seconds']:.0f} s" if "seconds" in summary else "",
+        f"- wall time of the last session (setup included; a resumed run's earlier sessions not): "
+        f"{summary['seconds']:.0f} s"
+        if "seconds" in summary
+        else "",
         f"- LoRA: r {lora.r}, alpha {lora.alpha}, targets {lora.target_modules}; merged into these weights, "
         "the adapter alone in `adapter/`"
         if lora is not None
@@ -91,7 +102,7 @@ def model_card(
     ]
     shots = render.get("mean_shots_used")
     data = [
-        f"- episodes: `{cfg.episodes}`; {render.get('kept', '?')} training episodes used "
+        f"- episodes: `{cfg.episodes}`; {render.get('kept', '?')} training episodes loaded "
         f"({render.get('over_budget_skipped', 0)} over the token budget skipped)",
         f"- shots per episode: {shots:.3g} on average" if isinstance(shots, float) else "",
         f"- prompt tokens: {render['mean_prompt_tokens']:.0f} on average, "

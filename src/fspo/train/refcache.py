@@ -24,8 +24,11 @@ sha256(model fingerprint, options, the pair's exact token ids) and the key of th
 computed in: a changed episode, model, tokenizer or template option is recomputed (with its batch),
 an unchanged one in an unchanged batch never is.
 
-Why hand-written: TRL's `precompute_ref_log_probs` recomputes on every run and keeps the values in
-the dataset object; nothing stores them across runs with invalidation.
+Why hand-written: TRL's `precompute_ref_log_probs` keeps the values in its datasets cache, keyed
+by the whole dataset's fingerprint and a hash of the model: episodes re-sampled, one episode
+changed, or another batch size recompute everything, and it scores every pair as two full
+sequences. Here the unit is the pair (and its batch), and the values come from the prefix-shared
+rows the training itself uses.
 """
 
 from __future__ import annotations

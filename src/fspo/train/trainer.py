@@ -400,7 +400,7 @@ class Run:
     start_step: int
     log: AppendLog | None = None  # metrics.jsonl, on the main process
     progress: Any = None  # a tqdm bar with `progress`, on the main process
-    started: float = field(default_factory=time.perf_counter)  # this session's start, for the card
+    started: float = 0.0  # `time.perf_counter()` when `setup` began, for the card
 
 
 def _train_split(
@@ -438,6 +438,7 @@ def setup(cfg: TrainConfig, resume: bool = False) -> Run:
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
+    started = time.perf_counter()
     out = Path(cfg.out)
     ckpt = latest_checkpoint(out)
     try:
@@ -520,6 +521,7 @@ def setup(cfg: TrainConfig, resume: bool = False) -> Run:
     shared = _shared_rows(cfg, unwrapped)
     rows = [_row_stats(cfg, u, shared) for u in units]
     run = Run(
+        started=started,
         cfg=cfg,
         out=out,
         accelerator=accelerator,
@@ -650,7 +652,7 @@ OUTPUTS = (
     "model",
     ".model.tmp",
     ".model.old",
-    "train_summary.json",
+    SUMMARY_FILE,
     CONFIG_FILE,
     "fspo",
 )
@@ -658,11 +660,23 @@ OUTPUTS = (
 _NOT_THE_RUN = {"out", "progress", "report_to", "log_every", "eval_every", "save_every", "keep_checkpoints"}
 
 
+def finished(cfg: TrainConfig) -> bool:
+    """Whether ``cfg.out`` holds a finished run of these settings (fields that only change how a run is
+    watched aside), i.e. one that `train(cfg, resume=True)` would only run again from its last
+    checkpoint. Another run's outputs there are refused, as `train` refuses them."""
+    folder = OutputFolder(cfg.out, f"train {cfg.stage}", _run_params(cfg), OUTPUTS, resumable=True)
+    return folder.continues and (folder.previous or {}).get("state") == "finished"
+
+
+def _run_params(cfg: TrainConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json", exclude=_NOT_THE_RUN)
+
+
 def _output_folder(cfg: TrainConfig, resume: bool, overwrite: bool) -> OutputFolder:
     """The run folder under the output policy (`fspo.core.outputs`): a folder holding another run is
     refused without `overwrite`; one holding this run (same settings) is continued with `resume`,
     and refused without it once there is something to lose (a checkpoint or a finished model)."""
-    params = cfg.model_dump(mode="json", exclude=_NOT_THE_RUN)
+    params = _run_params(cfg)
     folder = OutputFolder(cfg.out, f"train {cfg.stage}", params, OUTPUTS, overwrite=overwrite, resumable=True)
     if folder.continues and not resume and not overwrite:
         out = Path(cfg.out)
@@ -805,6 +819,7 @@ def _finish(run: Run, last: dict[str, float], eval_metrics: dict[str, float]) ->
         "eval": eval_metrics,
         "render": run.stats.summary(),
         "seconds": round(time.perf_counter() - run.started, 1),
+        "processes": accelerator.num_processes,
     }
     # Every process takes part: under FSDP this gathers the sharded weights (FULL_STATE_DICT, the
     # main process gets them); otherwise it is the unwrapped model's own state dict.
