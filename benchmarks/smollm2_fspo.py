@@ -152,16 +152,12 @@ def main() -> None:
         r = next(x for x in winrate(files[a], files[b], args.users, "exact").results if x.split == "unseen")
         wins.append({"system": a, "opponent": b, **r.model_dump()})
     users = users_by_id(args.users)
-    carried = {}
-    for name in files:
-        records = [row for _, row in read_generations(files[name])]
-        carried[name] = trait_shares(users, records)[name]
-    fspo_rows = {row["episode_id"]: row for _, row in read_generations(files["fspo"])}
-    base_rows = {row["episode_id"]: row for _, row in read_generations(files["base"])}
+    rows = {name: {row["episode_id"]: row for _, row in read_generations(f)} for name, f in files.items()}
+    carried = trait_shares(users, [row for by_id in rows.values() for row in by_id.values()])  # per system
     examples = []
     for ep in episodes[: args.examples]:
         desc = users[ep.user_id].description if ep.user_id in users else ""
-        answers = {"fspo": fspo_rows[ep.episode_id]["answer"], "base": base_rows[ep.episode_id]["answer"]}
+        answers = {name: rows[name][ep.episode_id]["answer"] for name in ("fspo", "base")}
         examples.append({"user": desc, "question": ep.query.question, **answers})
 
     table = Table(title=f"SmolLM2-135M-Instruct + FSPO (LoRA), unseen users, exact judge, n={len(episodes)}")

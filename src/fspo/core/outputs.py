@@ -128,6 +128,11 @@ class OutputFolder:
             )
         self.replace = True
 
+    @property
+    def finished(self) -> bool:
+        """Whether the folder holds this very run (same command and settings), finished."""
+        return self.continues and (self.previous or {}).get("state") == "finished"
+
     def _same(self, record: dict[str, Any]) -> bool:
         return record.get("command") == self.command and record.get("fingerprint") == self.fingerprint
 

@@ -664,26 +664,24 @@ def finished(cfg: TrainConfig) -> bool:
     """Whether ``cfg.out`` holds a finished run of these settings (fields that only change how a run is
     watched aside), i.e. one that `train(cfg, resume=True)` would only run again from its last
     checkpoint. Another run's outputs there are refused, as `train` refuses them."""
-    folder = OutputFolder(cfg.out, f"train {cfg.stage}", _run_params(cfg), OUTPUTS, resumable=True)
-    return folder.continues and (folder.previous or {}).get("state") == "finished"
+    return _run_folder(cfg).finished
 
 
-def _run_params(cfg: TrainConfig) -> dict[str, Any]:
-    return cfg.model_dump(mode="json", exclude=_NOT_THE_RUN)
+def _run_folder(cfg: TrainConfig, overwrite: bool = False) -> OutputFolder:
+    params = cfg.model_dump(mode="json", exclude=_NOT_THE_RUN)
+    return OutputFolder(cfg.out, f"train {cfg.stage}", params, OUTPUTS, overwrite=overwrite, resumable=True)
 
 
 def _output_folder(cfg: TrainConfig, resume: bool, overwrite: bool) -> OutputFolder:
     """The run folder under the output policy (`fspo.core.outputs`): a folder holding another run is
     refused without `overwrite`; one holding this run (same settings) is continued with `resume`,
     and refused without it once there is something to lose (a checkpoint or a finished model)."""
-    params = _run_params(cfg)
-    folder = OutputFolder(cfg.out, f"train {cfg.stage}", params, OUTPUTS, overwrite=overwrite, resumable=True)
+    folder = _run_folder(cfg, overwrite)
     if folder.continues and not resume and not overwrite:
         out = Path(cfg.out)
-        finished = (folder.previous or {}).get("state") == "finished"
         ckpt = latest_checkpoint(out)
-        if finished or ckpt is not None:
-            held = "a finished run" if finished else f"a stopped run (checkpoint {ckpt.name})"  # type: ignore[union-attr]
+        if folder.finished or ckpt is not None:
+            held = "a finished run" if folder.finished else f"a stopped run (checkpoint {ckpt.name})"  # type: ignore[union-attr]
             raise UserError(
                 f"--out {out} holds {held} of these settings: pass --resume to continue it, "
                 "--overwrite to train again from the start, or another --out"
