@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_llama_dir
+from conftest import tiny_llama_dir, write_jsonl
 from fspo.data.episodes import build_episodes
 from fspo.data.toy import toy_corpus, toy_preferences, toy_users
 from fspo.train.config import LoraConfig, TrainConfig
@@ -34,8 +34,6 @@ def _world(tmp_path: Path) -> tuple[Path, Path]:
     prefs = toy_preferences(users, per_user=8)
     eps = build_episodes(prefs, users, shots=2, train_passes=2, test_user_fraction=0, heldout_per_user=0,
                          questions_per_context=2)["train"]  # fmt: skip
-    from conftest import write_jsonl
-
     episodes = write_jsonl(tmp_path / "train.jsonl", eps)
     return tiny_llama_dir(tmp_path / "llama", toy_corpus(eps) * 3), episodes
 
