@@ -54,6 +54,10 @@ def test_review_csv_label_semantics_and_interpolated_users() -> None:
     assert users["negative"].description == "This user prefers negative reviews."
     assert users["positive+concise"].metadata["split"] == "test"
     assert users["positive"].metadata["split"] == "train"
+    # The rejected answer's level (level_y for label 0, level_x for label 1) describes its persona.
+    assert by_user["positive"].rejected_description == "This user prefers negative reviews."
+    assert by_user["negative"].rejected_description == "This user prefers positive reviews."
+    assert by_user["concise"].rejected_description == "This user prefers verbose reviews."
 
 
 @pytest.mark.parametrize("name", ["elix.parquet", "elix.jsonl"])
@@ -71,6 +75,7 @@ def test_elix_scorer_match_filter_is_reported(name: str) -> None:
         "Rayleigh scattering scales with the inverse fourth power of wavelength.",
         "A region bounded by an event horizon in a Schwarzschild spacetime.",
     ]
+    assert [p.rejected_description for p in expert] == ["The user is an elementary school student."] * 2
     everything = import_released(FIXTURES / name, "elix", scorer_match=False)
     assert len(everything.preferences) == 4 and everything.notes == []
     assert everything.preferences[3].user_id == "a high school student"

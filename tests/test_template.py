@@ -102,12 +102,23 @@ def test_rat_target_mode() -> None:
     )
     assert out.chosen == "## User Description\nLikes short answers.\n## Preferred Response \nc\n"
     assert out.rejected == "## User Description\nLikes short answers.\n## Preferred Response \nd\n"
-    # A generated description can replace the true one (RAT training on sampled descriptions).
-    assert render(episode(ONE), opts, description="Other.").chosen == (
-        "## User Description\nOther.\n## Preferred Response \nc\n"
-    )
     with pytest.raises(ValueError, match="needs a user description"):
         render(episode(ONE, description=None), opts)
+
+
+def test_rat_rejected_target_carries_the_rejected_persona_description() -> None:
+    """The official layout: the rejected target describes the persona its answer was written for, so
+    IPO contrasts the descriptions too; the prompt and the chosen target are unchanged."""
+    ep = episode(ONE)
+    ep = ep.model_copy(update={"query": ep.query.model_copy(update={"rejected_description": "Likes long."})})
+    out = render(ep, TemplateOptions(description=DescriptionMode.TARGET))
+    assert out.prompt == render(episode(ONE), TemplateOptions(description=DescriptionMode.TARGET)).prompt
+    assert out.chosen == "## User Description\nLikes short answers.\n## Preferred Response \nc\n"
+    assert out.rejected == "## User Description\nLikes long.\n## Preferred Response \nd\n"
+    # Outside RAT's target mode the rejected description is not rendered anywhere.
+    assert render(ep).rejected == "## Preferred Response \nd\n"
+    oracle = render(ep, TemplateOptions(description=DescriptionMode.PROMPT))
+    assert "Likes long." not in oracle.prompt + oracle.chosen + oracle.rejected
 
 
 def test_rat_target_mode_without_dispreferred() -> None:

@@ -76,6 +76,10 @@ SPLIT_NAMES = {
 TARGET_CI_LOW = 0.60
 TARGET_TRAIT_SHARE = 0.90
 TARGET_CEILING_SHARE = 0.90
+# RAT's targets on unseen users: descriptions that name the true trait values, and answers that
+# recover the oracle's (true description's) win rate against population IPO.
+TARGET_DESCRIPTIONS_NAMED = 0.90
+TARGET_ORACLE_RECOVERED = 0.95
 
 
 def run_paper(
@@ -166,7 +170,15 @@ def aggregate(domain: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
             ceilings.append(top)
             ceiling_shares.append(acc / top if top else 0.0)
     unseen = {pair: winrates.get(pair, {}).get("unseen") for pair in
-              ("fspo vs population-ipo", "fspo vs fspo-no-shots", "fspo vs fspo-4-shots")}  # fmt: skip
+              ("fspo vs population-ipo", "fspo vs fspo-no-shots", "fspo vs fspo-4-shots",
+               "fspo-rat vs fspo", "oracle vs fspo-no-shots", "fspo-rat vs population-ipo",
+               "oracle vs population-ipo")}  # fmt: skip
+    named = mean_of(
+        [r["descriptions"]["fspo-rat"]["test_unseen"]["named"] for r in runs
+         if "test_unseen" in (r.get("descriptions") or {}).get("fspo-rat", {})]
+    )  # fmt: skip
+    rat, oracle = unseen["fspo-rat vs population-ipo"], unseen["oracle vs population-ipo"]
+    recovered = rat["mean"] / oracle["mean"] if rat and oracle and oracle["mean"] else None
     targets = {
         "FSPO beats population IPO on unseen users (95% interval above 60%)": _above(
             unseen["fspo vs population-ipo"], TARGET_CI_LOW
@@ -181,6 +193,20 @@ def aggregate(domain: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
             mean_of(ceiling_shares) >= TARGET_CEILING_SHARE if ceiling_shares else None
         ),
     }
+    targets.update(
+        {
+            f"FSPO+RAT's descriptions name at least {TARGET_DESCRIPTIONS_NAMED:.0%} of unseen users' true "
+            "trait values": None if named is None else named >= TARGET_DESCRIPTIONS_NAMED,
+            "The oracle (true description) beats FSPO without shots (95% interval above 60%)": _above(
+                unseen["oracle vs fspo-no-shots"], TARGET_CI_LOW
+            ),
+            f"FSPO+RAT recovers at least {TARGET_ORACLE_RECOVERED:.0%} of the oracle's win rate against "
+            "population IPO": None if recovered is None else recovered >= TARGET_ORACLE_RECOVERED,
+            "FSPO+RAT at least ties FSPO (95% interval reaches 50%)": (
+                None if unseen["fspo-rat vs fspo"] is None else unseen["fspo-rat vs fspo"]["ci"][1] >= 0.5
+            ),
+        }
+    )
     if unseen["fspo vs fspo-4-shots"] is not None:
         targets["Interpolated users: 8 shots beat 4 shots (95% interval above 50%)"] = _above(
             unseen["fspo vs fspo-4-shots"], 0.5
@@ -193,6 +219,8 @@ def aggregate(domain: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "accuracy_unseen": mean_of(accuracies),
         "ceiling_unseen": mean_of(ceilings),
         "ceiling_share": mean_of(ceiling_shares),
+        "descriptions_named_unseen": named,
+        "oracle_recovered": recovered,
         "targets": targets,
     }
 
@@ -248,10 +276,18 @@ def render(result: dict[str, Any]) -> str:
             md.append("| " + " | ".join(row) + " |")
         md += ["", "### Personalization on unseen users", "", "| comparison | win rate |", "|---|---|"]
         for pair in ("fspo vs population-ipo", "fspo vs fspo-no-shots", "fspo vs few-shot-pref-ft",
-                     "fspo vs fspo-4-shots", "fspo-rat vs fspo", "oracle vs fspo"):  # fmt: skip
+                     "fspo vs fspo-4-shots", "fspo-rat vs fspo", "oracle vs fspo",
+                     "fspo-rat vs population-ipo", "oracle vs population-ipo",
+                     "oracle vs fspo-no-shots"):  # fmt: skip
             cell = agg["winrates"].get(pair, {}).get("unseen")
             if cell is not None:
                 md.append(f"| {pair} | {_cell(cell)} |")
+        curve = sorted(
+            (pair for pair in agg["winrates"] if pair.startswith("fspo-rat-") and "-shots vs fspo-" in pair),
+            key=lambda pair: int(pair.split("-")[2]),
+        )
+        for pair in curve:  # the shots curve: FSPO+RAT against FSPO with as few shots
+            md.append(f"| {pair} | {_cell(agg['winrates'][pair].get('unseen'))} |")
         shares = agg["trait_share_unseen"]
         md += [
             "",
@@ -262,6 +298,10 @@ def render(result: dict[str, Any]) -> str:
             f"Preference accuracy of FSPO on unseen users at the most shots: {_pct(agg['accuracy_unseen'])}; "
             f"the Bayes ceiling of what those shots can tell: {_pct(agg['ceiling_unseen'])} "
             f"(FSPO reaches {_pct(agg['ceiling_share'])} of it).",
+            "",
+            f"FSPO+RAT's inferred descriptions name {_pct(agg.get('descriptions_named_unseen'))} of unseen "
+            f"users' true trait values; FSPO+RAT recovers {_pct(agg.get('oracle_recovered'))} of the "
+            "oracle's win rate against population IPO.",
             "",
             "### Targets",
             "",

@@ -58,6 +58,8 @@ class Profile(BaseModel):
     sft_shot_loss: bool
     rat_sft_steps: int
     rat_sft_lr: float
+    rat_pairs_samples: int
+    rat_pairs_steps: int
     fspo_steps: int
     fspo_nll_weight: float
     sft_lr: float
@@ -151,14 +153,26 @@ GENERATED_SYSTEMS: tuple[tuple[str, str | None, str, int | None], ...] = (
 )
 
 
+def rat_stage(p: Profile) -> str:
+    """The stage of the final RAT model: after the description pairs when `p` trains on them."""
+    return "fspo_rat_pairs" if p.rat_pairs_steps else "fspo_rat"
+
+
 def generated_systems(p: Profile) -> tuple[tuple[str, str | None, str, int | None], ...]:
-    """`GENERATED_SYSTEMS` plus FSPO answering with fewer shots, one system per `p.also_shots`."""
-    return GENERATED_SYSTEMS + tuple((f"fspo-{k}-shots", "fspo", "plain", k) for k in p.also_shots)
+    """`GENERATED_SYSTEMS` (RAT's from `rat_stage`), plus FSPO and FSPO+RAT answering with fewer
+    shots, one system each per `p.also_shots` (the shots curve of both)."""
+    rat = rat_stage(p)
+    systems = tuple(
+        (name, rat if stage == "fspo_rat" else stage, mode, k) for name, stage, mode, k in GENERATED_SYSTEMS
+    )
+    for k in p.also_shots:
+        systems += ((f"fspo-{k}-shots", "fspo", "plain", k), (f"fspo-rat-{k}-shots", rat, "rat", k))
+    return systems
 
 
 # The stage folders the quickstart writes under its `out` (its output policy's own files).
-STAGES = ("sim", "episodes", "model", "sft", "fspo", "sft_rat", "fspo_rat", "pop_sft", "pop_ipo", "generate",
-          "accuracy", "report")  # fmt: skip
+STAGES = ("sim", "episodes", "model", "sft", "fspo", "sft_rat", "fspo_rat", "rat_pairs", "fspo_rat_pairs",
+          "pop_sft", "pop_ipo", "generate", "accuracy", "report")  # fmt: skip
 
 
 def run_quickstart(
@@ -208,6 +222,26 @@ def _run_stages(p: Profile, runner: StageRunner, params: dict[str, Any]) -> dict
             ("episodes", "model") + ((upstream,) if upstream else ()),
         )
     trained = tuple(trainings)
+    if p.rat_pairs_steps:
+        # RAT's description pairs (v2): sample descriptions from the RAT model, pair best and worst,
+        # and train FSPO+RAT on them from where it stands.
+        runner.run(
+            "rat_pairs",
+            _pick(
+                params, "rat_pairs_samples fspo_steps batch_size max_tokens seed domain include_dispreferred"
+            ),
+            lambda d: _rat_pairs(p, runner, d),
+            ("episodes", "fspo_rat"),
+        )
+        cfg = {**trainings["fspo_rat"][0], "max_steps": p.rat_pairs_steps}
+        start = str(runner.folder("fspo_rat") / "model")
+        runner.run(
+            "fspo_rat_pairs",
+            {k: v for k, v in cfg.items() if k not in ("model", "out", "episodes", "eval_episodes")},
+            lambda d: _train_on_pairs(cfg, runner, d, start),
+            ("episodes", "fspo_rat", "rat_pairs"),
+        )
+        trained += ("fspo_rat_pairs",)
     runner.run(
         "generate",
         {
@@ -341,7 +375,9 @@ def _trainings(p: Profile, model_dir: str) -> dict[str, tuple[dict[str, Any], st
     }
 
 
-def _train(cfg: dict[str, Any], runner: StageRunner, folder: Path, start: str) -> dict[str, Any]:
+def _train(
+    cfg: dict[str, Any], runner: StageRunner, folder: Path, start: str, train_file: Path | None = None
+) -> dict[str, Any]:
     from fspo.train.config import TrainConfig
     from fspo.train.trainer import train
 
@@ -349,7 +385,7 @@ def _train(cfg: dict[str, Any], runner: StageRunner, folder: Path, start: str) -
     config = TrainConfig(
         **cfg,
         model=start,
-        episodes=str(episodes / "train.jsonl"),
+        episodes=str(train_file or episodes / "train.jsonl"),
         eval_episodes=str(episodes / "test_unseen.jsonl"),
         out=str(folder),
         save_every=max(1, cfg["max_steps"] // 4),
@@ -357,6 +393,48 @@ def _train(cfg: dict[str, Any], runner: StageRunner, folder: Path, start: str) -
     resume = (folder / "checkpoints").exists()
     result = train(config, resume=resume)
     return {"steps": result.steps, **{k: round(v, 4) for k, v in result.eval_metrics.items()}}
+
+
+def _rat_pairs(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
+    """Description pairs for as many training episodes as the pair stage's steps read."""
+    from fspo.data.episodes import load_episodes
+    from fspo.infer.layout import trained_layout
+    from fspo.models.loading import load_model, load_tokenizer
+    from fspo.train.rat_pairs import build_rat_pairs, description_scorer
+
+    path = runner.folder("fspo_rat") / "model"
+    n = p.rat_pairs_steps * p.batch_size * 2  # ~half the samples tie (all right or all alike)
+    stats = build_rat_pairs(
+        load_model(path),
+        load_tokenizer(path),
+        load_episodes(runner.folder("episodes"), "train", limit=n),
+        folder,
+        scorer=description_scorer(f"traits:{p.domain}"),
+        samples=p.rat_pairs_samples,
+        batch_size=p.gen_batch_size // p.rat_pairs_samples or 1,
+        seed=p.seed,
+        options=trained_layout(path),
+        progress=True,
+    )
+    runner.console.print(
+        f"  description pairs: {stats['pairs']} of {stats['episodes']} episodes "
+        f"(mean sample score {stats['mean_score']:.2f}, "
+        f"all-right samples {100 * stats['perfect_share']:.0f}%)"
+    )
+    return stats
+
+
+def _train_on_pairs(cfg: dict[str, Any], runner: StageRunner, folder: Path, start: str) -> dict[str, Any]:
+    """FSPO+RAT on the description pairs; with fewer pairs than one batch (every sample already
+    right, or none differ) there is nothing to learn, and the stage keeps the model it starts from."""
+    import shutil
+
+    pairs = json.loads((runner.folder("rat_pairs") / "rat_pairs.json").read_text())["pairs"]
+    if pairs < cfg["batch_size"]:
+        runner.console.print(f"  {pairs} description pairs, fewer than a batch: FSPO+RAT is kept as it is")
+        shutil.copytree(start, folder / "model")
+        return {"steps": 0, "pairs": pairs}
+    return _train(cfg, runner, folder, start, runner.folder("rat_pairs") / "train.jsonl")
 
 
 def _test_episodes(p: Profile, runner: StageRunner) -> list:
@@ -410,7 +488,7 @@ def _accuracy(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
     curves = {}
     for label, stage, ref in (
         ("fspo", "fspo", "sft"),
-        ("fspo-rat", "fspo_rat", "sft_rat"),
+        ("fspo-rat", rat_stage(p), "sft_rat"),
         ("population-ipo", "pop_ipo", "pop_sft"),
     ):
         path = runner.folder(stage) / "model"
@@ -443,7 +521,7 @@ def _acc_at(curve: dict[str, Any], shots: int) -> dict[str, float]:
 def _report(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
     from fspo.data.io import read_dataset_dir
     from fspo.eval import collect_examples, winrate, write_report
-    from fspo.eval.personal import shot_ceiling, trait_shares
+    from fspo.eval.personal import description_quality, shot_ceiling, trait_shares
     from fspo.sim import disagreement_matrix
 
     gen = runner.folder("generate")
@@ -460,11 +538,21 @@ def _report(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
         ("fspo-rat", "fspo"),
         ("oracle", "fspo"),
         ("oracle", "fspo-rat"),
+        # RAT against its upper bound, both against the population: the share of the oracle's win
+        # rate RAT recovers; and the oracle against FSPO without shots: a stated description is used.
+        ("fspo-rat", "population-ipo"),
+        ("oracle", "population-ipo"),
+        ("oracle", "fspo-no-shots"),
     ]
-    for (
-        k
-    ) in p.also_shots:  # all the shots against fewer (the paper's 4 vs 8), and fewer against the population
-        pairs += [("fspo", f"fspo-{k}-shots"), (f"fspo-{k}-shots", "population-ipo")]
+    # The shots curve: all the shots against fewer (the paper's 4 vs 8), fewer against the
+    # population, and FSPO+RAT against FSPO at each number of shots.
+    for k in p.also_shots:
+        pairs += [
+            ("fspo", f"fspo-{k}-shots"),
+            (f"fspo-{k}-shots", "population-ipo"),
+            (f"fspo-rat-{k}-shots", "population-ipo"),
+            (f"fspo-rat-{k}-shots", f"fspo-{k}-shots"),
+        ]
     for system, opponent in pairs:
         res = winrate(
             gen / f"{system}.jsonl",
@@ -492,7 +580,9 @@ def _report(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
         "Win rates are judged by each simulated user's exact reward r_u(text); ties count as half.",
         _unseen_note(p),
     ]
-    notes += _findings(results)
+    rat_systems = [s[0] for s in generated_systems(p) if s[2] == "rat"]
+    descriptions = {name: description_quality(user_map, generations[name]) for name in rat_systems}
+    notes += _findings(results, descriptions)
     write_report(
         folder,
         results,
@@ -504,6 +594,7 @@ def _report(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
         sections={
             "Trait values the answers carry": _shares_markdown(shares),
             "What the shots can tell: the Bayes ceiling": _ceiling_markdown(ceiling, accuracy),
+            "RAT's inferred descriptions": _descriptions_markdown(descriptions),
         },
     )
     merged: dict[str, dict[str, Any]] = {}
@@ -516,6 +607,7 @@ def _report(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
     return {
         "winrates": merged,
         "trait_shares": shares,
+        "descriptions": descriptions,
         "ceiling": ceiling,
         "accuracy": {name: _acc_at(curve, p.shots) for name, curve in accuracy.items()},
         "report": str(folder / "report.md"),
@@ -537,6 +629,38 @@ def _shares_markdown(shares: dict[str, dict[str, dict[str, float]]]) -> str:
             c = per.get(split)
             cells += [f"{100 * c['trait_share']:.1f}%", f"{c['relevance']:.3f}"] if c else ["-", "-"]
         rows.append(f"| {system} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _descriptions_markdown(quality: dict[str, dict[str, Any]]) -> str:
+    rows = [
+        "How often the description a RAT system writes names the user's true value of each trait",
+        "(`fspo.eval.personal.description_quality`), and how often its answer carries the values its own",
+        "description names.",
+        "",
+        "| system | split | true values named | per trait | extra traits per answer | answer follows it |",
+        "|---|---|---|---|---|---|",
+    ]
+    for system, per in quality.items():
+        for split, q in per.items():
+            traits = ", ".join(f"{t} {100 * c['accuracy']:.0f}%" for t, c in q["per_trait"].items())
+            follows = "-" if q["follows"] is None else f"{100 * q['follows']:.0f}% of {q['stated']}"
+            rows.append(
+                f"| {system} | {split} | {100 * q['named']:.1f}% of {q['values']} | {traits} | "
+                f"{q['extra_per_record']:.2f} | {follows} |"
+            )
+    main = quality.get("fspo-rat", {}).get("test_unseen")
+    if main:
+        rows += ["", "Confusion on unseen users (fspo-rat): true value → what the description named.", ""]
+        for trait, table in main["confusion"].items():
+            named = sorted({k for row in table.values() for k in row})
+            rows += [
+                f"| {trait}: true \\ named | " + " | ".join(named) + " |",
+                "|---" * (len(named) + 1) + "|",
+            ]
+            for value, row in sorted(table.items()):
+                rows.append(f"| {value} | " + " | ".join(str(row.get(k, 0)) for k in named) + " |")
+            rows.append("")
     return "\n".join(rows)
 
 
@@ -566,8 +690,8 @@ def _unseen_note(p: Profile) -> str:
     return "'unseen' users hold trait combinations that no training user has."
 
 
-def _findings(results: list) -> list[str]:
-    """Plain-language verdicts on unseen users, derived from the table (never hard-coded)."""
+def _findings(results: list, descriptions: dict[str, Any] | None = None) -> list[str]:
+    """Plain-language verdicts on unseen users, derived from the tables (never hard-coded)."""
     cell = {(w.system, w.opponent): w for w in results if w.split == "unseen"}
 
     def verdict(system: str, opponent: str) -> str | None:
@@ -583,26 +707,23 @@ def _findings(results: list) -> list[str]:
         ("fspo", "few-shot-pref-ft"),
         ("fspo-rat", "fspo"),
         ("oracle", "fspo-rat"),
+        ("oracle", "fspo-no-shots"),
     )
     found = [v for v in (verdict(*pair) for pair in pairs) if v]
-    rat, oracle = cell.get(("fspo-rat", "fspo")), cell.get(("oracle", "fspo"))
-    if rat and rat.ci_low <= 0.5 and oracle:  # RAT did not help: say why, from the oracle
-        if oracle.ci_low > 0.5:
-            found.append(
-                "RAT did not help, but the oracle did: the model uses true descriptions, and the "
-                "descriptions it infers from the shots are not yet accurate enough."
-            )
-        elif oracle.ci_high < 0.5:
-            found.append(
-                "RAT did not help, and even the oracle (true description in the prompt) loses to FSPO: "
-                "the description-conditioned model answers worse, whatever the description."
-            )
-        else:
-            found.append(
-                "RAT did not help, and neither does the true description (oracle vs FSPO "
-                f"{100 * oracle.win_rate:.1f}%): FSPO's shots already tell the model what a "
-                "description would."
-            )
+    rat, oracle = cell.get(("fspo-rat", "population-ipo")), cell.get(("oracle", "population-ipo"))
+    if rat and oracle and oracle.win_rate > 0:
+        found.append(
+            f"fspo-rat recovers {100 * rat.win_rate / oracle.win_rate:.0f}% of the oracle's win rate against "
+            f"population-ipo on unseen users ({100 * rat.win_rate:.1f}% vs {100 * oracle.win_rate:.1f}%)"
+        )
+    quality = (descriptions or {}).get("fspo-rat", {}).get("test_unseen")
+    if quality:
+        follows = "-" if quality["follows"] is None else f"{100 * quality['follows']:.0f}%"
+        found.append(
+            f"fspo-rat's inferred descriptions name {100 * quality['named']:.0f}% of unseen users' true "
+            f"trait values (n={quality['values']}); its answers carry {follows} of the values their "
+            "own description names"
+        )
     return found
 
 

@@ -9,10 +9,12 @@ The paper released three domains, in two column layouts (as read by its official
     two answers were written for) and ``scorer_level`` (the user who judged: our user).
 
 Descriptions follow the official code: ELIX "The user is {level}.", Review e.g. "This user
-prefers positive and concise reviews." Two official filters are reproduced and *reported*, never
-applied silently: ELIX keeps only rows whose scorer level wrote one of the two answers
-(``scorer_match``), and Review marks the interpolated user types ("positive+concise", ...) as
-``split: test`` in `User.metadata`, because the paper holds them out as unseen users.
+prefers positive and concise reviews." The rejected answer's level (`level_x` or `level_y`) gives
+`Preference.rejected_description` in the same words, as the official RAT targets use it. Two
+official filters are reproduced and *reported*, never applied silently: ELIX keeps only rows
+whose scorer level wrote one of the two answers (``scorer_match``), and Review marks the
+interpolated user types ("positive+concise", ...) as ``split: test`` in `User.metadata`, because
+the paper holds them out as unseen users.
 
 Every other column is kept in `Preference.metadata`, so nothing of the source is lost.
 Files may be JSONL, Parquet or CSV (Parquet/CSV through `datasets`).
@@ -142,11 +144,16 @@ def _convert_pair(row: dict[str, Any], describe: Callable[[str], str | None]) ->
     label = _label(row)
     x, y = _text(row, "response_x"), _text(row, "response_y")
     chosen, rejected = (x, y) if label == 0 else (y, x)
+    # The level the rejected answer was written for, when the row says it (RAT's rejected target).
+    rejected_level = "level_y" if label == 0 else "level_x"
     pref = Preference(
         user_id=user,
         question=_text(row, "prompt"),
         chosen=chosen,
         rejected=rejected,
+        rejected_description=describe(_level(row, rejected_level))
+        if row.get(rejected_level) is not None
+        else None,
         metadata=_extras(row, ("prompt", "response_x", "response_y", "scorer_level")),
     )
     return _Converted(pref, describe(user))

@@ -499,7 +499,7 @@ def _differences(kept: Preference | User, other: Preference | User) -> str:
     out = []
     if isinstance(kept, Preference) and isinstance(other, Preference) and kept.chosen != other.chosen:
         out.append("chosen and rejected swapped")
-    for name in ("description", "metadata"):
+    for name in ("description", "rejected_description", "metadata"):
         mine, theirs = getattr(kept, name, None), getattr(other, name, None)
         if mine == theirs:
             continue

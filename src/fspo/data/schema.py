@@ -31,12 +31,19 @@ class _Record(BaseModel):
 
 
 class Preference(_Record):
-    """One labeled comparison: for `question`, user `user_id` prefers `chosen` over `rejected`."""
+    """One labeled comparison: for `question`, user `user_id` prefers `chosen` over `rejected`.
+
+    `rejected_description`, when known, describes the persona the rejected answer was written for
+    (a simulator's minimal pair flips one of the user's traits; the paper's ELIX and Review data name
+    the rejected answer's level). RAT's rejected target carries it, as the official code's does, so
+    the preference loss contrasts descriptions as well as answers.
+    """
 
     user_id: str = NonEmpty
     question: str = NonEmpty
     chosen: str = NonEmpty
     rejected: str = NonEmpty
+    rejected_description: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("rejected", mode="after")

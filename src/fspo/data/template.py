@@ -225,22 +225,25 @@ def _count_tokens(text: str, tokenizer: Any) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def render(
-    episode: Episode,
-    options: TemplateOptions | None = None,
-    tokenizer: Any = None,
-    description: str | None = None,
-) -> Rendered:
+def rejected_description(episode: Episode) -> str | None:
+    """The description RAT's rejected target carries: the rejected answer's persona's when the query
+    knows it (the official layout), else the user's own (then the description tokens cancel in the
+    preference margin; `fspo.train.data.RenderStats` counts such episodes)."""
+    return episode.query.rejected_description or episode.description
+
+
+def render(episode: Episode, options: TemplateOptions | None = None, tokenizer: Any = None) -> Rendered:
     """Render an episode into (prompt, chosen, rejected).
 
-    `description` overrides the episode's own (e.g. a generated description for RAT training). With
-    `options.max_tokens`, whole shots are dropped, oldest first, until prompt + longer target fit;
-    the query is never dropped. Needs a `tokenizer` for the budget and for chat wrapping.
+    In RAT's ``target`` mode the chosen target carries the user's description and the rejected one
+    `rejected_description(episode)`. With `options.max_tokens`, whole shots are dropped, oldest first,
+    until prompt + longer target fit; the query is never dropped. Needs a `tokenizer` for the budget
+    and for chat wrapping.
     """
     options = options or TemplateOptions()
-    desc = description if description is not None else episode.description
+    desc = episode.description
     chosen = render_target(episode.query.chosen, options, desc)
-    rejected = render_target(episode.query.rejected, options, desc)
+    rejected = render_target(episode.query.rejected, options, rejected_description(episode))
 
     def build(shots: Sequence[Preference]) -> str:
         prompt = render_context(shots, episode.query.question, options, desc)

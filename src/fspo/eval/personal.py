@@ -35,7 +35,7 @@ import numpy as np
 from fspo.core.errors import UserError
 from fspo.data.schema import Episode, User
 from fspo.eval.stats import wilson_interval
-from fspo.sim.base import RELEVANCE, Domain
+from fspo.sim.base import RELEVANCE, SEVERAL, Domain
 from fspo.sim.registry import get_domain
 
 
@@ -74,6 +74,76 @@ def trait_shares(
             "n": int(n),
         }
     return out
+
+
+NOT_NAMED = "(not named)"
+
+
+def description_quality(users: Mapping[str, User], records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """How right RAT's inferred descriptions are, per split, over generation records with a
+    ``description`` (`fspo generate --mode rat`), read with `Domain.read_description`:
+
+    * ``named``: the share of the users' true trait values the description names (each trait of
+      each user counts once per record; a trait named with several values is not named right);
+    * ``per_trait`` accuracy and a ``confusion`` table (true value -> what was named, or
+      ``(not named)`` / ``(several)``), and ``extra``: traits named that the user does not have;
+    * ``follows``: the share of the values a description names that its own answer carries
+      (`Domain.carried`): whether the answer does what the model said the user wants.
+    """
+    domain = _domain_of(users)
+    out: dict[str, Any] = {}
+    for rec in records:
+        user = users.get(rec["user_id"])
+        if user is None:
+            raise UserError(f"generation of {rec['system']}: user {rec['user_id']!r} is not among the users")
+        traits = domain.check_traits((user.metadata or {}).get("traits"))
+        split = out.setdefault(
+            rec.get("split", "all"),
+            {
+                "records": 0,
+                "values": 0,
+                "named_right": 0,
+                "extra": 0,
+                "stated": 0,
+                "followed": 0,
+                "by_trait": {},
+            },
+        )
+        split["records"] += 1
+        named = domain.read_description(rec.get("description") or "")
+        for trait, spec in traits.items():
+            got = named.get(trait, NOT_NAMED)
+            cell = split["by_trait"].setdefault(trait, {})
+            row = cell.setdefault(str(spec["value"]), {})
+            row[str(got)] = row.get(str(got), 0) + 1
+            split["values"] += 1
+            split["named_right"] += got == spec["value"]
+        split["extra"] += sum(trait not in traits for trait in named)
+        stated = {t: {"value": v, "weight": 1.0} for t, v in named.items() if v != SEVERAL}
+        if stated:
+            feats = domain.features(rec["question"], [rec["answer"]])[0]
+            carried = domain.carried(stated, feats)
+            split["stated"] += len(carried)
+            split["followed"] += sum(carried)
+    return {split: _quality_summary(s) for split, s in sorted(out.items())}
+
+
+def _quality_summary(s: dict[str, Any]) -> dict[str, Any]:
+    per_trait = {}
+    for trait, rows in sorted(s["by_trait"].items()):
+        n = sum(sum(row.values()) for row in rows.values())
+        right = sum(row.get(value, 0) for value, row in rows.items())
+        per_trait[trait] = {"accuracy": round(right / n, 4), "n": n}
+    return {
+        "records": s["records"],
+        "named": round(s["named_right"] / max(1, s["values"]), 4),
+        "values": s["values"],
+        "per_trait": per_trait,
+        "confusion": s["by_trait"],
+        "extra_per_record": round(s["extra"] / max(1, s["records"]), 4),
+        "follows": round(s["followed"] / s["stated"], 4) if s["stated"] else None,
+        "stated": s["stated"],
+    }
 
 
 def _decider(domain: Domain, personas: Sequence[dict[str, Any]]):

@@ -21,6 +21,7 @@ from typing import Any
 from fspo.core.errors import DataError
 from fspo.data.schema import Episode, Preference
 from fspo.data.template import (
+    DESCRIPTION,
     PREFERRED,
     RESPONSE,
     DescriptionMode,
@@ -112,18 +113,30 @@ def answer_finished(text: str, rat: bool) -> bool:
     return text.startswith("#") or "\n#" in text
 
 
-def stopping_criteria(tokenizer: Any, prompt_len: int, rat: bool) -> Any:
+def description_finished(text: str) -> bool:
+    """Whether a RAT continuation's description is whole: a line follows the description's, or the
+    model skipped it and started the response heading."""
+    pos = text.find(DESCRIPTION.strip())
+    if pos < 0:
+        return any(heading.strip() in text for heading in (PREFERRED, RESPONSE))
+    rest = text[pos + len(DESCRIPTION) :]
+    return "\n" in rest.lstrip("\n")
+
+
+def stopping_criteria(tokenizer: Any, prompt_len: int, rat: bool, description_only: bool = False) -> Any:
     import torch
     from transformers import StoppingCriteria
 
     class StopAtHeading(StoppingCriteria):
-        """Per row: stop once the answer is followed by a markdown heading."""
+        """Per row: stop once the answer is followed by a markdown heading (or, `description_only`,
+        once RAT's description is written)."""
 
         def __call__(
             self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
         ) -> torch.BoolTensor:
             texts = tokenizer.batch_decode(input_ids[:, prompt_len:], skip_special_tokens=True)
-            return torch.tensor([answer_finished(t, rat) for t in texts], device=input_ids.device)
+            done = [description_finished(t) if description_only else answer_finished(t, rat) for t in texts]
+            return torch.tensor(done, device=input_ids.device)
 
     return StopAtHeading()
 
@@ -154,8 +167,11 @@ def generate_batch(
     seed: int,
     cache: Any = None,
     streamer: Any = None,
+    description_only: bool = False,
 ) -> list[list[int]]:
     """New token ids for each prompt of `batch` (left-padded, KV-cached `model.generate`).
+
+    `description_only` (RAT prompts) stops each row once its user description is written.
 
     `cache` (a KV cache of the first tokens of a batch of one, e.g. a user's shots prefilled once
     by the server; `model.generate` extends it in place) and `streamer` (a transformers
@@ -183,7 +199,7 @@ def generate_batch(
             max_new_tokens=max_new_tokens,
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
-            stopping_criteria=[stopping_criteria(tokenizer, width, rat)],
+            stopping_criteria=[stopping_criteria(tokenizer, width, rat, description_only)],
             use_cache=True,
             **kwargs,
         )

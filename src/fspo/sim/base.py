@@ -13,6 +13,7 @@ vectorised product, which keeps 1,500 users x 100 preferences to a second or so,
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ Traits = dict[str, dict[str, Any]]
 RELEVANCE = "relevance"
 RELEVANCE_WEIGHT = 2.0
 """Shared by all users: an answer must be about the question, so off-topic text cannot win."""
+
+SEVERAL = "(several)"
+"""`Domain.read_description`'s value for a trait a description names more than one value of."""
 
 
 class DomainOptions(BaseModel):
@@ -140,6 +144,51 @@ class Domain(ABC):
             ]
             out.append(bool(own > max(others)) if others else bool(own > 0.5))
         return out
+
+    def rejected_persona(self, traits: Traits, chosen: np.ndarray, rejected: np.ndarray) -> Traits:
+        """The persona a pair's rejected answer was written for (RAT's rejected target), from the two
+        answers' feature rows: the user's persona with each trait the rejected answer carries *less*
+        of than the chosen one set to the value it gained most (the first on a tie), weights kept.
+        For a minimal pair (one trait flipped) that is the user with that trait flipped; traits the
+        two answers share stay the user's, whatever either answer carries of them."""
+        out: Traits = {}
+        for trait, spec in traits.items():
+            own = self._col[f"{trait}={spec['value']}"]
+            value = spec["value"]
+            if rejected[own] < chosen[own]:
+                others = [
+                    (rejected[i] - chosen[i], column.partition("=")[2])
+                    for column, i in self._col.items()
+                    if column.startswith(f"{trait}=") and i != own
+                ]
+                if others:
+                    value = max(others, key=lambda gain: gain[0])[1]  # max keeps the first of equals
+            out[trait] = {**spec, "value": value}
+        return out
+
+    # Per trait, per value, a regular expression that finds the value named in a description
+    # (`describe` writes them; `read_description` reads any text with them).
+    description_patterns: ClassVar[dict[str, dict[str, str]]] = {}
+
+    def read_description(self, text: str) -> dict[str, Any]:
+        """The trait values a description names: ``{trait: value}`` for each trait named with one
+        value, ``{trait: SEVERAL}`` for one named with more than one. Reads a model's inferred
+        description as well as `describe`'s sentence (tests check it inverts `describe`)."""
+        out: dict[str, Any] = {}
+        for trait, patterns in self.description_patterns.items():
+            named = [v for v, pattern in patterns.items() if re.search(pattern, text, re.IGNORECASE)]
+            if named:
+                out[trait] = named[0] if len(named) == 1 else SEVERAL
+        return out
+
+    def description_score(self, inferred: str, true: str) -> float:
+        """How well `inferred` names the values `true` names, in [-1, 1]: +1 per true value named,
+        -1 per trait named with another value (or several) or not in `true` at all, over the number
+        of traits `true` names. RAT's description pairs rank sampled descriptions by it."""
+        want, got = self.read_description(true), self.read_description(inferred)
+        right = sum(got.get(trait) == value for trait, value in want.items())
+        wrong = sum(got[trait] != want.get(trait) for trait in got)
+        return max(-1.0, (right - wrong) / max(1, len(want)))
 
     # --- personas ----------------------------------------------------------------------------
     @abstractmethod

@@ -17,14 +17,16 @@ ELIX-hard split.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 from pydantic import Field
 
 from fspo.core.errors import UserError
-from fspo.sim.base import RELEVANCE, RELEVANCE_WEIGHT, Domain, DomainOptions, Persona, Traits
+from fspo.sim.base import RELEVANCE, RELEVANCE_WEIGHT, SEVERAL, Domain, DomainOptions, Persona, Traits
 from fspo.sim.text import content_words, keyword_coverage, ramp, sentence_lengths, wordlist, words, wordset
 
 LEVELS = ("elementary school", "middle school", "high school", "college", "expert")
@@ -152,6 +154,23 @@ class Elix(Domain):
         """The text's level is within half a level of the user's (a half-level user: between theirs)."""
         return [bool(abs(feats[0] - float(traits["level"]["value"])) <= 0.5)]
 
+    def rejected_persona(self, traits: Traits, chosen: np.ndarray, rejected: np.ndarray) -> Traits:
+        """The whole level nearest the rejected answer's: answers are written at whole levels."""
+        level = float(min(len(LEVELS) - 1, max(0, round(float(rejected[0])))))
+        return {"level": {**traits["level"], "value": level}}
+
+    def read_description(self, text: str) -> dict[str, Any]:
+        """``{"level": L}`` for "at the X level" (L whole) or "between the X and Y levels" (halfway)."""
+        named = set()
+        for m in _BETWEEN.finditer(text):
+            low, high = _LEVEL_INDEX[m[1].lower()], _LEVEL_INDEX[m[2].lower()]
+            named.add((low + high) / 2)
+        for m in _AT.finditer(text):
+            named.add(float(_LEVEL_INDEX[m[1].lower()]))
+        if not named:
+            return {}
+        return {"level": named.pop() if len(named) == 1 else SEVERAL}
+
     def sample_persona(self, rng: random.Random, decided: Callable[[Traits], float]) -> Persona:
         level = (
             rng.randrange(len(LEVELS) - 1) + 0.5
@@ -186,6 +205,10 @@ class Elix(Domain):
 
 
 _CONCEPT_SET = frozenset(CONCEPTS)
+_LEVEL_INDEX = {name: i for i, name in enumerate(LEVELS)}
+_LEVEL_NAMES = "|".join(re.escape(name) for name in LEVELS)
+_AT = re.compile(rf"\bat the ({_LEVEL_NAMES}) level\b", re.IGNORECASE)
+_BETWEEN = re.compile(rf"\bbetween the ({_LEVEL_NAMES}) and ({_LEVEL_NAMES}) levels\b", re.IGNORECASE)
 
 
 def write_explanation(concept: str, level: int, rng: random.Random) -> str:

@@ -97,6 +97,11 @@ class Reviews(Domain):
     columns = tuple(f"{t}={v}" for t, values in TRAITS.items() for v in values) + (RELEVANCE,)
     Options = ReviewsOptions
     options: ReviewsOptions
+    description_patterns = {
+        "sentiment": {"positive": r"\bpositive\b", "negative": r"\bnegative\b"},
+        "length": {"concise": r"\bshort\b", "verbose": r"\blong\b"},
+        "focus": {"acting": r"\bfocus on the acting\b", "plot": r"\bfocus on the plot\b"},
+    }
 
     @cached_property
     def _movies(self) -> list[tuple[str, str, str]]:

@@ -22,6 +22,7 @@ Held-out conjunctions (`HELD_OUT`): a persona holding any of these two trait val
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -92,6 +93,16 @@ _PHRASES: dict[str, dict[str, str]] = {
     "caveat": {"yes": "a safety warning", "no": "no warnings"},
 }
 
+# `describe` puts length before "answers" ("short answers in bullet points"); every other phrase
+# is matched as written, whole words only.
+_PATTERNS: dict[str, dict[str, str]] = {
+    trait: {
+        value: (rf"\b{phrase} answers\b" if trait == "length" else rf"\b{re.escape(phrase)}\b")
+        for value, phrase in phrases.items()
+    }
+    for trait, phrases in _PHRASES.items()
+}
+
 _COLUMNS = tuple(f"{t}={v}" for t, values in TRAITS.items() for v in values) + (RELEVANCE,)
 _FIRST_PERSON = phrase_pattern(W.FIRST_PERSON_MARKERS)
 _EXAMPLE = phrase_pattern(W.EXAMPLE_MARKERS)
@@ -142,6 +153,7 @@ class RoleplayOptions(DomainOptions):
 class Roleplay(Domain):
     name = "roleplay"
     columns = _COLUMNS
+    description_patterns = _PATTERNS
     Options = RoleplayOptions
     options: RoleplayOptions
 

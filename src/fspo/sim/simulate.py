@@ -9,6 +9,9 @@ from them. Chosen is always the higher-reward answer.
 
 Randomness: one `random.Random(seed)` for text and personas, one `numpy` Generator for pair
 sampling; never global state, so a seed reproduces a population exactly.
+
+Each preference also names the persona its rejected answer was written for
+(`Preference.rejected_description`, from `Domain.rejected_persona`): RAT's rejected target carries it.
 """
 
 from __future__ import annotations
@@ -128,6 +131,9 @@ def simulate(domain: str, n_users: int, prefs_per_user: int, seed: int = 0, **do
                     question=pools.questions[qi],
                     chosen=pools.answers[chosen],
                     rejected=pools.answers[rejected],
+                    rejected_description=dom.describe(
+                        dom.rejected_persona(persona.traits, pools.features[chosen], pools.features[rejected])
+                    ),
                     metadata={"domain": dom.name, "question_id": qi, "margin": round(abs(float(gap[k])), 4)},
                 )
             )

@@ -163,3 +163,62 @@ app.command("fspo")(
         "FSPO: IPO (default) or DPO against the frozen starting model (--shots 0: the population baseline).",
     )
 )
+
+
+@app.command("rat-pairs")
+def rat_pairs(
+    model: str = typer.Option(
+        ..., help="The RAT model to sample descriptions from (trained with --rat target)."
+    ),
+    episodes: str = typer.Option(
+        ..., help="Training episodes with true descriptions: a JSONL file or a folder."
+    ),
+    out: str = typer.Option(
+        ..., help="Output folder: train.jsonl (the pairs, as RAT episodes) and rat_pairs.json."
+    ),
+    similarity: str = typer.Option(
+        ...,
+        help="How a sample is scored against the true description: traits:<domain> (simulated users' trait "
+        "values) or embedding[:<sentence-transformers folder>] (free text; default all-MiniLM-L6-v2).",
+    ),
+    samples: int = typer.Option(4, help="Descriptions sampled per episode."),
+    max_episodes: int | None = typer.Option(None, help="Use the first N episodes of the file."),
+    include_true: bool = typer.Option(
+        True, help="Count the true description among the candidates (--no-include-true: samples only)."
+    ),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (> 0)."),
+    max_new_tokens: int = typer.Option(48, help="Token budget of one description."),
+    batch_size: int = typer.Option(4, help="Episodes per generation batch (each gives `samples` rows)."),
+    seed: int = typer.Option(0),
+) -> None:
+    """RAT's description pairs (v2): sample descriptions, pair the closest to the truth with the farthest.
+
+    Train on the result with `fspo train fspo --rat target --episodes OUT/train.jsonl --model MODEL`.
+    """
+    from rich.console import Console
+
+    from fspo.data.episodes import load_episodes
+    from fspo.infer.layout import trained_layout
+    from fspo.models.loading import load_model, load_tokenizer
+    from fspo.train.rat_pairs import build_rat_pairs, description_scorer
+
+    scorer = description_scorer(similarity)
+    stats = build_rat_pairs(
+        load_model(model),
+        load_tokenizer(model),
+        load_episodes(episodes, "train", limit=max_episodes),
+        out,
+        scorer=scorer,
+        samples=samples,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        options=trained_layout(model),
+        include_true=include_true,
+        progress=True,
+    )
+    Console().print(
+        f"{stats['pairs']} description pairs from {stats['episodes']} episodes "
+        f"(mean sample score {stats['mean_score']:.3f}, {stats['ties_left_out']} ties left out) -> {out}"
+    )

@@ -46,6 +46,9 @@ class RenderStats:
     shots_dropped: int = 0
     over_budget: int = 0  # skipped: even zero shots do not fit `max_tokens`
     episodes_with_dropped_shots: int = 0
+    # RAT targets: kept episodes whose query does not know the rejected answer's persona, so the
+    # rejected target carries the user's own description (`fspo.data.template.rejected_description`).
+    rejected_description_own: int = 0
     prompt_tokens: list[int] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -56,6 +59,7 @@ class RenderStats:
             "over_budget_skipped": self.over_budget,
             "shots_dropped": self.shots_dropped,
             "episodes_with_dropped_shots": self.episodes_with_dropped_shots,
+            "rejected_description_own": self.rejected_description_own,
             "mean_shots_used": self.shots_used / n,
             "mean_prompt_tokens": sum(self.prompt_tokens) / n,
             "max_prompt_tokens": max(self.prompt_tokens, default=0),
@@ -114,6 +118,8 @@ def tokenize_episodes(
         stats.shots_used += r.shots_used
         stats.shots_dropped += r.shots_dropped
         stats.episodes_with_dropped_shots += int(r.shots_dropped > 0)
+        if options.description is DescriptionMode.TARGET and not ep.query.rejected_description:
+            stats.rejected_description_own += 1
         p = prompt_token_ids(tokenizer, r.prompt)
         stats.prompt_tokens.append(len(p))
         n = seen[ep.episode_id] = seen.get(ep.episode_id, 0) + 1

@@ -465,6 +465,12 @@ def setup(cfg: TrainConfig, resume: bool = False) -> Run:
     units, stats, train_file, shot_spans, batches_per_epoch = _train_split(cfg, tokenizer, world)
     if main:
         cfg.save(out / CONFIG_FILE)
+        if stats.rejected_description_own:
+            accelerator.print(
+                f"RAT: {stats.rejected_description_own} of {stats.kept} training episodes do not say whom "
+                "the rejected answer was written for; their rejected targets carry the user's own "
+                "description, which then cancels in the preference margin"
+            )
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * (batches_per_epoch // cfg.grad_accum)))
 
     # Reference log-probs from the starting model, before any update: of the held-out set (for
