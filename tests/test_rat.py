@@ -20,6 +20,7 @@ from fspo.train.data import tokenize_episodes
 
 OPTS = {"pairing": "minimal", "traits": ["format", "enthusiasm"], "min_traits": 2, "max_traits": 2}
 RAT = TemplateOptions(description=DescriptionMode.TARGET)
+ONLY = TemplateOptions(description=DescriptionMode.ONLY)
 
 
 @pytest.fixture(scope="module")
@@ -103,16 +104,18 @@ def test_pairs_from_known_trait_values(population, tmp_path, monkeypatch, tiny_l
         assert (pair.description, pair.query.rejected_description) == (episode.description, worst)
         assert pair.metadata["description_scores"] == [1.0, -1.0]
         assert pair.metadata["true_description"] == episode.description
+        # As trained (`--rat description`): the prompt of RAT, then the two descriptions alone.
+        out = render(pair, ONLY)
+        assert out.prompt == render(episode, RAT).prompt
+        assert (out.chosen, out.rejected) == (
+            f"## User Description\n{episode.description}\n",
+            f"## User Description\n{worst}\n",
+        )
+        # In the official RAT layout each description is followed by its answer.
         out = render(pair, RAT)
-        # The official RAT layout: each target's description, then its answer.
-        assert (
-            out.chosen
-            == f"## User Description\n{episode.description}\n## Preferred Response \n{episode.query.chosen}\n"
-        )
-        assert (
-            out.rejected
-            == f"## User Description\n{worst}\n## Preferred Response \n{episode.query.rejected}\n"
-        )
+        chosen, rejected = episode.query.chosen, episode.query.rejected
+        assert out.chosen == f"## User Description\n{episode.description}\n## Preferred Response \n{chosen}\n"
+        assert out.rejected == f"## User Description\n{worst}\n## Preferred Response \n{rejected}\n"
     assert json.loads((tmp_path / "rat_pairs.json").read_text())["pairs"] == len(episodes)
     assert not (tmp_path / "samples.partial").exists()
 
@@ -230,6 +233,16 @@ def test_render_stats_count_rejected_targets_without_their_persona(population, t
     ]
     _, stats = tokenize_episodes([*unknown, *episodes[2:]], load_tokenizer(tiny_llama_folder), RAT)
     assert stats.summary()["rejected_description_own"] == 2
+    tokenizer = load_tokenizer(tiny_llama_folder)
+    examples, stats = tokenize_episodes(unknown, tokenizer, ONLY)
+    assert stats.rejected_description_own == 2  # description pairs without a rejected one: no pair
+    # A description alone is not the end of the model's turn (the answer follows): no eos after it.
+    assert (
+        examples[0].tokens.chosen
+        == tokenizer(render(unknown[0], ONLY).chosen, add_special_tokens=False)["input_ids"]
+    )
+    examples, _ = tokenize_episodes(unknown, tokenizer, RAT)
+    assert examples[0].tokens.chosen[-1] == tokenizer.eos_token_id
     _, stats = tokenize_episodes(unknown, load_tokenizer(tiny_llama_folder), TemplateOptions())
     assert stats.rejected_description_own == 0  # no RAT: no description targets at all
 
@@ -275,3 +288,17 @@ def test_rat_pairs_cli_says_what_is_wrong(tmp_path: Path) -> None:
         "--similarity", "cosine",
     )  # fmt: skip
     assert code == 2 and "use traits:<domain> or embedding" in out
+
+
+def test_a_model_trained_on_description_pairs_answers_in_rat_layout(tmp_path: Path) -> None:
+    """`--rat description` trains on descriptions alone; the model then generates and is scored in
+    RAT's layout (description, then answer), as the model it started from."""
+    from fspo.infer.layout import trained_layout
+    from fspo.train.config import make_config
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    cfg = make_config({"model": "m", "episodes": "e", "out": "o", "stage": "fspo", "rat": "description"})
+    assert cfg.template_options().description is DescriptionMode.ONLY
+    cfg.save(folder / "fspo_config.json")
+    assert trained_layout(folder).description is DescriptionMode.TARGET

@@ -233,7 +233,7 @@ def _run_stages(p: Profile, runner: StageRunner, params: dict[str, Any]) -> dict
             lambda d: _rat_pairs(p, runner, d),
             ("episodes", "fspo_rat"),
         )
-        cfg = {**trainings["fspo_rat"][0], "max_steps": p.rat_pairs_steps}
+        cfg = {**trainings["fspo_rat"][0], "rat": "description", "max_steps": p.rat_pairs_steps}
         start = str(runner.folder("fspo_rat") / "model")
         runner.run(
             "fspo_rat_pairs",

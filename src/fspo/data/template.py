@@ -21,7 +21,11 @@ Description modes (`DescriptionMode`):
   * ``none``   – no user description anywhere;
   * ``target`` – RAT: each target is ``## User Description\\n<description>\\n`` then the response;
   * ``prompt`` – the description ends the prompt: RAT's teacher-forced variant in training and the
-    *oracle* baseline in evaluation (the true description is given).
+    *oracle* baseline in evaluation (the true description is given);
+  * ``only``   – each target is ``## User Description\\n<description>\\n`` alone: RAT's description
+    pairs, where the preference is between two descriptions of one user and nothing else. With the
+    answers after them (``target``), a minimal pair's answers alone reach IPO's target margin and
+    the descriptions get no push.
 
 Why hand-written: the layout *is* FSPO's data format; no library renders it. Chat templates (for
 instruct models) come from the tokenizer via `apply_chat_template`.
@@ -62,6 +66,7 @@ class DescriptionMode(StrEnum):
     NONE = "none"
     TARGET = "target"  # RAT: the model writes the description, then the answer
     PROMPT = "prompt"  # teacher-forced RAT / oracle: the description ends the prompt
+    ONLY = "only"  # RAT's description pairs: the targets are the two descriptions alone
 
 
 class TemplateOptions(BaseModel):
@@ -101,6 +106,7 @@ RAT_DESCRIPTION = {
     "none": DescriptionMode.NONE,
     "target": DescriptionMode.TARGET,
     "teacher-forced": DescriptionMode.PROMPT,
+    "description": DescriptionMode.ONLY,
 }
 
 
@@ -203,7 +209,12 @@ def render_context(
 
 
 def render_target(answer: str, options: TemplateOptions, description: str | None = None) -> str:
-    """A target continuation: ``[## User Description\\n<d>\\n]## Preferred Response \\n<answer>\\n``."""
+    """A target continuation: ``[## User Description\\n<d>\\n]## Preferred Response \\n<answer>\\n``,
+    or in ``only`` mode the description part alone."""
+    if options.description is DescriptionMode.ONLY:
+        if not description:
+            raise ValueError("description mode 'only' (RAT's description pairs) needs a description")
+        return DESCRIPTION + as_data(description) + "\n"
     target = response_heading(options) + as_data(answer) + "\n"
     if options.description is DescriptionMode.TARGET:
         if not description:

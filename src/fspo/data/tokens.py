@@ -28,11 +28,12 @@ def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
     return ([tokenizer.bos_token_id] if adds_bos(tokenizer) else []) + ids
 
 
-def target_token_ids(tokenizer: Any, target: str) -> list[int]:
-    """Target ids followed by eos, so the model also learns where the answer stops."""
+def target_token_ids(tokenizer: Any, target: str, eos: bool = True) -> list[int]:
+    """Target ids followed by eos, so the model also learns where the answer stops. A target that
+    is not the end of the model's turn (RAT's description alone, which the answer follows) has none."""
     ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    return ids + ([eos] if eos is not None else [])
+    end = tokenizer.eos_token_id
+    return ids + ([end] if eos and end is not None else [])
 
 
 def pad_id_of(tokenizer: Any) -> int:

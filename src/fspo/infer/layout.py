@@ -35,6 +35,11 @@ def trained_layout(model_dir: str | Path, include_dispreferred: bool | None = No
     if missing:
         raise UserError(f"config file {str(path)!r} lacks field(s) {', '.join(missing)}")
     try:
-        return TemplateOptions.of_training(**{**{k: config[k] for k in LAYOUT_FIELDS}, **override})
+        fields = {k: config[k] for k in LAYOUT_FIELDS}
+        if fields["rat"] == "description":
+            # Trained on description pairs (targets without answers), from a RAT model: it answers
+            # in RAT's layout, description then answer.
+            fields["rat"] = "target"
+        return TemplateOptions.of_training(**{**fields, **override})
     except ValueError as err:  # pydantic's ValidationError included: a bad value of a layout field
         raise UserError(f"invalid training config ({path}): {err}") from None

@@ -1,9 +1,10 @@
 """What scoring takes and gives: token ids of preference pairs, and log-probs of target sequences.
 
-A pair is `PairTokens` (prompt, chosen and rejected ids; targets end with eos). Several held-out
-questions of one user that share the same shots form a `ContextTokens` (the shared prefix and one
-`QuestionTokens` per question), which `fspo.infer.prefix` scores as one row. Every scorer returns
-`SeqLogps` per target sequence, and a pair scorer returns ``(chosen, rejected)``.
+A pair is `PairTokens` (prompt, chosen and rejected ids; targets end with eos, but for RAT's
+description alone). Several held-out questions of one user that share the same shots form a
+`ContextTokens` (the shared prefix and one `QuestionTokens` per question), which `fspo.infer.prefix`
+scores as one row. Every scorer returns `SeqLogps` per target sequence, and a pair scorer returns
+``(chosen, rejected)``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ Reduction = Literal["sum", "mean"]
 
 @dataclass(frozen=True)
 class PairTokens:
-    """One preference pair as token ids. Targets already end with EOS (the plain path's layout)."""
+    """One preference pair as token ids. Targets already end with EOS (the plain path's layout), but for
+    RAT's description alone, which the answer follows."""
 
     prompt: Sequence[int]
     chosen: Sequence[int]

@@ -18,7 +18,8 @@ app = typer.Typer(
 
 _RAT_HELP = (
     "RAT: `--rat target` trains the model to write '## User Description' then the answer; "
-    "`--rat teacher-forced` puts the true description in the prompt; `--rat none` (default) turns it off."
+    "`--rat teacher-forced` puts the true description in the prompt; `--rat description` trains on the "
+    "descriptions alone (the pairs of `fspo train rat-pairs`); `--rat none` (default) turns it off."
 )
 
 
@@ -193,7 +194,7 @@ def rat_pairs(
 ) -> None:
     """RAT's description pairs (v2): sample descriptions, pair the closest to the truth with the farthest.
 
-    Train on the result with `fspo train fspo --rat target --episodes OUT/train.jsonl --model MODEL`.
+    Train on the result with `fspo train fspo --rat description --episodes OUT/train.jsonl --model MODEL`.
     """
     from rich.console import Console
 

@@ -25,7 +25,7 @@ from fspo.data.template import TemplateOptions
 from fspo.infer.layout import CONFIG_FILE
 
 Stage = Literal["sft", "fspo"]
-RatMode = Literal["none", "target", "teacher-forced"]
+RatMode = Literal["none", "target", "teacher-forced", "description"]
 
 NAMED_CONFIGS = resources.files("fspo") / "configs"
 

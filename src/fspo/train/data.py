@@ -105,6 +105,7 @@ def tokenize_episodes(
     if options.max_tokens is not None:
         budget_opts = options.model_copy(update={"max_tokens": max(1, options.max_tokens - 2)})
     stats = RenderStats()
+    eos = options.description is not DescriptionMode.ONLY  # a description alone: the answer follows
     out: list[PairExample] = []
     seen: dict[str, int] = {}
     shared_ids: dict[str, list[int]] = {}  # shared text -> its ids: a user's K questions share one
@@ -118,7 +119,10 @@ def tokenize_episodes(
         stats.shots_used += r.shots_used
         stats.shots_dropped += r.shots_dropped
         stats.episodes_with_dropped_shots += int(r.shots_dropped > 0)
-        if options.description is DescriptionMode.TARGET and not ep.query.rejected_description:
+        if (
+            options.description in (DescriptionMode.TARGET, DescriptionMode.ONLY)
+            and not ep.query.rejected_description
+        ):
             stats.rejected_description_own += 1
         p = prompt_token_ids(tokenizer, r.prompt)
         stats.prompt_tokens.append(len(p))
@@ -132,7 +136,11 @@ def tokenize_episodes(
             spans = preferred_answer_spans(tokenizer, r.prompt, p, kept, options)
         out.append(
             PairExample(
-                PairTokens(p, target_token_ids(tokenizer, r.chosen), target_token_ids(tokenizer, r.rejected)),
+                PairTokens(
+                    p,
+                    target_token_ids(tokenizer, r.chosen, eos),
+                    target_token_ids(tokenizer, r.rejected, eos),
+                ),
                 ep.episode_id if n == 1 else f"{ep.episode_id}#{n}",
                 ep.user_id,
                 shared,

@@ -2,11 +2,13 @@
 
 For each training episode the current RAT model writes `samples` user descriptions from the shots
 (seeded sampling). Each is scored against the user's true description; the best and the worst
-become one RAT episode: the chosen target is the best description then the user's preferred answer,
-the rejected target the worst description then the dispreferred answer (the official RAT layout's
-rejected target, with sampled descriptions in place of the true ones). Episodes whose candidates all
-score alike teach nothing and are left out (counted). An ordinary `--rat target` FSPO run on the
-written file then prefers descriptions closer to the truth, from what the model itself writes.
+become one RAT episode: its description is the best candidate and its query's rejected description
+the worst. An FSPO run with `--rat description` on the written file trains on the two descriptions
+alone (`DescriptionMode.ONLY`) and prefers descriptions closer to the truth, from what the model
+itself writes. (`--rat target` would append each description's answer, the preferred one to the
+best and the dispreferred one to the worst; a minimal pair's answers then reach IPO's target
+margin by themselves and the descriptions get little push.) Episodes whose candidates all score
+alike teach nothing and are left out (counted).
 
 `include_true` adds the true description to the candidates (it scores best of all, so it is chosen
 unless a sample is as good; the tie goes to the sample). Without it a model that is confidently
