@@ -274,3 +274,31 @@ def test_aggregate_without_a_number_says_so_and_render_marks_it():
     md = render({"profile": "p", "seeds": [0], "domains": {"roleplay": agg}})
     assert "## roleplay" in md and "paper: held-out users" in md and "90.3%" in md
     assert md.count(": n/a") == 2 + 4 and md.count("**not met**") == 1  # + RAT's four targets
+
+
+def test_aggregate_rat_targets_from_descriptions_and_win_rates():
+    def cell(rate: float, lo: float, hi: float) -> dict:
+        return {"unseen": {"win_rate": rate, "ci": [lo, hi], "n": 100}}
+
+    runs = []
+    for seed, named in ((0, 0.92), (1, 0.96)):
+        run = _summary(seed, 0.7, 100, 0.9, 0.8, 1.0)
+        run["winrates"] |= {
+            "fspo-rat vs population-ipo": cell(0.60, 0.5, 0.7),
+            "oracle vs population-ipo": cell(0.62, 0.52, 0.72),
+            "oracle vs fspo-no-shots": cell(0.9, 0.82, 0.95),
+            "fspo-rat vs fspo": cell(0.45, 0.36, 0.55),
+            "fspo-rat-2-shots vs fspo-2-shots": cell(0.6, 0.5, 0.7),
+        }
+        run["descriptions"] = {"fspo-rat": {"test_unseen": {"named": named}}}
+        runs.append(run)
+    agg = aggregate("roleplay", runs)
+    assert agg["descriptions_named_unseen"] == pytest.approx(0.94)
+    assert agg["oracle_recovered"] == pytest.approx(0.60 / 0.62)
+    by_prefix = {t.split(" at least")[0].split(" (")[0]: v for t, v in agg["targets"].items()}
+    assert by_prefix["FSPO+RAT's descriptions name"] is True
+    assert by_prefix["The oracle"] is True
+    assert by_prefix["FSPO+RAT recovers"] is True  # 96.8% of the oracle's win rate
+    assert by_prefix["FSPO+RAT"] is True  # 45% [36, 55]: the interval reaches 50%
+    md = render({"profile": "p", "seeds": [0, 1], "domains": {"roleplay": agg}})
+    assert "| fspo-rat-2-shots vs fspo-2-shots | 60.0%" in md and "name 94.0% of unseen" in md
