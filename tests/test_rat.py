@@ -69,13 +69,15 @@ def _texts(true: str) -> list[str]:
     ]
 
 
-def _run(population, tmp_path, monkeypatch, tiny_llama_folder, script=_texts, **kwargs):
+def _run(population, tmp_path, monkeypatch, tiny_llama_folder, script=_texts, sampled=None, **kwargs):
+    """`build_rat_pairs` with scripted samples; `sampled`: the episodes whose rows the scripted model
+    is asked for, in order (default all: a resumed run asks only for those not done)."""
     from fspo.models.loading import load_tokenizer
 
     _, episodes = population
     tokenizer = load_tokenizer(tiny_llama_folder)
     fake = ScriptedSamples(tokenizer, script, kwargs.pop("fail_after", None))
-    fake.descriptions = [e.description for e in episodes]
+    fake.descriptions = [e.description for e in (episodes if sampled is None else sampled)]
     monkeypatch.setattr(rp, "generate_batch", fake)
     stats = rp.build_rat_pairs(
         None,
@@ -153,26 +155,13 @@ def test_killed_sampling_resumes_where_it_stopped(
         _run(population, cut, monkeypatch, tiny_llama_folder, fail_after=2)
     assert len((cut / "samples.partial").read_text().splitlines()) == 1 + 4  # settings + 2 batches of 2
     _, episodes = population
-    from fspo.models.loading import load_tokenizer
-
-    fake = ScriptedSamples(load_tokenizer(tiny_llama_folder), _texts)
-    fake.descriptions = [e.description for e in episodes[4:]]  # only the last batch is sampled again
-    monkeypatch.setattr(rp, "generate_batch", fake)
-    rp.build_rat_pairs(
-        None,
-        load_tokenizer(tiny_llama_folder),
-        episodes,
-        cut,
-        scorer=rp.description_scorer("traits:roleplay"),
-        samples=4,
-        batch_size=2,
-        options=RAT,
-    )
+    # Only the last batch is sampled again.
+    _, fake = _run(population, cut, monkeypatch, tiny_llama_folder, sampled=episodes[4:])
     assert fake.calls == 1
     assert (cut / "train.jsonl").read_bytes() == (whole / "train.jsonl").read_bytes()
     (cut / "samples.partial").write_text(json.dumps({"settings": {"samples": 9}}) + "\n")
     with pytest.raises(UserError, match="other settings"):
-        rp.build_rat_pairs(None, load_tokenizer(tiny_llama_folder), episodes, cut, scorer=len, samples=4)
+        _run(population, cut, monkeypatch, tiny_llama_folder)
 
 
 def test_a_real_model_samples_descriptions_only(population, tmp_path, tiny_llama_folder) -> None:

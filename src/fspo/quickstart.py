@@ -396,14 +396,16 @@ def _train(
 
 
 def _rat_pairs(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
-    """Description pairs for as many training episodes as the pair stage's steps read."""
+    """Description pairs sampled from FSPO+RAT on the first training episodes (`build_rat_pairs`)."""
     from fspo.data.episodes import load_episodes
     from fspo.infer.layout import trained_layout
     from fspo.models.loading import load_model, load_tokenizer
     from fspo.train.rat_pairs import build_rat_pairs, description_scorer
 
     path = runner.folder("fspo_rat") / "model"
-    n = p.rat_pairs_steps * p.batch_size * 2  # ~half the samples tie (all right or all alike)
+    # Twice the episodes the pair training reads: spare for episodes whose candidates all tie
+    # (every sample right), which give no pair.
+    n = p.rat_pairs_steps * p.batch_size * 2
     stats = build_rat_pairs(
         load_model(path),
         load_tokenizer(path),

@@ -116,8 +116,6 @@ def generate_for_episodes(
     records) are kept, not generated again; the settings must match theirs (`UserError` otherwise).
     """
     mode = Mode(mode)
-    if tokenizer.pad_token_id is None:  # batching pads; eos pads harmlessly (masked out)
-        tokenizer.pad_token = tokenizer.eos_token
     if len({e.episode_id for e in episodes}) != len(episodes):
         raise DataError("duplicate episode_id among the episodes to generate for")
     settings = {

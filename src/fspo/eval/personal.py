@@ -47,6 +47,14 @@ def _domain_of(users: Mapping[str, User]) -> Domain:
     raise UserError("no simulated user (metadata.domain and metadata.traits) among the users")
 
 
+def _traits_of(domain: Domain, users: Mapping[str, User], rec: Mapping[str, Any]) -> Any:
+    """The simulated traits of the user a generation record answers."""
+    user = users.get(rec["user_id"])
+    if user is None:
+        raise UserError(f"generation of {rec['system']}: user {rec['user_id']!r} is not among the users")
+    return domain.check_traits((user.metadata or {}).get("traits"))
+
+
 def trait_shares(
     users: Mapping[str, User], records: Iterable[Mapping[str, Any]]
 ) -> dict[str, dict[str, dict[str, float]]]:
@@ -56,10 +64,7 @@ def trait_shares(
     relevance = domain.columns.index(RELEVANCE)
     sums: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
     for rec in records:
-        user = users.get(rec["user_id"])
-        if user is None:
-            raise UserError(f"generation of {rec['system']}: user {rec['user_id']!r} is not among the users")
-        traits = domain.check_traits((user.metadata or {}).get("traits"))
+        traits = _traits_of(domain, users, rec)
         feats = domain.features(rec["question"], [rec["answer"]])[0]
         carried = domain.carried(traits, feats)
         s = sums[(rec["system"], rec.get("split", "all"))]
@@ -93,10 +98,7 @@ def description_quality(users: Mapping[str, User], records: Iterable[Mapping[str
     domain = _domain_of(users)
     out: dict[str, Any] = {}
     for rec in records:
-        user = users.get(rec["user_id"])
-        if user is None:
-            raise UserError(f"generation of {rec['system']}: user {rec['user_id']!r} is not among the users")
-        traits = domain.check_traits((user.metadata or {}).get("traits"))
+        traits = _traits_of(domain, users, rec)
         split = out.setdefault(
             rec.get("split", "all"),
             {

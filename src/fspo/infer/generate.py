@@ -29,7 +29,7 @@ from fspo.data.template import (
     render_generation_prompt,
     response_heading_ids,
 )
-from fspo.data.tokens import prompt_token_ids
+from fspo.data.tokens import pad_id_of, prompt_token_ids
 
 
 class Mode(StrEnum):
@@ -180,7 +180,7 @@ def generate_batch(
     import torch
 
     width = max(len(ids) for ids in batch)
-    pad = tokenizer.pad_token_id
+    pad = pad_id_of(tokenizer)  # a tokenizer without a pad token pads with eos (masked out)
     device = getattr(model, "device", None)
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)

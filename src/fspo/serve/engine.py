@@ -263,8 +263,6 @@ class LocalBackend(_Prompting):
         max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
         min_prefix_tokens: int = MIN_PREFIX_TOKENS,
     ):
-        if tokenizer.pad_token_id is None:  # generate_batch pads with it (never, for one row)
-            tokenizer.pad_token = tokenizer.eos_token
         super().__init__(
             tokenizer,
             layout or TemplateOptions(),

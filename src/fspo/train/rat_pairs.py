@@ -92,8 +92,6 @@ def build_rat_pairs(
         raise UserError(
             f"{len(missing)} episodes have no true description to score against, e.g. {missing[0]}"
         )
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     out = Path(out)
     settings = {"samples": samples, "temperature": temperature, "top_p": top_p, "seed": seed}
     log_path = out / "samples.partial"
