@@ -6,7 +6,7 @@ Run (both launchers work; `accelerate launch --cpu --num_processes 2` silently s
 
 It launches `torchrun --standalone --nproc_per_node 2 -m fspo.cli ...`-style runs of `fspo train fspo`
 with ACCELERATE_USE_CPU=1; the 2-process run uses half the per-process batch so the global batch
-(and therefore the data order, see `fspo.train.data.batch_order`) matches the 1-process run.
+(and therefore the data order, see `fspo.train.buckets.batch_order`) matches the 1-process run.
 Prints both loss curves and a final JSON line.
 """
 
@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from fspo.data.io import write_records
-from fspo.data.toy import toy_corpus, toy_episodes, toy_users
 from fspo.models.default import init_model
+from fspo.testing import toy_corpus, toy_episodes, toy_users
 
 STEPS = 20
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "TOKENIZERS_PARALLELISM": "false",

@@ -56,7 +56,7 @@ from fspo.infer.logps import score_targets
 from fspo.models.loading import load_model, load_tokenizer
 from fspo.sim import simulate
 from fspo.train.config import CONFIG_FILE, TrainConfig, load_config
-from fspo.train.data import limit_shots
+from fspo.train.tokenize import limit_shots
 from fspo.train.trainer import train
 
 

@@ -25,7 +25,7 @@ from collections import defaultdict
 from functools import cache
 from pathlib import Path
 
-from fspo.eval.records import users_by_id
+from fspo.eval.readers import users_by_id
 from fspo.sim.base import RELEVANCE, Domain
 from fspo.sim.registry import get_domain
 

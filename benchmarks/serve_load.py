@@ -43,8 +43,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from fspo.core.loopback import serve_in_thread
 from fspo.data.schema import Preference
+from fspo.testing import serve_in_thread
 
 QUICKSTART_MODEL = Path("runs/quickstart/fspo/model")
 
@@ -227,8 +227,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
+    from fspo.serve.answerers import System, local_answerer
     from fspo.serve.app import create_app
-    from fspo.serve.engine import System, local_backend
     from fspo.serve.store import Store
     from fspo.sim import simulate
 
@@ -245,9 +245,9 @@ def main() -> None:
         random = _random_copy(model, Path(tmp) / "random", args.seed)
         store = Store(f"sqlite:///{tmp}/serve.db")
         systems = [
-            System("fspo", local_backend(model)),
-            System("random", local_backend(random)),
-            System("random-nocache", local_backend(random, cache_bytes=0)),
+            System("fspo", local_answerer(model)),
+            System("random", local_answerer(random)),
+            System("random-nocache", local_answerer(random, cache_bytes=0)),
         ]
         app = create_app(store, systems)
         keys = {u: store.create_key(u)[1] for u in names}
@@ -264,7 +264,7 @@ def main() -> None:
             load = _load(url, store, load_users, by_user, args)
             print(f"load: {json.dumps(load)}")
         store.close()
-        counters = {s.name: s.backend.cache.stats() for s in systems if s.backend.cache is not None}
+        counters = {s.name: s.answerer.cache.stats() for s in systems if s.answerer.cache is not None}
     print(json.dumps({"model": str(model), "load": load, "prefix_cache": cache, "cache_counters": counters}))
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from fspo.data.episodes import load_episodes
 from fspo.eval.personal import shot_ceiling
-from fspo.eval.records import users_by_id
+from fspo.eval.readers import users_by_id
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ from fspo.data.episodes import load_episodes
 from fspo.data.template import TemplateOptions
 from fspo.eval import accuracy_curve, generate_for_episodes, winrate
 from fspo.eval.personal import trait_shares
-from fspo.eval.records import read_generations, users_by_id
+from fspo.eval.readers import read_generations, users_by_id
 from fspo.models.gguf_import import import_gguf
 from fspo.models.loading import load_model, load_tokenizer
 from fspo.train.card import SUMMARY_FILE, write_model_card

@@ -1,6 +1,6 @@
 """Requests per second of the LLM client (`fspo.llm.LLMClient`) against a local server with a fixed latency.
 
-Starts the stub OpenAI server (`fspo.llm.stub`) on 127.0.0.1, whose every reply takes `--latency`
+Starts the stub OpenAI server (`fspo.testing.serve_openai`) on 127.0.0.1, whose every reply takes `--latency`
 seconds, and sends `--requests` distinct requests through `LLMClient` (the real openai client,
 retries and accounting; no cache) at each concurrency limit. With a fixed latency L
 and limit C the ideal is C / L requests per second: the table shows how close the client comes and
@@ -20,7 +20,7 @@ from typing import Any
 
 from fspo.llm import BackendConfig, LLMClient
 from fspo.llm.backends.openai_http import OpenAIBackend
-from fspo.llm.stub import Reply, serve_openai
+from fspo.testing import Reply, serve_openai
 
 
 async def _measure(base_url: str, concurrency: int, n: int) -> tuple[float, int]:

@@ -27,8 +27,8 @@ from fspo.data.tokens import pad_id_of
 from fspo.infer.logps import compute_pair_logps
 from fspo.models.default import init_model
 from fspo.models.loading import load_model, load_tokenizer
-from fspo.train.data import tokenize_episodes
 from fspo.train.losses import preference_loss
+from fspo.train.tokenize import tokenize_episodes
 
 WORDS = "the a user likes short long answers with facts stories examples plans science history".split()  # noqa: SIM905
 

@@ -48,7 +48,7 @@ from transformers import LlamaForCausalLM
 
 from fspo.infer.pairs import ContextTokens, PairTokens, QuestionTokens
 from fspo.infer.prefix import pair_logps, plain_pair_logps, shared_pair_logps
-from fspo.models.tiny import tiny_llama
+from fspo.testing import tiny_llama
 from fspo.train.buckets import bucketed_batches, padding_fraction
 from fspo.train.losses import preference_loss
 from fspo.train.refcache import reference_logps

@@ -1,7 +1,7 @@
 """Toy data and tiny models shared by the test modules.
 
-The toy world (`fspo.data.toy`: users who prefer answers naming their favourite colour) and the tiny
-models (`fspo.models.tiny`) live in the package, so benchmarks build the same ones; here they become
+The toy world (users who prefer answers naming their favourite colour) and the tiny models live in
+`fspo.testing`, so benchmarks build the same ones; here they become
 fixtures, built once per session or module where building takes a while. Records handed out by
 session fixtures are shared: derive changed ones with `model_copy`, never edit them in place.
 
@@ -23,7 +23,7 @@ import pytest
 from fspo.core.errors import UserError
 from fspo.data.schema import Episode, User
 from fspo.data.template import render
-from fspo.data.toy import toy_corpus, toy_episodes, toy_users
+from fspo.testing import toy_corpus, toy_episodes, toy_users
 
 # The real `fspo` command in a subprocess (what a user runs), offline, one thread, wide enough that a
 # one-line error is never wrapped.
@@ -76,7 +76,7 @@ def train_world(root: Path, episodes: list[Episode]) -> dict[str, Path]:
     """
     from transformers import AutoTokenizer
 
-    from fspo.models.tiny import tiny_gpt2
+    from fspo.testing import tiny_gpt2
 
     llama = tiny_llama_dir(root / "llama", toy_corpus(episodes) * 3)
     tokenizer = AutoTokenizer.from_pretrained(llama)
@@ -152,7 +152,7 @@ def eval_episodes(eval_users: list[User]) -> list[Episode]:
 def eval_lm(eval_episodes: list[Episode]):
     """(model, tokenizer): a `tiny_lm` trained on the rendered eval episodes; per module, since tests
     may patch the model."""
-    from fspo.models.tiny import tiny_lm
+    from fspo.testing import tiny_lm
 
     rendered = [render(e) for e in eval_episodes]
     return tiny_lm([r.prompt + r.chosen for r in rendered] * 3)

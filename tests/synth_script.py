@@ -13,7 +13,7 @@ import re
 import threading
 from typing import Any
 
-from fspo.llm.stub import Reply
+from fspo.testing import Reply
 
 
 def _h(*parts: str) -> int:

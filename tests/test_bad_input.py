@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CLI_ENV, FSPO_CLI, generations, tiny_llama_dir, write_jsonl
-from fspo.data.toy import toy_corpus, toy_episodes, toy_preferences, toy_users
+from fspo.testing import toy_corpus, toy_episodes, toy_preferences, toy_users
 
 CASE_TIMEOUT_S = 90
 
@@ -73,6 +73,27 @@ def _truncated(source: str, keep_lines: int, target: str | None = None):
 REVIEW_HEADER = "prompt,chosen,rejected,user_id\n"
 LATIN1_CSV = (REVIEW_HEADER + "Is it good?,Très bien,Bad,u1\n").encode("latin-1")
 SYNTH_CONFIG = (Path(__file__).parents[1] / "configs" / "synth" / "roleplay.yaml").read_text()
+
+# Command lines several cases share (each case adds what it gets wrong).
+SYNTH_RUN = "synth run {c}/cfg.yaml --out {c}/run"
+TRAIN_CONFIG = "train fspo --model {s}/model --episodes {s}/train.jsonl --out {c}/run --config {c}/t.yaml"
+GENERATE = "generate --model {s}/model --episodes {s}/episodes.jsonl"
+ACCURACY = "eval accuracy --model {s}/model --episodes {s}/episodes.jsonl --shots 0"
+WINRATE = "eval winrate --a {s}/a.jsonl --b {s}/b.jsonl --users {s}/users.jsonl"
+REPORT = "report {c}/run --out {c}/rep"
+MODEL_INIT = "model init --out {c}/m --sim-domain roleplay"
+SERVE = "serve --model {s}/model --db sqlite:///{c}/s.db --port 0"
+
+
+def _unusable_out(name: str, command: str) -> list[Case]:
+    """`command` with an `--out` nothing can be written to (under /proc), and one where a folder stands."""
+    return [
+        Case(f"{name}-out-unwritable", f"{command} --out /proc/x", "/proc/x"),
+        Case(
+            f"{name}-out-is-folder", f"{command} --out {{c}}/outdir", "outdir", files={"outdir/keep.txt": "x"}
+        ),
+    ]
+
 
 CASES: list[Case] = [
     # --- data
@@ -141,31 +162,17 @@ CASES: list[Case] = [
     Case("sim-unknown-option", "sim run --users 2 --option nosuch=1 --out {c}/sim", "nosuch"),
     # --- synth
     Case("synth-missing-config", "synth run {c}/nope.yaml --out {c}/run", "nope.yaml"),
-    Case(
-        "synth-unknown-field",
-        "synth run {c}/cfg.yaml --out {c}/run",
-        "bananas",
-        files={"cfg.yaml": SYNTH_CONFIG + "\nbananas: 3\n"},
-    ),
+    Case("synth-unknown-field", SYNTH_RUN, "bananas", files={"cfg.yaml": SYNTH_CONFIG + "\nbananas: 3\n"}),
     Case(
         "synth-wrong-type",
-        "synth run {c}/cfg.yaml --out {c}/run",
+        SYNTH_RUN,
         "count",
         files={"cfg.yaml": SYNTH_CONFIG.replace("count:", "count: many\n  old_count:", 1)},
     ),
-    Case(
-        "synth-yaml-syntax",
-        "synth run {c}/cfg.yaml --out {c}/run",
-        "cfg.yaml",
-        files={"cfg.yaml": "name: [unclosed\n"},
-    ),
+    Case("synth-yaml-syntax", SYNTH_RUN, "cfg.yaml", files={"cfg.yaml": "name: [unclosed\n"}),
     # --- model
-    Case(
-        "model-init-negative-pretrain",
-        "model init --out {c}/m --sim-domain roleplay --pretrain-steps -5",
-        "pretrain-steps",
-    ),
-    Case("model-init-unknown-size", "model init --out {c}/m --sim-domain roleplay --size huge", "huge"),
+    Case("model-init-negative-pretrain", MODEL_INIT + " --pretrain-steps -5", "pretrain-steps"),
+    Case("model-init-unknown-size", MODEL_INIT + " --size huge", "huge"),
     Case("model-init-missing-corpus", "model init --out {c}/m --corpus {c}/nope.txt", "nope.txt"),
     Case("model-import-missing-gguf", "model import {c}/nope.gguf --out {c}/m", "nope.gguf"),
     Case(
@@ -192,18 +199,8 @@ CASES: list[Case] = [
         "train sft --model {s}/model --episodes {c}/nope.jsonl --out {c}/run",
         "nope.jsonl",
     ),
-    Case(
-        "train-bad-config-field",
-        "train fspo --model {s}/model --episodes {s}/train.jsonl --out {c}/run --config {c}/t.yaml",
-        "bananas",
-        files={"t.yaml": "lr: 0.001\nbananas: 3\n"},
-    ),
-    Case(
-        "train-config-wrong-type",
-        "train fspo --model {s}/model --episodes {s}/train.jsonl --out {c}/run --config {c}/t.yaml",
-        "lr",
-        files={"t.yaml": "lr: fast\n"},
-    ),
+    Case("train-bad-config-field", TRAIN_CONFIG, "bananas", files={"t.yaml": "lr: 0.001\nbananas: 3\n"}),
+    Case("train-config-wrong-type", TRAIN_CONFIG, "lr", files={"t.yaml": "lr: fast\n"}),
     Case(
         "train-missing-config",
         "train sft --model {s}/model --episodes {s}/train.jsonl --out {c}/run --config {c}/nope.yaml",
@@ -234,17 +231,7 @@ CASES: list[Case] = [
         # the trainer saves the run's config (a new file in a new folder) before it reads the episodes
     ),
     # --- generate
-    Case(
-        "generate-out-unwritable",
-        "generate --model {s}/model --episodes {s}/episodes.jsonl --out /proc/x",
-        "/proc/x",
-    ),
-    Case(
-        "generate-out-is-folder",
-        "generate --model {s}/model --episodes {s}/episodes.jsonl --out {c}/outdir",
-        "outdir",
-        files={"outdir/keep.txt": "x"},
-    ),
+    *_unusable_out("generate", GENERATE),
     Case(
         "generate-truncated-episodes",
         "generate --model {s}/model --episodes {c}/episodes.jsonl --out {c}/g.jsonl",
@@ -256,23 +243,9 @@ CASES: list[Case] = [
         "generate --model {c}/nomodel --episodes {s}/episodes.jsonl --out {c}/g.jsonl",
         "nomodel",
     ),
-    Case(
-        "generate-unknown-mode",
-        "generate --model {s}/model --episodes {s}/episodes.jsonl --out {c}/g.jsonl --mode banana",
-        "banana",
-    ),
+    Case("generate-unknown-mode", GENERATE + " --out {c}/g.jsonl --mode banana", "banana"),
     # --- eval accuracy
-    Case(
-        "accuracy-out-unwritable",
-        "eval accuracy --model {s}/model --episodes {s}/episodes.jsonl --out /proc/x --shots 0",
-        "/proc/x",
-    ),
-    Case(
-        "accuracy-out-is-folder",
-        "eval accuracy --model {s}/model --episodes {s}/episodes.jsonl --out {c}/outdir --shots 0",
-        "outdir",
-        files={"outdir/keep.txt": "x"},
-    ),
+    *_unusable_out("accuracy", ACCURACY),
     Case(
         "accuracy-bad-shots",
         "eval accuracy --model {s}/model --episodes {s}/episodes.jsonl --shots one,two",
@@ -284,12 +257,7 @@ CASES: list[Case] = [
         "episodes.jsonl:2",
         files={"episodes.jsonl": _truncated("episodes.jsonl", 1)},
     ),
-    Case(
-        "accuracy-missing-ref",
-        "eval accuracy --model {s}/model --ref {c}/noref "
-        "--episodes {s}/episodes.jsonl --shots 0 --out {c}/acc.json",
-        "noref",
-    ),
+    Case("accuracy-missing-ref", ACCURACY + " --ref {c}/noref --out {c}/acc.json", "noref"),
     # --- eval winrate
     Case(
         "winrate-truncated-a",
@@ -297,66 +265,38 @@ CASES: list[Case] = [
         "a.jsonl:3",
         files={"a.jsonl": _truncated("a.jsonl", 2)},
     ),
-    Case(
-        "winrate-out-is-folder",
-        "eval winrate --a {s}/a.jsonl --b {s}/b.jsonl --users {s}/users.jsonl --out {c}/outdir",
-        "outdir",
-        files={"outdir/keep.txt": "x"},
-    ),
-    Case(
-        "winrate-out-unwritable",
-        "eval winrate --a {s}/a.jsonl --b {s}/b.jsonl --users {s}/users.jsonl --out /proc/x",
-        "/proc/x",
-    ),
-    Case(
-        "winrate-out-under-a-file",
-        "eval winrate --a {s}/a.jsonl --b {s}/b.jsonl --users {s}/users.jsonl --out {c}/f.txt/w.json",
-        "f.txt",
-        files={"f.txt": "x"},
-    ),
+    *_unusable_out("winrate", WINRATE),
+    Case("winrate-out-under-a-file", WINRATE + " --out {c}/f.txt/w.json", "f.txt", files={"f.txt": "x"}),
     Case(
         "winrate-missing-users",
         "eval winrate --a {s}/a.jsonl --b {s}/b.jsonl --users {c}/nope.jsonl --out {c}/w.json",
         "nope.jsonl",
     ),
-    Case(
-        "winrate-unknown-judge",
-        "eval winrate --a {s}/a.jsonl --b {s}/b.jsonl --users {s}/users.jsonl "
-        "--judge banana --out {c}/w.json",
-        "banana",
-    ),
+    Case("winrate-unknown-judge", WINRATE + " --judge banana --out {c}/w.json", "banana"),
     # --- report
     Case(
         "report-truncated-result",
-        "report {c}/run --out {c}/rep",
+        REPORT,
         "winrate.json",
         files={"run/winrate.json": '{"system": "fspo", "opponent": "base", "win'},
     ),
     Case(
         "report-truncated-generations",
-        "report {c}/run --out {c}/rep",
+        REPORT,
         "gen.jsonl:3",
         files={"run/gen.jsonl": _truncated("a.jsonl", 2, "run/gen.jsonl")},
     ),
     Case(
         "report-winrate-wrong-shape",
-        "report {c}/run --out {c}/rep",
+        REPORT,
         "winrate.json",
         files={"run/winrate.json": '{"kind": "fspo.winrate", "results": [{"system": 1}]}'},
     ),
     Case("report-missing-run-dir", "report {c}/norun --out {c}/rep", "norun"),
     # --- serve / study
     Case("serve-bad-db-url", "serve --model {s}/model --db notaurl --port 0", "notaurl"),
-    Case(
-        "serve-missing-study",
-        "serve --model {s}/model --db sqlite:///{c}/s.db --port 0 --study {c}/nope.yaml",
-        "nope.yaml",
-    ),
-    Case(
-        "serve-bad-baseline",
-        "serve --model {s}/model --db sqlite:///{c}/s.db --port 0 --baseline justaname",
-        "justaname",
-    ),
+    Case("serve-missing-study", SERVE + " --study {c}/nope.yaml", "nope.yaml"),
+    Case("serve-bad-baseline", SERVE + " --baseline justaname", "justaname"),
     Case("serve-keys-bad-db-url", "serve keys list --db notaurl", "notaurl"),
     Case("study-report-bad-db-url", "study report --db notaurl", "notaurl"),
     Case(
@@ -393,7 +333,6 @@ def _run(case: Case, shared: Path, folder: Path) -> Outcome:
         if callable(content):
             content(folder, shared)
             continue
-        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
     before = _hashes(folder)
     args = shlex.split(case.args.format(s=shared, c=folder))
@@ -501,6 +440,37 @@ CASES.extend(
             "episodes-unknown-duplicate-policy",
             "data episodes -d {s}/data -n 2 -o {c}/eps --on-duplicate newest",
             "--on-duplicate must be one of error, first, last",
+        ),
+    ]
+)
+
+
+# --- `data validate` applies the rules of the readers further on (serve import, data episodes) ---
+
+CASES.extend(
+    [
+        Case(
+            "validate-nan-in-metadata",
+            "data validate {c}/users.jsonl --kind user",
+            "users.jsonl:1: metadata.score: nan is not a finite number",
+            files={"users.jsonl": '{"user_id": "u1", "metadata": {"score": NaN}}\n'},
+        ),
+        Case(
+            "validate-nul-in-question",
+            "data validate {c}/prefs.jsonl --kind preference",
+            "prefs.jsonl:1: question: contains a NUL character",
+            files={
+                "prefs.jsonl": '{"user_id": "u1", "question": "a\\u0000b", "chosen": "x", "rejected": "y"}\n'
+            },
+        ),
+        Case(
+            "validate-user-with-two-descriptions",
+            "data validate {c}/users.jsonl --kind user",
+            "users.jsonl:2: user u1: conflicts with",
+            files={
+                "users.jsonl": '{"user_id": "u1", "description": "likes red"}\n'
+                '{"user_id": "u1", "description": "likes blue"}\n'
+            },
         ),
     ]
 )

@@ -25,7 +25,7 @@ def _names(kind: str) -> list[str]:
 
 def test_recipes_override_only_what_differs_from_the_defaults():
     assert _names("recipes") == ["fspo", "sft"]
-    defaults = TrainConfig(**REQUIRED).model_dump()
+    defaults = {k: f.get_default(call_default_factory=True) for k, f in TrainConfig.model_fields.items()}
     for stage in ("sft", "fspo"):
         values = recipe(stage)
         assert values["stage"] == stage
@@ -38,21 +38,17 @@ def test_recipes_override_only_what_differs_from_the_defaults():
 
 
 @pytest.fixture
-def resolved(monkeypatch, tmp_path):
-    """`fspo train STAGE ARGS...` -> the config the training loop would get (training itself skipped)."""
-    import fspo.train.trainer
-    from fspo.train.cli import app
+def resolved(monkeypatch):
+    """`fspo train STAGE ARGS... --print-config` -> the config the training loop would get."""
+    import fspo.train.cli as cli
 
     seen = []
-
-    def fake_train(cfg, resume=False, overwrite=False):
-        seen.append(cfg)
-        raise SystemExit(0)
-
-    monkeypatch.setattr(fspo.train.trainer, "train", fake_train)
+    monkeypatch.setattr(cli, "show_config", lambda r, title: seen.append(r.config))
 
     def run(stage: str, *args: str) -> TrainConfig:
-        result = CliRunner().invoke(app, [stage, "--model", "m", "--episodes", "e", *args])
+        result = CliRunner().invoke(
+            cli.app, [stage, "--model", "m", "--episodes", "e", *args, "--print-config"]
+        )
         assert seen, result.output
         return seen.pop()
 
@@ -67,12 +63,12 @@ def test_train_cli_starts_from_the_recipe_and_options_override_it(resolved):
     assert resolved("sft").model_dump() == make_config({**recipe("sft"), **REQUIRED}).model_dump()
 
 
-def test_a_config_file_replaces_the_recipe(resolved, tmp_path):
+def test_a_config_file_lies_between_the_recipe_and_the_flags(resolved, tmp_path):
     partial = tmp_path / "partial.yaml"
     partial.write_text("beta: 0.3\nmax_steps: 7\n")
     cfg = resolved("fspo", "--config", str(partial), "--max-steps", "9")
-    # A config file is a whole run's: its missing fields take TrainConfig's defaults, not the recipe's.
-    assert (cfg.beta, cfg.max_steps, cfg.lr, cfg.scheduler) == (0.3, 9, 1e-4, "constant")
+    # The file's fields override the recipe's, the flags the file's; the rest is the recipe's.
+    assert (cfg.beta, cfg.max_steps, cfg.lr, cfg.scheduler) == (0.3, 9, 3e-4, "cosine")
 
 
 def test_profiles_are_the_default_file_with_each_profile_on_top():
@@ -87,7 +83,7 @@ def test_profiles_are_the_default_file_with_each_profile_on_top():
         assert load_profile("default", domain=domain).domain == domain
     tiny = load_profile("tiny")
     assert (tiny.model_size, tiny.pretrain_steps, tiny.accuracy_shots) == ("tiny", 4, (0, 1, 2))
-    assert tiny.sim_options == default["sim_options"] and tiny.beta == default["beta"]
+    assert tiny.sim_options == default["sim_options"] and tiny.fspo["beta"] == default["fspo"]["beta"]
 
 
 def test_unknown_profile_names_the_choices():

@@ -105,7 +105,7 @@ def test_every_bad_row_is_listed_with_file_line_and_field(tmp_path: Path) -> Non
         ],
     )
     with pytest.raises(DataError) as info:
-        read_records(path, Preference)
+        read_records(path, Preference, skip_invalid=False)  # a caller that offers --skip-invalid
     problems = info.value.problems
     expected = [
         (2, "record", "broken JSON"),
@@ -124,6 +124,9 @@ def test_every_bad_row_is_listed_with_file_line_and_field(tmp_path: Path) -> Non
         assert text in problem
     message = str(info.value)
     assert "9 of 10 Preference records are invalid" in message and "--skip-invalid" in message
+    with pytest.raises(DataError) as info:
+        read_records(path, Preference)  # one that does not: the message does not suggest it
+    assert "--skip-invalid" not in str(info.value)
 
 
 def test_skip_invalid_reports_what_it_skipped(tmp_path: Path) -> None:

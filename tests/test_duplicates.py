@@ -20,7 +20,7 @@ from fspo.core.errors import DataError, UserError
 from fspo.data.episodes import build_episodes
 from fspo.data.io import read_dataset_dir, read_records, write_records
 from fspo.data.schema import Preference, User
-from fspo.data.toy import toy_preferences, toy_users
+from fspo.testing import toy_preferences, toy_users
 
 
 def folder(tmp_path: Path, prefs: list, users: list) -> Path:
@@ -64,7 +64,7 @@ def test_conflicting_users_are_an_error_naming_both_lines(tmp_path: Path) -> Non
     other = User(user_id="u1", description="likes green", metadata={"split": "test"})
     d = folder(tmp_path, [P1, P3], [U1, U2, other])
     with pytest.raises(DataError) as info:
-        read_dataset_dir(d)
+        read_dataset_dir(d, on_duplicate="error")
     assert "--on-duplicate first|last" in str(info.value)
     assert info.value.problems == [
         f"{d}/users.jsonl:3: user u1: conflicts with {d}/users.jsonl:1 "

@@ -16,7 +16,8 @@ from fspo.data.template import (
 )
 from fspo.data.tokens import prompt_token_ids
 from fspo.eval.generate import generate_for_episodes, partial_path
-from fspo.infer.generate import answer_finished, prompt_ids
+from fspo.eval.personal import loop_shares, repetition_loop
+from fspo.infer.generate import Decoding, answer_finished, prompt_ids
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +44,11 @@ def test_batch_and_single_give_the_same_greedy_output(world):
         "prompt_tokens",
         "split",
         "mode",
-        "seed",
+        "decoding",
         "batch_size",
     } <= rec.keys()
     assert rec["system"] == "plain" and rec["new_tokens"] <= 12
+    assert rec["decoding"] == Decoding(seed=0).model_dump()  # the record says how it was decoded
 
 
 def test_heading_ids_are_appended_after_prompt_ids(world):
@@ -115,12 +117,153 @@ def test_rat_and_oracle_modes(world):
     assert len(oracle) == 2
 
 
-def test_sampling_is_seeded(world):
+def test_sampling_is_seeded_per_episode(world):
+    """An episode's sampled answer depends on the seed alone: not on the batch size, nor on which
+    other episodes are in the run."""
     _, episodes, model, tok = world
-    kw = {"max_new_tokens": 10, "temperature": 1.0, "top_p": 0.9}
-    a = generate_for_episodes(model, tok, episodes[:4], seed=3, **kw)
-    b = generate_for_episodes(model, tok, episodes[:4], seed=3, **kw)
-    assert [r["raw"] for r in a] == [r["raw"] for r in b]
+    sampled = Decoding(temperature=1.0, top_p=0.9, seed=3)
+
+    def raws(eps, decoding=sampled, batch_size=8):
+        kw = {"max_new_tokens": 10, "decoding": decoding, "batch_size": batch_size}
+        return {r["episode_id"]: r["raw"] for r in generate_for_episodes(model, tok, eps, **kw)}
+
+    whole = raws(episodes)
+    assert raws(episodes) == whole
+    assert raws(episodes, batch_size=1) == whole
+    subset = raws(episodes[5:0:-2], batch_size=2)  # other batches, other order, other neighbours
+    assert subset == {k: whole[k] for k in subset}
+    other_seed = raws(episodes, Decoding(temperature=1.0, top_p=0.9, seed=4))
+    assert sum(other_seed[k] != whole[k] for k in whole) >= len(whole) // 2
+    assert raws(episodes, Decoding()) != whole  # greedy is another answer
+
+
+def _kill_after(monkeypatch, batches: int) -> None:
+    """The next run's `generate_batch` raises KeyboardInterrupt (a kill) after `batches` batches."""
+    import fspo.eval.generate as gen
+
+    real, calls = gen.generate_batch, []
+
+    def killed(*args, **kwargs):
+        if len(calls) == batches:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate_batch", killed)
+
+
+def test_killed_sampled_run_resumes_byte_identical(world, tmp_path, monkeypatch):
+    _, episodes, model, tok = world
+    decoding = Decoding(temperature=0.8, top_p=0.95, repetition_penalty=1.3, no_repeat_ngram_size=3, seed=5)
+    kw = {"max_new_tokens": 12, "batch_size": 3, "decoding": decoding}
+    straight = tmp_path / "straight.jsonl"
+    generate_for_episodes(model, tok, episodes, out=straight, **kw)
+    out = tmp_path / "killed.jsonl"
+    with monkeypatch.context() as patch:
+        _kill_after(patch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            generate_for_episodes(model, tok, episodes, out=out, **kw)
+    assert not out.exists() and len(partial_path(out).read_text().splitlines()) == 3  # one batch logged
+    generate_for_episodes(model, tok, episodes, out=out, **kw)
+    assert out.read_bytes() == straight.read_bytes() and not partial_path(out).exists()
+    with pytest.raises(UserError, match="other settings"):  # another decoding is not mixed in
+        generate_for_episodes(model, tok, episodes, out=out, **{**kw, "decoding": Decoding(seed=5)})
+
+
+def test_repetition_controls_count_the_answer_only(world):
+    """No n-gram twice in an answer with no_repeat_ngram_size=n, while the answer may still repeat
+    n-grams of its prompt (the shots' phrasing)."""
+    from fspo.infer.generate import generate_batch
+
+    _, episodes, model, tok = world
+    prompts = [prompt_ids(e, tok) for e in episodes[:4]]
+    kw = {"rat": False, "max_new_tokens": 40}
+    plain = generate_batch(model, tok, prompts, **kw)
+    banned = generate_batch(model, tok, prompts, decoding=Decoding(no_repeat_ngram_size=2), **kw)
+
+    def bigrams(ids):
+        return list(zip(ids, ids[1:], strict=False))
+
+    assert any(len(set(bigrams(ids))) < len(bigrams(ids)) for ids in plain)  # greedy repeats itself
+    for ids in banned:
+        assert len(set(bigrams(ids))) == len(bigrams(ids))
+    # Columns before `answer_start` (the prompt) ban nothing and are not penalized.
+    import torch
+
+    from fspo.infer.generate import logits_processors
+
+    ids = torch.tensor([[5, 6, 7, 9, 5, 8, 5]])  # prompt 5 6 7 9 | answer 5 8 5
+    strict = Decoding(no_repeat_ngram_size=2, repetition_penalty=2.0)
+    scores = torch.ones(1, 10)
+    for proc in logits_processors(strict, 4, [0]):
+        scores = proc(ids, scores)
+    # 5 -> 6 occurs in the prompt only, 5 -> 8 in the answer: only 8 is banned; only 5 and 8 penalized
+    assert scores[0, 8] == float("-inf") and scores[0, 5] == 0.5
+    assert scores[0, [6, 7, 9]].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_bad_decoding_values_are_refused_naming_the_field():
+    for values, field in [
+        ({"temperature": -0.5}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0.0, "temperature": 1.0}, "top_p"),
+        ({"top_p": 1.5, "temperature": 1.0}, "top_p"),
+        ({"repetition_penalty": 0.8}, "repetition_penalty"),
+        ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
+        ({"top_k": 5}, "top_k"),
+    ]:
+        with pytest.raises(UserError, match=rf"where: invalid decoding: field '{field}'"):
+            Decoding.of("where", **values)
+    assert Decoding(top_p=0.9) == Decoding()  # greedy has no top-p: recorded as 1
+
+
+def test_cli_refuses_bad_decoding_naming_the_option(tmp_path):
+    from conftest import run_typer
+    from fspo.cli import app
+
+    base = ["generate", "--model", tmp_path, "--episodes", tmp_path, "--out", tmp_path / "g.jsonl"]
+    code, message = run_typer(app, *base, "--repetition-penalty", "0.5")
+    assert code == 2 and "fspo generate: invalid decoding: field 'repetition_penalty'" in message
+    code, message = run_typer(app, *base, "--top-p", "0", "--temperature", "1")
+    assert code == 2 and "field 'top_p'" in message
+    code, message = run_typer(app, *base, "--best-of", "4")
+    assert code == 2 and "best-of-4 needs sampled decoding" in message
+    code, message = run_typer(app, *base, "--ref", tmp_path)
+    assert code == 2 and "--ref" in message and "--best-of" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "loop"),
+    [
+        ("ha " * 12, True),
+        ("I love it. " * 4, True),
+        ("This phone has a great battery life. " * 2 + "Buy it.", True),
+        ("Great phone. " + "The the THE " * 4, True),
+        ("ha " * 11, False),  # under 12 words
+        ("very very good, a very good phone with a very very long battery life", False),
+        ("A good phone. It is fast. A good phone. The battery lasts a day, the screen is bright.", False),
+        ("- Buy red.\n- Buy blue.\n- Buy green.\n- Buy gold.\n- Buy teal.\n- Buy pink.", False),
+        ("", False),
+    ],
+)
+def test_repetition_loop(text, loop):
+    assert repetition_loop(text) is loop
+
+
+def test_loop_shares_per_system_and_split():
+    rows = [
+        {"system": "a", "split": "test_unseen", "answer": "ha " * 20},
+        {"system": "a", "split": "test_unseen", "answer": "A fine answer."},
+        {"system": "a", "split": "test_seen", "answer": "A fine answer."},
+        {"system": "b", "answer": "I love it. " * 5},
+    ]
+    assert loop_shares(rows) == {
+        "a": {
+            "test_seen": {"loop_share": 0.0, "loops": 0, "n": 1},
+            "test_unseen": {"loop_share": 0.5, "loops": 1, "n": 2},
+        },
+        "b": {"all": {"loop_share": 1.0, "loops": 1, "n": 1}},
+    }
 
 
 def test_answer_finished_rules():

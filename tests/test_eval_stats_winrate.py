@@ -10,11 +10,11 @@ from scipy.stats import binomtest
 
 from conftest import cli_args, generations, write_jsonl
 from fspo.core.errors import DataError, UserError
-from fspo.data.toy import toy_reward_for
 from fspo.eval.accuracy import accuracy_curve
 from fspo.eval.judges import ExactRewardJudge
 from fspo.eval.stats import bootstrap_interval, wilson_interval
 from fspo.eval.winrates import load_winrates, summarize, winrate
+from fspo.testing import toy_reward_for
 
 
 @pytest.mark.parametrize("k,n", [(0, 10), (7, 10), (10, 10), (87, 100), (1, 3)])

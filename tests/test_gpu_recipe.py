@@ -21,7 +21,7 @@ import yaml
 
 from conftest import tiny_llama_dir, write_jsonl
 from fspo.data.episodes import build_episodes
-from fspo.data.toy import toy_corpus, toy_preferences, toy_users
+from fspo.testing import toy_corpus, toy_preferences, toy_users
 from fspo.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

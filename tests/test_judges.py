@@ -13,9 +13,8 @@ from contextlib import contextmanager
 import pytest
 
 from fspo.core.errors import UserError
-from fspo.data.toy import toy_reward_for, toy_users
 from fspo.eval.judges import ExactRewardJudge, OpenAIJudge, make_judge, parse_verdict
-from fspo.llm.stub import Reply, StubServer, serve_openai
+from fspo.testing import Reply, StubServer, serve_openai, toy_reward_for, toy_users
 
 
 @contextmanager
@@ -204,7 +203,7 @@ def test_openai_judge_needs_a_model(monkeypatch):
 
 def test_local_judge_gives_order_averaged_probability():
     from fspo.eval.judges import LocalJudge
-    from fspo.models.tiny import tiny_lm
+    from fspo.testing import tiny_lm
 
     model, tok = tiny_lm(["Response A is better. Response B is better. A B"] * 5)
     tok.chat_template = None  # exercise the raw-prompt path

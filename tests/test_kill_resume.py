@@ -19,9 +19,9 @@ import pytest
 
 from conftest import tiny_llama_dir, write_jsonl
 from fspo.core.errors import UserError
-from fspo.data.toy import toy_corpus, toy_episodes, toy_users
 from fspo.eval.accuracy import accuracy_curve, pair_margins
 from fspo.eval.generate import generate_for_episodes, partial_path
+from fspo.testing import toy_corpus, toy_episodes, toy_users
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 FSPO = [sys.executable, "-c", "from fspo.cli import main; main()"]

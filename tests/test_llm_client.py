@@ -28,7 +28,7 @@ from fspo.llm import (
     request_key,
 )
 from fspo.llm.backends.openai_http import OpenAIBackend
-from fspo.llm.stub import Reply, serve_openai, user_text
+from fspo.testing import Reply, serve_openai, user_text
 
 QUESTION = [{"role": "system", "content": "Reply in JSON."}, {"role": "user", "content": "A or B?"}]
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from fspo.core.errors import UserError
-from fspo.data.toy import toy_episodes, toy_users
 from fspo.models.default import init_model, read_corpus
 from fspo.models.loading import load_model, load_tokenizer
 from fspo.models.pretrain import pack, pretrain, template_documents
+from fspo.testing import toy_episodes, toy_users
 
 
 def test_init_makes_a_plain_hf_folder(tmp_path: Path, toy_texts: list[str]) -> None:

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI_ENV, FSPO_CLI, data_cli, tiny_llama_dir, write_jsonl
+from conftest import CLI_ENV, FSPO_CLI, data_cli, train_world, write_jsonl
 from fspo.core import outputs
 from fspo.core.errors import UserError
 from fspo.core.outputs import RUN_FILE, OutputFolder, read_record, require_finished
-from fspo.data.toy import toy_corpus, toy_episodes, toy_preferences, toy_users
 from fspo.sim import simulate
+from fspo.testing import toy_episodes, toy_preferences, toy_users
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OWNS = ("data.jsonl", "parts")
@@ -361,10 +361,8 @@ def test_sim_run_interrupted_between_its_files_leaves_nothing(
 
 @pytest.fixture(scope="module")
 def train_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("outputs_train")
-    eps = toy_episodes(toy_users(8), per_user=4, shots=2)
-    return {"model": tiny_llama_dir(root / "llama", toy_corpus(eps) * 3),
-            "episodes": write_jsonl(root / "train.jsonl", eps)}  # fmt: skip
+    episodes = toy_episodes(toy_users(8), per_user=4, shots=2)
+    return train_world(tmp_path_factory.mktemp("outputs_train"), episodes)
 
 
 def test_train_refuses_rerun_other_settings_and_overwrites_cleanly(
@@ -376,8 +374,8 @@ def test_train_refuses_rerun_other_settings_and_overwrites_cleanly(
     out = tmp_path / "run"
 
     def cfg(**kw: object):
-        values = {**recipe("fspo"), "model": str(train_inputs["model"]),
-                  "episodes": str(train_inputs["episodes"]), "out": str(out), "batch_size": 4,
+        values = {**recipe("fspo"), "model": str(train_inputs["llama"]),
+                  "episodes": str(train_inputs["train"]), "out": str(out), "batch_size": 4,
                   "max_steps": 2, "log_every": 1, "progress": False, "seed": 1, **kw}  # fmt: skip
         return make_config(values)
 
@@ -417,8 +415,8 @@ def test_ctrl_c_during_training_says_what_to_rerun_and_resume_finishes(
 ) -> None:
     out = tmp_path / "run"
     # 120 steps: on a loaded machine the first logged step can be seen late.
-    cmd = [*FSPO_CLI, "train", "fspo", "--model", str(train_inputs["model"]),
-           "--episodes", str(train_inputs["episodes"]), "--out", str(out), "--batch-size", "2",
+    cmd = [*FSPO_CLI, "train", "fspo", "--model", str(train_inputs["llama"]),
+           "--episodes", str(train_inputs["train"]), "--out", str(out), "--batch-size", "2",
            "--max-steps", "120", "--save-every", "2", "--log-every", "1", "--no-progress",
            "--seed", "5"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -24,7 +24,7 @@ from fspo.paper import (
     render,
     run_paper,
 )
-from fspo.quickstart import DOMAINS, default_out, generated_systems, load_profile
+from fspo.quickstart import default_out, domains, generated_systems, load_profile
 
 # --- load_profile: the layers ---------------------------------------------------------------------------
 
@@ -43,7 +43,7 @@ def test_each_domain_layer_sets_its_population():
     reviews = load_profile(domain="reviews")
     assert reviews.domain == "reviews" and "test_fraction" in reviews.sim_options
     assert reviews.shots == 8 and reviews.also_shots == (4,)
-    assert [s[0] for s in generated_systems(reviews)][-2:] == ["fspo-4-shots", "fspo-rat-4-shots"]
+    assert [s.name for s in generated_systems(reviews)][-2:] == ["fspo-4-shots", "fspo-rat-4-shots"]
 
     elix = load_profile(domain="elix")
     assert elix.domain == "elix" and elix.shots == 4 and elix.also_shots == (1, 2)  # the default's
@@ -82,15 +82,17 @@ def test_seed_and_shots_override_and_shots_reshape_the_accuracy_curve():
 
 def test_a_config_file_overrides_any_field_last_but_for_seed_and_shots(tmp_path):
     config = tmp_path / "mine.yaml"
-    config.write_text("users: 77\nbeta: 0.25\nseed: 5\nsim_options:\n  test_fraction: 0.5\n")
+    config.write_text("users: 77\nfspo: {beta: 0.25}\nseed: 5\nsim_options:\n  test_fraction: 0.5\n")
     p = load_profile("tiny", domain="reviews", config=config)
-    assert (p.users, p.beta, p.seed, p.domain) == (77, 0.25, 5, "reviews")
+    assert (p.users, p.fspo["beta"], p.seed, p.domain) == (77, 0.25, 5, "reviews")
+    # A training table merges key by key: tiny's step budget and default's rate stay.
+    assert p.fspo["max_steps"] == load_profile("tiny").fspo["max_steps"] and p.fspo["lr"] == 1e-4
     assert p.sim_options == {"test_fraction": 0.5}
     assert p.model_size == load_profile("tiny").model_size  # the fields it does not name stay
     assert load_profile("tiny", config=config, seed=9).seed == 9
     as_json = tmp_path / "mine.json"
-    as_json.write_text(json.dumps({"fspo_steps": 7}))
-    assert load_profile(config=as_json).fspo_steps == 7
+    as_json.write_text(json.dumps({"fspo": {"max_steps": 7}}))
+    assert load_profile(config=as_json).fspo["max_steps"] == 7
 
 
 def test_a_config_key_that_is_no_profile_field_is_named_with_its_file(tmp_path):
@@ -117,8 +119,8 @@ def test_a_wrong_typed_config_value_names_the_file_and_field(tmp_path):
 def test_an_unknown_domain_names_the_choices():
     with pytest.raises(UserError) as err:
         load_profile(domain="poetry")
-    assert "'poetry'" in str(err.value) and all(d in str(err.value) for d in DOMAINS)
-    with pytest.raises(UserError, match="roleplay, reviews, elix"):
+    assert "'poetry'" in str(err.value) and all(d in str(err.value) for d in domains())
+    with pytest.raises(UserError, match="poetry.*choose from elix, reviews, roleplay"):
         run_paper("unused", ["reviews", "poetry"], [0], profile="tiny")
 
 
@@ -137,7 +139,7 @@ def _fspo(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     "args, files, expect",
     [
         (["quickstart", "--config", "bad.yaml"], {"bad.yaml": "users: 5\nshotz: 4\n"}, ["shotz", "bad.yaml"]),
-        (["quickstart", "--domain", "poetry"], {}, ["poetry", "roleplay, reviews, elix"]),
+        (["quickstart", "--domain", "poetry"], {}, ["poetry", "elix, reviews, roleplay"]),
         (["paper", "--seeds", "0,x", "--profile", "tiny"], {}, ["--seeds", "0,x"]),
     ],
     ids=["unknown-config-key", "unknown-domain", "bad-seeds"],

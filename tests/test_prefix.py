@@ -18,7 +18,7 @@ from fspo.infer.prefix import (
     shared_attention_mask,
     shared_pair_logps,
 )
-from fspo.models.tiny import tiny_gpt2, tiny_llama
+from fspo.testing import tiny_gpt2, tiny_llama
 
 VOCAB = 97
 PAD = 0

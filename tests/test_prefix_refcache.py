@@ -12,7 +12,7 @@ from transformers import LlamaForCausalLM
 from fspo.core.errors import UserError
 from fspo.infer.pairs import ContextTokens, PairTokens, QuestionTokens
 from fspo.infer.prefix import plain_pair_logps
-from fspo.models.tiny import tiny_llama
+from fspo.testing import tiny_llama
 from fspo.train import refcache
 from fspo.train.refcache import (
     ReferenceCache,
@@ -151,9 +151,9 @@ def test_training_weights_do_not_depend_on_a_partial_cache(tmp_path):
     from safetensors.torch import load_file
 
     from conftest import train_world, write_jsonl
-    from fspo.data.toy import toy_episodes, toy_users
+    from fspo.testing import toy_episodes, toy_users
     from fspo.train.config import make_config, recipe
-    from fspo.train.data import limit_shots
+    from fspo.train.tokenize import limit_shots
     from fspo.train.trainer import train
 
     rng = random.Random(0)  # 0 to 5 shots: episodes of very different lengths

@@ -6,7 +6,7 @@ import json
 
 from fspo.core.outputs import RUN_FILE
 from fspo.core.stages import MARKER
-from fspo.quickstart import GENERATED_SYSTEMS, STAGES, run_quickstart
+from fspo.quickstart import generated_systems, load_profile, run_quickstart, stages
 
 
 def test_quickstart_tiny_runs_every_stage_and_caches(tmp_path):
@@ -31,9 +31,9 @@ def test_quickstart_tiny_runs_every_stage_and_caches(tmp_path):
     ):
         assert (out / stage / MARKER).exists(), stage
     # The output policy's list of what the quickstart writes (what `--overwrite` may replace) is whole.
-    assert {p.name for p in out.iterdir()} == set(STAGES) | {RUN_FILE}
+    assert {p.name for p in out.iterdir()} == set(stages()) | {RUN_FILE}
     assert json.loads((out / RUN_FILE).read_text())["state"] == "finished"
-    for system, *_ in GENERATED_SYSTEMS:
+    for system in (s.name for s in generated_systems(load_profile("tiny"))):
         rows = (out / "generate" / f"{system}.jsonl").read_text().splitlines()
         assert rows and all(json.loads(r)["system"] == system for r in rows)
 
@@ -63,9 +63,9 @@ def _cell(system, opponent, rate, lo, hi, split="unseen"):
 
 
 def test_findings_follow_the_table_on_unseen_users():
-    from fspo.quickstart import _findings
+    from fspo.quickstart.report import findings
 
-    found = _findings(
+    found = findings(
         [
             _cell("fspo", "fspo-no-shots", 0.483, 0.40, 0.56),
             _cell("fspo", "population-ipo", 0.88, 0.82, 0.92),
@@ -81,7 +81,7 @@ def test_findings_follow_the_table_on_unseen_users():
 
 
 def test_findings_measure_rat_against_its_oracle_and_its_descriptions():
-    from fspo.quickstart import _findings
+    from fspo.quickstart.report import findings
 
     cells = [
         _cell("fspo-rat", "population-ipo", 0.60, 0.5, 0.7),
@@ -89,7 +89,7 @@ def test_findings_measure_rat_against_its_oracle_and_its_descriptions():
         _cell("oracle", "fspo-no-shots", 0.90, 0.84, 0.94),
     ]
     quality = {"fspo-rat": {"test_unseen": {"named": 0.5, "values": 240, "follows": 0.75}}}
-    found = _findings(cells, quality)
+    found = findings(cells, quality)
     assert found == [
         "oracle beats fspo-no-shots on unseen users (90.0%, n=150)",
         "fspo-rat recovers 75% of the oracle's win rate against population-ipo on unseen users "

@@ -16,7 +16,7 @@ from fspo.eval.personal import NOT_NAMED, description_quality
 from fspo.sim import get_domain, simulate
 from fspo.sim.base import SEVERAL
 from fspo.train import rat_pairs as rp
-from fspo.train.data import tokenize_episodes
+from fspo.train.tokenize import tokenize_episodes
 
 OPTS = {"pairing": "minimal", "traits": ["format", "enthusiasm"], "min_traits": 2, "max_traits": 2}
 RAT = TemplateOptions(description=DescriptionMode.TARGET)

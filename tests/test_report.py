@@ -9,10 +9,10 @@ import pytest
 
 from conftest import generations, write_jsonl
 from fspo.data.schema import Preference
-from fspo.data.toy import toy_reward_for
 from fspo.eval.judges import ExactRewardJudge
 from fspo.eval.report import collect_examples, preference_disagreement, write_report
 from fspo.eval.winrates import summarize, winrate
+from fspo.testing import toy_reward_for
 
 SYSTEMS = ["base", "population-ipo", "few-shot-prompting", "few-shot-pref-ft", "fspo", "fspo-rat", "oracle"]
 

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import write_jsonl
 from fspo.data.schema import Preference
-from fspo.data.toy import toy_episodes, toy_preferences, toy_users
+from fspo.testing import toy_episodes, toy_preferences, toy_users
 
 CHROMIUM = Path("/usr/bin/chromium")
 CODE = "blue-sky-42"
@@ -103,11 +103,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_folder: Path)
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, bank: list[Preference]):
     """(base URL, store, study) of the app serving the page, on 127.0.0.1."""
-    from fspo.core.loopback import serve_in_thread
+    from fspo.serve.answerers import System, local_answerer
     from fspo.serve.app import create_app
-    from fspo.serve.engine import System, local_backend
     from fspo.serve.store import Store
     from fspo.serve.study import StudyConfig
+    from fspo.testing import serve_in_thread
 
     root = tmp_path_factory.mktemp("serve_page")
     (root / "questions.txt").write_text("\n".join(QUESTIONS) + "\n")
@@ -121,7 +121,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, bank: list
         baseline="zero-shot",
         max_new_tokens=16,
     )
-    backend = local_backend(model_dir)
+    backend = local_answerer(model_dir)
     systems = [System(name="fspo", backend=backend), System(name="zero-shot", backend=backend, shots=0)]
     store = Store(f"sqlite:///{root / 'serve.db'}")
     app = create_app(store, systems, default_system="fspo", study=study)

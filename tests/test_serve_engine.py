@@ -18,21 +18,20 @@ import pytest
 from fspo.core.errors import UserError
 from fspo.data.schema import Episode
 from fspo.data.template import DescriptionMode, TemplateOptions, parse_generation, render
-from fspo.data.toy import toy_episodes, toy_users
 from fspo.eval.generate import generate_for_episodes
 from fspo.infer.generate import Mode, generate_batch, prompt_ids_for
-from fspo.llm.stub import Reply, serve_openai
-from fspo.serve.cache import PrefixCache, kv_bytes
-from fspo.serve.engine import (
+from fspo.serve.answerers import (
     Answer,
     AnswerRequest,
-    LocalBackend,
+    LocalAnswerer,
     System,
     _AnswerStream,
     _default_model_id,
-    local_backend,
-    remote_backend,
+    local_answerer,
+    remote_answerer,
 )
+from fspo.serve.cache import PrefixCache, kv_bytes
+from fspo.testing import Reply, serve_openai, toy_episodes, toy_users
 
 RAT_CONFIG = {"include_dispreferred": True, "rat": "target", "chat_template": False}
 
@@ -58,7 +57,7 @@ def model_dirs(tmp_path_factory, tiny_llama_folder, episodes) -> dict[str, Path]
     from transformers import AutoTokenizer
 
     from fspo.models.pretrain import pretrain
-    from fspo.models.tiny import tiny_gpt2
+    from fspo.testing import tiny_gpt2
 
     root = tmp_path_factory.mktemp("serve_engine")
     plain = root / "plain"
@@ -78,10 +77,10 @@ def model_dirs(tmp_path_factory, tiny_llama_folder, episodes) -> dict[str, Path]
 
 
 @pytest.fixture(scope="module")
-def backends(model_dirs) -> dict[str, LocalBackend]:
-    out = {name: local_backend(path, cache_bytes=64 << 20) for name, path in model_dirs.items()}
-    out["plain-nocache"] = local_backend(model_dirs["plain"], cache_bytes=0)
-    out["gpt2-nocache"] = local_backend(model_dirs["gpt2"], cache_bytes=0)
+def backends(model_dirs) -> dict[str, LocalAnswerer]:
+    out = {name: local_answerer(path, cache_bytes=64 << 20) for name, path in model_dirs.items()}
+    out["plain-nocache"] = local_answerer(model_dirs["plain"], cache_bytes=0)
+    out["gpt2-nocache"] = local_answerer(model_dirs["gpt2"], cache_bytes=0)
     return out
 
 
@@ -383,10 +382,10 @@ RAT_REPLY = (
 )
 
 
-def test_remote_backend_sends_the_local_prompt_ids_and_cuts_the_stream(model_dirs, episodes):
+def test_remote_answerer_sends_the_local_prompt_ids_and_cuts_the_stream(model_dirs, episodes):
     e = episodes[0]
     with serve_openai(lambda body: Reply(RAT_REPLY, chunk_delay=0.005)) as server:
-        backend = remote_backend(server.base_url, model_dirs["rat"], remote_model="served-fspo")
+        backend = remote_answerer(server.base_url, model_dirs["rat"], remote_model="served-fspo")
         assert backend.default_mode is Mode.RAT
         deltas: list[str] = []
         req = AnswerRequest(e.shots, e.query.question, Mode.RAT, max_new_tokens=100, seed=7)
@@ -405,13 +404,13 @@ def test_remote_backend_sends_the_local_prompt_ids_and_cuts_the_stream(model_dir
 
 
 @pytest.mark.parametrize("mode", [Mode.PLAIN, Mode.ORACLE])
-def test_remote_backend_stops_at_the_heading_and_reports_cached_tokens(model_dirs, episodes, mode):
+def test_remote_answerer_stops_at_the_heading_and_reports_cached_tokens(model_dirs, episodes, mode):
     """A plain or oracle answer ends at the next heading, so the server is told to stop there: the stream
     then runs to its usage chunk, and the server's prefix-cache hits become `Answer.cached_tokens`."""
     e = episodes[1]
     text = "Get the blue hat.\n# Example 4\n## Question \n" + " ".join(f"w{i}" for i in range(300))
     with serve_openai(lambda body: Reply(text, usage=(999, 6), cached_tokens=57)) as server:
-        backend = remote_backend(server.base_url, model_dirs["plain"], remote_model="m")
+        backend = remote_answerer(server.base_url, model_dirs["plain"], remote_model="m")
         answer, deltas = ask(backend, e, mode, description=e.description, max_new_tokens=300)
     body = server.requests[0]
     assert body["stop"] == ["\n#"] and body["stream_options"] == {"include_usage": True}
@@ -421,12 +420,12 @@ def test_remote_backend_stops_at_the_heading_and_reports_cached_tokens(model_dir
     assert server.chunks_sent == [4]  # the server ended the answer, not a closed connection
 
 
-def test_remote_backend_plain_and_length(model_dirs, episodes):
+def test_remote_answerer_plain_and_length(model_dirs, episodes):
     e = episodes[1]
     done_reply = Reply("Get the blue hat.\n## Dispreferred Response \nx")
     replies = iter([done_reply, Reply("Get the", finish_reason="length")])
     with serve_openai(lambda body: next(replies)) as server:
-        backend = remote_backend(server.base_url, model_dirs["plain"], remote_model="m", model_id="fspo")
+        backend = remote_answerer(server.base_url, model_dirs["plain"], remote_model="m", model_id="fspo")
         assert backend.model_id == "fspo" and backend.default_mode is Mode.PLAIN
         done, deltas = ask(backend, e, max_new_tokens=20)
         cut, _ = ask(backend, e, max_new_tokens=2)

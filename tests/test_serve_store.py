@@ -513,15 +513,17 @@ def test_a_first_key_survives_losing_the_race_to_create_its_user(store: Store, m
     """Off SQLite two first keys for one new user can both try to insert it; the loser retries."""
     from sqlalchemy.exc import IntegrityError
 
-    real, lost = Store._ensure, []
+    from fspo.serve.store import keys
 
-    def racing(self, s, user_id, description, metadata):
+    real, lost = keys.ensure_user_row, []
+
+    def racing(s, user_id, description, metadata):
         if not lost:  # the other writer inserted the user first: our insert fails on its primary key
             lost.append(user_id)
             raise IntegrityError("INSERT INTO users", {}, Exception("UNIQUE constraint failed"))
-        return real(self, s, user_id, description, metadata)
+        return real(s, user_id, description, metadata)
 
-    monkeypatch.setattr(Store, "_ensure", racing)
+    monkeypatch.setattr(keys, "ensure_user_row", racing)
     info, key = store.create_key("new")
     assert lost == ["new"] and store.authenticate(key).key_id == info.id
 

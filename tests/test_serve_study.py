@@ -15,13 +15,13 @@ import yaml
 
 from conftest import run_typer, write_jsonl
 from fspo.core.errors import UserError
-from fspo.data.toy import COLOURS, toy_preferences, toy_reward_for, toy_users
 from fspo.eval.stats import wilson_interval
 from fspo.infer.generate import Mode
+from fspo.serve.answerers import Answer, System
 from fspo.serve.app import create_app
-from fspo.serve.engine import Answer, System
 from fspo.serve.store import Store
 from fspo.serve.study import StudyConfig, participant_interval, summarize_trials
+from fspo.testing import COLOURS, toy_preferences, toy_reward_for, toy_users
 
 
 def _trial(participant, question, vote, fspo_left=True):
@@ -326,9 +326,9 @@ def test_join_without_a_study_is_404(tmp_path):
 
 # ----------------------------------------------------------------------------------------- simulate
 def test_simulate_over_http_votes_as_each_user_would(tmp_path, study_file):
-    from fspo.core.loopback import serve_in_thread
     from fspo.serve.study import report
     from fspo.serve.study_cli import simulate
+    from fspo.testing import serve_in_thread
 
     app, store, _, _ = _colour_app(tmp_path, study_file, fixed="red")
     users = toy_users(8)
@@ -366,8 +366,8 @@ def test_simulate_refuses_users_without_an_exact_reward(tmp_path, study_file):
 
 
 def test_simulate_reports_the_servers_refusal(tmp_path, study_file):
-    from fspo.core.loopback import serve_in_thread
     from fspo.serve.study_cli import simulate
+    from fspo.testing import serve_in_thread
 
     app, *_ = _colour_app(tmp_path, study_file)
     with (
@@ -380,9 +380,9 @@ def test_simulate_reports_the_servers_refusal(tmp_path, study_file):
 # ------------------------------------------------------------------- the commands, on simulated users
 def study_cli(*args):
     """`fspo study ...` through conftest's `run_typer`."""
-    from fspo.serve.study_cli import app
+    from fspo.cli import app
 
-    return run_typer(app, *args)
+    return run_typer(app, "study", *args)
 
 
 @pytest.fixture(scope="module")
@@ -412,11 +412,11 @@ def mini_quickstart(tmp_path_factory):
 
 
 def test_init_simulate_report_on_the_quickstarts_unseen_users(tmp_path, mini_quickstart, tiny_llama_folder):
-    from fspo.core.loopback import serve_in_thread
     from fspo.data.episodes import load_episodes
     from fspo.data.io import read_records
     from fspo.data.schema import Preference, User
-    from fspo.serve.engine import local_backend
+    from fspo.serve.answerers import local_answerer
+    from fspo.testing import serve_in_thread
 
     out = tmp_path / "study"
     code, text = study_cli("init", "--from-quickstart", mini_quickstart, "--out", out, "--code", "abc")
@@ -435,7 +435,7 @@ def test_init_simulate_report_on_the_quickstarts_unseen_users(tmp_path, mini_qui
 
     db = tmp_path / "serve.db"
     store = Store(f"sqlite:///{db}")
-    model = local_backend(tiny_llama_folder, cache_bytes=0)
+    model = local_answerer(tiny_llama_folder, cache_bytes=0)
     # As the serve command `init` prints: FSPO with at most the episodes' number of shots.
     assert "--shots 2 " in text
     systems = [System("fspo", model, shots=2), System("population-ipo", model, shots=0)]

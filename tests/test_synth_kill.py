@@ -1,7 +1,7 @@
 """A real SIGKILL of `fspo synth run` in the middle of each stage, then the same command again: every
 output file equals an uninterrupted run's, byte for byte.
 
-Both runs use the same config file and stub server (`fspo.llm.stub.serve_openai`), so only `--out`
+Both runs use the same config file and stub server (`fspo.testing.serve_openai`), so only `--out`
 differs. The stub's replies are a pure function of the request (`synth_script.script`; malformed JSON
 for some first asks, every time they are sent, so the cache and its usage figures come out the same),
 plus one 500 for some requests the first time the server sees them: a transient error leaves only
@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from fspo.llm.stub import Reply, serve_openai
+from fspo.testing import Reply, serve_openai
 from synth_script import first_user, script
 from test_synth_pipeline import small_config
 

@@ -16,10 +16,10 @@ from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
 from fspo.llm import BackendConfig, LLMClient
 from fspo.llm.backends.hf_local import TransformersBackend
-from fspo.models.tiny import tiny_llama
 from fspo.synth.config import SynthConfig
 from fspo.synth.pipeline import run_pipeline
 from fspo.synth.stats import synth_stats
+from fspo.testing import tiny_llama
 
 CORPUS = ["You are a person who likes short answers.", '{"description": "x", "preferred": "A"}',
           "Write a review of the movie. Answer A. Answer B. Which answer do you prefer?"] * 20  # fmt: skip

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from fspo.cli import app
 from fspo.core.stages import MARKER
 from fspo.data.schema import Preference, User
-from fspo.llm.stub import serve_openai
+from fspo.testing import serve_openai
 from synth_script import Flaky
 
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from fspo.llm.stub import Reply, serve_openai
 from fspo.synth.config import SynthConfig
 from fspo.synth.pipeline import run_pipeline
+from fspo.testing import Reply, serve_openai
 from synth_script import Flaky
 from test_synth_pipeline import small_config
 

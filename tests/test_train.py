@@ -12,7 +12,7 @@ import pytest
 
 from conftest import cli_args, train_world, write_jsonl
 from fspo.core.errors import UserError
-from fspo.data.toy import toy_episodes, toy_users
+from fspo.testing import toy_episodes, toy_users
 from fspo.train.card import write_model_card
 from fspo.train.config import CONFIG_FILE, load_config, make_config, recipe
 from fspo.train.trainer import train

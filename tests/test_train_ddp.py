@@ -18,7 +18,7 @@ import pytest
 
 from conftest import tiny_llama_dir, write_jsonl
 from fspo.data.episodes import build_episodes
-from fspo.data.toy import toy_corpus, toy_preferences, toy_users
+from fspo.testing import toy_corpus, toy_preferences, toy_users
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "TOKENIZERS_PARALLELISM": "false",
        "OMP_NUM_THREADS": "1"}  # fmt: skip

@@ -3,7 +3,7 @@
 `fspo train` runs as a subprocess (CPU, fixed seed), is killed after its first checkpoint and one more
 logged step, and is run again with the same command plus `--resume`. Resume restores model,
 optimizer, scheduler and RNG states from the checkpoint (`fspo.train.checkpoint`) and the data
-position from the step (`fspo.train.data.batch_order`); any of them missing shows up here as a
+position from the step (`fspo.train.buckets.batch_order`); any of them missing shows up here as a
 different safetensors file. The steps logged after the checkpoint are run and logged again, once.
 """
 
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_llama_dir, write_jsonl
-from fspo.data.toy import toy_corpus, toy_episodes, toy_users
+from conftest import train_world
+from fspo.testing import toy_episodes, toy_users
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 STEPS = 16
@@ -39,10 +39,7 @@ def _command(stage: str, model: Path, episodes: Path, out: Path, *extra: str) ->
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("kill")
-    eps = toy_episodes(toy_users(8), per_user=4, shots=2)
-    return {"model": tiny_llama_dir(root / "llama", toy_corpus(eps) * 3),
-            "episodes": write_jsonl(root / "train.jsonl", eps)}  # fmt: skip
+    return train_world(tmp_path_factory.mktemp("kill"), toy_episodes(toy_users(8), per_user=4, shots=2))
 
 
 def _logged_steps(out: Path) -> list[int]:
@@ -79,11 +76,11 @@ def _losses(out: Path) -> dict[int, float]:
 @pytest.mark.parametrize("stage", ["fspo", "sft"])
 def test_sigkill_then_resume_gives_the_same_bytes(world: dict[str, Path], tmp_path: Path, stage: str) -> None:
     straight = tmp_path / "straight"
-    subprocess.run(_command(stage, world["model"], world["episodes"], straight), env=ENV, check=True,
+    subprocess.run(_command(stage, world["llama"], world["train"], straight), env=ENV, check=True,
                    capture_output=True, timeout=120)  # fmt: skip
 
     out = tmp_path / "killed"
-    cmd = _command(stage, world["model"], world["episodes"], out)
+    cmd = _command(stage, world["llama"], world["train"], out)
     killed_at = _kill_after_first_checkpoint(cmd, out)
     assert 0 < killed_at < STEPS
     assert max(_logged_steps(out)) > killed_at  # steps the resume must redo, and not log twice
@@ -92,7 +89,7 @@ def test_sigkill_then_resume_gives_the_same_bytes(world: dict[str, Path], tmp_pa
     assert f"step {killed_at}/{STEPS}" in done.stdout + done.stderr  # it said where it resumed
 
     weights = (straight / "model" / "model.safetensors").read_bytes()
-    assert weights != (world["model"] / "model.safetensors").read_bytes()  # training changed them
+    assert weights != (world["llama"] / "model.safetensors").read_bytes()  # training changed them
     assert (out / "model" / "model.safetensors").read_bytes() == weights
     # The log holds each step once, with the uninterrupted run's loss.
     assert _logged_steps(out) == list(range(1, STEPS + 1))
@@ -101,7 +98,7 @@ def test_sigkill_then_resume_gives_the_same_bytes(world: dict[str, Path], tmp_pa
 
 def test_resume_without_a_checkpoint_says_so(world: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "fresh"
-    cmd = _command("sft", world["model"], world["episodes"], out, "--max-steps", "1", "--resume")
+    cmd = _command("sft", world["llama"], world["train"], out, "--max-steps", "1", "--resume")
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     said = " ".join((done.stdout + done.stderr).split())

@@ -16,7 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import tiny_llama_dir, write_jsonl
-from fspo.data.toy import toy_corpus, toy_preferences, toy_users
+from fspo.testing import toy_corpus, toy_preferences, toy_users
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 

@@ -15,10 +15,10 @@ import torch
 from conftest import train_world
 from fspo.core.errors import UserError
 from fspo.data.template import PREFERRED, TemplateOptions, render
-from fspo.data.toy import toy_episodes, toy_users
 from fspo.infer.logps import collate_targets, forward_logps
+from fspo.testing import toy_episodes, toy_users
 from fspo.train.config import make_config, recipe
-from fspo.train.data import tokenize_episodes
+from fspo.train.tokenize import tokenize_episodes
 from fspo.train.trainer import train
 
 

@@ -17,13 +17,16 @@ from conftest import tiny_llama_dir, write_jsonl
 from fspo.core.errors import UserError
 from fspo.data.episodes import build_episodes
 from fspo.data.tokens import pad_id_of
-from fspo.data.toy import toy_corpus, toy_preferences, toy_users
+from fspo.testing import toy_corpus, toy_preferences, toy_users
 from fspo.train import trainer as T
 from fspo.train.config import make_config, recipe
-from fspo.train.contexts import group_examples
-from fspo.train.data import tokenize_episodes
+from fspo.train.contexts import group_examples, load_contexts
 from fspo.train.losses import sft_loss
+from fspo.train.objective import preference_of
 from fspo.train.refcache import reference_logps
+from fspo.train.reference import reference_values
+from fspo.train.scoring import looked_up, score_chosen, score_pairs
+from fspo.train.tokenize import tokenize_episodes
 from fspo.train.trainer import train
 
 K = 2
@@ -138,16 +141,16 @@ def test_k_questions_per_row_same_loss_and_grads_as_one(
     got = {}
     for k in (1, K):
         cfg = _cfg(world, logps_impl="prefix", questions_per_context=k, loss=loss, reduction=reduction)
-        units, _, _, _ = T._load_split(cfg, cfg.episodes, "train", tok, limit=16)
+        units, _, _, _ = load_contexts(cfg, cfg.episodes, "train", tok, limit=16)
         ref, _ = reference_logps(ref_model, units, pad)
         policy.zero_grad()
-        lp = T._score(cfg, policy, units, pad)
-        out = T._fspo_losses(cfg, lp, T._cached_ref(ref, units, lp))
+        lp = score_pairs(cfg, policy, units, pad)
+        out = preference_of(cfg, lp, looked_up(ref, units, lp))
         out.loss.backward()
         grads = torch.cat([p.grad.flatten() for p in policy.parameters()])
         sft_cfg = _variant(cfg, stage="sft")
         policy.zero_grad()
-        chosen = T._sft_logps(sft_cfg, policy, units, pad)
+        chosen = score_chosen(sft_cfg, policy, units, pad)
         nll = sft_loss(chosen.sum, chosen.count)
         nll.backward()
         sft_grads = torch.cat([p.grad.flatten() for p in policy.parameters()])
@@ -224,15 +227,15 @@ def test_lora_reference_is_the_base_model(world: dict[str, Path]) -> None:
     from fspo.models.loading import load_model
 
     cfg = _cfg(world, logps_impl="prefix", lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
-    model, tok = T._build_model(cfg)
+    model, tok = T._setup_model(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    units, _, file, _ = T._load_split(cfg, cfg.episodes, "train", tok, limit=8)
+    units, _, file, _ = load_contexts(cfg, cfg.episodes, "train", tok, limit=8)
     pad = pad_id_of(tok)
     acc = Accelerator(cpu=True)
-    lora_ref, _ = T._reference_values(cfg, acc, model, units, file, pad, model_fp=None)
+    lora_ref, _ = reference_values(cfg, acc, model, units, file, pad, model_fp=None)
     base_ref, _ = reference_logps(load_model(world["llama"]), units, pad)
     adapted, _ = reference_logps(model, units, pad)
     for eid, value in base_ref.items():

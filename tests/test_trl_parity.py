@@ -13,7 +13,7 @@ import torch
 
 from conftest import tiny_llama_dir, write_jsonl
 from fspo.data.episodes import build_episodes
-from fspo.data.toy import toy_corpus, toy_preferences, toy_users
+from fspo.testing import toy_corpus, toy_preferences, toy_users
 from fspo.train.config import LoraConfig, TrainConfig
 from fspo.train.trainer import batch_loss, setup, step_batches, train, train_step
 

@@ -1,11 +1,15 @@
 """The `fspo` command: one sub-command per stage, plus `quickstart`.
 
 Each stage owns its typer sub-app in its own package (`fspo/<stage>/cli.py`); this module only
-assembles them and turns `UserError`s into one clear line (exit status 2) instead of a traceback.
+assembles them and turns `UserError`s, and the machine's refusals to write (`write_error`), into one
+clear line (exit status 2) instead of a traceback.
 """
 
 from __future__ import annotations
 
+import ast
+import errno
+import os
 import sys
 from typing import NoReturn
 
@@ -13,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fspo.core.errors import UserError
+from fspo.core.errors import UserError, write_error
 
 app = typer.Typer(
     name="fspo",
@@ -27,6 +31,7 @@ def _register() -> None:
     from fspo.data.cli import app as data_app
     from fspo.eval.cli import register as register_eval
     from fspo.models.cli import app as model_app
+    from fspo.quickstart.study import init_cmd
     from fspo.serve.cli import app as serve_app
     from fspo.serve.study_cli import app as study_app
     from fspo.sim.cli import app as sim_app
@@ -40,6 +45,7 @@ def _register() -> None:
     app.add_typer(train_app, name="train")
     register_eval(app)  # adds `eval`, `generate`, `report`
     app.add_typer(serve_app, name="serve")
+    study_app.command("init")(init_cmd)  # the quickstart's study: serve/ knows no quickstart folders
     app.add_typer(study_app, name="study")
 
 
@@ -109,18 +115,30 @@ def main() -> None:
     try:
         app()
     except SystemExit:
-        # Ctrl-C: click has printed "Aborted!"; say what the stopped run left and what to rerun.
+        # Ctrl-C: typer exits with status 130, printing nothing; say what the stopped run left and what
+        # to rerun (each `OutputFolder` notes it).
         if outputs.interrupted:
             for note in outputs.interrupted:
-                Console(stderr=True).print(f"[yellow]interrupted:[/] {escape(note)}", highlight=False)
+                Console(stderr=True, soft_wrap=True).print(
+                    f"[yellow]interrupted:[/] {escape(note)}", highlight=False
+                )
             sys.exit(130)
         raise
     except UserError as err:
         _fail(str(err))
-    except (PermissionError, IsADirectoryError, NotADirectoryError, FileNotFoundError) as err:
-        # A path the user gave that cannot be opened or written (e.g. --out /proc/x, a folder given as
-        # a file) is their mistake, said in one line with the path; an OSError naming no file is not.
-        if err.filename is None:
+    except Exception as err:
+        # A path that cannot be opened or written (--out /proc/x, a folder given as a file, a full disk,
+        # a read-only mount, a symlink loop) is the user's or the machine's, said in one line with the
+        # path and the cause, whichever library met it; anything else is a bug and keeps its traceback.
+        fault = write_error(_symlink_loop(err) or err)
+        if fault is None:
             raise
-        paths = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
-        _fail(f"{paths}: {err.strerror or type(err).__name__}")
+        _fail(str(fault))
+
+
+def _symlink_loop(err: Exception) -> OSError | None:
+    """Python < 3.13's `Path.resolve` says a symlink loop as a RuntimeError: the OSError(ELOOP) it is."""
+    prefix = "Symlink loop from "
+    if not isinstance(err, RuntimeError) or not str(err).startswith(prefix):
+        return None
+    return OSError(errno.ELOOP, os.strerror(errno.ELOOP), ast.literal_eval(str(err).removeprefix(prefix)))

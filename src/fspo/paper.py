@@ -30,48 +30,20 @@ from fspo.core.errors import UserError
 from fspo.core.files import atomic_write_json, atomic_write_text
 from fspo.core.stages import MARKER
 from fspo.eval.stats import wilson_interval
-from fspo.quickstart import DOMAINS, load_profile, run_quickstart
+from fspo.eval.systems import PAPER_CURVE_SHOTS, PAPER_SPLITS, expand, paper_cells
+from fspo.quickstart import domains as registered_domains
+from fspo.quickstart import load_profile, run_quickstart
 
-# The paper's cells (win rate % against the base model; arXiv 2502.19312 v1, Tables 1, 2 and 4), as
-# {domain: {split: {our system: cell}}}, splits named as in our win rates. ELIX's "easy" users have
-# whole levels as in training (our seen users), its "hard" ones sit in between (our unseen); Reviews'
-# "trained" / "interpolated" users are our seen / unseen. Roleplay's table has one column: its
-# held-out users, our unseen ones.
-PAPER: dict[str, dict[str, dict[str, float]]] = {
-    "roleplay": {
-        "unseen": {
-            "population-ipo": 72.4,
-            "few-shot-prompting": 63.2,
-            "few-shot-pref-ft": 62.8,
-            "fspo": 82.6,
-            "fspo-rat": 90.3,
-            "oracle": 90.9,
-        }
-    },
-    "elix": {
-        "seen": {"few-shot-prompting": 92.4, "few-shot-pref-ft": 91.2, "fspo": 97.8},
-        "unseen": {"few-shot-prompting": 81.4, "few-shot-pref-ft": 82.9, "fspo": 91.8},
-    },
-    "reviews": {
-        "seen": {
-            "few-shot-prompting": 69.1,
-            "few-shot-pref-ft": 65.6,
-            "fspo": 80.4,
-            "fspo-4-shots": 78.4,
-        },
-        "unseen": {
-            "few-shot-prompting": 59.1,
-            "few-shot-pref-ft": 70.7,
-            "fspo": 73.6,
-            "fspo-4-shots": 71.3,
-        },
-    },
-}
-SPLIT_NAMES = {
-    "roleplay": {"unseen": "held-out users"},
-    "elix": {"seen": "easy (seen levels)", "unseen": "hard (between levels)"},
-    "reviews": {"seen": "trained user types", "unseen": "interpolated types"},
-}
+# The paper's cells (win rate % against the base model; arXiv 2502.19312 v1, Tables 1, 2 and 4) come
+# from the systems registry (`fspo.eval.systems`: each system's `paper`), as
+# {domain: {split: {system: cell}}}; a domain without cells gets no paper table.
+PAPER_SYSTEMS = expand([PAPER_CURVE_SHOTS])
+PAPER = paper_cells(PAPER_SYSTEMS)
+# The comparisons the targets below read.
+TARGET_PAIRS = (
+    "fspo vs population-ipo", "fspo vs fspo-no-shots", "fspo vs fspo-4-shots", "fspo-rat vs fspo",
+    "oracle vs fspo-no-shots", "fspo-rat vs population-ipo", "oracle vs population-ipo",
+)  # fmt: skip
 # Targets of the personalization claim on unseen users (the issue that asked for this report).
 TARGET_CI_LOW = 0.60
 TARGET_TRAIT_SHARE = 0.90
@@ -84,17 +56,16 @@ TARGET_ORACLE_RECOVERED = 0.95
 
 def run_paper(
     out: str | Path = "runs/paper",
-    domains: Sequence[str] = DOMAINS,
+    domains: Sequence[str] = ("roleplay", "reviews", "elix"),
     seeds: Sequence[int] = (0, 1, 2),
     profile: str = "default",
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run every (domain, seed) quickstart not yet finished, then write the report; returns its data."""
-    unknown = [d for d in domains if d not in DOMAINS]
+    known = registered_domains()
+    unknown = [d for d in domains if d not in known]
     if unknown:
-        raise UserError(
-            f"--domains: unknown domain(s) {', '.join(unknown)}; choose from {', '.join(DOMAINS)}"
-        )
+        raise UserError(f"--domains: unknown domain(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     if not seeds:
         raise UserError("--seeds: give at least one seed")
     out = Path(out)
@@ -153,12 +124,13 @@ def aggregate(domain: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     def mean_of(values: list[float]) -> float | None:
         return sum(values) / len(values) if values else None
 
+    systems = list(dict.fromkeys(name for r in runs for name in r["trait_shares"]))
     shares = {
         system: mean_of(
             [r["trait_shares"][system]["test_unseen"]["trait_share"] for r in runs
              if "test_unseen" in r["trait_shares"].get(system, {})]
         )
-        for system in ("fspo", "population-ipo", "fspo-no-shots", "base")
+        for system in systems
     }  # fmt: skip
     ceiling_shares, accuracies, ceilings = [], [], []
     for r in runs:
@@ -169,10 +141,7 @@ def aggregate(domain: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
             accuracies.append(acc)
             ceilings.append(top)
             ceiling_shares.append(acc / top if top else 0.0)
-    unseen = {pair: winrates.get(pair, {}).get("unseen") for pair in
-              ("fspo vs population-ipo", "fspo vs fspo-no-shots", "fspo vs fspo-4-shots",
-               "fspo-rat vs fspo", "oracle vs fspo-no-shots", "fspo-rat vs population-ipo",
-               "oracle vs population-ipo")}  # fmt: skip
+    unseen = {pair: winrates.get(pair, {}).get("unseen") for pair in TARGET_PAIRS}
     named = mean_of(
         [r["descriptions"]["fspo-rat"]["test_unseen"]["named"] for r in runs
          if "test_unseen" in (r.get("descriptions") or {}).get("fspo-rat", {})]
@@ -253,41 +222,11 @@ def render(result: dict[str, Any]) -> str:
     ]
     for domain, agg in result["domains"].items():
         md += [f"## {domain}", "", f"Minutes per seed: {', '.join(map(str, agg['minutes']))}.", ""]
-        md += ["### The paper's table: win rate against the base model", ""]
-        md += [
-            "Our base model is a ~1M-parameter model that rarely answers on topic: these rows show the "
-            "paper's comparison, not personalization (see the next table).",
-            "",
-        ]
-        splits = list(PAPER.get(domain, {}))
-        md.append(
-            "| system | " + " | ".join(f"paper: {SPLIT_NAMES[domain][s]} | ours" for s in splits) + " |"
-        )
-        md.append("|---|" + "---|---|" * len(splits))
-        systems = sorted({s for per in PAPER[domain].values() for s in per}, key=_order)
-        for system in systems:
-            row = [system]
-            for split in splits:
-                paper = PAPER[domain][split].get(system)
-                row += [
-                    "-" if paper is None else f"{paper:.1f}%",
-                    _cell(agg["winrates"].get(f"{system} vs base", {}).get(split)),
-                ]
-            md.append("| " + " | ".join(row) + " |")
+        md += _paper_table(domain, agg)
         md += ["", "### Personalization on unseen users", "", "| comparison | win rate |", "|---|---|"]
-        for pair in ("fspo vs population-ipo", "fspo vs fspo-no-shots", "fspo vs few-shot-pref-ft",
-                     "fspo vs fspo-4-shots", "fspo-rat vs fspo", "oracle vs fspo",
-                     "fspo-rat vs population-ipo", "oracle vs population-ipo",
-                     "oracle vs fspo-no-shots"):  # fmt: skip
-            cell = agg["winrates"].get(pair, {}).get("unseen")
-            if cell is not None:
-                md.append(f"| {pair} | {_cell(cell)} |")
-        curve = sorted(
-            (pair for pair in agg["winrates"] if pair.startswith("fspo-rat-") and "-shots vs fspo-" in pair),
-            key=lambda pair: int(pair.split("-")[2]),
-        )
-        for pair in curve:  # the shots curve: FSPO+RAT against FSPO with as few shots
-            md.append(f"| {pair} | {_cell(agg['winrates'][pair].get('unseen'))} |")
+        for pair, per in agg["winrates"].items():  # the run's head-to-head comparisons, in its order
+            if not pair.endswith(" vs base") and per.get("unseen") is not None:
+                md.append(f"| {pair} | {_cell(per['unseen'])} |")
         shares = agg["trait_share_unseen"]
         md += [
             "",
@@ -313,16 +252,35 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(md) + "\n"
 
 
-def _order(system: str) -> int:
-    order = [
-        "population-ipo",
-        "few-shot-prompting",
-        "few-shot-pref-ft",
-        "fspo-4-shots",
-        "fspo",
-        "fspo-rat",
-        "oracle",
+def _paper_table(domain: str, agg: dict[str, Any]) -> list[str]:
+    """The paper's table of `domain` beside ours: win rates against the base model (none for a domain
+    the paper has no cells of)."""
+    if domain not in PAPER:
+        return []
+    md = ["### The paper's table: win rate against the base model", ""]
+    md += [
+        "Our base model is a ~1M-parameter model that rarely answers on topic: these rows show the "
+        "paper's comparison, not personalization (see the next table).",
+        "",
     ]
+    splits = list(PAPER[domain])
+    names = PAPER_SPLITS.get(domain, {})
+    md.append("| system | " + " | ".join(f"paper: {names.get(s, s)} | ours" for s in splits) + " |")
+    md.append("|---|" + "---|---|" * len(splits))
+    for system in sorted({s for per in PAPER[domain].values() for s in per}, key=_order):
+        row = [system]
+        for split in splits:
+            paper = PAPER[domain][split].get(system)
+            row += [
+                "-" if paper is None else f"{paper:.1f}%",
+                _cell(agg["winrates"].get(f"{system} vs base", {}).get(split)),
+            ]
+        md.append("| " + " | ".join(row) + " |")
+    return md
+
+
+def _order(system: str) -> int:
+    order = [s.name for s in PAPER_SYSTEMS]
     return order.index(system) if system in order else len(order)
 
 

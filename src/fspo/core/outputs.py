@@ -18,6 +18,16 @@ folder whose run did not finish, naming the command to rerun, so a half-written 
 kill between two files) is never read as data. A command that cannot resume removes what it wrote
 when it is interrupted, leaving the folder as it found it (less the outputs `--overwrite` replaced).
 
+One writer at a time: `writing` holds an exclusive `flock` on the folder itself (no lock file to leave
+behind or to go stale: the kernel drops the lock when its process dies, even by `kill -9`, so the next
+run simply takes it). A second writer is refused at once, naming the holder's pid and command line,
+which the running record carries. Under the lock the record is read again: a run that wrote the folder
+between this one's check and its start is a refusal too, never a mix.
+
+When the machine refuses a write (a full disk, a read-only mount, a symlink loop, the folder removed),
+the run fails with one `WriteError` line naming the path and the cause, then says what it left: nothing
+(a command that cannot resume), or a partial run that the hinted command continues.
+
 File outputs (`claim_file`) follow the same rule: an existing file is replaced only with
 ``--overwrite``; a command that resumes into its file (generation) checks the settings itself.
 
@@ -26,16 +36,22 @@ Why hand-written: the rule is fspo's own (what counts as "the same run"); the pi
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import os
+import shlex
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fspo.core.errors import UserError
-from fspo.core.files import atomic_write_json
+from fspo.core.errors import UserError, WriteError, write_error
+from fspo.core.files import apply_umask, atomic_write_json
 from fspo.core.stages import fingerprint
 
 RUN_FILE = "fspo_run.json"
@@ -66,8 +82,21 @@ def require_finished(folder: str | Path) -> None:
     if record is not None and record.get("state") != "finished":
         raise UserError(
             f"{folder}: the `fspo {record['command']}` that writes it did not finish (interrupted); "
-            "rerun that command to complete it"
+            f"rerun that command{_with(record.get('resume_option'))} to complete it"
         )
+
+
+def _with(resume_option: str | None) -> str:
+    """What to add to a stopped run's command to continue it: its resume option, if it has one."""
+    return f" with {resume_option}" if resume_option else ""
+
+
+def command_line() -> str:
+    """This process's command line, as the user typed it when it is the `fspo` command."""
+    first = sys.argv[0] if sys.argv else ""
+    if first in ("-c", "-m") or Path(first).name in ("fspo", "__main__.py"):
+        return shlex.join(["fspo", *sys.argv[1:]])
+    return shlex.join(sys.argv)
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -> str:
@@ -87,8 +116,12 @@ class OutputFolder:
     `owns` names the files and folders the command writes in it (globs allowed, e.g.
     ``checkpoints``); only those are ever removed. `resumable`: the command continues a stopped run
     of the same settings, so an interrupted run keeps its outputs; otherwise they are removed.
-    `cached_stages`: the command's own stage cache decides what to redo, so `--overwrite` removes
-    nothing up front. Construct it before any long work: the refusal comes first.
+    `resume_option`: the option a resumable command needs to continue (e.g. ``--resume``), named in
+    every hint to rerun. `cached_stages`: the command's own stage cache decides what to redo, so
+    `--overwrite` removes nothing up front. `replaces_folder`: the command puts a whole new folder in
+    place of this one (`model init` renames a finished model folder into place); otherwise a folder
+    removed or replaced while the run wrote is a fault, since the run's outputs are no longer together.
+    Construct it before any long work: the refusal comes first.
     """
 
     def __init__(
@@ -100,7 +133,9 @@ class OutputFolder:
         *,
         overwrite: bool = False,
         resumable: bool = False,
+        resume_option: str | None = None,
         cached_stages: bool = False,
+        replaces_folder: bool = False,
     ):
         self.path = Path(path)
         self.command = command
@@ -108,7 +143,9 @@ class OutputFolder:
         self.fingerprint = fingerprint(self.params)
         self.owns = tuple(owns)
         self.resumable = resumable
+        self.resume_option = resume_option if resumable else None
         self.cached_stages = cached_stages
+        self.replaces_folder = replaces_folder
         self.replace = False  # set when --overwrite meets another run's outputs
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"--out {self.path} is a file; this command writes a folder")
@@ -137,9 +174,10 @@ class OutputFolder:
         return record.get("command") == self.command and record.get("fingerprint") == self.fingerprint
 
     def _owned(self) -> list[Path]:
+        """The command's outputs in the folder (the run record aside: it is kept apart)."""
         if not self.path.is_dir():
             return []
-        found = {p for pattern in self.owns for p in self.path.glob(pattern)}
+        found = {p for pattern in self.owns for p in self.path.glob(pattern) if p.name != RUN_FILE}
         return sorted(found)
 
     def _other_run(self, previous: dict[str, Any] | None) -> str | None:
@@ -165,45 +203,163 @@ class OutputFolder:
                 path.unlink(missing_ok=True)
 
     def _record(self, state: str) -> None:
-        atomic_write_json(
-            self.path / RUN_FILE,
-            {
-                "command": self.command,
-                "fingerprint": self.fingerprint,
-                "state": state,
-                "params": self.params,
-            },
-        )
+        """Write the run record. While running it also names the process that writes (for a second
+        writer's refusal) and how to continue it; a finished record holds only what the run was, so
+        the same run made twice leaves the same bytes. The folder is never made anew here: one removed
+        while the run wrote is a `WriteError`, not an empty folder marked finished."""
+        record: dict[str, Any] = {
+            "command": self.command,
+            "fingerprint": self.fingerprint,
+            "state": state,
+            "params": self.params,
+        }
+        if state == "running":
+            record |= {"pid": os.getpid(), "command_line": command_line()}
+            if self.resume_option:
+                record["resume_option"] = self.resume_option
+        atomic_write_json(self.path / RUN_FILE, record, make_parents=False)
+
+    def _lock(self) -> int | None:
+        """Hold an exclusive lock on the folder (its fd, None where the file system has no locks), or
+        refuse: another process writes it. The folder must exist."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise UserError(
+                    f"--out {self.path} {self._holder()}; wait for it to finish, or choose another --out"
+                ) from None
+            return None  # a file system without flock (some network mounts): run unlocked, as before
+        return fd
+
+    def _holder(self) -> str:
+        """Who holds the folder's lock, from its running record (written just after the lock is taken)."""
+        with contextlib.suppress(UserError, OSError):
+            record = read_record(self.path) or {}
+            if record.get("state") == "running" and "pid" in record:
+                return (
+                    f"is being written by another `fspo {record['command']}` (pid {record['pid']}: "
+                    f"{record.get('command_line', '?')})"
+                )
+        return "is being written by another fspo process"
+
+    @contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Wrap the work a command does before `writing` (reading, simulating): a Ctrl-C there is
+        noted as what it is, a run that wrote nothing."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            interrupted.append(
+                f"`fspo {self.command}` stopped before writing anything in {self.path}; "
+                "rerun it to start again"
+            )
+            raise
 
     @contextmanager
     def writing(self) -> Iterator[Path]:
-        """Mark the run started (after `--overwrite` cleared the old outputs), yield the folder, and
-        mark it finished when the body returns. If the body fails, a command that cannot resume
-        removes what it wrote; one that can leaves it, marked running, for the same command to
-        continue."""
+        """Take the folder's lock, mark the run started (then let `--overwrite` clear the old outputs),
+        yield the folder, and mark it finished when the body returns. If the body fails, a command that
+        cannot resume removes what it wrote; one that can leaves it, marked running, for the same
+        command to continue. A write the machine refuses is one `WriteError` saying which of the two."""
         created = not self.path.exists()
-        if self.replace and not self.cached_stages:
-            self._clear()
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._record("running")
         try:
-            yield self.path
-        except BaseException as err:
-            if not self.resumable or (not self.continues and not self._owned()):
-                # Nothing to continue from (or a command that cannot): leave the folder as found.
+            self.path.mkdir(parents=True, exist_ok=True)
+            lock = self._lock()
+        except OSError as err:
+            raise write_error(err, self.path) or err from None
+        try:
+            if read_record(self.path) != self.previous:
+                raise UserError(
+                    f"--out {self.path} was written by another run while this one started; "
+                    "run the command again to check it afresh"
+                )
+            self._start(created)
+            try:
+                if (self.replace and not self.cached_stages) or self._stale():
+                    self._clear()
+                yield self.path
+                self._check_in_place(lock)
+            except BaseException as err:
+                fault = self._failed(err, created)
+                if fault is err:
+                    raise
+                raise fault from None
+            self._finish()
+        finally:
+            if lock is not None:
+                os.close(lock)
+
+    def _stale(self) -> bool:
+        """Whether the folder holds what a run of a command that cannot resume left when it was killed
+        (its record still says running): partial outputs, worth nothing, that must not mix in."""
+        stopped = self.continues and (self.previous or {}).get("state") != "finished"
+        return stopped and not self.resumable and not self.cached_stages
+
+    def _start(self, created: bool) -> None:
+        """Mark the run started; if even that cannot be written, leave no folder made for it."""
+        try:
+            self._record("running")
+        except BaseException:
+            if created:
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()
+            raise
+
+    def _check_in_place(self, lock: int | None) -> None:
+        """Refuse to mark finished a folder that is not the one the run started in (removed, and made
+        anew by a later write): the outputs written before are gone with the old one."""
+        if lock is None or self.replaces_folder:
+            return
+        held = os.fstat(lock)
+        try:
+            now = os.stat(self.path)
+        except OSError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+            raise WriteError(self.path, "the folder was removed while the run wrote into it")
+
+    def _finish(self) -> None:
+        with contextlib.suppress(OSError):  # a mode it may not change (another owner's file) is no failure
+            apply_umask(self._owned())
+        try:
+            self._record("finished")
+        except WriteError as err:
+            raise err.with_note(self._left()) from None
+
+    def _failed(self, err: BaseException, created: bool) -> BaseException:
+        """Clean up after the body failed with `err`, note what was left, and return what to raise."""
+        if not self.resumable or (not self.continues and not self._owned()):
+            # Nothing to continue from (or a command that cannot): leave the folder as found. Best
+            # effort: on a read-only or vanished folder there is nothing more to remove.
+            with contextlib.suppress(OSError):
                 self._clear()
                 (self.path / RUN_FILE).unlink(missing_ok=True)
                 if created and not any(self.path.iterdir()):
                     self.path.rmdir()
-            if isinstance(err, KeyboardInterrupt):
-                interrupted.append(
-                    f"{self.path} holds a partial `fspo {self.command}` run; "
-                    "rerun the same command to continue it"
-                    if self.resumable
-                    else f"`fspo {self.command}` left no outputs in {self.path}; rerun it to write them"
-                )
-            raise
-        self._record("finished")
+        if isinstance(err, KeyboardInterrupt):
+            interrupted.append(self._left())
+            return err
+        fault = err if isinstance(err, WriteError) else write_error(err, self._fault_path(err))
+        if fault is None:
+            return err
+        return WriteError(fault.path or self.path, fault.cause, self._left())
+
+    def _fault_path(self, err: BaseException) -> Path | None:
+        """The path to name for a failed write: the file an `OSError` names, else the folder."""
+        return None if isinstance(err, OSError) and err.filename is not None else self.path
+
+    def _left(self) -> str:
+        """What a stopped run left in the folder and what to rerun, for the user."""
+        record = self.path / RUN_FILE
+        if self.resumable and record.is_file():
+            return (
+                f"{self.path} holds a partial `fspo {self.command}` run; "
+                f"rerun the same command{_with(self.resume_option)} to continue it"
+            )
+        return f"`fspo {self.command}` left no outputs in {self.path}; rerun it to write them"
 
 
 def claim_file(
@@ -215,6 +371,12 @@ def claim_file(
     file is meant, a parent that is a file, a place nobody may write (e.g. /proc). Writability is
     tried with a temporary file in the nearest existing folder, since `os.access` says yes to root."""
     path = Path(path)
+    try:
+        os.stat(path.parent)  # a symlink loop on the way reads as "missing" to `exists` below
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise write_error(err, path) or err from None
     if path.is_dir():
         raise UserError(f"{option} {path} is a folder; give a file path (e.g. {path / 'result.json'})")
     folder = path.parent

@@ -182,6 +182,81 @@ def _check_columns(path: str | Path, fmt: SourceFormat, row: dict[str, Any]) -> 
         )
 
 
+def _source_format(fmt: SourceFormat | str) -> SourceFormat:
+    try:
+        return SourceFormat(fmt)
+    except ValueError:
+        choices = ", ".join(f.value for f in SourceFormat)
+        raise UserError(f"unknown dataset format {fmt!r}; expected one of {choices}") from None
+
+
+_Converter = Callable[[dict[str, Any]], _Converted | None]
+
+
+def _converter(fmt: SourceFormat, scorer_match: bool) -> _Converter:
+    """The row converter of `fmt`; None from it means the official ELIX filter left the row out."""
+    if fmt is SourceFormat.ROLEPLAY:
+        return _convert_roleplay
+    describe = _describe_review if fmt is SourceFormat.REVIEW else _describe_elix
+
+    def convert(row: dict[str, Any]) -> _Converted | None:
+        if fmt is SourceFormat.ELIX and scorer_match:
+            scorer = _level(row, "scorer_level")
+            levels = {_level(row, c) for c in ("level_x", "level_y") if row.get(c) is not None}
+            if scorer not in levels:
+                return None
+        return _convert_pair(row, describe)
+
+    return convert
+
+
+def _convert_row(where: str, row: Any, convert: _Converter, problems: list[str]) -> _Converted | None:
+    """`convert(row)`, or None with the row's problems appended to `problems` as 'where: column: ...'."""
+    try:
+        if not isinstance(row, dict):
+            raise _RowError("record", f"expected a JSON object, got {type(row).__name__}")
+        return convert(row)
+    except _RowError as err:
+        problems.append(f"{where}: {err.column}: {err}")
+    except ValidationError as err:
+        problems.extend(format_validation_error(where, err))
+    return None
+
+
+@dataclass
+class _Personas:
+    """Each user's description, from the first row that names the user; later rows that carry another
+    one are counted, to be reported, never applied."""
+
+    descriptions: dict[str, str | None] = field(default_factory=dict)
+    first_row: dict[str, str] = field(default_factory=dict)
+    conflicts: Counter[str] = field(default_factory=Counter)
+
+    def add(self, uid: str, description: str | None, where: str) -> None:
+        if uid not in self.descriptions:
+            self.descriptions[uid] = description
+            self.first_row[uid] = where
+        elif description and self.descriptions[uid] != description:
+            self.conflicts[uid] += 1
+
+    def notes(self) -> list[str]:
+        return [
+            f"user {uid!r}: {n} rows carry a persona different from the one at {self.first_row[uid]}; "
+            "kept the first"
+            for uid, n in sorted(self.conflicts.items())
+        ]
+
+    def users(self, fmt: SourceFormat) -> list[User]:
+        users = []
+        for uid, description in self.descriptions.items():
+            metadata: dict[str, Any] = {"source": fmt.value}
+            if fmt is SourceFormat.REVIEW:
+                # The paper trains on the 4 base review users and evaluates on the interpolated ones.
+                metadata["split"] = "test" if "+" in uid else "train"
+            users.append(User(user_id=uid, description=description, metadata=metadata))
+        return users
+
+
 def import_released(path: str | Path, fmt: SourceFormat | str, scorer_match: bool = True) -> ImportResult:
     """Read a released FSPO dataset file (`fmt`: roleplay, review or elix) into records.
 
@@ -189,59 +264,26 @@ def import_released(path: str | Path, fmt: SourceFormat | str, scorer_match: boo
     (ELIX only) applies the official filter: keep rows whose `scorer_level` equals `level_x` or
     `level_y`; the number of rows it removed is in the result's `notes`.
     """
-    try:
-        fmt = SourceFormat(fmt)
-    except ValueError:
-        choices = ", ".join(f.value for f in SourceFormat)
-        raise UserError(f"unknown dataset format {fmt!r}; expected one of {choices}") from None
-    if fmt is SourceFormat.ROLEPLAY:
-
-        def convert(row: dict[str, Any]) -> _Converted | None:
-            return _convert_roleplay(row)
-    else:
-        describe = _describe_review if fmt is SourceFormat.REVIEW else _describe_elix
-
-        def convert(row: dict[str, Any]) -> _Converted | None:
-            if fmt is SourceFormat.ELIX and scorer_match:
-                scorer = _level(row, "scorer_level")
-                levels = {_level(row, c) for c in ("level_x", "level_y") if row.get(c) is not None}
-                if scorer not in levels:
-                    return None
-            return _convert_pair(row, describe)
-
-    problems: list[str] = []  # iter_rows appends lines it cannot parse; we append bad cells
+    fmt = _source_format(fmt)
+    convert = _converter(fmt, scorer_match)
+    problems: list[str] = []  # iter_rows appends lines it cannot parse; _convert_row appends bad cells
     row_problem_lines = 0
     result = ImportResult([], [])
-    descriptions: dict[str, str | None] = {}
-    conflicts: Counter[str] = Counter()
-    first_row: dict[str, str] = {}
+    personas = _Personas()
     for where, row in iter_rows(path, problems):
         result.rows += 1
         if result.rows == 1 and isinstance(row, dict):
             _check_columns(path, fmt, row)
         before = len(problems)
-        try:
-            if not isinstance(row, dict):
-                raise _RowError("record", f"expected a JSON object, got {type(row).__name__}")
-            converted = convert(row)
-        except _RowError as err:
-            problems.append(f"{where}: {err.column}: {err}")
-        except ValidationError as err:
-            problems.extend(format_validation_error(where, err))
+        converted = _convert_row(where, row, convert, problems)
         row_problem_lines += len(problems) - before
         if len(problems) > before:
             continue
         if converted is None:
             result.filtered += 1
             continue
-        pref = converted.preference
-        result.preferences.append(pref)
-        uid = pref.user_id
-        if uid not in descriptions:
-            descriptions[uid] = converted.description
-            first_row[uid] = where
-        elif converted.description and descriptions[uid] != converted.description:
-            conflicts[uid] += 1
+        result.preferences.append(converted.preference)
+        personas.add(converted.preference.user_id, converted.description, where)
     result.rows += len(problems) - row_problem_lines  # lines too broken to parse are rows too
     if problems:
         raise DataError(f"{path}: {len(problems)} problems in the {fmt.value} file", problems)
@@ -257,15 +299,6 @@ def import_released(path: str | Path, fmt: SourceFormat | str, scorer_match: boo
             "(scorer_level is neither level_x nor level_y); "
             "pass scorer_match=False / --no-scorer-match to keep them"
         )
-    for uid, n in sorted(conflicts.items()):
-        result.notes.append(
-            f"user {uid!r}: {n} rows carry a persona different from the one at {first_row[uid]}; "
-            "kept the first"
-        )
-    for uid, description in descriptions.items():
-        metadata: dict[str, Any] = {"source": fmt.value}
-        if fmt is SourceFormat.REVIEW:
-            # The paper trains on the 4 base review users and evaluates on the interpolated ones.
-            metadata["split"] = "test" if "+" in uid else "train"
-        result.users.append(User(user_id=uid, description=description, metadata=metadata))
+    result.notes += personas.notes()
+    result.users = personas.users(fmt)
     return result

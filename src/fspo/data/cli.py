@@ -6,13 +6,19 @@ folder holds ``train.jsonl``, ``test_seen.jsonl``, ``test_unseen.jsonl`` and ``m
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from fspo.data.schema import RECORD_TYPES
+from fspo.data.schema import RECORD_TYPES, Preference, User
+
+if TYPE_CHECKING:
+    from fspo.data.episodes import EpisodeSplits
+    from fspo.data.io import ReadReport
 
 app = typer.Typer(
     help="Data: import released datasets, sample few-shot episodes, validate, convert.", no_args_is_help=True
@@ -44,9 +50,10 @@ def import_(
     from fspo.data.adapters import import_released
     from fspo.data.io import DATASET_OUTPUTS, write_dataset_dir
 
-    params = {"file": str(file.resolve()), "format": format, "scorer_match": scorer_match}
+    params = {"file": os.path.realpath(file), "format": format, "scorer_match": scorer_match}
     folder = OutputFolder(out, "data import", params, DATASET_OUTPUTS, overwrite=overwrite)
-    result = import_released(file, format, scorer_match=scorer_match)
+    with folder.preparing():
+        result = import_released(file, format, scorer_match=scorer_match)
     for note in result.notes:
         _note(note)
     with folder.writing():
@@ -86,34 +93,28 @@ def episodes(
     from fspo.core.errors import UserError
     from fspo.core.outputs import OutputFolder
     from fspo.data.episodes import OUTPUTS, SPLITS, build_episodes, write_episodes
-    from fspo.data.io import read_dataset_dir
 
     settings = {
-        "data": str(data.resolve()), "shots": shots, "seed": seed, "test_user_fraction": test_user_fraction,
-        "heldout_per_user": heldout_per_user, "train_passes": train_passes, "test_passes": test_passes,
+        "data": os.path.realpath(data), "shots": shots, "seed": seed,
+        "test_user_fraction": test_user_fraction, "heldout_per_user": heldout_per_user,
+        "train_passes": train_passes, "test_passes": test_passes,
         "questions_per_context": questions_per_context, "skip_invalid": skip_invalid,
         "on_duplicate": on_duplicate,
     }  # fmt: skip
     folder = OutputFolder(out, "data episodes", settings, OUTPUTS, overwrite=overwrite)
-    prefs, users, reports = read_dataset_dir(data, skip_invalid=skip_invalid, on_duplicate=on_duplicate)
-    for rep in reports:
-        if rep.skipped:
-            _note(rep.summary())
-        for line in rep.dropped[:20]:
-            _note(line)
-        if len(rep.dropped) > 20:
-            _note(f"{rep.path}: ... and {len(rep.dropped) - 20} more repeated records left out")
-    result = build_episodes(
-        prefs,
-        users,
-        shots=shots,
-        train_passes=train_passes,
-        test_passes=test_passes,
-        test_user_fraction=test_user_fraction,
-        heldout_per_user=heldout_per_user,
-        seed=seed,
-        questions_per_context=questions_per_context,
-    )
+    with folder.preparing():
+        prefs, users, reports = _read_data(data, skip_invalid, on_duplicate)
+        result = build_episodes(
+            prefs,
+            users,
+            shots=shots,
+            train_passes=train_passes,
+            test_passes=test_passes,
+            test_user_fraction=test_user_fraction,
+            heldout_per_user=heldout_per_user,
+            seed=seed,
+            questions_per_context=questions_per_context,
+        )
     for line in result.report.lines(shots):
         _note(line)
     if not any(result[split] for split in SPLITS):
@@ -122,27 +123,49 @@ def episodes(
             f"(each needs at least {shots + 1}); nothing was written"
         )
     meta = {
-        "source": str(data),
-        "seed": seed,
-        "shots": shots,
-        "questions_per_context": questions_per_context,
+        "source": str(data), "seed": seed, "shots": shots, "questions_per_context": questions_per_context,
         "train_passes": 2 * (shots + 1) if train_passes is None else train_passes,
-        "test_passes": test_passes,
-        "test_user_fraction": test_user_fraction,
-        "heldout_per_user": heldout_per_user,
-        "skipped_invalid_records": sum(r.skipped for r in reports),
-        "on_duplicate": on_duplicate,
-        "dropped_duplicate_records": sum(len(r.dropped) for r in reports),
-    }
+        "test_passes": test_passes, "test_user_fraction": test_user_fraction,
+        "heldout_per_user": heldout_per_user, "skipped_invalid_records": sum(r.skipped for r in reports),
+        "on_duplicate": on_duplicate, "dropped_duplicate_records": sum(len(r.dropped) for r in reports),
+    }  # fmt: skip
     with folder.writing():
         write_episodes(out, result, meta)
+    _print_splits(result, f"episodes ({shots} shots, seed {seed}) in {out}")
+
+
+def _read_data(
+    data: Path, skip_invalid: bool, on_duplicate: str
+) -> tuple[list[Preference], list[User], list[ReadReport]]:
+    """`read_dataset_dir`, saying what it skipped and which repeated records it left out."""
+    from fspo.data.io import read_dataset_dir
+
+    prefs, users, reports = read_dataset_dir(data, skip_invalid=skip_invalid, on_duplicate=on_duplicate)
+    for rep in reports:
+        if rep.skipped:
+            _note(rep.summary())
+        _note_dropped(rep)
+    return prefs, users, reports
+
+
+def _note_dropped(report: ReadReport) -> None:
+    for line in report.dropped[:20]:
+        _note(line)
+    if len(report.dropped) > 20:
+        _note(f"{report.path}: ... and {len(report.dropped) - 20} more repeated records left out")
+
+
+def _print_splits(result: EpisodeSplits, title: str) -> None:
+    """Users and episodes per split, as a table."""
+    from fspo.data.episodes import SPLITS
+
     rep = result.report
     users_per_split = {
         "train": len(rep.train_users),
         "test_seen": len({e.user_id for e in result["test_seen"]}),
         "test_unseen": len(rep.test_users),
     }
-    table = Table(title=f"episodes ({shots} shots, seed {seed}) in {out}")
+    table = Table(title=title)
     table.add_column("split")
     table.add_column("users", justify="right")
     table.add_column("episodes", justify="right")
@@ -157,15 +180,17 @@ def validate(
     kind: str = typer.Option(..., "--kind", "-k", help="Record kind: preference, user or episode."),
     skip_invalid: bool = typer.Option(False, help="Report invalid records instead of failing."),
 ) -> None:
-    """Check every record of a file; exit status 2 and a list of 'file:line: field: message' if bad."""
+    """Check every record of a file with the rules of every reader that uses it; exit status 2 and a list
+    of 'file:line: field: message' if bad."""
     from fspo.core.errors import UserError
-    from fspo.data.io import read_records_with_report
+    from fspo.data.validate import validate_file
 
     if kind not in RECORD_TYPES:
         raise UserError(f"--kind must be one of {', '.join(RECORD_TYPES)}, got {kind!r}")
-    _, report = read_records_with_report(file, RECORD_TYPES[kind], skip_invalid=skip_invalid)  # type: ignore[arg-type]
+    report = validate_file(file, RECORD_TYPES[kind], skip_invalid=skip_invalid)
     if report.skipped:
         _note(report.summary())
+    _note_dropped(report)
     console.print(
         f"{file}: {report.valid} valid {kind} records"
         + (f", {report.skipped} invalid" if report.skipped else "")
@@ -190,7 +215,7 @@ def convert(
     kind = kind or _guess_kind(src)
     if kind not in RECORD_TYPES:
         raise UserError(f"--kind must be one of {', '.join(RECORD_TYPES)}, got {kind!r}")
-    if src.resolve() == dst.resolve():
+    if os.path.realpath(src) == os.path.realpath(dst):
         raise UserError(f"{dst}: input and output are the same file")
     claim_file(dst, "DST", overwrite=overwrite)
     records, report = read_records_with_report(src, RECORD_TYPES[kind], skip_invalid=skip_invalid)  # type: ignore[arg-type]

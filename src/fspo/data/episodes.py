@@ -230,24 +230,8 @@ def _build(
         raise UserError("train_passes, test_passes and heldout_per_user must be >= 0")
 
     report = SamplingReport()
-    user_by_id: dict[str, User] = {}
-    user_at: dict[str, list[int]] = {}
-    for i, user in enumerate(users):
-        user_by_id[user.user_id] = user  # the last record wins, as a dict built from them would
-        user_at.setdefault(user.user_id, []).append(i)
-    report.repeated_users = [
-        f"{uid} ({', '.join(f'users[{i}]' for i in at)})" for uid, at in user_at.items() if len(at) > 1
-    ]
-    by_user: dict[str, list[Preference]] = defaultdict(list)
-    seen: dict[tuple[str, tuple[str, str, str]], int] = {}
-    for i, pref in enumerate(preferences):
-        key = (pref.user_id, _key(pref))
-        j = seen.setdefault(key, i)
-        if j != i:
-            report.duplicates += 1  # a duplicate could end up as its own twin's shot
-            report.duplicate_items.append(f"preferences[{i}] ({pref.user_id}): same as preferences[{j}]")
-            continue
-        by_user[pref.user_id].append(pref)
+    user_by_id = _index_users(users, report)
+    by_user = _preferences_by_user(preferences, report)
     report.users_without_record = sorted(uid for uid in by_user if uid not in user_by_id)
     report.users_without_preferences = sorted(uid for uid in user_by_id if uid not in by_user)
     report.users_total = len(by_user)
@@ -259,46 +243,19 @@ def _build(
 
     out = EpisodeSplits({split: [] for split in SPLITS})
     out.report = report
-
-    def make(
-        split: str, uid: str, p: int, i: int | str, shot_list: list[Preference], query: Preference
-    ) -> Episode:
-        user = user_by_id.get(uid)
-        return Episode(
-            episode_id=f"{split}-{uid}-{p}-{i}",  # unique: `i` is a block, or a block-query pair
-            user_id=uid,
-            shots=shot_list,
-            query=query,
-            description=user.description if user else None,
-            split=split,
-            metadata={"pass": p, "seed": seed},
-        )
-
-    def block_episodes(split: str, uid: str, blocks) -> list[list[Episode]]:
-        """One group of episodes per block; K > 1 numbers each query within its block."""
-        groups = []
-        for p, i, shot_list, queries in blocks:
-            ids = [i] if k == 1 else [f"{i}-{j}" for j in range(len(queries))]
-            groups.append([make(split, uid, p, n, shot_list, q) for n, q in zip(ids, queries, strict=True)])
-        return groups
-
+    maker = _EpisodeMaker(user_by_id, seed, k)
     train_groups: list[list[Episode]] = []
     for uid in train_ids:
         pool, heldout = _hold_out(by_user[uid], shots, heldout_per_user, seeded_rng(seed, uid, "heldout"))
         if heldout_per_user and not heldout:
             report.no_heldout[uid] = len(by_user[uid])
         rng = seeded_rng(seed, uid, "train")
-        train_groups += block_episodes("train", uid, _blocks(pool, shots, train_passes, rng, k))
-        rng = seeded_rng(seed, uid, "test_seen")
-        for p in range(test_passes):
-            for start in range(0, len(heldout), k):
-                shot_list = rng.sample(pool, shots)  # one shot set per K held-out queries
-                for i, query in enumerate(heldout[start : start + k], start=start):
-                    out["test_seen"].append(make("test_seen", uid, p, i, shot_list, query))
+        train_groups += maker.per_block("train", uid, _blocks(pool, shots, train_passes, rng, k))
+        out["test_seen"] += maker.test_seen(uid, pool, heldout, shots, test_passes)
 
     for uid in test_ids:
         rng = seeded_rng(seed, uid, "test_unseen")
-        for group in block_episodes("test_unseen", uid, _blocks(by_user[uid], shots, test_passes, rng, k)):
+        for group in maker.per_block("test_unseen", uid, _blocks(by_user[uid], shots, test_passes, rng, k)):
             out["test_unseen"].extend(group)
 
     # Training reads episodes in file order; mixing users makes every batch a mix of users. Whole
@@ -307,6 +264,84 @@ def _build(
     seeded_rng(seed, "train-order").shuffle(train_groups)
     out["train"] = [e for group in train_groups for e in group]
     return out
+
+
+def _index_users(users: Iterable[User], report: SamplingReport) -> dict[str, User]:
+    """The users by id; an id given more than once keeps its last record (as a dict built from them
+    would) and is named in `report.repeated_users` with its positions."""
+    user_by_id: dict[str, User] = {}
+    user_at: dict[str, list[int]] = {}
+    for i, user in enumerate(users):
+        user_by_id[user.user_id] = user
+        user_at.setdefault(user.user_id, []).append(i)
+    report.repeated_users = [
+        f"{uid} ({', '.join(f'users[{i}]' for i in at)})" for uid, at in user_at.items() if len(at) > 1
+    ]
+    return user_by_id
+
+
+def _preferences_by_user(
+    preferences: Iterable[Preference], report: SamplingReport
+) -> dict[str, list[Preference]]:
+    """Each user's preferences in input order; a repeat (same user, question and answers) is counted
+    in `report` and dropped, since it could end up as its own twin's shot."""
+    by_user: dict[str, list[Preference]] = defaultdict(list)
+    seen: dict[tuple[str, tuple[str, str, str]], int] = {}
+    for i, pref in enumerate(preferences):
+        key = (pref.user_id, _key(pref))
+        j = seen.setdefault(key, i)
+        if j != i:
+            report.duplicates += 1
+            report.duplicate_items.append(f"preferences[{i}] ({pref.user_id}): same as preferences[{j}]")
+            continue
+        by_user[pref.user_id].append(pref)
+    return by_user
+
+
+@dataclass
+class _EpisodeMaker:
+    """Makes the episodes of one sampling run, so every split names and describes them alike."""
+
+    users: dict[str, User]
+    seed: int
+    k: int  # queries per shot set
+
+    def episode(
+        self, split: str, uid: str, p: int, i: int | str, shot_list: list[Preference], query: Preference
+    ) -> Episode:
+        user = self.users.get(uid)
+        return Episode(
+            episode_id=f"{split}-{uid}-{p}-{i}",  # unique: `i` is a block, or a block-query pair
+            user_id=uid,
+            shots=shot_list,
+            query=query,
+            description=user.description if user else None,
+            split=split,
+            metadata={"pass": p, "seed": self.seed},
+        )
+
+    def per_block(self, split: str, uid: str, blocks: Iterable[tuple]) -> list[list[Episode]]:
+        """One group of episodes per block of `_blocks`; K > 1 numbers each query within its block."""
+        groups = []
+        for p, i, shot_list, queries in blocks:
+            ids = [i] if self.k == 1 else [f"{i}-{j}" for j in range(len(queries))]
+            groups.append(
+                [self.episode(split, uid, p, n, shot_list, q) for n, q in zip(ids, queries, strict=True)]
+            )
+        return groups
+
+    def test_seen(
+        self, uid: str, pool: list[Preference], heldout: list[Preference], shots: int, passes: int
+    ) -> list[Episode]:
+        """A training user's held-out queries, each pass drawing one shot set from `pool` per K queries."""
+        rng = seeded_rng(self.seed, uid, "test_seen")
+        episodes = []
+        for p in range(passes):
+            for start in range(0, len(heldout), self.k):
+                shot_list = rng.sample(pool, shots)
+                for i, query in enumerate(heldout[start : start + self.k], start=start):
+                    episodes.append(self.episode("test_seen", uid, p, i, shot_list, query))
+        return episodes
 
 
 def _hold_out(

@@ -13,6 +13,9 @@ Why the pieces:
     exactly. On reading, such a column is accepted either as JSON text or as a native struct.
   * Invalid rows are never dropped silently: by default every problem is collected and raised as
     one `DataError`; with ``skip_invalid=True`` they are skipped and listed in a `ReadReport`.
+  * An error suggests only the options its command has: a caller that offers ``--skip-invalid`` or
+    ``--on-duplicate`` passes its value (False, "error"); the default None reads the same without the
+    option and never suggests it.
 """
 
 from __future__ import annotations
@@ -255,7 +258,7 @@ def _decode_json_fields(kind: type[BaseModel], row: dict[str, Any], where: str) 
 def iter_records(
     path: str | Path,
     kind: type[R],
-    skip_invalid: bool = False,
+    skip_invalid: bool | None = None,
     report: ReadReport | None = None,
     allow_empty: bool = False,
 ) -> Iterator[R]:
@@ -267,14 +270,15 @@ def iter_records(
     they are only recorded in `report` (pass one to see them). An empty file is an error unless
     `allow_empty` (e.g. a users file of a data set without user records).
     """
-    for _, record in _iter_located(path, kind, skip_invalid, report, allow_empty):
+    for _, record in iter_located(path, kind, skip_invalid, report, allow_empty):
         yield record
 
 
-def _iter_located(
-    path: str | Path, kind: type[R], skip_invalid: bool, report: ReadReport | None, allow_empty: bool
+def iter_located(
+    path: str | Path, kind: type[R], skip_invalid: bool | None, report: ReadReport | None, allow_empty: bool
 ) -> Iterator[tuple[str, R]]:
-    """`iter_records`, yielding ``(where, record)``: the duplicate check names both lines of a pair."""
+    """`iter_records`, yielding ``(where, record)``: the duplicate check and `fspo data validate` name the
+    lines of what they find."""
     report = report if report is not None else ReadReport(str(path))
     report.path = str(path)
     is_columnar = Path(path).suffix.lower() in PARQUET_SUFFIXES + CSV_SUFFIXES
@@ -304,9 +308,9 @@ def _iter_located(
         raise DataError(f"{path}: the file holds no records")
     if report.problems and not skip_invalid:
         bad = report.total - report.valid
+        hint = "" if skip_invalid is None else ", or pass --skip-invalid to skip them with a report"
         raise DataError(
-            f"{path}: {bad} of {report.total} {kind.__name__} records are invalid "
-            "(fix them, or pass --skip-invalid to skip them with a report)",
+            f"{path}: {bad} of {report.total} {kind.__name__} records are invalid (fix them{hint})",
             report.problems,
         )
 
@@ -314,7 +318,7 @@ def _iter_located(
 def read_records(
     path: str | Path,
     kind: type[R],
-    skip_invalid: bool = False,
+    skip_invalid: bool | None = None,
     report: ReadReport | None = None,
     allow_empty: bool = False,
 ) -> list[R]:
@@ -326,7 +330,7 @@ def read_records(
 
 
 def read_records_with_report(
-    path: str | Path, kind: type[R], skip_invalid: bool = False, allow_empty: bool = False
+    path: str | Path, kind: type[R], skip_invalid: bool | None = None, allow_empty: bool = False
 ) -> tuple[list[R], ReadReport]:
     """`read_records` that also returns its `ReadReport` (for printing what was skipped)."""
     report = ReadReport(str(path))
@@ -405,7 +409,7 @@ ON_DUPLICATE = ("error", "first", "last")
 
 
 def read_dataset_dir(
-    folder: str | Path, skip_invalid: bool = False, on_duplicate: str = "error"
+    folder: str | Path, skip_invalid: bool | None = None, on_duplicate: str | None = None
 ) -> tuple[list[Preference], list[User], list[ReadReport]]:
     """Read a data folder: its preferences (required) and users (optional), with read reports.
 
@@ -413,7 +417,7 @@ def read_dataset_dir(
     `resolve_duplicates`): a user id on two lines of the users file, or one user's preference on the
     same question and the same two answers (in either order) on two lines of the preferences file.
     An exact repeat keeps the first and is noted; records that differ (a swapped label, another
-    description or metadata) are conflicts: with `on_duplicate` "error" (the default) they are one
+    description or metadata) are conflicts: with `on_duplicate` "error" (or None) they are one
     `DataError` naming both lines of each, with "first" or "last" the first or the last of each group
     is kept. Every record left out is one note in its file's `ReadReport.dropped`.
     """
@@ -430,49 +434,49 @@ def read_dataset_dir(
         users, more, rep = _read_unique(user_path, User, skip_invalid, True, on_duplicate)
         reports.append(rep)
         conflicts += more
-    _raise_conflicts(folder, conflicts)
+    _raise_conflicts(folder, conflicts, on_duplicate)
     return prefs, users, reports
 
 
 def read_unique_records(
     path: str | Path,
     kind: type[R],
-    on_duplicate: str = "error",
-    skip_invalid: bool = False,
+    on_duplicate: str | None = None,
+    skip_invalid: bool | None = None,
     allow_empty: bool = False,
 ) -> tuple[list[R], ReadReport]:
     """`read_records_with_report` for one preferences or users file, with `read_dataset_dir`'s
     handling of repeated records (`report.dropped` lists what was left out)."""
     _check_policy(on_duplicate)
     records, conflicts, report = _read_unique(Path(path), kind, skip_invalid, allow_empty, on_duplicate)
-    _raise_conflicts(path, conflicts)
+    _raise_conflicts(path, conflicts, on_duplicate)
     return records, report
 
 
-def _check_policy(on_duplicate: str) -> None:
-    if on_duplicate not in ON_DUPLICATE:
+def _check_policy(on_duplicate: str | None) -> None:
+    if on_duplicate is not None and on_duplicate not in ON_DUPLICATE:
         raise UserError(f"--on-duplicate must be one of {', '.join(ON_DUPLICATE)}, got {on_duplicate!r}")
 
 
-def _raise_conflicts(source: str | Path, conflicts: list[str]) -> None:
+def _raise_conflicts(source: str | Path, conflicts: list[str], on_duplicate: str | None) -> None:
     if conflicts:
+        hint = "" if on_duplicate is None else ", or pass --on-duplicate first|last to keep one of each"
         raise DataError(
             f"{source}: {len(conflicts)} conflicting records (the same user id, or the same user, question "
-            "and answer pair, with a different label, description or metadata); fix them, or pass "
-            "--on-duplicate first|last to keep the first or the last of each",
+            f"and answer pair, with a different label, description or metadata); fix them{hint}",
             conflicts,
         )
 
 
 def _read_unique(
-    path: Path, kind: type[R], skip_invalid: bool, allow_empty: bool, on_duplicate: str
+    path: Path, kind: type[R], skip_invalid: bool | None, allow_empty: bool, on_duplicate: str | None
 ) -> tuple[list[R], list[str], ReadReport]:
     """(records without repeats, conflicts, report) of one file; see `resolve_duplicates`."""
     report = ReadReport(str(path))
     with gc_paused():  # the key tuples too: with the collector on, they cost 4x on a large file
-        pairs = list(_iter_located(path, kind, skip_invalid, report, allow_empty))
+        pairs = list(iter_located(path, kind, skip_invalid, report, allow_empty))
         records, conflicts = resolve_duplicates(
-            [r for _, r in pairs], [w for w, _ in pairs], on_duplicate, report
+            [r for _, r in pairs], [w for w, _ in pairs], on_duplicate or "error", report
         )
     return records, conflicts, report
 

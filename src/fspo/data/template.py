@@ -239,7 +239,7 @@ def _count_tokens(text: str, tokenizer: Any) -> int:
 def rejected_description(episode: Episode) -> str | None:
     """The description RAT's rejected target carries: the rejected answer's persona's when the query
     knows it (the official layout), else the user's own (then the description tokens cancel in the
-    preference margin; `fspo.train.data.RenderStats` counts such episodes)."""
+    preference margin; `fspo.train.tokenize.RenderStats` counts such episodes)."""
     return episode.query.rejected_description or episode.description
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -10,6 +11,7 @@ from rich.table import Table
 
 from fspo.core.errors import UserError
 from fspo.core.outputs import claim_file
+from fspo.infer.generate import Decoding
 
 console = Console()
 
@@ -62,9 +64,9 @@ def accuracy(
     """Preference accuracy of the model's implicit reward, per split, vs the number of shots."""
     from fspo.core.files import atomic_write_json
     from fspo.eval.accuracy import accuracy_curve, group_by_split
-    from fspo.eval.records import load_test_episodes
+    from fspo.eval.readers import load_test_episodes
     from fspo.infer.layout import trained_layout
-    from fspo.models.loading import load_model, load_tokenizer
+    from fspo.models.loading import load_model, load_tokenizer, require_same_tokenizer
 
     ks = _parse_shots(shots)
     claim_file(out, overwrite=overwrite)
@@ -72,6 +74,8 @@ def accuracy(
     if max_episodes is not None:
         groups = {s: eps[:max_episodes] for s, eps in groups.items()}
     tokenizer = load_tokenizer(model)
+    if ref is not None:  # the reference scores the policy's token ids: they must mean the same text
+        require_same_tokenizer(tokenizer, ref, "--ref", f"--model {str(model)!r}")
     log = _partial_log(out, overwrite, "batches scored")
     result = accuracy_curve(
         load_model(model),
@@ -157,6 +161,40 @@ def winrate(
     console.print(f"wrote {out}")
 
 
+def _reference(model: Path, ref: Path | None, best_of: int) -> Any:
+    """Best-of-N's reference (`fspo.infer.best_of.Reference`): `ref`, else the model training started
+    from, else (no training record) the model itself; None for one answer."""
+    from fspo.infer.best_of import SELF, Reference, training_reference
+    from fspo.models.loading import load_model
+
+    if best_of == 1:
+        return None
+    folder, beta = training_reference(model, ref)
+    if folder is None:
+        return Reference(None, SELF, beta)
+    return Reference(load_model(folder), folder, beta)
+
+
+def _checked_decoding(mode: str, best_of: int, ref: Path | None, values: dict[str, Any]) -> Decoding:
+    """`fspo generate`'s decoding from its option `values`, once the mode, the decoding and
+    --best-of/--ref are known to go together (a `UserError` naming the option otherwise)."""
+    from fspo.infer.best_of import check_best_of
+    from fspo.infer.generate import Mode
+
+    try:
+        Mode(mode)
+    except ValueError as err:
+        raise UserError(f"--mode: unknown mode {mode!r}; use plain, rat or oracle") from err
+    decoding = Decoding.of("fspo generate", **values)
+    check_best_of(best_of, decoding, mode)
+    if ref is not None and best_of == 1:
+        raise UserError("--ref is the reference of --best-of N > 1; it does nothing for one answer")
+    return decoding
+
+
+_DECODING = Decoding.model_fields  # the decoding options' defaults and help live in `Decoding`
+
+
 def generate(
     model: Path = typer.Option(..., help="Model folder."),
     episodes: Path = typer.Option(..., help="Episode file, or episodes folder (its test splits)."),
@@ -168,9 +206,25 @@ def generate(
     system: str | None = typer.Option(None, help="System name in reports (default: the mode)."),
     users: Path | None = typer.Option(None, help="Users file: descriptions for oracle mode."),
     max_new_tokens: int = typer.Option(256, min=1),
-    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
-    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
-    seed: int = typer.Option(0),
+    temperature: float = typer.Option(
+        _DECODING["temperature"].default, help=_DECODING["temperature"].description
+    ),
+    top_p: float = typer.Option(_DECODING["top_p"].default, help=_DECODING["top_p"].description),
+    repetition_penalty: float = typer.Option(
+        _DECODING["repetition_penalty"].default, help=_DECODING["repetition_penalty"].description
+    ),
+    no_repeat_ngram_size: int = typer.Option(
+        _DECODING["no_repeat_ngram_size"].default, help=_DECODING["no_repeat_ngram_size"].description
+    ),
+    seed: int = typer.Option(_DECODING["seed"].default, help=_DECODING["seed"].description),
+    best_of: int = typer.Option(
+        1, min=1, help="Sample N answers per episode, keep the one with the highest implicit reward."
+    ),
+    ref: Path | None = typer.Option(
+        None,
+        help="--best-of's reference model (default: the model training started from, per its "
+        "fspo_config.json; an untrained model is its own reference, without shots).",
+    ),
     batch_size: int = typer.Option(8, min=1),
     dispreferred: bool | None = typer.Option(
         None, help="Show the shots' dispreferred answers (default: as the model was trained)."
@@ -178,15 +232,14 @@ def generate(
     overwrite: bool = typer.Option(False, help="Discard --out and its .partial log and generate anew."),
 ) -> None:
     """Generate a personalized answer for each test episode from its user's shots."""
-    from fspo.eval.generate import Mode, generate_for_episodes
-    from fspo.eval.records import load_test_episodes, users_by_id
+    from fspo.eval.generate import generate_for_episodes
+    from fspo.eval.readers import load_test_episodes, users_by_id
     from fspo.infer.layout import trained_layout
     from fspo.models.loading import load_model, load_tokenizer
 
-    try:
-        Mode(mode)
-    except ValueError as err:
-        raise UserError(f"--mode: unknown mode {mode!r}; use plain, rat or oracle") from err
+    values = {"temperature": temperature, "top_p": top_p, "repetition_penalty": repetition_penalty}
+    values.update(no_repeat_ngram_size=no_repeat_ngram_size, seed=seed)
+    decoding = _checked_decoding(mode, best_of, ref, values)  # before any model is loaded
     claim_file(out, resumes=True)  # a file of the same settings is continued (checked per record)
     if overwrite:
         out.unlink(missing_ok=True)
@@ -200,9 +253,9 @@ def generate(
         shots=shots,
         system=system,
         max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
+        decoding=decoding,
+        best_of=best_of,
+        reference=_reference(model, ref, best_of),
         batch_size=batch_size,
         options=trained_layout(model, dispreferred),  # the mode sets the description layout
         users=users_by_id(users) if users else None,
@@ -210,10 +263,9 @@ def generate(
         progress=True,
     )
     truncated = sum(r["truncated"] for r in records)
-    console.print(
-        f"wrote {len(records)} generations to {out}"
-        + (f" ({truncated} hit max-new-tokens)" if truncated else "")
-    )
+    how = decoding.describe() + (f", best of {best_of}" if best_of > 1 else "")
+    cut = f", {truncated} hit max-new-tokens" if truncated else ""
+    console.print(f"wrote {len(records)} generations to {out} ({how}{cut})")
 
 
 def report(

@@ -1,13 +1,14 @@
 """Personalized generation of a test set: answer each episode's query for its user, from that user's shots.
 
-Prompts and decoding are `fspo.infer.generate`'s (the same path serving uses). Outputs are JSONL,
-one record per episode, written atomically at the end; finished batches go to an append log beside
-the output first, so a killed run resumes where it stopped.
+Prompts and decoding are `fspo.infer.generate`'s (the same path serving uses); `best_of` > 1 keeps
+the best of N sampled answers by the model's implicit reward (`fspo.infer.best_of`). Outputs are
+JSONL, one record per episode, written atomically at the end; finished batches go to an append log
+beside the output first, so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,25 @@ from fspo.core.errors import DataError, UserError
 from fspo.core.files import AppendLog, atomic_write_jsonl, json_lines
 from fspo.data.schema import Episode, User
 from fspo.data.template import TemplateOptions, parse_generation
-from fspo.infer.generate import Mode, answer_finished, batch_seed, generate_batch, prompt_ids
+from fspo.infer.best_of import SELF, Reference, best_of_n, check_best_of
+from fspo.infer.generate import Decoding, Mode, answer_finished, generate_batch, prompt_ids, resolve_decoding
 
 # Everything that decides a record's text. `batch_size` is among them: it decides which episodes
-# share a batch, hence the padding and, when sampling, `batch_seed`.
-SETTINGS = ("system", "mode", "shots", "max_new_tokens", "temperature", "top_p", "seed", "batch_size")
+# share a batch, hence the padding (a sampled row's seed is its episode's, whatever its batch).
+# `reference` and `beta` are best-of-N's (None for one answer).
+SETTINGS = (
+    "system",
+    "mode",
+    "shots",
+    "max_new_tokens",
+    "decoding",
+    "best_of",
+    "reference",
+    "beta",
+    "batch_size",
+)
+
+Batch = list[tuple[Episode, list[int]]]  # episodes decoded together, with their prompt ids
 
 
 def _record(
@@ -64,7 +79,7 @@ def _read_log(path: Path) -> Iterator[tuple[str, dict]]:
 
 def _resume(out: Path, settings: dict[str, Any]) -> dict[str, dict]:
     """Records already generated with the same settings: the final output's, then the partial log's."""
-    from fspo.eval.records import read_rows
+    from fspo.eval.readers import read_rows
 
     done: dict[str, dict] = {}
     sources = []
@@ -90,6 +105,113 @@ def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def _description(episode: Episode, users: dict[str, User] | None) -> str | None:
+    if episode.description:
+        return episode.description
+    user = users.get(episode.user_id) if users else None
+    return user.description if user else None
+
+
+def _plan(
+    episodes: Sequence[Episode],
+    tokenizer: Any,
+    mode: Mode,
+    shots: int | None,
+    options: TemplateOptions | None,
+    users: dict[str, User] | None,
+    batch_size: int,
+) -> list[Batch]:
+    """The batches of a run, planned over *all* its episodes, done or not (longest prompts first:
+    less padding), so that a resumed run decodes every batch it still needs exactly as an
+    uninterrupted run would: same rows, same padding."""
+    encoded = [(e, prompt_ids(e, tokenizer, mode, shots, options, _description(e, users))) for e in episodes]
+    encoded.sort(key=lambda item: -len(item[1]))  # stable: ties keep the input order
+    return [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
+
+
+def _batch_records(
+    model: Any, tokenizer: Any, chunk: Batch, settings: dict[str, Any], decoding: Decoding
+) -> list[dict[str, Any]]:
+    """One answer per episode of `chunk`, decoded as one batch (a sampled row from its episode's seed)."""
+    new = generate_batch(
+        model,
+        tokenizer,
+        [ids for _, ids in chunk],
+        rat=settings["mode"] == Mode.RAT,
+        max_new_tokens=settings["max_new_tokens"],
+        decoding=decoding,
+        seeds=[decoding.row_seed(e.episode_id) for e, _ in chunk],
+    )
+    return [_record(e, row, len(ids), tokenizer, settings) for (e, ids), row in zip(chunk, new, strict=True)]
+
+
+def _best_of_record(
+    model: Any,
+    tokenizer: Any,
+    episode: Episode,
+    n_prompt: int,
+    settings: dict[str, Any],
+    decoding: Decoding,
+    reference: Reference,
+    options: TemplateOptions | None,
+    users: dict[str, User] | None,
+) -> dict[str, Any]:
+    """The record of the best of `settings["best_of"]` sampled answers, with every candidate's scores."""
+    shots = settings["shots"]
+    result = best_of_n(
+        model,
+        tokenizer,
+        episode.shots if shots is None else episode.shots[:shots],
+        episode.query.question,
+        n=settings["best_of"],
+        decoding=decoding,
+        key=episode.episode_id,
+        reference=reference,
+        max_new_tokens=settings["max_new_tokens"],
+        mode=settings["mode"],
+        options=options,
+        description=_description(episode, users),
+    )
+    rec = _record(episode, result.new_ids[result.best], n_prompt, tokenizer, settings)
+    rec["candidates"] = [
+        {"answer": answer, "reward": reward, "logp": logp, "ref_logp": ref_logp, "new_tokens": len(ids)}
+        for answer, reward, logp, ref_logp, ids in zip(
+            result.answers, result.rewards, result.logps, result.ref_logps, result.new_ids, strict=True
+        )
+    ]
+    rec["best_index"] = result.best
+    rec["generated_tokens"] = result.generated_tokens
+    rec["scored_tokens"] = result.scored_tokens
+    return rec
+
+
+def _decode_missing(
+    todo: list[Batch],
+    decode: Callable[[Batch], list[dict[str, Any]]],
+    done: dict[str, dict],
+    out: Path | None,
+    progress: str | None,
+) -> None:
+    """Decode the batches `todo`, adding the records of episodes not yet `done` to it and to `out`'s
+    append log as each batch finishes; `progress` is the progress bar's label (None: no bar)."""
+    log = AppendLog(partial_path(out)) if out is not None and todo else None
+    try:
+        if progress:
+            from tqdm import tqdm
+
+            todo = tqdm(todo, desc=progress, unit="batch")
+        for chunk in todo:
+            for rec in decode(chunk):
+                if rec["episode_id"] in done:  # kept as first written
+                    continue
+                done[rec["episode_id"]] = rec
+                if log is not None:
+                    log.append(rec)
+    finally:
+        if log is not None:
+            log.close()
+
+
 def generate_for_episodes(
     model: Any,
     tokenizer: Any,
@@ -99,9 +221,12 @@ def generate_for_episodes(
     shots: int | None = None,
     system: str | None = None,
     max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
+    decoding: Decoding | None = None,
+    best_of: int = 1,
+    reference: Reference | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
     batch_size: int = 8,
     options: TemplateOptions | None = None,
     users: dict[str, User] | None = None,
@@ -111,11 +236,19 @@ def generate_for_episodes(
     """Generate one answer per episode; returns the records (and writes them to `out` if given).
 
     `shots` keeps each episode's first k shots (None: all). `system` names the system in reports
-    (default: the mode). `users` supplies descriptions for oracle mode when episodes lack them.
-    With `out`, episodes already in `out` or in its ``.partial`` append log (a killed run's finished
-    records) are kept, not generated again; the settings must match theirs (`UserError` otherwise).
+    (default: the mode). `decoding` (default greedy; `temperature`, `top_p`, `seed` are its
+    shorthand) is recorded in every record. `best_of` > 1 samples that many answers per episode and
+    keeps the one with the highest implicit reward against `reference` (default: the model itself
+    without shots); the record adds ``candidates`` (answer, reward, logp, ref_logp, new_tokens of
+    each), ``best_index``, ``generated_tokens`` and ``scored_tokens``. `users` supplies descriptions
+    for oracle mode when episodes lack them. With `out`, episodes already in `out` or in its
+    ``.partial`` append log (a killed run's finished records) are kept, not generated again; the
+    settings must match theirs (`UserError` otherwise).
     """
     mode = Mode(mode)
+    decoding = resolve_decoding(decoding, temperature, top_p, seed)
+    reference = reference or Reference(None, SELF)
+    check_best_of(best_of, decoding, mode)
     if len({e.episode_id for e in episodes}) != len(episodes):
         raise DataError("duplicate episode_id among the episodes to generate for")
     settings = {
@@ -123,53 +256,28 @@ def generate_for_episodes(
         "mode": mode.value,
         "shots": shots,
         "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "seed": seed,
+        "decoding": decoding.model_dump(),
+        "best_of": best_of,
+        "reference": reference.name if best_of > 1 else None,
+        "beta": reference.beta if best_of > 1 else None,
         "batch_size": batch_size,
     }
     out_path = Path(out) if out is not None else None
     done = _resume(out_path, settings) if out_path is not None else {}
-    # The batches are planned over *all* episodes, done or not (longest prompts first: less
-    # padding), so a resumed run decodes every batch it still needs exactly as an uninterrupted run
-    # would: same rows, same padding, same `batch_seed`. A batch is skipped only when every episode
-    # in it is done; a batch a kill cut part-way is decoded again whole and only its missing
-    # records are taken, so the output is byte-identical to a run that never stopped.
-    encoded = []
-    for e in episodes:
-        desc = e.description or (users[e.user_id].description if users and e.user_id in users else None)
-        encoded.append((e, prompt_ids(e, tokenizer, mode, shots, options, desc)))
-    encoded.sort(key=lambda item: -len(item[1]))  # stable: ties keep the input order
-    batches = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
+    # A batch is skipped only when every episode in it is done; one a kill cut part-way is decoded
+    # again whole and only its missing records are taken, so the output is byte-identical to a run
+    # that never stopped. Best-of-N decodes one episode at a time (its N samples are the batch).
+    batches = _plan(episodes, tokenizer, mode, shots, options, users, 1 if best_of > 1 else batch_size)
+
+    def decode(chunk: Batch) -> list[dict[str, Any]]:
+        if best_of == 1:
+            return _batch_records(model, tokenizer, chunk, settings, decoding)
+        (episode, ids), *_ = chunk
+        args = (settings, decoding, reference, options, users)
+        return [_best_of_record(model, tokenizer, episode, len(ids), *args)]
+
     todo = [chunk for chunk in batches if any(e.episode_id not in done for e, _ in chunk)]
-
-    log = AppendLog(partial_path(out_path)) if out_path is not None and todo else None
-    try:
-        if progress:
-            from tqdm import tqdm
-
-            todo = tqdm(todo, desc=f"generate {settings['system']}", unit="batch")
-        for chunk in todo:
-            new = generate_batch(
-                model,
-                tokenizer,
-                [ids for _, ids in chunk],
-                rat=mode is Mode.RAT,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=batch_seed(seed, [e.episode_id for e, _ in chunk]),
-            )
-            for (episode, ids), new_ids in zip(chunk, new, strict=True):
-                if episode.episode_id in done:  # kept as first written
-                    continue
-                rec = _record(episode, new_ids, len(ids), tokenizer, settings)
-                done[episode.episode_id] = rec
-                if log is not None:
-                    log.append(rec)
-    finally:
-        if log is not None:
-            log.close()
+    _decode_missing(todo, decode, done, out_path, f"generate {settings['system']}" if progress else None)
     records = [done[e.episode_id] for e in episodes]
     if out_path is not None:
         atomic_write_jsonl(out_path, records)

@@ -1,4 +1,4 @@
-"""How personal are the answers, and how much could the shots tell? Two measures on simulated users.
+"""How personal are the answers, how much could the shots tell, and do the answers loop?
 
 `trait_shares`: for each system's generated answers, the share of each user's trait values the answer
 carries (`Domain.carried`: bullets when the user wants bullets; a level within half a level), and the
@@ -20,7 +20,12 @@ population (`hypotheses="population"`): a learner that knows which kinds of user
 combinations included, which is what the shots can tell about a new user; `"train"` restricts them to
 the training users, which is what a learner that only saw those can infer.
 
-Why hand-written: both are FSPO's own measurements over `fspo.sim`'s exact rewards.
+`loop_shares`: for each system, the share of its answers that are repetition loops
+(`repetition_loop`), the way a small model's greedy decoding degenerates. Any answers, simulated
+users or not.
+
+Why hand-written: these are FSPO's own measurements over `fspo.sim`'s exact rewards, and a loop is
+defined here for the report rather than taken from a text-quality library.
 """
 
 from __future__ import annotations
@@ -78,6 +83,50 @@ def trait_shares(
             "relevance": round(rel / n, 4),
             "n": int(n),
         }
+    return out
+
+
+LOOP_MIN_WORDS = 12
+
+
+def repetition_loop(text: str, min_words: int = LOOP_MIN_WORDS) -> bool:
+    """Whether `text` holds a repetition loop: a stretch of at least `min_words` consecutive words
+    (split at whitespace, compared case-insensitively, punctuation kept) in which every word equals the
+    word n places before it, for some period n, and that holds two or more whole copies of its n-word
+    unit (the stretch is at least 2n words long).
+
+    So a unit repeated back to back until it fills `min_words` is a loop ("ha" twelve times, "I love
+    it." four times, a sentence of six or more words twice); a short repeat ("very very good"), a
+    phrase that comes back after other words, or a list whose items share a start are not.
+    """
+    words = text.lower().split()
+    if len(words) < min_words:
+        return False
+    index: dict[str, int] = {}
+    ids = np.array([index.setdefault(w, len(index)) for w in words])
+    for n in range(1, len(words) // 2 + 1):
+        same = np.concatenate(([0], (ids[n:] == ids[:-n]).astype(np.int8), [0]))
+        edges = np.diff(same)
+        runs = np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)  # runs of word == word n before
+        longest = int(runs.max()) if runs.size else 0
+        if longest >= n and longest + n >= min_words:
+            return True
+    return False
+
+
+def loop_shares(
+    records: Iterable[Mapping[str, Any]], min_words: int = LOOP_MIN_WORDS
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{system: {split: {"loop_share", "loops", "n"}}}``: the share of each system's answers that are
+    `repetition_loop`s, over generation records (system, answer, split)."""
+    counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for rec in records:
+        c = counts[(rec["system"], rec.get("split", "all"))]
+        c[0] += repetition_loop(rec["answer"], min_words)
+        c[1] += 1
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (system, split), (loops, n) in sorted(counts.items()):
+        out.setdefault(system, {})[split] = {"loop_share": round(loops / n, 4), "loops": loops, "n": n}
     return out
 
 

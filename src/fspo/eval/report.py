@@ -21,23 +21,15 @@ import numpy as np
 
 from fspo.core.files import atomic_open, atomic_write_json, atomic_write_text
 from fspo.data.schema import Episode, Preference, User
+from fspo.eval.systems import labels as system_labels
 from fspo.eval.winrates import WinRate
 
 # The systems of the paper, in the order its tables list them, with display names.
-SYSTEM_LABELS: dict[str, str] = {
-    "base": "Base model (zero-shot)",
-    "population-ipo": "Population IPO (zero-shot)",
-    "few-shot-prompting": "Few-shot prompting",
-    "few-shot-pref-ft": "Few-shot Pref-FT (SFT)",
-    "fspo": "FSPO",
-    "fspo-rat": "FSPO + RAT",
-    "oracle": "Oracle description",
-}
 SPLIT_ORDER = ("seen", "unseen", "all")
 
 
 def system_label(name: str) -> str:
-    return SYSTEM_LABELS.get(name, name)
+    return system_labels().get(name, name)  # the registry's display names (`fspo.eval.systems`)
 
 
 def _order(values: Iterable[str], preferred: Sequence[str]) -> list[str]:
@@ -59,10 +51,11 @@ def _short(text: str | None, limit: int = 300) -> str:
 def winrate_tables(winrates: Sequence[WinRate]) -> list[dict[str, Any]]:
     """One table per (opponent, judge): rows are systems, columns splits, cells WinRates."""
     tables = []
-    keys = sorted({(w.opponent, w.judge) for w in winrates}, key=lambda k: (_order([k[0]], SYSTEM_LABELS), k))
+    order = list(system_labels())
+    keys = sorted({(w.opponent, w.judge) for w in winrates}, key=lambda k: (_order([k[0]], order), k))
     for opponent, judge in keys:
         cells = [w for w in winrates if w.opponent == opponent and w.judge == judge]
-        rows = _order({w.system for w in cells}, list(SYSTEM_LABELS))
+        rows = _order({w.system for w in cells}, list(system_labels()))
         cols = _order({w.split for w in cells}, SPLIT_ORDER)
         grid = {(w.system, w.split): w for w in cells}
         tables.append({"opponent": opponent, "judge": judge, "rows": rows, "cols": cols, "grid": grid})
@@ -328,59 +321,13 @@ def write_report(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    if _accuracy_runs(accuracy):
-        paths["accuracy_png"] = plot_accuracy(accuracy, out / "accuracy.png")
-    matrix = labels = None
-    if disagreement is not None:
-        if hasattr(disagreement, "matrix"):  # fspo.sim.Disagreement (users grouped by persona)
-            matrix, labels = disagreement.matrix, disagreement.labels
-        elif isinstance(disagreement, tuple):
-            matrix, labels = disagreement
-        else:
-            matrix, labels = disagreement, None
-        paths["disagreement_png"] = plot_disagreement(matrix, out / "disagreement.png", labels)
-
-    tables = winrate_tables(winrates)
-    md = [f"# {title}\n"]
-    h = [
-        f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
-        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-    ]
-    for note in notes:
-        md.append(f"> {note}\n")
-        h.append(f"<blockquote>{html.escape(note)}</blockquote>")
-    md.append("## Win rates\n")
-    h.append("<h2>Win rates</h2>")
-    if not tables:
-        md.append("No win rates were computed.\n")
-        h.append("<p>No win rates were computed.</p>")
-    for t in tables:
-        caption = (
-            f"Win rate (%) against **{system_label(t['opponent'])}**, judge `{t['judge']}`: "
-            "estimate [95% CI] n=pairs; ties count half."
-        )
-        md += [caption + "\n", _markdown_table(t), ""]
-        h.append(
-            f"<p>Win rate (%) against <b>{html.escape(system_label(t['opponent']))}</b>, judge "
-            f"<code>{html.escape(t['judge'])}</code>: estimate [95% CI] n=pairs; ties count half.</p>"
-        )
-        h.append(_html_table(t))
+    paths, matrix, labels = _figures(out, accuracy, disagreement)
+    md, h = _document(title, notes)
+    _winrate_section(md, h, winrate_tables(winrates))
     for heading, body in (sections or {}).items():
         md += [f"## {heading}\n", body.rstrip() + "\n"]
         h.append(f"<h2>{html.escape(heading)}</h2><pre>{html.escape(body)}</pre>")
-    if "accuracy_png" in paths:
-        md += [
-            "## Preference accuracy vs number of shots\n",
-            "![accuracy vs shots](accuracy.png)\n",
-            _accuracy_markdown(accuracy),
-        ]
-        h.append(
-            "<h2>Preference accuracy vs number of shots</h2><img src='accuracy.png' alt='accuracy vs shots'>"
-        )
-    if "disagreement_png" in paths:
-        md += ["## User disagreement\n", "![disagreement matrix](disagreement.png)\n"]
-        h.append("<h2>User disagreement</h2><img src='disagreement.png' alt='disagreement matrix'>")
+    _figure_sections(md, h, paths, accuracy)
     if examples:
         md += ["## Example generations\n", _examples_markdown(examples)]
         h += ["<h2>Example generations</h2>", _examples_html(examples)]
@@ -399,16 +346,82 @@ def write_report(
             "notes": list(notes),
             "winrates": [w.model_dump() for w in winrates],
             "accuracy": _accuracy_runs(accuracy) or None,
-            "disagreement": None
-            if matrix is None
-            else {
-                "users": list(labels) if labels is not None else None,
-                "matrix": [
-                    [None if math.isnan(x) else float(x) for x in row] for row in np.asarray(matrix, float)
-                ],
-            },
+            "disagreement": None if matrix is None else _matrix_json(matrix, labels),
             "examples": list(examples),
             "files": {k: p.name for k, p in paths.items()},
         },
     )
     return paths
+
+
+def _figures(
+    out: Path, accuracy: Mapping[str, Any] | None, disagreement: Any
+) -> tuple[dict[str, Path], Any, Any]:
+    """The plots (accuracy vs shots, the disagreement matrix) and the matrix with its labels."""
+    paths: dict[str, Path] = {}
+    if _accuracy_runs(accuracy):
+        paths["accuracy_png"] = plot_accuracy(accuracy, out / "accuracy.png")
+    matrix = labels = None
+    if disagreement is not None:
+        if hasattr(disagreement, "matrix"):  # fspo.sim.Disagreement (users grouped by persona)
+            matrix, labels = disagreement.matrix, disagreement.labels
+        elif isinstance(disagreement, tuple):
+            matrix, labels = disagreement
+        else:
+            matrix, labels = disagreement, None
+        paths["disagreement_png"] = plot_disagreement(matrix, out / "disagreement.png", labels)
+    return paths, matrix, labels
+
+
+def _document(title: str, notes: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The Markdown and HTML heads: the title and one quoted note each."""
+    md = [f"# {title}\n"]
+    h = [
+        f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+    ]
+    for note in notes:
+        md.append(f"> {note}\n")
+        h.append(f"<blockquote>{html.escape(note)}</blockquote>")
+    return md, h
+
+
+def _winrate_section(md: list[str], h: list[str], tables: list[dict[str, Any]]) -> None:
+    md.append("## Win rates\n")
+    h.append("<h2>Win rates</h2>")
+    if not tables:
+        md.append("No win rates were computed.\n")
+        h.append("<p>No win rates were computed.</p>")
+    for t in tables:
+        caption = (
+            f"Win rate (%) against **{system_label(t['opponent'])}**, judge `{t['judge']}`: "
+            "estimate [95% CI] n=pairs; ties count half."
+        )
+        md += [caption + "\n", _markdown_table(t), ""]
+        h.append(
+            f"<p>Win rate (%) against <b>{html.escape(system_label(t['opponent']))}</b>, judge "
+            f"<code>{html.escape(t['judge'])}</code>: estimate [95% CI] n=pairs; ties count half.</p>"
+        )
+        h.append(_html_table(t))
+
+
+def _figure_sections(md: list[str], h: list[str], paths: dict[str, Path], accuracy: Any) -> None:
+    if "accuracy_png" in paths:
+        md += [
+            "## Preference accuracy vs number of shots\n",
+            "![accuracy vs shots](accuracy.png)\n",
+            _accuracy_markdown(accuracy),
+        ]
+        h.append(
+            "<h2>Preference accuracy vs number of shots</h2><img src='accuracy.png' alt='accuracy vs shots'>"
+        )
+    if "disagreement_png" in paths:
+        md += ["## User disagreement\n", "![disagreement matrix](disagreement.png)\n"]
+        h.append("<h2>User disagreement</h2><img src='disagreement.png' alt='disagreement matrix'>")
+
+
+def _matrix_json(matrix: Any, labels: Any) -> dict[str, Any]:
+    return {
+        "users": list(labels) if labels is not None else None,
+        "matrix": [[None if math.isnan(x) else float(x) for x in row] for row in np.asarray(matrix, float)],
+    }

@@ -24,7 +24,7 @@ from fspo.core.errors import DataError, UserError
 from fspo.core.files import atomic_write_json
 from fspo.data.schema import User
 from fspo.eval.judges import Judge, make_judge, prefer_many
-from fspo.eval.records import read_generations, users_by_id
+from fspo.eval.readers import read_generations, users_by_id
 from fspo.eval.stats import wilson_interval
 
 SPLIT_NAMES = {"test_seen": "seen", "test_unseen": "unseen"}

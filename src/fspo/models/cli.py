@@ -38,7 +38,7 @@ def init(
 
     params = {"corpus": corpus, "sim_domain": sim_domain, "size": size, "pretrain_steps": pretrain_steps,
               "seed": seed}  # fmt: skip
-    folder = OutputFolder(out, "model init", params, MODEL_FILES, overwrite=overwrite)
+    folder = OutputFolder(out, "model init", params, MODEL_FILES, overwrite=overwrite, replaces_folder=True)
     texts = _texts(corpus, sim_domain, seed)
     console = Console()
     with folder.writing():

@@ -21,7 +21,7 @@ from rich.table import Table
 from fspo.core.errors import UserError
 
 if TYPE_CHECKING:
-    from fspo.serve.engine import Backend, System
+    from fspo.serve.answerers import Answerer, System
     from fspo.serve.store import Store
 
 DEFAULT_DB = "sqlite:///fspo-serve.db"
@@ -104,8 +104,9 @@ def build_systems(
     backend_key: str | None = None,
     cache_mb: int = 256,
 ) -> list[System]:
-    """The served systems: `model` as `name`, then each baseline; one backend per distinct folder."""
-    from fspo.serve.engine import System, local_backend, remote_backend
+    """The served systems: `model` as `name`, then each baseline; one answerer per distinct folder
+    (`backend` says where the main model runs: in this process, or on a vLLM server)."""
+    from fspo.serve.answerers import System, local_answerer, remote_answerer
 
     specs = [parse_baseline(b) for b in baselines or []]
     names = [name, *(s.name for s in specs)]
@@ -117,21 +118,21 @@ def build_systems(
         raise UserError("--backend vllm needs --backend-url URL and --backend-model NAME")
     main = _model_folder("--model", model).resolve()
     folders = [main, *(_model_folder(f"--baseline {s.name}", s.model).resolve() for s in specs)]
-    backends: dict[Path, Backend] = {}
+    answerers: dict[Path, Answerer] = {}
 
-    def load(folder: Path) -> Backend:
-        # A baseline that is the same folder (e.g. FSPO's model with 0 shots) shares its backend.
-        if folder not in backends:
+    def load(folder: Path) -> Answerer:
+        # A baseline that is the same folder (e.g. FSPO's model with 0 shots) shares its answerer.
+        if folder not in answerers:
             if backend == "vllm" and folder == main:
-                backends[folder] = remote_backend(
+                answerers[folder] = remote_answerer(
                     backend_url,
                     folder,
                     remote_model=backend_model,
                     api_key=backend_key,  # type: ignore[arg-type]
                 )
             else:
-                backends[folder] = local_backend(folder, cache_bytes=cache_mb << 20)
-        return backends[folder]
+                answerers[folder] = local_answerer(folder, cache_bytes=cache_mb << 20)
+        return answerers[folder]
 
     systems = [System(name, load(main), shots=shots)]
     for spec, folder in zip(specs, folders[1:], strict=True):

@@ -4,14 +4,18 @@ Why OpenAI's: the official client raises these as its own exceptions, with their
 caller using it sees what was wrong. `param` names the request field at fault, `code` is for
 programs. `install_error_handlers` gives every failure this shape: a bad request body (400 naming
 the field), an `APIError`, the store's `UserError`s (`NotFound` 404, `Conflict` 409, the rest 400)
-and anything unexpected (500, logged on the server, never a traceback to the caller).
+and anything unexpected (500, logged on the server, never a traceback to the caller). A generation's
+failure is mapped here too: a remote model server's is a 502 naming the system (`remote_failure`),
+raised as the response's error or, once a stream has begun, sent as its last event (`stream_error`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,7 +24,10 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from fspo.core.errors import UserError
+from fspo.serve.protocol import ErrorInfo, ErrorResponse
 from fspo.serve.store import Conflict, NotFound
+
+logger = logging.getLogger("fspo.serve")
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -48,9 +55,9 @@ class APIError(HTTPException):
         self.code = code
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> ErrorResponse:
     kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return ErrorResponse(error=ErrorInfo(message=message, type=kind, param=param, code=code))
 
 
 def error_response(
@@ -60,7 +67,8 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+    body = error_body(status, message, param, code).model_dump()
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def validate_body(model: type[BaseModel], data: Any) -> Any:
@@ -74,6 +82,11 @@ def validate_body(model: type[BaseModel], data: Any) -> Any:
         ) from None
 
 
+# How pydantic names a union's member in an error's location (``("prompt", "str")``, ``("prompt",
+# "list[str]")``, ``("content", "TextPart")``): a type, never a field (the API's fields are snake_case).
+_UNION_MEMBER = re.compile(r"[a-z-]+\[.*\]|str|int|float|bool|none|[A-Z]\w*")
+
+
 def _field_path(loc: Sequence[Any]) -> str | None:
     """A pydantic error location as the field's path in the request: ``messages[1].content``."""
     parts = list(loc)
@@ -81,6 +94,8 @@ def _field_path(loc: Sequence[Any]) -> str | None:
         parts = parts[1:]
     out = ""
     for part in parts:
+        if isinstance(part, str) and _UNION_MEMBER.fullmatch(part):
+            continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or None
 
@@ -135,3 +150,50 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, _on_http_error)
     app.add_exception_handler(UserError, _on_user_error)
     app.add_exception_handler(Exception, _on_crash)
+
+
+# ------------------------------------------------------------------------- a generation's failure
+
+
+def remote_failure(system: str, err: Exception) -> APIError | None:
+    """A 502 naming `system` when `err` is its remote server's failure (unreachable, timed out, an error
+    status, a stream cut off), so the caller learns it was the model server and not their request or
+    this server; None for any other error.
+
+    The details (the server's address, its status and body) go to the server's log only: they describe
+    the deployment, which is none of the caller's business, and a server's error body may echo anything.
+    """
+    import httpx
+    import openai
+
+    # openai wraps the request's failures; a stream cut off while being read raises httpx's own.
+    if not isinstance(err, openai.APIError | httpx.HTTPError):
+        return None
+    try:
+        where = f" at {err.request.url}"
+    except (AttributeError, RuntimeError):  # httpx raises RuntimeError for an error without a request
+        where = ""
+    logger.warning("backend %r%s failed: %s", system, where, str(err) or type(err).__name__)
+    return APIError(502, f"backend {system!r} failed (see the server log)", code="backend_error")
+
+
+def raise_generation_failure(system: str, err: Exception) -> NoReturn:
+    """Raise `system`'s generation failure `err` as the response's error: the 502 of `remote_failure`,
+    else `err` itself (a `UserError` becomes a 400 naming its field, anything else a logged 500, by the
+    handlers above)."""
+    failure = remote_failure(system, err)
+    if failure is None:
+        raise err
+    raise failure from err
+
+
+def stream_error(system: str, err: Exception) -> ErrorResponse:
+    """A generation's failure as the last event of a stream, whose status line is long gone: the error
+    the unstreamed request would have got."""
+    if isinstance(err, UserError):
+        return error_body(400, str(err), code=type(err).__name__.lower())
+    failure = remote_failure(system, err)
+    if failure is not None:
+        return error_body(failure.status_code, failure.detail, code=failure.code)
+    logger.error("generation failed while streaming", exc_info=err)
+    return error_body(500, "internal server error (logged on the server)", code="internal_error")

@@ -41,10 +41,10 @@ from starlette.concurrency import run_in_threadpool
 from fspo.core.errors import UserError
 from fspo.core.rng import seeded_rng
 from fspo.data.schema import Preference
-from fspo.serve.answers import generate, prepare
 from fspo.serve.auth import user_principal
 from fspo.serve.errors import APIError
-from fspo.serve.schemas import INT64_MAX, CompletionRequest
+from fspo.serve.protocol import INT64_MAX, Body, CompletionRequest, Response
+from fspo.serve.serving import generate, prepare
 from fspo.serve.store import Conflict, Principal, Trial
 
 Choice = Literal["left", "right", "tie"]
@@ -170,14 +170,59 @@ class StudyConfig(BaseModel):
 router = APIRouter(prefix="/v1/study", tags=["study"])
 
 
-class JoinBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class JoinBody(Body):
     code: str = Field(min_length=1, max_length=256)
 
 
-class VoteBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class VoteBody(Body):
     choice: Choice
+
+
+class Joined(Response):
+    api_key: str  # shown this once
+    participant: str
+
+
+class StudyPair(Response):
+    """A pair of the bank to label, its two answers in a drawn order (never which was chosen)."""
+
+    pair_id: int
+    question: str
+    a: str
+    b: str
+
+
+class ShownTrial(Response):
+    """What the page sees of a trial: never the systems' names."""
+
+    trial_id: int
+    question: str
+    left: str
+    right: str
+    done: Literal[False] = False
+    index: int  # 1-based, of `total`
+    total: int
+
+    @classmethod
+    def of(cls, trial: Trial, index: int, total: int) -> ShownTrial:
+        return cls(
+            trial_id=trial.id,
+            question=trial.question,
+            left=trial.left_answer,
+            right=trial.right_answer,
+            index=index,
+            total=total,
+        )
+
+
+class StudyDone(Response):
+    done: Literal[True] = True
+    total: int
+
+
+class Voted(Response):
+    trial_id: int
+    vote: Choice
 
 
 def _study(request: Request) -> StudyConfig:
@@ -210,7 +255,7 @@ def participant_principal(request: Request, principal: Principal = Depends(user_
 
 
 @router.post("/join")
-def join(body: JoinBody, request: Request) -> dict[str, str]:
+def join(body: JoinBody, request: Request) -> Joined:
     """A new participant: a user of their own and a user-scope key, shown this once."""
     study = _study(request)
     if not hmac.compare_digest(body.code.encode(), study.code.encode()):
@@ -219,19 +264,19 @@ def join(body: JoinBody, request: Request) -> dict[str, str]:
     participant = f"study-{secrets.token_hex(8)}"
     store.ensure_user(participant, metadata={PARTICIPANT: True})
     _, key = store.create_key(participant, "user", name="study")
-    return {"api_key": key, "participant": participant}
+    return Joined(api_key=key, participant=participant)
 
 
 @router.get("/pairs")
-def pairs(request: Request, principal: Principal = Depends(participant_principal)) -> list[dict[str, Any]]:
+def pairs(request: Request, principal: Principal = Depends(participant_principal)) -> list[StudyPair]:
     """The pairs this participant labels; each label goes to ``POST /v1/users/me/preferences``."""
-    return _study(request).pairs_for(principal.user_id)
+    return [StudyPair(**p) for p in _study(request).pairs_for(principal.user_id)]
 
 
 @router.get("/next")
 async def next_trial(
     request: Request, principal: Principal = Depends(participant_principal)
-) -> dict[str, Any]:
+) -> ShownTrial | StudyDone:
     """The participant's unvoted trial, else a new one for their next question, else ``done``.
 
     A new trial needs at least one of the participant's preferences (409 ``no_labels`` before that):
@@ -245,11 +290,11 @@ async def next_trial(
     total = study.trials_per_participant
     for trial in trials:
         if trial.vote is None:
-            return _shown(trial, len(trials), total)
+            return ShownTrial.of(trial, len(trials), total)
     asked = {t.question for t in trials}
     todo = [q for q in study.questions_for(participant) if q not in asked]
     if len(trials) >= total or not todo:
-        return {"done": True, "total": total}
+        return StudyDone(total=total)
     if not await run_in_threadpool(store.count_preferences, participant):
         raise APIError(
             409, "label the study's pairs first: FSPO answers from your own preferences", code="no_labels"
@@ -267,7 +312,7 @@ async def next_trial(
         )
     except Conflict:  # a concurrent request (a second tab) made it first: show that one
         trial = next(t for t in await run_in_threadpool(store.trials, participant) if t.question == question)
-    return _shown(trial, len(trials) + 1, total)
+    return ShownTrial.of(trial, len(trials) + 1, total)
 
 
 @router.post("/trials/{trial_id}/vote")
@@ -276,23 +321,10 @@ def vote(
     request: Request,
     trial_id: int = PathParam(ge=1, le=INT64_MAX),
     principal: Principal = Depends(participant_principal),
-) -> dict[str, Any]:
+) -> Voted:
     """One vote per trial: the store refuses a second (Conflict: 409) and another's trial (NotFound: 404)."""
     trial = request.app.state.store.vote(principal.user_id, trial_id, body.choice)
-    return {"trial_id": trial.id, "vote": trial.vote}
-
-
-def _shown(trial: Trial, index: int, total: int) -> dict[str, Any]:
-    """What the page sees of a trial: never the systems' names."""
-    return {
-        "trial_id": trial.id,
-        "question": trial.question,
-        "left": trial.left_answer,
-        "right": trial.right_answer,
-        "done": False,
-        "index": index,
-        "total": total,
-    }
+    return Voted(trial_id=trial.id, vote=trial.vote)
 
 
 async def _answer(request: Request, study: StudyConfig, name: str, participant: str, question: str) -> str:
@@ -304,7 +336,7 @@ async def _answer(request: Request, study: StudyConfig, name: str, participant: 
     body = CompletionRequest(
         prompt=question,
         model=name,
-        max_tokens=min(study.max_new_tokens, system.backend.max_new_tokens_limit),
+        max_tokens=min(study.max_new_tokens, system.answerer.max_new_tokens_limit),
         seed=study.seed,
     )
     prepared = await run_in_threadpool(prepare, app, participant, body)

@@ -16,7 +16,7 @@ Public API::
 from fspo.sim.base import SimData
 from fspo.sim.corpus import corpus
 from fspo.sim.export import read_sim, write_sim
-from fspo.sim.registry import domain_names, get_domain
+from fspo.sim.registry import domain_names, get_domain, register_domain
 from fspo.sim.reward import prefer, reward_for
 from fspo.sim.simulate import simulate
 from fspo.sim.stats import Disagreement, disagreement_matrix, stats
@@ -30,6 +30,7 @@ __all__ = [
     "get_domain",
     "prefer",
     "read_sim",
+    "register_domain",
     "reward_for",
     "simulate",
     "stats",

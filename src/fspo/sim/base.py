@@ -57,6 +57,10 @@ class Domain(ABC):
     name: ClassVar[str]
     columns: ClassVar[tuple[str, ...]]  # feature names; RELEVANCE must be one of them
     Options: ClassVar[type[DomainOptions]] = DomainOptions
+    # The domain's layer of `fspo quickstart --domain <name>` / `fspo paper` (overrides of
+    # fspo/configs/quickstart/default.yaml: its population options, shots...), for a domain that does
+    # not ship one as fspo/configs/quickstart/domains/<name>.yaml.
+    quickstart_profile: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **options: Any):
         try:

@@ -49,8 +49,9 @@ def run(
     params = {"domain": domain, "users": users, "prefs_per_user": prefs_per_user, "seed": seed, **options}
     folder = OutputFolder(out, "sim run", params, OUTPUTS, overwrite=overwrite)
     with console.status(f"simulating {users} {domain} users"):
-        data = simulate(domain, users, prefs_per_user, seed, **options)
-        summary = stats(data)
+        with folder.preparing():
+            data = simulate(domain, users, prefs_per_user, seed, **options)
+            summary = stats(data)
         with folder.writing():
             write_sim(out, data, summary)
     print_stats(summary, data.info)

@@ -32,21 +32,9 @@ def _run_totals(path: Path, current: dict[str, Any]) -> dict[str, Any]:
     return {"runs": len(previous) + 1, **totals, "retries": dict(retries)}
 
 
-def export_dataset(
-    out: Path,
-    cfg: SynthConfig,
-    dims: list[TraitDimension],
-    prompts: dict[str, PromptTemplate],
-    stages: dict[str, dict[str, Any]],
-    usage: dict[str, dict[str, float]],
-    client: dict[str, Any],
-) -> dict[str, Any]:
-    """Write the records and the card of the run in `out`; returns the counts of users and preferences.
-
-    `stages`: the summaries of the stages before export; `usage`: tokens and cost per prompt over
-    every request in the cache (`RequestCache.usage_by_stage`); `client`: this run's client counters
-    (`ClientStats.as_dict`), added to those of earlier runs in `runs.jsonl`.
-    """
+def _write_users(out: Path, cfg: SynthConfig) -> int:
+    """users.jsonl: a `User` for each persona the persona stage made (status ok; failed ones are left
+    out); returns how many."""
     users = 0
     with atomic_open(out / "users.jsonl") as f:
         for p in AppendLog(out / "personas" / "personas.jsonl").read():
@@ -65,8 +53,14 @@ def export_dataset(
             )
             f.write(user.model_dump_json() + "\n")
             users += 1
-    questions = {q["question_id"]: q for q in AppendLog(out / "questions" / "questions.jsonl").read()}
-    answers = {a["question_id"]: a for a in AppendLog(out / "answers" / "answers.jsonl").read()}
+    return users
+
+
+def _write_preferences(
+    out: Path, cfg: SynthConfig, questions: dict[str, dict[str, Any]], answers: dict[str, dict[str, Any]]
+) -> tuple[int, int]:
+    """preferences.jsonl: a `Preference` for each label that named the same winner in both orders;
+    returns how many, and how many users have at least one."""
     prefs = 0
     labeled_users: set[str] = set()
     with atomic_open(out / "preferences.jsonl") as f:
@@ -93,13 +87,48 @@ def export_dataset(
             f.write(pref.model_dump_json() + "\n")
             prefs += 1
             labeled_users.add(lab["user_id"])
-    model = cfg.backend.model or cfg.backend.resolved_model()
+    return prefs, len(labeled_users)
+
+
+def _usage_totals(cfg: SynthConfig, usage: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The card's usage: per prompt, summed over prompts, and the prices the cost was computed with."""
+    return {
+        "by_prompt": usage,
+        "prompt_tokens": sum(u["prompt_tokens"] for u in usage.values()),
+        "completion_tokens": sum(u["completion_tokens"] for u in usage.values()),
+        "cost": round(sum(u["cost"] for u in usage.values()), 6),
+        "price_per_mtok": {
+            "prompt": cfg.backend.price_prompt_per_mtok,
+            "completion": cfg.backend.price_completion_per_mtok,
+        },
+    }
+
+
+def export_dataset(
+    out: Path,
+    cfg: SynthConfig,
+    dims: list[TraitDimension],
+    prompts: dict[str, PromptTemplate],
+    stages: dict[str, dict[str, Any]],
+    usage: dict[str, dict[str, float]],
+    client: dict[str, Any],
+) -> dict[str, Any]:
+    """Write the records and the card of the run in `out`; returns the counts of users and preferences.
+
+    `stages`: the summaries of the stages before export; `usage`: tokens and cost per prompt over
+    every request in the cache (`RequestCache.usage_by_stage`); `client`: this run's client counters
+    (`ClientStats.as_dict`), added to those of earlier runs in `runs.jsonl`.
+    """
+    users = _write_users(out, cfg)
+    questions = {q["question_id"]: q for q in AppendLog(out / "questions" / "questions.jsonl").read()}
+    answers = {a["question_id"]: a for a in AppendLog(out / "answers" / "answers.jsonl").read()}
+    prefs, labeled_users = _write_preferences(out, cfg, questions, answers)
     card = {
         "name": cfg.name,
         "domain": cfg.domain,
         "sizes": {
             "users": users,
-            "users_with_preferences": len(labeled_users),
+            "users_with_preferences": labeled_users,
             "preferences": prefs,
             "questions": len(questions),
             "answers_per_question": cfg.answers.views_per_question,
@@ -107,22 +136,13 @@ def export_dataset(
         "traits": [d.model_dump() for d in dims],
         "model": {
             "backend": cfg.backend.kind,
-            "model": model,
+            "model": cfg.backend.model or cfg.backend.resolved_model(),
             "base_url": cfg.backend.resolved_base_url(),
             **cfg.backend.generation_params(),
         },
         "seed": cfg.seed,
         "stages": stages,
-        "usage": {
-            "by_prompt": usage,
-            "prompt_tokens": sum(u["prompt_tokens"] for u in usage.values()),
-            "completion_tokens": sum(u["completion_tokens"] for u in usage.values()),
-            "cost": round(sum(u["cost"] for u in usage.values()), 6),
-            "price_per_mtok": {
-                "prompt": cfg.backend.price_prompt_per_mtok,
-                "completion": cfg.backend.price_completion_per_mtok,
-            },
-        },
+        "usage": _usage_totals(cfg, usage),
         "client_totals": _run_totals(out / "runs.jsonl", client),
         "prompts": {
             n: {"version": p.version, "digest": p.digest(), "system": p.system, "user": p.user}

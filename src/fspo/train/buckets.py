@@ -1,20 +1,21 @@
-"""Length-bucketed batches: rows of similar length in each batch, so little of a batch is padding.
+"""The order of training batches: random, or length-bucketed, and always resumable.
 
-Why: episodes differ in length by a few shots' worth of tokens, and a batch is padded to its longest
-row. Random batches of FSPO episodes are 5-35% padding (more with prefix sharing, whose rows hold
-both answers); sorting by length inside a window of batches brings that to a few percent without
+`BatchOrder` is what the trainer asks for micro-batch m. Its epochs are `batch_order` (random
+batches) or `epoch_batches` (length-bucketed ones), each a pure function of (seed, epoch), so
+`--resume` continues with exactly the batch an uninterrupted run would have taken next, and each
+global batch (``batch_size x processes`` rows) is split across DDP processes.
+
+Why buckets: episodes differ in length by a few shots' worth of tokens, and a batch is padded to its
+longest row. Random batches of FSPO episodes are 5-35% padding (more with prefix sharing, whose rows
+hold both answers); sorting by length inside a window of batches brings that to a few percent without
 turning the epoch into a short-to-long curriculum.
-
-`epoch_batches` is what the trainer uses: a pure function of (seed, epoch), like
-`fspo.train.data.batch_order`, so `--resume` continues with exactly the batch an uninterrupted run
-would have taken next, and each global batch (``batch_size x processes`` rows of similar length) is
-split across DDP processes.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 # Sorting window, in batches: wide enough that neighbours in length are found, narrow enough that
 # the epoch order stays random at large scale.
@@ -65,9 +66,61 @@ def epoch_batches(
 
     Global batches of ``batch_size * world`` items are bucketed together and each process takes its
     slice, so all processes step through rows of similar length. Incomplete global batches are
-    dropped, as in `fspo.train.data.batch_order`: every epoch has ``len(lengths) // (batch_size *
+    dropped, as in `batch_order`: every epoch has ``len(lengths) // (batch_size *
     world)`` batches whatever the lengths, which is what lets the step number alone locate a batch.
     """
     global_bs = batch_size * world
     glob = bucketed_batches(lengths, global_bs, seed=seed * 1_000_003 + epoch)
     return [b[rank * batch_size : (rank + 1) * batch_size] for b in glob if len(b) == global_bs]
+
+
+def batch_order(
+    n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1
+) -> list[list[int]]:
+    """The random batches of one epoch for process `rank`: a pure function of (seed, epoch).
+
+    Why not a shuffling DataLoader: resuming after a kill must continue with exactly the batch the
+    killed run would have taken next. With the order a function of (seed, epoch) and the position a
+    function of the step, a checkpoint only needs the step. Each global batch of `batch_size*world`
+    examples is split across processes; an incomplete final batch is dropped (as DDP does).
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    global_bs = batch_size * world
+    batches = []
+    for start in range(0, n - global_bs + 1, global_bs):
+        chunk = perm[start : start + global_bs]
+        batches.append(chunk[rank * batch_size : (rank + 1) * batch_size])
+    return batches
+
+
+@dataclass
+class BatchOrder:
+    """The units of each micro-batch of process `rank`: a pure function of (seed, step), hence resumable.
+
+    Micro-batch m is batch ``m % batches_per_epoch`` of epoch ``m // batches_per_epoch``; the
+    current epoch's batches are kept, the previous epoch's dropped. `lengths` (a unit's longest row)
+    are what `bucketed` order sorts by.
+    """
+
+    lengths: list[int]
+    batch_size: int
+    seed: int
+    bucketed: bool
+    batches_per_epoch: int
+    rank: int = 0
+    world: int = 1
+    _epoch: dict[int, list[list[int]]] = field(default_factory=dict, repr=False)
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        if self.bucketed:
+            return epoch_batches(self.lengths, self.batch_size, epoch, self.seed, self.rank, self.world)
+        return batch_order(len(self.lengths), self.batch_size, epoch, self.seed, self.rank, self.world)
+
+    def micro_batch(self, m: int) -> list[int]:
+        epoch, b = divmod(m, self.batches_per_epoch)
+        if epoch not in self._epoch:
+            self._epoch = {epoch: self.epoch(epoch)}
+        return self._epoch[epoch][b]

@@ -19,6 +19,7 @@ from fspo.core.files import atomic_write_text, read_fields
 from fspo.infer.layout import CONFIG_FILE
 from fspo.models.gguf_import import MARKER as IMPORT_RECORD
 from fspo.train.config import TrainConfig
+from fspo.train.objective import objective_for
 
 CARD_FILE = "README.md"
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -60,14 +61,10 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
 Results = dict[str, list[dict[str, Any]]]  # section title -> table rows (column -> value)
 
 
-def model_card(
-    cfg: TrainConfig, summary: dict[str, Any], results: Results | None = None, notes: str = ""
-) -> str:
-    """The card's Markdown: metadata, then what the model is, how it was trained, and `results`
-    (section title -> table rows, each a dict of column -> value) when a recipe measured it."""
+def _metadata(cfg: TrainConfig, hub_id: str | None) -> str:
+    """The YAML block the Hub reads (`huggingface_hub.ModelCardData`)."""
     from huggingface_hub import ModelCardData
 
-    hub_id, base = _base_model(cfg.model)
     tags = ["fspo", "personalization", "preference-optimization", cfg.loss]
     if cfg.lora is not None:
         tags.append("lora")
@@ -77,15 +74,43 @@ def model_card(
         pipeline_tag="text-generation",
         tags=tags,
     )
-    render = summary.get("render", {})
-    metrics = summary.get("metrics", {})
+    return meta.to_yaml()
+
+
+def _data_lines(cfg: TrainConfig, render: dict[str, Any]) -> list[str]:
+    """What the model was trained on: the episodes, shots and prompt lengths the run's render stats give."""
+    shots = render.get("mean_shots_used")
+    lines = [
+        f"- episodes: `{cfg.episodes}`; {render.get('kept', '?')} training episodes loaded "
+        f"({render.get('over_budget_skipped', 0)} over the token budget skipped)",
+        f"- shots per episode: {shots:.3g} on average" if isinstance(shots, float) else "",
+        f"- prompt tokens: {render['mean_prompt_tokens']:.0f} on average, "
+        f"{render.get('max_prompt_tokens')} at most"
+        if render.get("mean_prompt_tokens")
+        else "",
+    ]
+    return [line for line in lines if line]
+
+
+def _template_lines(cfg: TrainConfig) -> list[str]:
+    """The prompt layout the model expects, which `fspo generate` reads from the folder."""
     layout = cfg.template_options()
-    loss = f", loss `{cfg.loss}` (beta {cfg.beta}, {cfg.reduction} log-probs)" if cfg.stage == "fspo" else ""
+    yes = {True: "yes", False: "no"}
+    return [
+        f"- the model's chat template: {yes[layout.chat_template]}; dispreferred answers in the shots: "
+        f"{yes[layout.include_dispreferred]}; RAT (user description before the answer): {cfg.rat}; "
+        f"token budget {cfg.max_tokens}",
+        f"- `fspo generate --model <this folder>` prompts it the same way (the layout is in `{CONFIG_FILE}`)",
+    ]
+
+
+def _training_lines(cfg: TrainConfig, summary: dict[str, Any]) -> list[str]:
+    """The objective and the budget: steps, batch, schedule, LoRA, precision."""
     k = cfg.questions_per_context
     unit = f"contexts of up to {k} questions" if k > 1 else "episodes"
     lora = cfg.lora
-    budget = [
-        f"- stage: `{cfg.stage}`{loss}",
+    lines = [
+        f"- stage: {objective_for(cfg).describe()}",
         f"- steps: {summary.get('steps')} of batch {cfg.batch_size} x grad_accum {cfg.grad_accum} x "
         f"{summary.get('processes', 1)} process(es) ({unit}), "
         f"lr {cfg.lr} ({cfg.scheduler}, {cfg.warmup_steps} warm-up), optimizer {cfg.optimizer}",
@@ -100,26 +125,19 @@ def model_card(
         f"- chosen-answer NLL weight (RPO): {cfg.nll_weight}" if cfg.nll_weight else "",
         f"- mixed precision: {cfg.mixed_precision}; seed {cfg.seed}",
     ]
-    shots = render.get("mean_shots_used")
-    data = [
-        f"- episodes: `{cfg.episodes}`; {render.get('kept', '?')} training episodes loaded "
-        f"({render.get('over_budget_skipped', 0)} over the token budget skipped)",
-        f"- shots per episode: {shots:.3g} on average" if isinstance(shots, float) else "",
-        f"- prompt tokens: {render['mean_prompt_tokens']:.0f} on average, "
-        f"{render.get('max_prompt_tokens')} at most"
-        if render.get("mean_prompt_tokens")
-        else "",
-    ]
-    yes = {True: "yes", False: "no"}
-    template = [
-        f"- the model's chat template: {yes[layout.chat_template]}; dispreferred answers in the shots: "
-        f"{yes[layout.include_dispreferred]}; RAT (user description before the answer): {cfg.rat}; "
-        f"token budget {cfg.max_tokens}",
-        f"- `fspo generate --model <this folder>` prompts it the same way (the layout is in `{CONFIG_FILE}`)",
-    ]
+    return [line for line in lines if line]
+
+
+def model_card(
+    cfg: TrainConfig, summary: dict[str, Any], results: Results | None = None, notes: str = ""
+) -> str:
+    """The card's Markdown: metadata, then what the model is, how it was trained, and `results`
+    (section title -> table rows, each a dict of column -> value) when a recipe measured it."""
+    hub_id, base = _base_model(cfg.model)
+    metrics = summary.get("metrics", {})
     lines = [
         "---",
-        meta.to_yaml(),
+        _metadata(cfg, hub_id),
         "---",
         "",
         f"# {Path(cfg.out).name}: a model personalized with FSPO",
@@ -128,22 +146,10 @@ def model_card(
         "few labeled preferences of one user in its prompt, it answers a new question as that user would "
         "prefer, with no per-user training.",
         "",
-        "## Base model",
-        "",
-        base,
-        "",
-        "## Data",
-        "",
-        *[line for line in data if line],
-        "",
-        "## Prompt template",
-        "",
-        *template,
-        "",
-        "## Training",
-        "",
-        *[line for line in budget if line],
-        "",
+        *_section("Base model", [base]),
+        *_section("Data", _data_lines(cfg, summary.get("render", {}))),
+        *_section("Prompt template", _template_lines(cfg)),
+        *_section("Training", _training_lines(cfg, summary)),
         "Last logged training metrics:",
         "",
         *_table([{k: f"{v:.4g}" for k, v in metrics.items()}] if metrics else []),
@@ -152,16 +158,16 @@ def model_card(
     if summary.get("eval"):
         lines += ["Held-out evaluation at the end of training:", "", *_table([summary["eval"]]), ""]
     for title, rows in (results or {}).items():
-        lines += [f"## {title}", "", *_table(rows), ""]
+        lines += _section(title, _table(rows))
     if notes:
         lines += [notes.strip(), ""]
-    lines += [
-        "## How to reproduce",
-        "",
-        f"`fspo train {cfg.stage} --config {CONFIG_FILE}` (this folder's copy of the run's config).",
-        "",
-    ]
+    reproduce = f"`fspo train {cfg.stage} --config {CONFIG_FILE}` (this folder's copy of the run's config)."
+    lines += _section("How to reproduce", [reproduce])
     return "\n".join(lines)
+
+
+def _section(title: str, body: list[str]) -> list[str]:
+    return [f"## {title}", "", *body, ""]
 
 
 def write_model_card(model_dir: str | Path, results: Results | None = None, notes: str = "") -> Path:

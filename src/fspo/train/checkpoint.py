@@ -5,7 +5,7 @@ states, but into the folder it is given, file by file: a kill midway would leave
 like a checkpoint and is not. So each checkpoint is written to ``checkpoints/.tmp-step-N`` and
 renamed to ``checkpoints/step-N`` only when complete (a rename is atomic); a ``.tmp-*`` folder is
 never read. The data position needs no state of its own: it is a function of the step
-(`fspo.train.data.batch_order`). What a killed run logged after its last checkpoint is dropped on
+(`fspo.train.buckets.batch_order`). What a killed run logged after its last checkpoint is dropped on
 resume (`drop_records_after`): those steps run again and are logged again.
 """
 

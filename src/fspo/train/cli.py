@@ -1,172 +1,201 @@
-"""The `fspo train` sub-commands: `sft` and `fspo`, one set of options, one training loop.
+"""The `fspo train` sub-commands: `sft` and `fspo` (one training loop), and `rat-pairs`.
 
-Options default to None so that only what is given on the command line overrides the run's starting
-point: the stage's recipe (``fspo/configs/recipes/<stage>.yaml`` over `TrainConfig`'s defaults), or,
-when given, a `--config` file (e.g. a previous run's ``fspo_config.json``), which replaces the recipe
-(a saved config holds a whole run; fields a file lacks take `TrainConfig`'s defaults).
+Their flags are derived from the pydantic models that hold the settings (`TrainConfig`, `LoraConfig`,
+`PairSampling`): one flag per field, named after it (``--field-name``, ``--x/--no-x`` for booleans,
+``--lora-r`` for LoRA's fields, comma-separated values for lists), its help the field's description,
+its choices the field's `Literal`. A training flag defaults to None, "not given", so that only what
+the command line names lands on top of the stage's recipe and a `--config` file
+(`fspo.train.config.resolve_config`, the same layering as Python's `TrainConfig(...)`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, Literal
 
 import typer
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from fspo.core.errors import UserError
+from fspo.train.config import ResolvedConfig, TrainConfig, resolve_config
+from fspo.train.rat_pairs import PairSampling
 
 app = typer.Typer(
     help="Train: few-shot preference fine-tuning (sft) and FSPO (IPO/DPO).", no_args_is_help=True
 )
 
-_RAT_HELP = (
-    "RAT: `--rat target` trains the model to write '## User Description' then the answer; "
-    "`--rat teacher-forced` puts the true description in the prompt; `--rat description` trains on the "
-    "descriptions alone (the pairs of `fspo train rat-pairs`); `--rat none` (default) turns it off."
-)
+_KW = inspect.Parameter.KEYWORD_ONLY
 
 
-def _run(stage: str, options: dict[str, Any], config: str | None, resume: bool, overwrite: bool) -> None:
-    from rich.console import Console
+def _unwrap(annotation: Any) -> tuple[Any, bool]:
+    """A field's type without `None`, and whether it is a list (given comma-separated)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        lists = [a for a in args if typing.get_origin(a) is list]
+        return (lists[0] if lists else args[0]), bool(lists)
+    return annotation, typing.get_origin(annotation) is list
 
-    from fspo.train.config import load_config, make_config, recipe
-    from fspo.train.trainer import train
 
-    lora_r = options.pop("lora_r")
-    lora_targets = options.pop("lora_target_modules")
-    use_lora = options.pop("lora")
-    if use_lora or lora_r is not None or lora_targets is not None:
-        lora: dict[str, Any] = {}
-        if lora_r is not None:
-            lora.update(r=lora_r, alpha=2 * lora_r)
-        if lora_targets is not None:
-            lora["target_modules"] = lora_targets if lora_targets == "all-linear" else lora_targets.split(",")
-        options["lora"] = lora
-    if options.get("report_to") is not None:
-        options["report_to"] = [x for x in options["report_to"].split(",") if x]
-    if options.pop("no_progress"):
-        options["progress"] = False
-    given = {k: v for k, v in options.items() if v is not None}
-    if config:
-        cfg = load_config(config, {**given, "stage": stage})
+def _flag(name: str, field: FieldInfo, prefix: str, show_default: bool) -> inspect.Parameter:
+    kind, is_list = _unwrap(field.annotation)
+    flag = f"--{prefix}{name}".replace("_", "-")
+    help_text, metavar = field.description or "", None
+    if show_default and not field.is_required():
+        help_text += f" (default: {field.get_default(call_default_factory=True)})"
+    if is_list:
+        item = typing.get_args(kind)[0]
+        if typing.get_origin(item) is Literal:
+            help_text += f" (comma-separated: {', '.join(typing.get_args(item))})"
+        annotation: Any = str
+    elif kind is bool:
+        flag, annotation = f"{flag}/--no-{flag[2:]}", bool
+    elif typing.get_origin(kind) is Literal:  # a str checked by the model, whose error names the field
+        metavar, annotation = "|".join(typing.get_args(kind)), str
     else:
-        cfg = make_config({**recipe(stage), **given, "stage": stage})
-    result = train(cfg, resume=resume, overwrite=overwrite)
-    console = Console()
-    console.print(f"model saved to [bold]{result.model_dir}[/] after {result.steps} steps")
-    shown = {**result.metrics, **result.eval_metrics}
-    if shown:
-        console.print(", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+        annotation = kind
+    option = typer.Option(None, flag, help=help_text, show_default=False, metavar=metavar)
+    return inspect.Parameter(f"{prefix}{name}", _KW, default=option, annotation=annotation | None)
 
 
-def _options(
-    model: str | None = typer.Option(None, help="Model folder (e.g. from `fspo model init`)."),
-    episodes: str | None = typer.Option(None, help="Training episodes: a JSONL file or an episodes folder."),
-    eval_episodes: str | None = typer.Option(None, help="Held-out episodes (file, or folder: test_unseen)."),
-    out: str | None = typer.Option(None, help="Run folder: checkpoints, metrics.jsonl, model/."),
-    config: str | None = typer.Option(None, help="Config file (JSON/YAML), e.g. a run's fspo_config.json."),
-    resume: bool = typer.Option(
-        False, help="Continue from the latest checkpoint in --out (if none: says so, starts at step 0)."
-    ),
-    overwrite: bool = typer.Option(
-        False, help="Replace the run in --out (another run's, or a finished one of these settings)."
-    ),
-    shots: int | None = typer.Option(None, help="Use at most N shots per episode (0 = zero-shot baseline)."),
-    include_dispreferred: bool | None = typer.Option(
-        None, "--include-dispreferred/--no-include-dispreferred"
-    ),
-    rat: str | None = typer.Option(None, help=_RAT_HELP),
-    max_tokens: int | None = typer.Option(None, help="Token budget per episode; whole shots are dropped."),
-    loss: str | None = typer.Option(None, help="fspo stage: ipo | dpo."),
-    beta: float | None = typer.Option(None, help="fspo stage: β of IPO/DPO."),
-    reduction: str | None = typer.Option(None, help="Log-prob reduction over the answer: sum | mean."),
-    nll_weight: float | None = typer.Option(
-        None, help="fspo stage: weight of the chosen answer's NLL added to the preference loss (RPO)."
-    ),
-    shot_loss: bool | None = typer.Option(
-        None,
-        "--shot-loss/--no-shot-loss",
-        help="sft stage: also train on every shot's preferred answer given the shots before it "
-        "(more in-context signal per episode).",
-    ),
-    logps_impl: str | None = typer.Option(
-        None, help="Pair scorer: concat | prefix (the prompt runs once per pair)."
-    ),
-    questions_per_context: int | None = typer.Option(
-        None,
-        help="Score up to K questions of one user sharing the same shots in one row (needs --logps-impl "
-        "prefix and episodes built with questions_per_context=K); --batch-size then counts contexts.",
-    ),
-    group_by_length: bool | None = typer.Option(
-        None,
-        "--group-by-length/--no-group-by-length",
-        help="Length-bucketed batches (less padding). Default: on with --logps-impl prefix.",
-    ),
-    reference_cache: bool | None = typer.Option(
-        None,
-        "--reference-cache/--no-reference-cache",
-        help="Reference log-probs computed once and cached beside the episodes (default), "
-        "or a reference forward in every step.",
-    ),
-    optimizer: str | None = typer.Option(None, help="adamw | rmsprop."),
-    lr: float | None = typer.Option(None),
-    scheduler: str | None = typer.Option(None, help="constant | cosine | linear (all with linear warmup)."),
-    warmup_steps: int | None = typer.Option(None),
-    batch_size: int | None = typer.Option(None, help="Episodes per micro-batch per process."),
-    grad_accum: int | None = typer.Option(None),
-    max_grad_norm: float | None = typer.Option(None),
-    epochs: float | None = typer.Option(None),
-    max_steps: int | None = typer.Option(None),
-    seed: int | None = typer.Option(None),
-    mixed_precision: str | None = typer.Option(None, help="no | bf16 | fp16."),
-    gradient_checkpointing: bool | None = typer.Option(
-        None, "--gradient-checkpointing/--no-gradient-checkpointing"
-    ),
-    lora: bool = typer.Option(False, help="Train LoRA adapters (peft) instead of all weights."),
-    lora_r: int | None = typer.Option(None),
-    lora_target_modules: str | None = typer.Option(None, help="Comma-separated module names, or all-linear."),
-    eval_every: int | None = typer.Option(None),
-    save_every: int | None = typer.Option(None, help="Checkpoint every K optimizer steps."),
-    log_every: int | None = typer.Option(None, help="Log training metrics every K optimizer steps."),
-    report_to: str | None = typer.Option(None, help="tensorboard and/or wandb, comma-separated."),
-    no_progress: bool = typer.Option(False, help="No progress bar."),
-) -> None:
-    """(shared option block; not a command)"""
+def model_flags(
+    model: type[BaseModel], prefix: str = "", show_defaults: bool = False, skip: tuple[str, ...] = ()
+) -> list[inspect.Parameter]:
+    """One typer option per field of `model` but `skip`; a nested model field (LoRA) is ``--x/--no-x``
+    plus one ``--x-<field>`` per field of its model."""
+    params = []
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        kind, _ = _unwrap(field.annotation)
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            switch = f"--{prefix}{name}".replace("_", "-")
+            option = typer.Option(
+                None, f"{switch}/--no-{switch[2:]}", help=field.description, show_default=False
+            )
+            params.append(inspect.Parameter(f"{prefix}{name}", _KW, default=option, annotation=bool | None))
+            params += model_flags(kind, f"{prefix}{name}_", show_defaults)
+        else:
+            params.append(_flag(name, field, prefix, show_defaults))
+    return params
 
 
-def _command(stage: str, doc: str):
-    def command(**kwargs: Any) -> None:
-        config = kwargs.pop("config")
-        resume = kwargs.pop("resume")
-        overwrite = kwargs.pop("overwrite")
-        _run(stage, kwargs, config, resume, overwrite)
+def given_values(model: type[BaseModel], flags: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The fields whose flags were given (not None), as `model`'s input; lists split at commas."""
+    values: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        kind, is_list = _unwrap(field.annotation)
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            nested = given_values(kind, flags, f"{key}_")
+            switch = flags.get(key)
+            if switch is False and nested:
+                given = ", ".join(f"--{key}-{k}".replace("_", "-") for k in nested)
+                raise UserError(f"--no-{key} contradicts {given}")
+            if switch is not None or nested:
+                values[name] = nested if switch is not False else None
+        elif flags.get(key) is not None:
+            value = flags[key]
+            keep = not is_list or value == field.default  # a str shortcut of a list field: 'all-linear'
+            values[name] = value if keep else [x.strip() for x in value.split(",") if x.strip()]
+    return values
 
-    import inspect
-    import typing
 
-    # Both commands share `_options`' parameters; annotations resolved so typer sees real types.
-    hints = typing.get_type_hints(_options)
-    sig = inspect.signature(_options)
-    params = [p.replace(annotation=hints[p.name]) for p in sig.parameters.values()]
-    command.__signature__ = sig.replace(parameters=params, return_annotation=None)  # type: ignore[attr-defined]
-    command.__annotations__ = {k: v for k, v in hints.items() if k != "return"}
+def _command(name: str, fn: Callable[..., None], derived: list[inspect.Parameter], doc: str) -> None:
+    """Register `fn` as `name`: its own typer options, then the `derived` ones, which reach its
+    ``**kwargs`` (typer reads the signature; this module's postponed annotations resolved for it)."""
+    hints = typing.get_type_hints(fn)
+    own = [
+        p.replace(annotation=hints[p.name], kind=_KW)
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+    params = own + derived
+
+    def command(**options: Any) -> None:
+        fn(**options)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
     command.__doc__ = doc
-    command.__name__ = stage
+    app.command(name)(command)
+
+
+def show_config(resolved: ResolvedConfig, title: str) -> None:
+    """The effective config as a table: field, value, source (default / recipe / file / flag)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    table.add_column("source", no_wrap=True)
+    for name, value, source in resolved.rows():
+        table.add_row(name, str(value), source, style="dim" if source == "default" else None)
+    Console().print(table)
+
+
+def _train_command(stage: Literal["sft", "fspo"]) -> Callable[..., None]:
+    def command(
+        config: str | None = typer.Option(
+            None, help="Config file (JSON/YAML), e.g. a run's fspo_config.json: over the recipe, under flags."
+        ),
+        resume: bool = typer.Option(
+            False, help="Continue from the latest checkpoint in --out (if none: says so, starts at step 0)."
+        ),
+        overwrite: bool = typer.Option(
+            False, help="Replace the run in --out (another run's, or a finished one of these settings)."
+        ),
+        print_config: bool = typer.Option(
+            False, "--print-config", help="Print every effective value and where it came from; do not train."
+        ),
+        **flags: Any,
+    ) -> None:
+        resolved = resolve_config(
+            given_values(TrainConfig, flags), stage=stage, config_file=config, source="flag"
+        )
+        if print_config:
+            show_config(resolved, f"fspo train {stage}")
+            return
+        from rich.console import Console
+
+        from fspo.train.trainer import train
+
+        result = train(resolved.config, resume=resume, overwrite=overwrite)
+        console = Console()
+        console.print(f"model saved to [bold]{result.model_dir}[/] after {result.steps} steps")
+        shown = {**result.metrics, **result.eval_metrics}
+        if shown:
+            console.print(", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+
     return command
 
 
-app.command("sft")(
-    _command(
+_TRAIN_DOC = (
+    "Values: TrainConfig's defaults < the stage's recipe (fspo/configs/recipes/{stage}.yaml) < --config "
+    "< flags; --print-config shows each value and its source."
+)
+for _stage, _doc in (
+    (
         "sft",
         "Few-shot preference fine-tuning: NLL of the chosen answer given the episode (--shots 0: plain SFT).",
-    )
-)
-app.command("fspo")(
-    _command(
+    ),
+    (
         "fspo",
         "FSPO: IPO (default) or DPO against the frozen starting model (--shots 0: the population baseline).",
+    ),
+):
+    _command(
+        _stage,
+        _train_command(_stage),
+        model_flags(TrainConfig, skip=("stage",)),
+        f"{_doc}\n\n{_TRAIN_DOC.format(stage=_stage)}",
     )
-)
 
 
-@app.command("rat-pairs")
 def rat_pairs(
     model: str = typer.Option(
         ..., help="The RAT model to sample descriptions from (trained with --rat target)."
@@ -179,23 +208,12 @@ def rat_pairs(
     ),
     similarity: str = typer.Option(
         ...,
-        help="How a sample is scored against the true description: traits:<domain> (simulated users' trait "
-        "values) or embedding[:<sentence-transformers folder>] (free text; default all-MiniLM-L6-v2).",
+        help="How a sample is scored against the true description: traits:<domain> (simulated users' "
+        "trait values) or embedding[:<sentence-transformers folder>] (free text; default all-MiniLM-L6-v2).",
     ),
-    samples: int = typer.Option(4, help="Descriptions sampled per episode."),
     max_episodes: int | None = typer.Option(None, help="Use the first N episodes of the file."),
-    include_true: bool = typer.Option(
-        True, help="Count the true description among the candidates (--no-include-true: samples only)."
-    ),
-    temperature: float = typer.Option(1.0, help="Sampling temperature (> 0)."),
-    max_new_tokens: int = typer.Option(48, help="Token budget of one description."),
-    batch_size: int = typer.Option(4, help="Episodes per generation batch (each gives `samples` rows)."),
-    seed: int = typer.Option(0),
+    **sampling: Any,
 ) -> None:
-    """RAT's description pairs (v2): sample descriptions, pair the closest to the truth with the farthest.
-
-    Train on the result with `fspo train fspo --rat description --episodes OUT/train.jsonl --model MODEL`.
-    """
     from rich.console import Console
 
     from fspo.data.episodes import load_episodes
@@ -210,16 +228,20 @@ def rat_pairs(
         load_episodes(episodes, "train", limit=max_episodes),
         out,
         scorer=scorer,
-        samples=samples,
-        temperature=temperature,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        seed=seed,
         options=trained_layout(model),
-        include_true=include_true,
         progress=True,
+        **given_values(PairSampling, sampling),
     )
     Console().print(
         f"{stats['pairs']} description pairs from {stats['episodes']} episodes "
         f"(mean sample score {stats['mean_score']:.3f}, {stats['ties_left_out']} ties left out) -> {out}"
     )
+
+
+_command(
+    "rat-pairs",
+    rat_pairs,
+    model_flags(PairSampling, show_defaults=True),
+    "RAT's description pairs (v2): sample descriptions, pair the closest to the truth with the farthest.\n\n"
+    "Train on the result with `fspo train fspo --rat description --episodes OUT/train.jsonl --model MODEL`.",
+)

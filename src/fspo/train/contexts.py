@@ -17,10 +17,16 @@ same contexts on every run and every process; the trainer's batch order (seeded)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from fspo.core.errors import UserError
+from fspo.data.episodes import episodes_file, load_episodes
+from fspo.data.template import TemplateOptions
+from fspo.data.tokens import prompt_token_ids, target_token_ids
 from fspo.infer.pairs import ContextTokens, PairTokens, QuestionTokens, as_context
+from fspo.train.config import TrainConfig
+from fspo.train.tokenize import RenderStats, check_descriptions, tokenize_episodes
 
 
 class Unit(NamedTuple):
@@ -39,7 +45,7 @@ class Unit(NamedTuple):
 def group_examples(examples: Sequence[Any], k: int = 1) -> list[Unit]:
     """Contexts of up to `k` examples with the same user and the same shared ids, in file order.
 
-    `examples` are `fspo.train.data.PairExample`s; with k > 1 they need their `shared` length
+    `examples` are `fspo.train.tokenize.PairExample`s; with k > 1 they need their `shared` length
     (``tokenize_episodes(..., split_shared=True)``). An example with no shared part stays alone, as
     a context whose shared segment is its whole prompt (exactly the k=1 row). Contexts come out in
     the order of their first example; a group that reaches `k` is closed and a new one opened.
@@ -76,8 +82,6 @@ def tokenize_pair(tokenizer: Any, prompt: str, chosen: str, rejected: str) -> Pa
     Tokenizing the targets separately keeps the prompt/target boundary identical for both answers,
     which is what makes a shared prefix possible at all.
     """
-    from fspo.data.tokens import prompt_token_ids, target_token_ids
-
     return PairTokens(
         prompt_token_ids(tokenizer, prompt),
         target_token_ids(tokenizer, chosen),
@@ -95,15 +99,34 @@ def tokenize_contexts(
     template's assistant header) is the question segment, everything before is shared. Episodes
     over the token budget (``options.max_tokens``) are skipped, as in training.
     """
-    from fspo.data.template import TemplateOptions
-    from fspo.train.data import tokenize_episodes
-
     if k < 1:
         raise UserError(f"questions per context must be >= 1, got {k}")
     examples, _ = tokenize_episodes(
         list(episodes), tokenizer, options or TemplateOptions(), split_shared=k > 1
     )
     return [(list(u.ids), u.context) for u in group_examples(examples, k)]
+
+
+def load_contexts(
+    cfg: TrainConfig, path: str, split: str, tokenizer: Any, limit: int | None = None
+) -> tuple[list[Unit], RenderStats, Path, dict[str, Any]]:
+    """The episodes of `path`'s `split` (the first `limit`) as the training contexts of `cfg`
+    (`questions_per_context` per row at most); their render stats; the episodes file itself (where
+    the reference cache goes); and with ``shot_loss`` the shots' answer positions per episode id
+    (else empty)."""
+    file = episodes_file(path, split)
+    episodes = load_episodes(file, limit=limit)
+    if not episodes:
+        raise UserError(f"episodes file {file} is empty")
+    options = cfg.template_options()
+    check_descriptions(episodes, options, path)
+    k = cfg.questions_per_context
+    examples, stats = tokenize_episodes(
+        episodes, tokenizer, options, cfg.shots, split_shared=k > 1, shot_spans=cfg.shot_loss
+    )
+    units = group_examples(examples, k)
+    spans = {u.ids[0]: e.shot_spans for u, e in zip(units, examples, strict=True)} if cfg.shot_loss else {}
+    return units, stats, file, spans
 
 
 def row_stats(context: PairTokens | ContextTokens, shared: bool) -> tuple[int, int, int]:

@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from fspo.core.errors import UserError
 from fspo.core.files import AppendLog, atomic_write_json
 from fspo.data.io import write_records
@@ -63,6 +65,23 @@ def description_scorer(similarity: str) -> Scorer:
     raise UserError(f"--similarity {similarity!r}: use traits:<domain> or embedding[:<model folder>]")
 
 
+class PairSampling(BaseModel):
+    """How descriptions are sampled and paired: the one home of these defaults, for `build_rat_pairs`
+    and the flags of `fspo train rat-pairs`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    samples: int = Field(4, ge=2, description="descriptions sampled per episode (two make a pair)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (pairs need sampling)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    max_new_tokens: int = Field(48, ge=1, description="token budget of one description")
+    batch_size: int = Field(4, ge=1, description="episodes per generation batch (each gives `samples` rows)")
+    seed: int = Field(0, description="seed of the sampling (per batch, from its episodes)")
+    include_true: bool = Field(
+        True, description="count the true description among the candidates (off: samples only)"
+    )
+
+
 def build_rat_pairs(
     model: Any,
     tokenizer: Any,
@@ -70,23 +89,19 @@ def build_rat_pairs(
     out: str | Path,
     *,
     scorer: Scorer,
-    samples: int = 4,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    max_new_tokens: int = 48,
-    batch_size: int = 8,
-    seed: int = 0,
     options: TemplateOptions | None = None,
-    include_true: bool = True,
     progress: bool = False,
+    **sampling: Any,
 ) -> dict[str, Any]:
     """Sample, score and pair descriptions for `episodes`; writes ``out/train.jsonl`` (the pairs, as
-    RAT episodes) and ``out/rat_pairs.json`` (the statistics, returned). `batch_size` counts episodes;
-    each batch generates ``batch_size * samples`` rows."""
-    if samples < 2:
-        raise UserError(f"samples must be >= 2 to make a pair, got {samples}")
-    if temperature <= 0:
-        raise UserError("description pairs need sampling: temperature must be > 0")
+    RAT episodes) and ``out/rat_pairs.json`` (the statistics, returned). `sampling`: `PairSampling`'s
+    fields (samples, temperature, top_p, max_new_tokens, batch_size, seed, include_true)."""
+    try:
+        s = PairSampling.model_validate(sampling)
+    except ValidationError as err:
+        bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise UserError(f"description pair sampling: {bad}") from None
+    samples, temperature, top_p, batch_size, seed = s.samples, s.temperature, s.top_p, s.batch_size, s.seed
     missing = [e.episode_id for e in episodes if not (e.description or "").strip()]
     if missing:
         raise UserError(
@@ -115,7 +130,7 @@ def build_rat_pairs(
                 rows,
                 rat=True,
                 description_only=True,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=s.max_new_tokens,
                 temperature=temperature,
                 top_p=top_p,
                 seed=batch_seed(seed, [e.episode_id for e, _ in chunk]),
@@ -135,9 +150,9 @@ def build_rat_pairs(
                 log.append(done[episode.episode_id])
     finally:
         log.close()
-    pairs, stats = _pairs(episodes, done, scorer if include_true else None)
+    pairs, stats = _pairs(episodes, done, scorer if s.include_true else None)
     write_records(out / PAIRS_FILE, pairs)
-    stats = {**settings, "include_true": include_true, **stats}
+    stats = {**settings, "include_true": s.include_true, **stats}
     atomic_write_json(out / STATS_FILE, stats)
     log_path.unlink(missing_ok=True)
     return stats

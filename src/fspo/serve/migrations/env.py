@@ -1,8 +1,8 @@
 """alembic's environment for fspo's store: migrations run on the connection the caller hands over.
 
 `fspo.serve.store.Store` opens a write transaction (``BEGIN IMMEDIATE`` on SQLite) and passes its
-connection in ``config.attributes["connection"]`` (see `fspo.serve.store.migration_config`), so the
-upgrade uses the store's engine with its pragmas, runs inside that one transaction (SQLite has
+connection in ``config.attributes["connection"]`` (see `fspo.serve.store.database.migration_config`),
+so the upgrade uses the store's engine with its pragmas, runs inside that one transaction (SQLite has
 transactional DDL), and there is no alembic.ini or second database URL to drift from the real one.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from fspo.serve.store import Base
+from fspo.serve.store.tables import Base
 
 connection = context.config.attributes.get("connection")
 if context.is_offline_mode() or connection is None:

@@ -1,14 +1,17 @@
 """The served model: one personalized answer for a user's shots and a question, streamed or not.
 
-A backend renders the request exactly as evaluation does (`fspo.infer.generate.prompt_ids_for`:
-the same template, the trained layout from the model's `fspo_config.json`, the response heading
-as token ids) and cuts the answer with the same rule (`answer_finished` stops generation,
-`parse_generation` cuts), so a served greedy answer equals `fspo eval generate`'s for the same
-shots and question.
+An *answerer* is what a served `System` asks: it takes a user's shots and a question (`AnswerRequest`)
+and returns the personalized `Answer`. (Not an LLM client: `fspo.llm.backends` are the transports of
+the judges' and synth's chat calls; an answerer renders FSPO's episode itself and owns the model or
+its server.) An answerer renders the request exactly as evaluation does
+(`fspo.infer.generate.prompt_ids_for`: the same template, the trained layout from the model's
+`fspo_config.json`, the response heading as token ids) and cuts the answer with the same rule
+(`answer_finished` stops generation, `parse_generation` cuts), so a served greedy answer equals
+`fspo eval generate`'s for the same shots and question.
 
-* `LocalBackend` generates in-process (`model.generate`, one generation at a time per model) and
+* `LocalAnswerer` generates in-process (`model.generate`, one generation at a time per model) and
   reuses a user's prefilled shots through `fspo.serve.cache.PrefixCache`.
-* `RemoteBackend` (``--backend vllm``) sends the same prompt token ids to an OpenAI-compatible
+* `RemoteAnswerer` (``--backend vllm``) sends the same prompt token ids to an OpenAI-compatible
   ``/v1/completions`` server (vLLM, SGLang), which batches requests and caches prefixes itself.
 
 Streaming: `answer(req, on_text)` calls `on_text` with the answer's text as it grows. Only text
@@ -40,6 +43,7 @@ from fspo.infer.generate import (
     prompt_ids_for,
     template_options,
 )
+from fspo.infer.shots import shots_prefix_ids
 from fspo.serve.cache import PrefixCache
 
 log = logging.getLogger(__name__)
@@ -50,9 +54,6 @@ TextSink = Callable[[str], None]
 DEFAULT_MAX_NEW_TOKENS_LIMIT = 512
 # Prefixes shorter than this are not worth a cache entry (the copy costs about what the prefill does).
 MIN_PREFIX_TOKENS = 32
-# Two questions that differ in their first character: the prompts of the same shots with either
-# share exactly the tokens before the question, i.e. the part every question of this user shares.
-_PROBES = ("A", "B")
 # What ends a plain or oracle answer (`answer_finished`: a later line starts with '#'), as a stop string.
 HEADING_STOP = "\n#"
 
@@ -67,7 +68,7 @@ class AnswerRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    cache_owner: str | None = None  # the user whose shots these are (`Backend.forget` drops them)
+    cache_owner: str | None = None  # the user whose shots these are (`Answerer.forget` drops them)
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class Answer:
     finish_reason: FinishReason
 
 
-class Backend(Protocol):
+class Answerer(Protocol):
     model_id: str
     max_new_tokens_limit: int
     default_mode: Mode
@@ -92,17 +93,17 @@ class Backend(Protocol):
 
 @dataclass(frozen=True)
 class System:
-    """A served system (the study's FSPO model and its baselines): a backend, how it is prompted,
+    """A served system (the study's FSPO model and its baselines): an answerer, how it is prompted,
     and at most how many of the user's newest preferences become its shots (0: none)."""
 
     name: str
-    backend: Backend
-    mode: Mode | None = None  # None: the backend's default (RAT for a RAT-trained model)
+    answerer: Answerer
+    mode: Mode | None = None  # None: the answerer's default (RAT for a RAT-trained model)
     shots: int | None = 8
 
     @property
     def served_mode(self) -> Mode:
-        return self.mode if self.mode is not None else self.backend.default_mode
+        return self.mode if self.mode is not None else self.answerer.default_mode
 
 
 class _AnswerStream:
@@ -187,7 +188,7 @@ def _check_request(req: AnswerRequest, limit: int) -> Mode:
 
 
 class _Prompting:
-    """What both backends share: the layout, the prompt ids, the limits, and the answer's cut."""
+    """What both answerers share: the layout, the prompt ids, the limits, and the answer's cut."""
 
     def __init__(
         self,
@@ -245,7 +246,7 @@ class _Prompting:
         )
 
 
-class LocalBackend(_Prompting):
+class LocalAnswerer(_Prompting):
     """Generation in this process with a Hugging Face causal LM, plus the per-user prefix cache.
 
     One lock serializes use of the model (and tokenizer): requests from the server's threadpool
@@ -310,13 +311,9 @@ class LocalBackend(_Prompting):
             self.cache.forget(user_id)
 
     def prefix_ids(self, req: AnswerRequest, mode: Mode) -> list[int]:
-        """The prompt tokens every question of these shots shares (same mode, layout, description)."""
-        a, b = (
-            prompt_ids_for(req.shots, probe, self.tokenizer, mode, self.layout, req.description)
-            for probe in _PROBES
-        )
-        n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-        return a[:n]
+        """The prompt tokens every question of these shots shares (same mode, layout, description):
+        where the shots end, as training cuts them (`fspo.infer.shots`)."""
+        return shots_prefix_ids(req.shots, req.question, self.tokenizer, mode, self.layout, req.description)
 
     def _prefix_kv(self, req: AnswerRequest, mode: Mode, ids: list[int]) -> tuple[Any, int]:
         """A KV cache of the shared prefix of `ids` for `generate` to extend, and how many of its
@@ -352,11 +349,11 @@ class LocalBackend(_Prompting):
         return kv
 
 
-class RemoteBackend(_Prompting):
+class RemoteAnswerer(_Prompting):
     """Generation on an OpenAI-compatible completions server (vLLM, SGLang) from our prompt ids.
 
     The tokenizer, layout and context length come from the local model folder, so the prompt is
-    the one `LocalBackend` builds, sent as a list of token ids (the server does not re-tokenize
+    the one `LocalAnswerer` builds, sent as a list of token ids (the server does not re-tokenize
     it). Requests run concurrently (the server batches them).
 
     The response is streamed. A plain or oracle answer ends at the first line starting with '#'
@@ -453,14 +450,14 @@ def _default_model_id(model_dir: str | Path) -> str:
     return path.parent.name if path.name == "model" and path.parent.name else path.name
 
 
-def local_backend(
+def local_answerer(
     model_dir: str | Path,
     *,
     model_id: str | None = None,
     cache_bytes: int = 256 << 20,
     device: str | None = None,
     max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
-) -> LocalBackend:
+) -> LocalAnswerer:
     """Load `model_dir` for in-process serving with the layout it was trained with.
 
     `cache_bytes` bounds the prefix cache (0: no cache); `device` defaults to CUDA when available.
@@ -474,7 +471,7 @@ def local_backend(
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return LocalBackend(
+    return LocalAnswerer(
         model,
         tokenizer,
         model_id=model_id or _default_model_id(model_dir),
@@ -484,7 +481,7 @@ def local_backend(
     )
 
 
-def remote_backend(
+def remote_answerer(
     url: str,
     model_dir: str | Path,
     *,
@@ -492,7 +489,7 @@ def remote_backend(
     model_id: str | None = None,
     api_key: str | None = None,
     max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
-) -> RemoteBackend:
+) -> RemoteAnswerer:
     """Serve through an OpenAI-compatible server at `url` (its base URL, e.g. ``http://host:8000/v1``)
     that serves `model_dir`'s weights as `remote_model`; the folder gives tokenizer, layout and context."""
     import openai
@@ -509,7 +506,7 @@ def remote_backend(
         raise UserError(f"model folder {str(model_dir)!r} has no readable config.json ({err})") from None
     # A person waits on each request: one retry, and a timeout that fails (502) rather than hangs.
     client = openai.OpenAI(base_url=url, api_key=api_key or "EMPTY", max_retries=1, timeout=120.0)
-    return RemoteBackend(
+    return RemoteAnswerer(
         client,
         tokenizer,
         remote_model=remote_model,

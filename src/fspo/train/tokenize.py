@@ -1,8 +1,9 @@
-"""Episodes → token ids for training: rendering, budget accounting, batch order.
+"""Episodes → token ids for training: rendering, the token budget's accounting, the shared shots.
 
 Rendering goes through the one template (`fspo.data.template.render`), so training sees exactly the
 layout evaluation and serving use. Episodes are tokenized once up front (a few thousand episodes take
-seconds) and kept as id lists; batching and padding happen per step (`fspo.infer.logps`).
+seconds) and kept as id lists; batching and padding happen per step (`fspo.infer.logps`), batch
+order in `fspo.train.buckets`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any
 
 from fspo.core.errors import UserError
 from fspo.data.schema import Episode, Preference
-from fspo.data.template import QUESTION, DescriptionMode, TemplateOptions, render, response_heading
+from fspo.data.template import DescriptionMode, TemplateOptions, render, response_heading
 from fspo.data.tokens import prompt_token_ids, target_token_ids
 from fspo.infer.pairs import PairTokens
+from fspo.infer.shots import shots_end
 
 
 @dataclass(frozen=True)
@@ -97,9 +99,9 @@ def tokenize_episodes(
 
     The budget passed to the template leaves room for bos and eos, which are added as ids.
     Example ids are the episode ids, made unique (``id#2`` for a repeated id) because reference
-    log-probs are cached per id. `split_shared` also measures each prompt's shared part (see
-    `shared_prefix_length`); the prompt ids are the same either way. `shot_spans` also locates
-    each kept shot's preferred answer in the prompt ids (`preferred_answer_spans`).
+    log-probs are cached per id. `split_shared` also measures each prompt's shared part (where the
+    shots end, `fspo.infer.shots.shots_end`); the prompt ids are the same either way. `shot_spans`
+    also locates each kept shot's preferred answer in the prompt ids (`preferred_answer_spans`).
     """
     budget_opts = options
     if options.max_tokens is not None:
@@ -129,7 +131,7 @@ def tokenize_episodes(
         n = seen[ep.episode_id] = seen.get(ep.episode_id, 0) + 1
         shared = 0
         if split_shared:
-            shared = shared_prefix_length(tokenizer, p, r.prompt, ep.query.question, shared_ids)
+            shared = shots_end(tokenizer, r.prompt, p, ep.query.question, shared_ids)
         spans: tuple[tuple[int, int], ...] = ()
         if shot_spans:
             kept = limit_shots(ep, shots).shots[r.shots_dropped :]
@@ -180,57 +182,3 @@ def preferred_answer_spans(
         if tokens:
             spans.append((tokens[0] + lead, tokens[-1] + 1 + lead))
     return tuple(spans)
-
-
-def shared_prefix_length(
-    tokenizer: Any,
-    prompt_ids: list[int],
-    prompt: str,
-    question: str,
-    memo: dict[str, list[int]] | None = None,
-) -> int:
-    """How many leading ids of `prompt_ids` encode only the text before the query's question block.
-
-    That text (the shots and the task sentence) is what K questions of one user can share. Its ids
-    are found as the common prefix of the whole prompt's ids and the shared text's own ids, so a
-    pair scored in a shared row has exactly the ids it has alone, even where a tokenizer merges
-    across the cut. 0 when the question block is not found (the episode then stays alone).
-    """
-    cut = prompt.rfind(QUESTION + question.strip())
-    if cut <= 0:
-        return 0
-    text = prompt[:cut]
-    ids = memo.get(text) if memo is not None else None
-    if ids is None:
-        ids = prompt_token_ids(tokenizer, text)
-        if memo is not None:
-            memo.clear()  # siblings are adjacent in the file; keep one entry, not the whole corpus
-            memo[text] = ids
-    n = 0
-    for a, b in zip(ids, prompt_ids, strict=False):
-        if a != b:
-            break
-        n += 1
-    return n if n < len(prompt_ids) else 0
-
-
-def batch_order(
-    n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1
-) -> list[list[int]]:
-    """The batches of one epoch for process `rank`: a pure function of (seed, epoch).
-
-    Why not a shuffling DataLoader: resuming after a kill must continue with exactly the batch the
-    killed run would have taken next. With the order a function of (seed, epoch) and the position a
-    function of the step, a checkpoint only needs the step. Each global batch of `batch_size*world`
-    examples is split across processes; an incomplete final batch is dropped (as DDP does).
-    """
-    import torch
-
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g).tolist()
-    global_bs = batch_size * world
-    batches = []
-    for start in range(0, n - global_bs + 1, global_bs):
-        chunk = perm[start : start + global_bs]
-        batches.append(chunk[rank * batch_size : (rank + 1) * batch_size])
-    return batches

@@ -11,7 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fspo.core.errors import DataError, UserError
+from fspo.core.errors import DataError
+from fspo.data.episodes import load_episodes
 from fspo.data.io import iter_rows, read_records, read_unique_records
 from fspo.data.schema import Episode, User
 
@@ -23,10 +24,6 @@ def load_test_episodes(path: str | Path, splits: Iterable[str] = TEST_SPLITS) ->
     """Episodes from a record file, or from an episodes folder (its test splits, via `load_episodes`)."""
     path = Path(path)
     if path.is_dir():
-        try:
-            from fspo.data.episodes import load_episodes
-        except ImportError as err:
-            raise UserError(f"{path}: reading an episodes folder needs fspo.data.episodes") from err
         episodes: list[Episode] = []
         for split in splits:
             episodes.extend(load_episodes(path, split))

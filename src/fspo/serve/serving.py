@@ -1,27 +1,35 @@
-"""From a request to an answer: which served system, which of the caller's preferences are its shots,
-and where the generation runs. The completion routes and the study both answer through here, so a
+"""The handlers' shared part, from a request to an answer: which served system, which of the caller's
+preferences are its shots, and where the generation runs. The completion routes
+(`fspo.serve.completions`), the caller's description and the study all answer through here, so a
 study's FSPO answer is exactly what ``POST /v1/completions`` gives the participant by default.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, NoReturn
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from fspo.data.schema import Preference
 from fspo.infer.generate import Mode
-from fspo.serve.engine import Answer, AnswerRequest, System
-from fspo.serve.errors import APIError
-from fspo.serve.schemas import ChatCompletionRequest, CompletionRequest, GenerationBody
+from fspo.serve.answerers import Answer, AnswerRequest, System
+from fspo.serve.errors import APIError, raise_generation_failure
+from fspo.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    FspoInfo,
+    GenerationBody,
+    UserDescription,
+)
 from fspo.serve.store import NotFound, Store
 
-logger = logging.getLogger("fspo.serve")
-
 DEFAULT_MAX_TOKENS = 128  # an answer's tokens when the request names no max_tokens
+# The question RAT's description is generated under (`describe`): the model writes the description
+# before any answer, so the question only has to be a plausible one.
+DESCRIPTION_QUESTION = "What kind of answers do I prefer?"
 
 
 @dataclass(frozen=True)
@@ -44,13 +52,13 @@ class Prepared:
     request: AnswerRequest
     preference_ids: list[int]
 
-    def fspo(self, answer: Answer) -> dict[str, Any]:
-        return {
-            "description": answer.description,
-            "shots_used": len(self.preference_ids),
-            "preference_ids": self.preference_ids,
-            "mode": str(self.request.mode),
-        }
+    def fspo(self, answer: Answer) -> FspoInfo:
+        return FspoInfo(
+            description=answer.description,
+            shots_used=len(self.preference_ids),
+            preference_ids=self.preference_ids,
+            mode=str(self.request.mode),
+        )
 
 
 def prepare(app: FastAPI, user_id: str, body: ChatCompletionRequest | CompletionRequest) -> Prepared:
@@ -68,7 +76,7 @@ def prepare(app: FastAPI, user_id: str, body: ChatCompletionRequest | Completion
             code="model_not_found",
         )
     system = systems[name]
-    limit = system.backend.max_new_tokens_limit
+    limit = system.answerer.max_new_tokens_limit
     asked = body.max_completion_tokens or body.max_tokens
     if asked is not None and asked > limit:
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
@@ -114,38 +122,42 @@ async def generate(app: FastAPI, system: System, request: AnswerRequest) -> Answ
     never hold the threads that database-only requests need)."""
     loop = asyncio.get_running_loop()
     try:
-        return await loop.run_in_executor(app.state.generation_pool, system.backend.answer, request)
+        return await loop.run_in_executor(app.state.generation_pool, system.answerer.answer, request)
     except Exception as err:
-        raise_failure(system, err)
+        raise_generation_failure(system.name, err)
 
 
-def raise_failure(system: System, err: Exception) -> NoReturn:
-    """Raise a generation's failure `err` as the response's error: the 502 of `backend_failure`, else
-    `err` itself (a `UserError` becomes a 400 naming its field, anything else a logged 500, by the
-    error handlers)."""
-    failure = backend_failure(system, err)
-    if failure is None:
-        raise err
-    raise failure from err
-
-
-def backend_failure(system: System, err: Exception) -> APIError | None:
-    """A 502 naming `system` when `err` is its remote server's failure (unreachable, timed out, an error
-    status, a stream cut off), so the caller learns it was the backend and not their request or this
-    server; None for any other error.
-
-    The details (the backend's address, its status and body) go to the server's log only: they describe
-    the deployment, which is none of the caller's business, and a backend's error body may echo anything.
-    """
-    import httpx
-    import openai
-
-    # openai wraps the request's failures; a stream cut off while being read raises httpx's own.
-    if not isinstance(err, openai.APIError | httpx.HTTPError):
-        return None
-    try:
-        where = f" at {err.request.url}"
-    except (AttributeError, RuntimeError):  # httpx raises RuntimeError for an error without a request
-        where = ""
-    logger.warning("backend %r%s failed: %s", system.name, where, str(err) or type(err).__name__)
-    return APIError(502, f"backend {system.name!r} failed (see the server log)", code="backend_error")
+async def describe(app: FastAPI, user_id: str, model: str | None, shots: int | None) -> UserDescription:
+    """RAT's description of `user_id`: what system `model` (served in RAT mode) writes before its answer,
+    from the user's newest `shots` preferences. Refused (naming why) where there is nothing to report:
+    no preferences yet (409), a system not served in RAT mode (it writes no description), no shots
+    (``shots=0`` or a zero-shot system: nothing of the user's to describe)."""
+    if not await run_in_threadpool(app.state.store.count_preferences, user_id):
+        raise APIError(409, "no preferences yet: add some first", code="no_preferences")
+    name = model or app.state.default_system
+    system = app.state.systems.get(name)
+    if system is not None and system.served_mode is not Mode.RAT:
+        raise APIError(
+            400,
+            f"model: {name!r} is served in {system.served_mode} mode and writes no description; "
+            f"ask a system served in rat mode",
+            param="model",
+            code="not_rat",
+        )
+    body = CompletionRequest(prompt=DESCRIPTION_QUESTION, model=model, shots=shots, mode="rat")
+    prepared = await run_in_threadpool(prepare, app, user_id, body)
+    system = prepared.system
+    if not prepared.preference_ids:
+        why = "shots=0" if shots == 0 else f"model {system.name!r} takes no shots"
+        raise APIError(
+            400, f"shots: a description needs at least one of your preferences ({why})", param="shots"
+        )
+    # The whole budget: the description comes first, and the answer after it must not cut it short.
+    req = dataclasses.replace(prepared.request, max_new_tokens=system.answerer.max_new_tokens_limit)
+    answer = await generate(app, system, req)
+    return UserDescription(
+        description=answer.description,
+        model=system.name,
+        shots_used=len(prepared.preference_ids),
+        preference_ids=prepared.preference_ids,
+    )

@@ -1,0 +1,240 @@
+"""The quickstart's report: win rates of the registry's comparisons, what the answers carry, accuracy
+against the Bayes ceiling, RAT's descriptions, and findings in words, all derived from the run's files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from fspo.core.stages import StageRunner
+from fspo.eval.systems import System, comparisons, verdict_pairs
+from fspo.quickstart.profile import Profile
+
+
+def report(
+    p: Profile, systems: tuple[System, ...], runner: StageRunner, folder: Path, test: list
+) -> dict[str, Any]:
+    """Judge every comparison of `systems`, write ``report.md`` / ``results.json`` into `folder` and
+    return the summary (the quickstart's `report` stage)."""
+    from fspo.data.io import read_dataset_dir
+    from fspo.eval import collect_examples, write_report
+    from fspo.eval.personal import description_quality, shot_ceiling, trait_shares
+    from fspo.sim import disagreement_matrix
+
+    gen = runner.folder("generate")
+    results = _winrates(systems, gen, runner.folder("sim") / "users.jsonl")
+    prefs, users, _ = read_dataset_dir(runner.folder("sim"))
+    generations = {s.name: _read_jsonl(gen / f"{s.name}.jsonl") for s in systems}
+    user_map = {u.user_id: u for u in users}
+    accuracy = json.loads((runner.folder("accuracy") / "accuracy.json").read_text())
+    shares = trait_shares(user_map, [r for recs in generations.values() for r in recs])
+    by_split = {s: [e for e in test if e.split == s] for s in ("test_unseen", "test_seen")}
+    ceiling = shot_ceiling(user_map, by_split, max_shots=p.shots)
+    descriptions = {
+        s.name: description_quality(user_map, generations[s.name]) for s in systems if s.mode == "rat"
+    }
+    notes = [
+        f"Profile: {p.model_dump_json()}",
+        "Win rates are judged by each simulated user's exact reward r_u(text); ties count as half.",
+        _unseen_note(p),
+        *findings(results, descriptions, verdict_pairs(systems)),
+    ]
+    write_report(
+        folder,
+        results,
+        accuracy,
+        collect_examples(generations, test, user_map),
+        disagreement_matrix(users, prefs),
+        title=f"FSPO quickstart: simulated {p.domain} users",
+        notes=notes,
+        sections={
+            "Trait values the answers carry": _shares_markdown(shares),
+            "What the shots can tell: the Bayes ceiling": _ceiling_markdown(ceiling, accuracy),
+            "RAT's inferred descriptions": _descriptions_markdown(descriptions),
+        },
+    )
+    return {
+        "winrates": _merged(results),
+        "trait_shares": shares,
+        "descriptions": descriptions,
+        "ceiling": ceiling,
+        "accuracy": {name: acc_at(curve, p.shots) for name, curve in accuracy.items()},
+        "report": str(folder / "report.md"),
+    }
+
+
+def _winrates(systems: tuple[System, ...], gen: Path, users_file: Path) -> list:
+    from fspo.eval import winrate
+
+    results = []
+    for system, opponent in comparisons(systems):
+        res = winrate(
+            gen / f"{system}.jsonl",
+            gen / f"{opponent}.jsonl",
+            users_file,
+            "exact",
+            system=system,
+            opponent=opponent,
+        )
+        results.extend(res.results)
+    return results
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def acc_at(curve: dict[str, Any], shots: int) -> dict[str, float]:
+    """A curve's accuracy per split at the most shots up to `shots`."""
+    out = {}
+    for split, points in curve["splits"].items():
+        best = [pt for pt in points if pt["shots"] <= shots]
+        if best:
+            out[split] = round(best[-1]["accuracy"], 4)
+    return out
+
+
+def _merged(results: list) -> dict[str, dict[str, Any]]:
+    merged: dict[str, dict[str, Any]] = {}
+    for w in results:
+        merged.setdefault(f"{w.system} vs {w.opponent}", {})[w.split] = {
+            "win_rate": round(w.win_rate, 4),
+            "ci": [round(w.ci_low, 4), round(w.ci_high, 4)],
+            "n": w.n,
+        }
+    return merged
+
+
+def _shares_markdown(shares: dict[str, dict[str, dict[str, float]]]) -> str:
+    rows = [
+        "Per system, the mean share of each user's trait values its answers carry (`fspo.eval.personal`;",
+        "a personalizing model carries nearly all, one answering for the population average carries what",
+        "the average user's values share with each user's), and the relevance every user rewards alike.",
+        "",
+        "| system | unseen: trait share | unseen: relevance | seen: trait share | seen: relevance |",
+        "|---|---|---|---|---|",
+    ]
+    for system, per in shares.items():
+        cells = []
+        for split in ("test_unseen", "test_seen"):
+            c = per.get(split)
+            cells += [f"{100 * c['trait_share']:.1f}%", f"{c['relevance']:.3f}"] if c else ["-", "-"]
+        rows.append(f"| {system} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _descriptions_markdown(quality: dict[str, dict[str, Any]]) -> str:
+    rows = [
+        "How often the description a RAT system writes names the user's true value of each trait",
+        "(`fspo.eval.personal.description_quality`), and how often its answer carries the values its own",
+        "description names.",
+        "",
+        "| system | split | true values named | per trait | extra traits per answer | answer follows it |",
+        "|---|---|---|---|---|---|",
+    ]
+    for system, per in quality.items():
+        for split, q in per.items():
+            traits = ", ".join(f"{t} {100 * c['accuracy']:.0f}%" for t, c in q["per_trait"].items())
+            follows = "-" if q["follows"] is None else f"{100 * q['follows']:.0f}% of {q['stated']}"
+            rows.append(
+                f"| {system} | {split} | {100 * q['named']:.1f}% of {q['values']} | {traits} | "
+                f"{q['extra_per_record']:.2f} | {follows} |"
+            )
+    main = quality.get("fspo-rat", {}).get("test_unseen")
+    if main:
+        rows += ["", "Confusion on unseen users (fspo-rat): true value → what the description named.", ""]
+        for trait, table in main["confusion"].items():
+            named = sorted({k for row in table.values() for k in row})
+            rows += [
+                f"| {trait}: true \\ named | " + " | ".join(named) + " |",
+                "|---" * (len(named) + 1) + "|",
+            ]
+            for value, row in sorted(table.items()):
+                rows.append(f"| {value} | " + " | ".join(str(row.get(k, 0)) for k in named) + " |")
+            rows.append("")
+    return "\n".join(rows)
+
+
+def _ceiling_markdown(ceiling: dict[str, dict[str, dict[str, float]]], accuracy: dict[str, Any]) -> str:
+    rows = [
+        "Preference accuracy a Bayes learner reaches from n shots, holding the population's personas as",
+        "hypotheses (`fspo.eval.personal.shot_ceiling`), beside FSPO's implicit-reward accuracy.",
+        "",
+        "| split | shots | ceiling | FSPO accuracy | share of the ceiling |",
+        "|---|---|---|---|---|",
+    ]
+    splits = accuracy.get("fspo", {}).get("splits", {})
+    fspo = {split: {pt["shots"]: pt["accuracy"] for pt in points} for split, points in splits.items()}
+    for split, curve in ceiling.items():
+        for n, c in curve.items():
+            mine = fspo.get(split, {}).get(int(n))
+            share = f"{100 * mine / c['accuracy']:.0f}%" if mine is not None and c["accuracy"] else "-"
+            shown = "-" if mine is None else f"{mine:.3f}"
+            bound = f"{c['accuracy']:.3f} [{c['ci_low']:.2f}, {c['ci_high']:.2f}]"
+            rows.append(f"| {split} | {n} | {bound} | {shown} | {share} |")
+    return "\n".join(rows)
+
+
+def _unseen_note(p: Profile) -> str:
+    if p.sim_options.get("holdout") == "users":
+        return "'unseen' users were held out of training at random; training users share their traits."
+    return "'unseen' users hold trait combinations that no training user has."
+
+
+def findings(
+    results: list, descriptions: dict[str, Any] | None = None, pairs: list[tuple[str, str]] | None = None
+) -> list[str]:
+    """Plain-language verdicts on unseen users, derived from the tables (never hard-coded): one per
+    (system, opponent) of `pairs` (the registry's verdicts by default), then RAT against its oracle."""
+    cell = {(w.system, w.opponent): w for w in results if w.split == "unseen"}
+
+    def verdict(system: str, opponent: str) -> str | None:
+        w = cell.get((system, opponent))
+        if w is None:
+            return None
+        word = "beats" if w.ci_low > 0.5 else "loses to" if w.ci_high < 0.5 else "is not distinguishable from"
+        return f"{system} {word} {opponent} on unseen users ({100 * w.win_rate:.1f}%, n={w.n})"
+
+    if pairs is None:
+        from fspo.eval.systems import SYSTEMS
+
+        pairs = verdict_pairs(SYSTEMS)
+    found = [v for v in (verdict(*pair) for pair in pairs) if v]
+    rat, oracle = cell.get(("fspo-rat", "population-ipo")), cell.get(("oracle", "population-ipo"))
+    if rat and oracle and oracle.win_rate > 0:
+        found.append(
+            f"fspo-rat recovers {100 * rat.win_rate / oracle.win_rate:.0f}% of the oracle's win rate against "
+            f"population-ipo on unseen users ({100 * rat.win_rate:.1f}% vs {100 * oracle.win_rate:.1f}%)"
+        )
+    quality = (descriptions or {}).get("fspo-rat", {}).get("test_unseen")
+    if quality:
+        follows = "-" if quality["follows"] is None else f"{100 * quality['follows']:.0f}%"
+        found.append(
+            f"fspo-rat's inferred descriptions name {100 * quality['named']:.0f}% of unseen users' true "
+            f"trait values (n={quality['values']}); its answers carry {follows} of the values their "
+            "own description names"
+        )
+    return found
+
+
+def print_table(console: Console, summary: dict[str, Any], timings: dict[str, float]) -> None:
+    table = Table(title="FSPO quickstart: win rate (exact-reward judge), 95% CI, n")
+    table.add_column("system vs opponent")
+    for split in ("unseen", "seen"):
+        table.add_column(f"{split} users", justify="right")
+    for row, cells in summary.get("winrates", {}).items():
+        table.add_row(row, *(_fmt(cells.get(split)) for split in ("unseen", "seen")))
+    console.print(table)
+    total = sum(timings.values())
+    console.print(f"Report: {summary.get('report')}   (this run: {total / 60:.1f} min)")
+
+
+def _fmt(cell: dict[str, Any] | None) -> str:
+    if not cell:
+        return "-"
+    lo, hi = cell["ci"]
+    return f"{100 * cell['win_rate']:.1f}% [{100 * lo:.0f}–{100 * hi:.0f}] n={cell['n']}"

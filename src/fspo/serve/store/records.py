@@ -1,0 +1,144 @@
+"""The records the store takes in and hands out (pydantic, frozen), and what a database can hold.
+
+Rows never leave the store: every method answers with these records, so a caller cannot touch a
+session or lazy-load a column after its transaction ended.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fspo.data.schema import Preference
+from fspo.serve.store.errors import InvalidRecord
+
+Scope = Literal["user", "admin"]
+Vote = Literal["left", "right", "tie"]
+SCOPES: tuple[str, ...] = ("user", "admin")
+VOTES: tuple[str, ...] = ("left", "right", "tie")
+
+
+def storable(value: Any) -> Any:
+    """`value` unchanged if every database stores it faithfully, else a `ValueError` saying where not.
+
+    Two things are refused: a NUL character in a string (PostgreSQL's text and JSON types reject it:
+    the insert would fail) and a non-finite float, NaN or Infinity, anywhere in a JSON value (JSON has
+    none: the JSON column would silently store null, or fail).
+    """
+    _check_storable(value, "")
+    return value
+
+
+def _check_storable(value: Any, where: str) -> None:
+    at = f" at {where}" if where else ""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError(f"contains a NUL character (\\u0000){at}, which cannot be stored")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value} is not a finite number{at} (JSON has no NaN or Infinity)")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_storable(key, where)
+            _check_storable(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_storable(item, f"{where}[{i}]")
+
+
+def require_text(name: str, value: Any) -> str:
+    """`value` when it is a non-blank string, else an `InvalidRecord` naming field `name`."""
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRecord(f"{name}: must be a non-empty string", field=name)
+    return value
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class NewPreference(BaseModel):
+    """A preference as a user submits it: the user is the caller (from its key), never a field.
+
+    Valid exactly when the core record (`fspo.data.schema.Preference`) with the caller's id is, so the
+    store and the API accept what training data accepts, with each refusal at its field (``rejected``),
+    and when a database can hold it (`storable`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    question: str
+    chosen: str
+    rejected: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("*")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        return storable(value)
+
+    @model_validator(mode="after")
+    def _core_rules(self) -> NewPreference:
+        # pydantic merges a ValidationError raised here into this model's, each error at its own field.
+        Preference(user_id="caller", **self.model_dump())
+        return self
+
+
+class StoredPreference(_Out):
+    id: int
+    user_id: str
+    question: str
+    chosen: str
+    rejected: str
+    source: str
+    created_at: datetime
+    metadata: dict[str, Any]
+
+    def record(self) -> Preference:
+        """The project's core record (store bookkeeping, id/source/time, stays out of it)."""
+        return Preference(
+            user_id=self.user_id,
+            question=self.question,
+            chosen=self.chosen,
+            rejected=self.rejected,
+            metadata=self.metadata,
+        )
+
+
+class KeyInfo(_Out):
+    id: str
+    user_id: str
+    scope: Scope
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class Principal(_Out):
+    user_id: str
+    scope: Scope
+    key_id: str
+
+
+class Trial(_Out):
+    id: int
+    participant: str
+    question: str
+    left_system: str
+    right_system: str
+    left_answer: str
+    right_answer: str
+    vote: Vote | None
+    created_at: datetime
+    voted_at: datetime | None
+
+
+class Event(_Out):
+    id: int
+    user_id: str | None
+    kind: str
+    payload: dict[str, Any]
+    created_at: datetime
