@@ -47,7 +47,10 @@ def test_best_of_picks_the_argmax_of_the_implicit_reward(world, kind):
 
     opts = TemplateOptions()
     prompt = prompt_token_ids(tok, render_generation_prompt(e.shots, e.query.question, opts))
-    ref_prompt = prompt_token_ids(tok, render_generation_prompt([], e.query.question, opts))
+    # A trained model's reference sees the prompt it was trained on; a model that is its own reference
+    # differs from it by the shots.
+    no_shots = prompt_token_ids(tok, render_generation_prompt([], e.query.question, opts))
+    ref_prompt = prompt if kind == "trained" else no_shots
     ref_model = ref if kind == "trained" else model
     direct = []
     for answer in result.answers:

@@ -11,9 +11,12 @@ import pytest
 from fspo.core.errors import UserError
 from fspo.data.episodes import build_episodes
 from fspo.data.schema import User
-from fspo.eval.personal import shot_ceiling, trait_shares
+from fspo.eval.judges import ExactRewardJudge
+from fspo.eval.personal import shot_ceiling, trait_shares, winrate_ceiling
+from fspo.eval.stats import wilson_interval
 from fspo.sim import get_domain, simulate
-from fspo.sim.elix import estimate_level, write_explanation
+from fspo.sim.elix import LEXICON, estimate_level, write_explanation
+from fspo.sim.roleplay_words import TOPICS
 
 
 def _traits(**values: str | float) -> dict:
@@ -216,3 +219,119 @@ def test_shot_ceiling_refuses_label_noise_outside_zero_to_a_half(elix_population
 def test_shot_ceiling_refuses_users_that_are_not_simulated():
     with pytest.raises(UserError, match="simulated user"):
         shot_ceiling({"u": User(user_id="u")}, {"test_unseen": []}, max_shots=2)
+
+
+# --- winrate_ceiling: an ideal answer against an opponent's ---------------------------------------------
+
+
+def _value(traits: dict, trait: str) -> object:
+    return traits.get(trait, {}).get("value")
+
+
+def _ideal_review(traits: dict, question: str) -> str:
+    """Names the title, two words of the user's sentiment and focus, and pads to the user's length."""
+    title = question.split(" movie ")[1].rstrip(".")
+    sentiment = {"positive": " is wonderful and brilliant", "negative": " is dull and awful"}
+    focus = {"acting": ", with its cast and acting", "plot": ", with its plot and story"}
+    text = f"{title}{sentiment.get(_value(traits, 'sentiment'), '')}{focus.get(_value(traits, 'focus'), '')}."
+    while _value(traits, "length") == "verbose" and len(text.split()) < 45:
+        text += " It runs for about two hours."
+    return text
+
+
+def _ideal_roleplay(traits: dict, question: str) -> str:
+    """Two sentences naming the topic and its objects, in the user's format, tone, voice and enthusiasm."""
+    topic = get_domain("roleplay").topic_of(question)
+    opener = {"casual": "Honestly, ", "formal": "Indeed, "}.get(_value(traits, "tone"), "")
+    voice = "I think " if _value(traits, "first_person") == "yes" else ""
+    end = "!" if _value(traits, "enthusiasm") == "yes" else "."
+    sentences = [
+        f"{opener}{voice}{topic} needs {TOPICS[topic][0]}{end}",
+        f"{topic} needs {TOPICS[topic][1]}{end}",
+    ]
+    if _value(traits, "format") == "bullets":
+        return "\n".join(f"- {s}" for s in sentences)
+    return " ".join(sentences)
+
+
+def _ideal_explanation(traits: dict, question: str) -> str:
+    """One sentence at exactly the user's level: lexicon words of the levels around it, 6 + 4L words."""
+    level = float(_value(traits, "level"))
+    lexicon = [sorted(LEXICON[int(level)])[0], sorted(LEXICON[int(level + 0.5)])[-1]]
+    concept = get_domain("elix").keywords(question)[0]
+    return " ".join([concept, *lexicon] + ["the"] * (3 + int(4 * level))) + "."
+
+
+IDEAL_WRITERS = {
+    "reviews": ({"movies": 6}, _ideal_review),
+    "roleplay": ({"topics": 3, **ROLEPLAY}, _ideal_roleplay),
+    "elix": ({"test_fraction": 0.5}, _ideal_explanation),
+}
+
+
+def _ceiling_population(domain: str):
+    """A few simulated users of `domain` and a generation record per preference: the chosen answer."""
+    options, write = IDEAL_WRITERS[domain]
+    data = simulate(domain, n_users=12, prefs_per_user=3, seed=1, **options)
+    dom = get_domain(domain)
+    users = {u.user_id: u for u in data.users}
+    split = {"test": "test_unseen", "train": "test_seen"}
+    records = [
+        {
+            "user_id": p.user_id,
+            "question": p.question,
+            "answer": p.chosen,
+            "system": "opponent",
+            "split": split[dom.split(users[p.user_id].metadata["traits"])],
+        }
+        for p in data.preferences
+    ]
+    return dom, users, records, write
+
+
+@pytest.mark.parametrize("domain", sorted(IDEAL_WRITERS))
+def test_an_answer_carrying_every_value_and_relevant_reaches_the_ideal_reward(domain):
+    dom, users, records, write = _ceiling_population(domain)
+    for rec in records:
+        traits = users[rec["user_id"]].metadata["traits"]
+        text = write(traits, rec["question"])
+        assert all(dom.carried(traits, dom.features(rec["question"], [text])[0])), text
+        ideal = dom.ideal_reward(traits, rec["question"])
+        assert dom.reward(traits, rec["question"], text) == pytest.approx(ideal)
+
+
+@pytest.mark.parametrize("domain", sorted(IDEAL_WRITERS))
+def test_winrate_ceiling_is_the_exact_judges_win_rate_of_ideal_answers_against_the_opponent(domain):
+    dom, users, records, write = _ceiling_population(domain)
+    ceiling = winrate_ceiling(users, records)
+    assert set(ceiling) == {"all", "unseen", "seen"}  # the win rates' split names
+    judge = ExactRewardJudge()
+    names = {"all": None, "unseen": "test_unseen", "seen": "test_seen"}
+    for split, cell in ceiling.items():
+        mine = [r for r in records if names[split] in (None, r["split"])]
+        verdicts = [
+            judge.prefer(users[r["user_id"]], r["question"], write(users[r["user_id"]].metadata["traits"],
+                         r["question"]), r["answer"])
+            for r in mine
+        ]  # fmt: skip
+        assert cell["n"] == len(mine)
+        assert cell["win_rate"] == pytest.approx(sum(verdicts) / len(verdicts), abs=1e-4)
+        assert cell["ci"] == pytest.approx(list(wilson_interval(sum(verdicts), len(verdicts))), abs=1e-4)
+        assert cell["ci"][0] <= cell["win_rate"] <= cell["ci"][1]
+
+
+@pytest.mark.parametrize("domain", sorted(IDEAL_WRITERS))
+def test_winrate_ceiling_is_a_half_against_ideal_answers_and_one_against_empty_ones(domain):
+    _, users, records, write = _ceiling_population(domain)
+    ideal = [r | {"answer": write(users[r["user_id"]].metadata["traits"], r["question"])} for r in records]
+    assert {cell["win_rate"] for cell in winrate_ceiling(users, ideal).values()} == {0.5}
+    empty = [r | {"answer": ""} for r in records]
+    assert {cell["win_rate"] for cell in winrate_ceiling(users, empty).values()} == {1.0}
+
+
+def test_winrate_ceiling_refuses_several_systems_and_unknown_users():
+    _, users, records, _ = _ceiling_population("reviews")
+    with pytest.raises(UserError, match="several systems"):
+        winrate_ceiling(users, [records[0], records[1] | {"system": "other"}])
+    with pytest.raises(UserError, match="'ghost'"):
+        winrate_ceiling(users, [records[0] | {"user_id": "ghost"}])

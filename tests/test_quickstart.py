@@ -52,6 +52,23 @@ def test_quickstart_tiny_runs_every_stage_and_caches(tmp_path):
     again = run_quickstart(out=out, profile="tiny")
     assert again == summary
     assert {p: p.stat().st_mtime_ns for p in out.glob(f"*/{MARKER}")} == marker_times
+    assert summary["loops"]["fspo"]["test_unseen"]["n"] > 0  # degenerate answers counted per system
+
+    # Sampled decoding with personalized best-of-N: only generation and the report run again.
+    sampled = tmp_path / "sampled.yaml"
+    sampled.write_text("decoding: {temperature: 1.0}\nbest_of: 3\nbest_of_curve: [1, 3]\n")
+    best = run_quickstart(out=out, profile=load_profile("tiny", config=sampled), overwrite=True)
+    assert (out / "fspo" / MARKER).stat().st_mtime_ns == marker_times[out / "fspo" / MARKER]
+    fspo = [json.loads(r) for r in (out / "generate" / "fspo.jsonl").read_text().splitlines()]
+    assert all(r["best_of"] == 3 and len(r["candidates"]) == 3 for r in fspo)
+    assert all(r["reference"] == "sft" and r["decoding"]["temperature"] == 1.0 for r in fspo)
+    rat = json.loads((out / "generate" / "fspo-rat.jsonl").read_text().splitlines()[0])
+    assert rat["best_of"] == 1  # RAT answers once, after its own description
+    first = [json.loads(r) for r in (out / "report" / "best-of-1" / "fspo.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in first] == [r["candidates"][0]["answer"] for r in fspo]  # N=1: sample 0
+    assert set(best["best_of_curve"]) == {"1", "3"}
+    assert "fspo vs population-ipo" in best["best_of_curve"]["3"]["winrates"]
+    assert "Best-of-N curve" in (out / "report" / "report.md").read_text()
 
 
 def _cell(system, opponent, rate, lo, hi, split="unseen"):

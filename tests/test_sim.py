@@ -394,3 +394,55 @@ def test_reviews_minimal_pairs_change_one_trait_each() -> None:
         assert sum(changed.values()) == 1, (pool[a], pool[b], changed)
     data = simulate("reviews", 40, 20, 0, pairing="minimal")
     assert len(data.preferences) == 40 * 20
+
+
+# --- Domain.ideal_reward: the ceiling of any answer's reward -------------------------------------------
+
+IDEAL_POOLS = {"roleplay": [{"topics": 4}, {"topics": 4, "pairing": "minimal"}],
+               "reviews": [{"movies": 4}, {"movies": 4, "pairing": "minimal"}],
+               "elix": [{"test_fraction": 0.5}]}  # fmt: skip
+
+
+@pytest.mark.parametrize("domain", sorted(IDEAL_POOLS))
+def test_ideal_reward_bounds_the_reward_of_every_pooled_answer(domain: str) -> None:
+    users = simulate(domain, 20, 2, seed=5, **IDEAL_POOLS[domain][0]).users
+    for options in IDEAL_POOLS[domain]:
+        dom, rng = get_domain(domain, **options), random.Random(1)
+        for qi, question in enumerate(dom.questions()[:8]):
+            pool, _ = dom.answer_pairs(qi, rng)
+            feats = dom.features(question, pool)
+            for user in users:
+                traits = user.metadata["traits"]
+                best = float(dom.score(traits, feats).max())
+                assert best <= dom.ideal_reward(traits, question) + 1e-9
+
+
+@settings(max_examples=40, deadline=None)
+@given(text=st.text(max_size=400) | st.sampled_from(["!!! - haha?\n- lol!", "- a\n- b\n- c!!?"]))
+def test_ideal_reward_bounds_the_reward_of_arbitrary_strings(text: str) -> None:
+    for domain, user in _USERS.items():
+        dom, traits = get_domain(domain), user.metadata["traits"]
+        question = dom.questions()[0]
+        assert dom.reward(traits, question, text) <= dom.ideal_reward(traits, question) + 1e-9
+
+
+def test_ideal_features_put_the_users_values_at_their_top_and_the_other_values_at_their_bottom() -> None:
+    reviews = get_domain("reviews")
+    traits = {
+        "sentiment": {"value": "negative", "weight": 1.1},
+        "length": {"value": "concise", "weight": 0.9},
+    }
+    row = dict(zip(reviews.columns, reviews.ideal_features(traits, reviews.questions()[0]), strict=True))
+    assert row == {
+        "sentiment=positive": -1.0,  # a signed column: its bottom is -1
+        "sentiment=negative": 1.0,
+        "length=concise": 1.0,
+        "length=verbose": 0.0,
+        "focus=acting": 0.0,  # a trait the user does not weigh
+        "focus=plot": 0.0,
+        "relevance": 1.0,
+    }
+    assert reviews.ideal_reward(traits, reviews.questions()[0]) == pytest.approx(1.1 + 0.9 + 2.0)
+    elix = get_domain("elix")
+    assert list(elix.ideal_features({"level": {"value": 2.5, "weight": 1.0}}, "")) == [2.5, 1.0]
+    assert elix.ideal_reward({"level": {"value": 2.5, "weight": 1.0}}, "") == 2.0

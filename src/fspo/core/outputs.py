@@ -26,12 +26,15 @@ between this one's check and its start is a refusal too, never a mix.
 
 When the machine refuses a write (a full disk, a read-only mount, a symlink loop, the folder removed),
 the run fails with one `WriteError` line naming the path and the cause, then says what it left: nothing
-(a command that cannot resume), or a partial run that the hinted command continues.
+(a command that cannot resume), or a partial run that the hinted command continues. A finished run's
+files have the mode the umask gives (a library that makes its files 0600, like safetensors, included).
 
 File outputs (`claim_file`) follow the same rule: an existing file is replaced only with
 ``--overwrite``; a command that resumes into its file (generation) checks the settings itself.
 
 Why hand-written: the rule is fspo's own (what counts as "the same run"); the pieces are atomic writes.
+The lock is a bare `fcntl.flock` rather than the `filelock` package: that one locks a separate lock
+file, which would sit among the outputs, and says nothing of who holds it.
 """
 
 from __future__ import annotations

@@ -41,6 +41,23 @@ def _partial_log(out: Path, overwrite: bool, what: str) -> Path:
     return log
 
 
+def _require_descriptions(layout: Any, groups: dict[str, list[Any]], model: Path, episodes: Path) -> None:
+    """A model trained with RAT is scored on targets that carry the user's description, so every test
+    episode needs one (`TemplateOptions.description` other than none)."""
+    from fspo.data.template import DescriptionMode
+
+    if layout.description is DescriptionMode.NONE:
+        return
+    eps = [e for split in groups.values() for e in split]
+    missing = sum(1 for e in eps if not (e.description or "").strip())
+    if missing:
+        raise UserError(
+            f"{episodes}: {missing} of {len(eps)} episodes have no user description, but --model {model} "
+            "was trained with RAT, whose targets start with one; build the episodes from users with "
+            "descriptions"
+        )
+
+
 def accuracy(
     model: Path = typer.Option(..., help="Model folder (the policy)."),
     episodes: Path = typer.Option(..., help="Episodes folder (test_seen + test_unseen) or an episode file."),
@@ -73,6 +90,8 @@ def accuracy(
     groups = group_by_split(load_test_episodes(episodes))
     if max_episodes is not None:
         groups = {s: eps[:max_episodes] for s, eps in groups.items()}
+    layout = trained_layout(model, dispreferred)
+    _require_descriptions(layout, groups, model, episodes)
     tokenizer = load_tokenizer(model)
     if ref is not None:  # the reference scores the policy's token ids: they must mean the same text
         require_same_tokenizer(tokenizer, ref, "--ref", f"--model {str(model)!r}")
@@ -85,7 +104,7 @@ def accuracy(
         ref_model=load_model(ref) if ref else None,
         beta=beta,
         batch_size=batch_size,
-        options=trained_layout(model, dispreferred),
+        options=layout,
         model_name=str(model),
         ref_name=str(ref) if ref else None,
         log=log,
@@ -158,6 +177,8 @@ def winrate(
     console.print(table)
     if result.usage:
         console.print(f"judge usage: {result.usage}")
+    for note in result.notes:
+        console.print(f"note: {note}", style="yellow", highlight=False, markup=False)
     console.print(f"wrote {out}")
 
 
@@ -190,6 +211,33 @@ def _checked_decoding(mode: str, best_of: int, ref: Path | None, values: dict[st
     if ref is not None and best_of == 1:
         raise UserError("--ref is the reference of --best-of N > 1; it does nothing for one answer")
     return decoding
+
+
+def _check_rat_inputs(mode: str, shots: int | None, model: Path, episodes: Path, eps: list[Any]) -> None:
+    """RAT writes the user's description from the shots, then answers from it: refuse a model never
+    trained to write one, and shots it would describe from nothing (either gives confident nonsense)."""
+    from fspo.data.template import DescriptionMode
+    from fspo.infer.layout import CONFIG_FILE, trained_layout
+
+    if mode != "rat":
+        return
+    if shots == 0:
+        raise UserError(
+            "--mode rat --shots 0: RAT writes the user's description from their shots, and with none it "
+            "describes nobody; use --mode plain --shots 0 for an answer without shots, or --shots 1 or more"
+        )
+    trained = (model / CONFIG_FILE).is_file()
+    if trained and trained_layout(model).description is DescriptionMode.NONE:
+        raise UserError(
+            f"--mode rat: --model {model} was trained without RAT (its {CONFIG_FILE} has rat: none), so "
+            "it never learned to write a user description; use --mode plain, or a model trained with --rat"
+        )
+    empty = sum(1 for e in eps if not e.shots)
+    if empty:
+        raise UserError(
+            f"--mode rat: {empty} of {len(eps)} episodes in {episodes} have no shots to describe the user "
+            "from; use --mode plain for them, or episodes with shots (data episodes -n 1 or more)"
+        )
 
 
 _DECODING = Decoding.model_fields  # the decoding options' defaults and help live in `Decoding`
@@ -245,6 +293,7 @@ def generate(
         out.unlink(missing_ok=True)
     _partial_log(out, overwrite, "generations")
     eps = load_test_episodes(episodes)
+    _check_rat_inputs(mode, shots, model, episodes, eps)
     records = generate_for_episodes(
         load_model(model),
         load_tokenizer(model),

@@ -264,6 +264,19 @@ class OpenAIJudge:
     def prefer(self, user: User, question: str, a: str, b: str) -> float:
         return self.prefer_many([(user, question, a, b)], workers=1)[0]
 
+    def notes(self) -> list[str]:
+        """What a caller should tell the user about this judge's run: that the endpoint was never
+        contacted, when no pair needed it (identical answers, verdicts from the cache), since a
+        mistyped or unreachable --base-url then goes unnoticed until a run that does need it."""
+        stats = self.usage.client
+        if self.usage.pairs == 0 or stats.sent > 0:
+            return []
+        return [
+            f"the judge endpoint {self.base_url or 'api.openai.com'} (model {self.model}) was not contacted: "
+            f"all {self.usage.pairs} pairs were settled without it ({stats.cache_hits} verdicts from the "
+            "cache, the rest identical answers), so whether it is reachable was not checked"
+        ]
+
     def prefer_many(self, items: Sequence[tuple[User, str, str, str]], workers: int = 4) -> list[float]:
         """Judge every item, with at most `workers` (up to `MAX_WORKERS`) requests in flight."""
 

@@ -21,11 +21,14 @@ combinations included, which is what the shots can tell about a new user; `"trai
 the training users, which is what a learner that only saw those can infer.
 
 `loop_shares`: for each system, the share of its answers that are repetition loops
-(`repetition_loop`), the way a small model's greedy decoding degenerates. Any answers, simulated
-users or not.
+(`fspo.infer.loops.repetition_loop`, shared with on-policy training), the way a small model's greedy
+decoding degenerates. Any answers, simulated users or not.
 
-Why hand-written: these are FSPO's own measurements over `fspo.sim`'s exact rewards, and a loop is
-defined here for the report rather than taken from a text-quality library.
+`winrate_ceiling`: per opponent, the win rate an ideal answer (`Domain.ideal_reward`: fully relevant,
+every one of the user's values carried) gets against its answers by the exact judge. An opponent whose
+answers already satisfy a user ties there, so a win rate against it reads as a share of this ceiling.
+
+Why hand-written: these are FSPO's own measurements over `fspo.sim`'s exact rewards.
 """
 
 from __future__ import annotations
@@ -40,8 +43,11 @@ import numpy as np
 from fspo.core.errors import UserError
 from fspo.data.schema import Episode, User
 from fspo.eval.stats import wilson_interval
+from fspo.eval.winrates import SPLIT_NAMES
+from fspo.infer.loops import LOOP_MIN_WORDS, repetition_loop
 from fspo.sim.base import RELEVANCE, SEVERAL, Domain
 from fspo.sim.registry import get_domain
+from fspo.sim.reward import TIE_MARGIN, prefer_rewards
 
 
 def _domain_of(users: Mapping[str, User]) -> Domain:
@@ -84,34 +90,6 @@ def trait_shares(
             "n": int(n),
         }
     return out
-
-
-LOOP_MIN_WORDS = 12
-
-
-def repetition_loop(text: str, min_words: int = LOOP_MIN_WORDS) -> bool:
-    """Whether `text` holds a repetition loop: a stretch of at least `min_words` consecutive words
-    (split at whitespace, compared case-insensitively, punctuation kept) in which every word equals the
-    word n places before it, for some period n, and that holds two or more whole copies of its n-word
-    unit (the stretch is at least 2n words long).
-
-    So a unit repeated back to back until it fills `min_words` is a loop ("ha" twelve times, "I love
-    it." four times, a sentence of six or more words twice); a short repeat ("very very good"), a
-    phrase that comes back after other words, or a list whose items share a start are not.
-    """
-    words = text.lower().split()
-    if len(words) < min_words:
-        return False
-    index: dict[str, int] = {}
-    ids = np.array([index.setdefault(w, len(index)) for w in words])
-    for n in range(1, len(words) // 2 + 1):
-        same = np.concatenate(([0], (ids[n:] == ids[:-n]).astype(np.int8), [0]))
-        edges = np.diff(same)
-        runs = np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)  # runs of word == word n before
-        longest = int(runs.max()) if runs.size else 0
-        if longest >= n and longest + n >= min_words:
-            return True
-    return False
 
 
 def loop_shares(
@@ -261,3 +239,44 @@ def shot_ceiling(
                 "n": len(outs),
             }
     return result
+
+
+def winrate_ceiling(
+    users: Mapping[str, User], records: Iterable[Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """``{split: {"win_rate", "ci", "n"}}``: the win rate an ideal answer (`Domain.ideal_reward`: fully
+    relevant, carrying every one of the user's trait values) would get against one opponent's
+    generation records, split ``all`` and the win rates' split names (``unseen``, ``seen``).
+
+    Each record is judged as the exact judge judges a pair: the ideal answer's reward against the
+    record's answer's, by `fspo.sim.reward.prefer_rewards` (win 1, tie 0.5, loss 0); the pooled rate
+    carries the win rates' Wilson interval, ties half. An opponent whose answers already satisfy its
+    users ties the ideal, so this is the most any system can win against it: read a win rate
+    against that opponent as a share of it.
+    """
+    domain = _domain_of(users)
+    verdicts: dict[str, list[float]] = defaultdict(list)
+    systems: set[Any] = set()
+    for rec in records:
+        systems.add(rec.get("system"))
+        if len(systems) > 1:
+            raise UserError(
+                f"win-rate ceiling: records of several systems ({', '.join(sorted(map(str, systems)))}); "
+                "a ceiling is per opponent, give one system's generations"
+            )
+        traits = _traits_of(domain, users, rec)
+        answer = domain.reward(traits, rec["question"], rec["answer"])
+        verdict = prefer_rewards(domain.ideal_reward(traits, rec["question"]), answer, TIE_MARGIN)
+        verdicts["all"].append(verdict)
+        split = rec.get("split")
+        if split:
+            verdicts[SPLIT_NAMES.get(split, split)].append(verdict)
+    out: dict[str, dict[str, Any]] = {}
+    for split, scores in verdicts.items():
+        low, high = wilson_interval(sum(scores), len(scores))
+        out[split] = {
+            "win_rate": round(sum(scores) / len(scores), 4),
+            "ci": [round(low, 4), round(high, 4)],
+            "n": len(scores),
+        }
+    return out

@@ -54,6 +54,15 @@ class System:
     curve: bool = False
 
 
+def _cells(**per_domain: float | tuple[float, float]) -> dict[str, dict[str, float]]:
+    """A system's paper cells: one number is the unseen users' cell (Roleplay's one column), a pair is
+    (seen, unseen)."""
+    return {
+        domain: {"unseen": v} if isinstance(v, float) else {"seen": v[0], "unseen": v[1]}
+        for domain, v in per_domain.items()
+    }
+
+
 # The pipeline's trainings: SFT → FSPO, SFT → RAT SFT → FSPO with RAT, and the zero-shot population
 # pair with FSPO's budget. `fspo_rat_pairs` (RAT's description pairs) runs when the profile asks for
 # description pairs; it trains on the pairs `fspo.train.rat_pairs` samples from `fspo_rat`.
@@ -77,27 +86,19 @@ SYSTEMS: tuple[System, ...] = (
         "pop_ipo",
         shots=0,
         accuracy_reference="pop_sft",
-        paper={"roleplay": {"unseen": 72.4}},
+        paper=_cells(roleplay=72.4),
     ),
     System(
         "few-shot-prompting",
         "Few-shot prompting",
         None,
-        paper={
-            "roleplay": {"unseen": 63.2},
-            "elix": {"seen": 92.4, "unseen": 81.4},
-            "reviews": {"seen": 69.1, "unseen": 59.1},
-        },
+        paper=_cells(roleplay=63.2, elix=(92.4, 81.4), reviews=(69.1, 59.1)),
     ),
     System(
         "few-shot-pref-ft",
         "Few-shot Pref-FT (SFT)",
         "sft",
-        paper={
-            "roleplay": {"unseen": 62.8},
-            "elix": {"seen": 91.2, "unseen": 82.9},
-            "reviews": {"seen": 65.6, "unseen": 70.7},
-        },
+        paper=_cells(roleplay=62.8, elix=(91.2, 82.9), reviews=(65.6, 70.7)),
     ),
     System(
         "fspo",
@@ -115,11 +116,7 @@ SYSTEMS: tuple[System, ...] = (
         # control is only a better general model.
         verdicts=("fspo-no-shots", "population-ipo", "few-shot-pref-ft"),
         accuracy_reference="sft",
-        paper={
-            "roleplay": {"unseen": 82.6},
-            "elix": {"seen": 97.8, "unseen": 91.8},
-            "reviews": {"seen": 80.4, "unseen": 73.6},
-        },
+        paper=_cells(roleplay=82.6, elix=(97.8, 91.8), reviews=(80.4, 73.6)),
     ),
     System(
         "fspo-rat",
@@ -130,7 +127,7 @@ SYSTEMS: tuple[System, ...] = (
         versus=("fspo", "population-ipo"),
         verdicts=("fspo",),
         accuracy_reference="sft_rat",
-        paper={"roleplay": {"unseen": 90.3}},
+        paper=_cells(roleplay=90.3),
     ),
     System(
         "oracle",
@@ -140,7 +137,7 @@ SYSTEMS: tuple[System, ...] = (
         # Against FSPO without shots: a description stated in the prompt is used.
         versus=("fspo", "fspo-rat", "population-ipo", "fspo-no-shots"),
         verdicts=("fspo-rat", "fspo-no-shots"),
-        paper={"roleplay": {"unseen": 90.9}},
+        paper=_cells(roleplay=90.9),
     ),
     # The control: the FSPO model without the user's shots.
     System("fspo-no-shots", "FSPO without shots", "fspo", shots=0),
@@ -152,7 +149,7 @@ SYSTEMS: tuple[System, ...] = (
         "fspo",
         versus=("population-ipo",),
         curve=True,
-        paper={"reviews": {"seen": 78.4, "unseen": 71.3}},
+        paper=_cells(reviews=(78.4, 71.3)),
     ),
     System(
         "fspo-rat-{k}-shots",

@@ -78,6 +78,7 @@ class WinRateResult:
     pairs: list[dict[str, Any]]
     usage: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # the judge's, for the console (not the file)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -134,6 +135,19 @@ def pair_generations(
     return pairs, _system_name(a_rows, a_path), _system_name(b_rows, b_path)
 
 
+def _require_two_files(a: str | Path, b: str | Path) -> None:
+    """Refuse one file given as both systems: every pair would tie and report 0.500 as if measured."""
+    try:
+        same = Path(a).samefile(b)  # also through a link or another spelling of the path
+    except OSError:
+        return  # a missing file: reading it says so
+    if same:
+        raise UserError(
+            f"--a and --b are the same file ({a}): a system judged against itself ties every pair; "
+            "give the opponent's generations as --b"
+        )
+
+
 def winrate(
     a: str | Path,
     b: str | Path,
@@ -153,6 +167,7 @@ def winrate(
     for ``all`` and one per split found, the per-pair scores, and the judge's usage (requests,
     cache hits, tokens, cost, order flips) when it keeps one. With `out`, writes it all as JSON.
     """
+    _require_two_files(a, b)
     users_path = str(users) if not isinstance(users, dict) else "the users given"
     user_map = users if isinstance(users, dict) else users_by_id(users)
     pairs, sys_a, sys_b = pair_generations(a, b, user_map, users_path)
@@ -170,7 +185,8 @@ def winrate(
         split_scores = [p["score"] for p in pairs if p["split"] == split]
         results.append(summarize(split_scores, system, opponent, judge.name, split, confidence))
     usage = judge.usage.as_dict() if hasattr(judge, "usage") else {}
-    result = WinRateResult(results, pairs, usage, {"a": str(a), "b": str(b), "users": users_path})
+    notes = judge.notes() if hasattr(judge, "notes") else []
+    result = WinRateResult(results, pairs, usage, {"a": str(a), "b": str(b), "users": users_path}, notes)
     if out is not None:
         atomic_write_json(out, result.as_dict())
     return result

@@ -1,13 +1,15 @@
 """Personalized best-of-N: sample N answers for a user from their shots, keep the one the model's own
 implicit reward ranks first.
 
-    reward(y) = β · [log π(y | shots, x) − log π_ref(y | x)]
+    trained model:   reward(y) = β · [log π(y | shots, x) − log π_ref(y | shots, x)]
+    untuned model:   reward(y) = log π(y | shots, x) − log π(y | x)
 
 π is the model answering, given the user's shots (or, in oracle mode, the true description) and the
-question x; π_ref is the reference of its training, given the question alone (`training_reference`:
-the starting model its ``fspo_config.json`` records, and its β). A model without a training record
-(few-shot prompting of an untuned model) is its own reference: the reward is its in-context
-log-ratio log π(y | shots, x) − log π(y | x), β = 1. A zero-shot system has no shots on either side,
+question x. A trained model's π_ref is the reference of its training (`training_reference`: the
+starting model its ``fspo_config.json`` records, and its β), given the same prompt: that is the
+implicit reward its IPO/DPO loss shaped, and the one whose accuracy `fspo eval accuracy` measures. A
+model without a training record (few-shot prompting of an untuned model) is its own reference, and the
+shots are what differs: its in-context log-ratio, β = 1. A zero-shot system has no shots on either side,
 so a trained one ranks by its own implicit reward and an untuned one scores every sample 0 (the first
 is kept: best-of-N is then one sample). β changes no ranking; it is recorded.
 
@@ -44,8 +46,8 @@ SELF = "self"  # the reference name of a model that is its own reference (no tra
 
 @dataclass(frozen=True)
 class Reference:
-    """What the implicit reward subtracts: `model`'s log-prob of an answer to the question alone.
-    `model` None is the scored model itself (`SELF`)."""
+    """What the implicit reward subtracts: `model`'s log-prob of an answer to the same prompt, or, with
+    `model` None (the scored model itself, `SELF`), to the question alone."""
 
     model: Any
     name: str
@@ -70,12 +72,33 @@ def training_reference(model_dir: str | Path, ref: str | Path | None = None) -> 
     if ref is not None:
         return str(ref), float(beta)
     start = config.get("model")
-    if not isinstance(start, str) or not Path(start).is_dir():
+    found = next((p for p in _recorded_where(Path(model_dir), config, start) if Path(p).is_dir()), None)
+    if found is None:
         raise UserError(
             f"config file {str(path)!r}: field 'model': the reference {start!r} (the model training "
             "started from) is not a model folder here; pass --ref PATH"
         )
-    return start, float(beta)
+    return found, float(beta)
+
+
+def _recorded_where(model_dir: Path, config: dict[str, Any], start: Any) -> list[str]:
+    """Where the starting model `start` recorded in `model_dir`'s config may be now, best first.
+
+    The config records absolute paths. When the run folder (its ``out``) was moved or copied with its
+    neighbours, as a whole quickstart folder is, the starting model beside it moved too: that copy
+    comes first, so a copied folder never reads the original's models. Then the recorded path itself
+    (only this run was moved, or the model lies outside its tree)."""
+    if not isinstance(start, str):
+        return []
+    out = config.get("out")
+    if not isinstance(out, str) or not Path(out).is_absolute() or not Path(start).is_absolute():
+        return [start]
+    old_root = Path(out).parent
+    here = next((d for d in (model_dir, model_dir.parent) if d.name == Path(out).name), None)
+    if here is None or not Path(start).is_relative_to(old_root):
+        return [start]
+    moved = here.resolve().parent / Path(start).relative_to(old_root)
+    return [str(moved), start] if moved != Path(start) else [start]
 
 
 @dataclass(frozen=True)
@@ -159,8 +182,11 @@ def best_of_n(
     prompt = prompt_token_ids(
         tokenizer, render_generation_prompt(shots, question, layout, tokenizer, description)
     )
-    plain = template_options(Mode.PLAIN, options)
-    ref_prompt = prompt_token_ids(tokenizer, render_generation_prompt([], question, plain, tokenizer))
+    if reference.model is None:  # its own reference: the same model without the shots
+        plain = template_options(Mode.PLAIN, options)
+        ref_prompt = prompt_token_ids(tokenizer, render_generation_prompt([], question, plain, tokenizer))
+    else:  # the reference of its training, on the prompt it was trained on
+        ref_prompt = prompt
     logps = answer_logps(model, tokenizer, prompt, targets)
     ref_model = model if reference.model is None else reference.model  # the same tokenizer
     same = ref_model is model and ref_prompt == prompt  # a zero-shot model that is its own reference

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -77,13 +78,35 @@ def load_gguf(gguf: Path) -> tuple[Any, Any]:
     kwargs = {"gguf_file": gguf.name}
     try:
         config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
-    except (ValueError, KeyError, OSError) as e:
-        raise UserError(f"{gguf}: transformers cannot read this GGUF file ({str(e).splitlines()[0]})") from e
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UserError(f"{gguf}: a {config.model_type!r} model is not a causal language model")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs)
+        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise UserError(f"{gguf}: a {config.model_type!r} model is not a causal language model")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs)
+    except (ValueError, KeyError, OSError, IndexError, struct.error) as err:
+        raise _unreadable(gguf, err) from None
     return tokenizer, model
+
+
+def _unreadable(gguf: Path, err: Exception) -> UserError:
+    """Why transformers could not read `gguf`, in one line. A file cut short (a stopped download or
+    copy) fails deep in the parser with a struct or numpy error that names no file; parsing it again
+    with the gguf library alone (only now, since it takes seconds) tells that apart from a complete
+    file transformers does not support."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(gguf)
+    except Exception as damage:  # noqa: BLE001 - any parser error on these bytes means the same
+        return UserError(
+            f"{gguf}: not a complete GGUF file ({gguf.stat().st_size} bytes): it is cut short or damaged "
+            f"({_first_line(damage)}); download or copy it again"
+        )
+    return UserError(f"{gguf}: transformers cannot read this GGUF file ({_first_line(err)})")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _require_gguf_library() -> None:

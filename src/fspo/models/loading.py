@@ -37,9 +37,10 @@ def _not_found(model_id: str, err: Exception) -> UserError:
 # holds only a model, whatever else is wrong.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 # How much larger than its tokenizer a model's embedding may be. Tables are padded to a multiple of 64 to
-# 1024 rows or keep reserved rows (Qwen2.5: 271 of 151936, Phi-2: 905 of 51200, DeepSeek: 2.3%), never
-# this much; a tokenizer smaller by more than this fraction of the rows is another model's.
-PADDING_FRACTION = 0.05
+# 1024 rows or keep reserved rows (Qwen2.5: 271 of 151936, Phi-2: 905 of 51200, DeepSeek-V2: 2398 of
+# 102400, the most seen), never this much; a tokenizer smaller by more than this fraction of the rows is
+# another model's. The embedded default sizes its table to its tokenizer exactly.
+PADDING_FRACTION = 0.03
 
 
 def load_tokenizer(model_id: str | Path) -> Any:
@@ -87,13 +88,22 @@ def embedding_rows(model_id: str | Path) -> int | None:
 
 
 def tokenizer_misfit(tokenizer: Any, rows: int) -> str | None:
-    """Why `tokenizer` cannot be the tokenizer of an embedding of `rows` rows (it has ids past the table,
-    or it is smaller than any padding of the table explains); None when it may be."""
-    size = len(tokenizer)
-    if size > rows:
-        return f"the tokenizer has {size} tokens but the model's embedding only {rows} rows"
-    if rows - size > PADDING_FRACTION * rows:
-        return f"the tokenizer has {size} tokens, far fewer than the model's {rows} embedding rows"
+    """Why `tokenizer` cannot be the tokenizer of an embedding of `rows` rows, or None when it may be.
+
+    Its own vocabulary and its special tokens must have rows; tokens added on top may lie past the
+    table (Gemma 3 adds an image token there that text never produces). It must not be smaller than
+    any padding of the table explains (`PADDING_FRACTION`).
+    """
+    special = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")}
+    outside = {name: i for name, i in special.items() if isinstance(i, int) and i >= rows}
+    if tokenizer.vocab_size > rows or outside:
+        shown = ", ".join(f"{name} id {i}" for name, i in outside.items())
+        return (
+            f"the tokenizer has {tokenizer.vocab_size} tokens{f' ({shown})' if shown else ''} but the "
+            f"model's embedding only {rows} rows"
+        )
+    if rows - len(tokenizer) > PADDING_FRACTION * rows:
+        return f"the tokenizer has {len(tokenizer)} tokens, far fewer than the model's {rows} embedding rows"
     return None
 
 

@@ -100,7 +100,7 @@ def _run_stages(p: Profile, runner: StageRunner, params: dict[str, Any]) -> dict
     runner.run(
         "generate",
         {
-            **_pick(params, "eval_episodes max_new_tokens seed include_dispreferred"),
+            **_pick(params, "eval_episodes max_new_tokens seed include_dispreferred decoding best_of"),
             "systems": [(s.name, s.model, s.mode, s.shots) for s in systems],
         },
         lambda d: _generate(p, runner, d, model_dir),
@@ -115,7 +115,7 @@ def _run_stages(p: Profile, runner: StageRunner, params: dict[str, Any]) -> dict
     )
     return runner.run(
         "report",
-        {"systems": [s.name for s in systems]},
+        {"systems": [s.name for s in systems], "best_of_curve": list(p.best_of_curve)},
         lambda d: report(p, systems, runner, d, test_episodes(p, runner)),
         ("sim", "generate", "accuracy"),
     )
@@ -261,6 +261,10 @@ def _generate(p: Profile, runner: StageRunner, folder: Path, model_dir: str) -> 
     from fspo.models.loading import load_model, load_tokenizer
 
     episodes = test_episodes(p, runner)
+    decoding = p.generation_decoding()
+    runner.console.print(
+        f"  decoding: {decoding.describe()}" + (f", best of {p.best_of}" if p.best_of > 1 else "")
+    )
     counts = {}
     loaded: dict[str, tuple[Any, Any]] = {}  # several systems share a model (base, fspo, fspo_rat)
     for system in generated_systems(p):
@@ -268,6 +272,7 @@ def _generate(p: Profile, runner: StageRunner, folder: Path, model_dir: str) -> 
         if path not in loaded:
             loaded[path] = (load_model(path), load_tokenizer(path))
         model, tokenizer = loaded[path]
+        best_of = p.best_of if system.mode != "rat" else 1  # RAT's answers follow its own description
         runner.console.print(f"  generating: {system.name} ({len(episodes)} episodes, mode {system.mode})")
         records = generate_for_episodes(
             model,
@@ -277,7 +282,9 @@ def _generate(p: Profile, runner: StageRunner, folder: Path, model_dir: str) -> 
             shots=system.shots,
             system=system.name,
             max_new_tokens=p.max_new_tokens,
-            seed=p.seed,
+            decoding=decoding,
+            best_of=best_of,
+            reference=_reference(path, loaded) if best_of > 1 else None,
             batch_size=p.gen_batch_size,
             options=TemplateOptions(include_dispreferred=p.include_dispreferred),
             out=folder / f"{system.name}.jsonl",
@@ -285,6 +292,20 @@ def _generate(p: Profile, runner: StageRunner, folder: Path, model_dir: str) -> 
         )
         counts[system.name] = len(records)
     return counts
+
+
+def _reference(path: str, loaded: dict[str, tuple[Any, Any]]) -> Any:
+    """Best-of-N's reference for the model in `path`: the model its training started from (with that
+    training's β), or the model itself without shots when it was not trained (`fspo.infer.best_of`)."""
+    from fspo.infer.best_of import SELF, Reference, training_reference
+    from fspo.models.loading import load_model, load_tokenizer
+
+    ref, beta = training_reference(path)
+    if ref is None:
+        return Reference(None, SELF)
+    if ref not in loaded:
+        loaded[ref] = (load_model(ref), load_tokenizer(ref))
+    return Reference(loaded[ref][0], Path(ref).parent.name, beta)
 
 
 def _accuracy(p: Profile, runner: StageRunner, folder: Path, beta: float) -> dict[str, Any]:

@@ -8,9 +8,9 @@ recipe, then these), so a value means the same in a profile, a `--config` file a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from fspo.core.errors import UserError
 from fspo.eval import systems as registry
@@ -60,6 +60,33 @@ class Profile(BaseModel):
     accuracy_shots: tuple[int, ...]
     max_new_tokens: int
     gen_batch_size: int
+    decoding: dict[str, Any]
+    best_of: Annotated[int, Field(ge=1)]
+    best_of_curve: tuple[int, ...]
+
+    @field_validator("decoding")
+    @classmethod
+    def _a_decoding(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from fspo.infer.generate import Decoding
+
+        if "seed" in value:
+            raise ValueError("the decoding's seed is the profile's `seed`")
+        Decoding.of("decoding", **value)  # a bad field is named
+        return value
+
+    @field_validator("best_of_curve")
+    @classmethod
+    def _curve_within_best_of(cls, value: tuple[int, ...], info: ValidationInfo) -> tuple[int, ...]:
+        most = info.data.get("best_of", 1)
+        if any(k < 1 or k > most for k in value):
+            raise ValueError(f"every N must be between 1 and best_of ({most})")
+        return value
+
+    def generation_decoding(self) -> Any:
+        """The one decoding every system generates with (`fspo.infer.generate.Decoding`)."""
+        from fspo.infer.generate import Decoding
+
+        return Decoding.of("profile field 'decoding'", seed=self.seed, **self.decoding)
 
     @field_validator("trainings")
     @classmethod

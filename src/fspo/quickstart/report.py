@@ -22,7 +22,7 @@ def report(
     return the summary (the quickstart's `report` stage)."""
     from fspo.data.io import read_dataset_dir
     from fspo.eval import collect_examples, write_report
-    from fspo.eval.personal import description_quality, shot_ceiling, trait_shares
+    from fspo.eval.personal import description_quality, loop_shares, shot_ceiling, trait_shares
     from fspo.sim import disagreement_matrix
 
     gen = runner.folder("generate")
@@ -37,9 +37,17 @@ def report(
     descriptions = {
         s.name: description_quality(user_map, generations[s.name]) for s in systems if s.mode == "rat"
     }
+    loops = loop_shares(r for recs in generations.values() for r in recs)
+    curve = _best_of_curve(p, systems, gen, folder, user_map)
     notes = [
         f"Profile: {p.model_dump_json()}",
         "Win rates are judged by each simulated user's exact reward r_u(text); ties count as half.",
+        f"Every system's answers are decoded alike: {p.generation_decoding().describe()}"
+        + (
+            f", best of {p.best_of} by each system's own implicit reward (RAT: one answer)"
+            if p.best_of > 1
+            else ""
+        ),
         _unseen_note(p),
         *findings(results, descriptions, verdict_pairs(systems)),
     ]
@@ -55,11 +63,15 @@ def report(
             "Trait values the answers carry": _shares_markdown(shares),
             "What the shots can tell: the Bayes ceiling": _ceiling_markdown(ceiling, accuracy),
             "RAT's inferred descriptions": _descriptions_markdown(descriptions),
+            "Degenerate answers": _loops_markdown(loops),
+            **({"Best-of-N curve": _curve_markdown(curve)} if curve else {}),
         },
     )
     return {
         "winrates": _merged(results),
         "trait_shares": shares,
+        "loops": loops,
+        **({"best_of_curve": curve} if curve else {}),
         "descriptions": descriptions,
         "ceiling": ceiling,
         "accuracy": {name: acc_at(curve, p.shots) for name, curve in accuracy.items()},
@@ -82,6 +94,87 @@ def _winrates(systems: tuple[System, ...], gen: Path, users_file: Path) -> list:
         )
         results.extend(res.results)
     return results
+
+
+# The comparisons the best-of-N curve follows: FSPO against the baselines and its no-shot control.
+CURVE_PAIRS = (("fspo", "population-ipo"), ("fspo", "few-shot-prompting"), ("fspo", "fspo-no-shots"))
+
+
+def _best_of_curve(
+    p: Profile, systems: tuple[System, ...], gen: Path, folder: Path, user_map: dict[str, Any]
+) -> dict[str, Any]:
+    """Win rates and trait values at each N of `p.best_of_curve`: every record re-chosen among its first
+    N candidates (samples nest: best-of-N's are the first N of best-of-`p.best_of`'s), written to
+    ``folder/best-of-<N>/`` and judged like the main table."""
+    from fspo.core.files import atomic_write_jsonl
+    from fspo.eval import winrate
+    from fspo.eval.personal import trait_shares
+
+    curve: dict[str, Any] = {}
+    names = [s.name for s in systems if s.mode != "rat"]
+    for n in p.best_of_curve:
+        sub = folder / f"best-of-{n}"
+        for name in names:
+            atomic_write_jsonl(
+                sub / f"{name}.jsonl", (_first_n(r, n) for r in _read_jsonl(gen / f"{name}.jsonl"))
+            )
+        rates = {}
+        for a, b in CURVE_PAIRS:
+            if a in names and b in names:
+                res = winrate(sub / f"{a}.jsonl", sub / f"{b}.jsonl", user_map, "exact", system=a, opponent=b)
+                rates[f"{a} vs {b}"] = {w.split: round(w.win_rate, 4) for w in res.results}
+        records = [r for name in names for r in _read_jsonl(sub / f"{name}.jsonl")]
+        shares = trait_shares(user_map, records)
+        curve[str(n)] = {
+            "winrates": rates,
+            "trait_share_unseen": {
+                s: v["test_unseen"]["trait_share"] for s, v in shares.items() if "test_unseen" in v
+            },
+        }
+    return curve
+
+
+def _first_n(record: dict[str, Any], n: int) -> dict[str, Any]:
+    """`record` as best-of-`n` would have written it: the best of its first `n` candidates."""
+    candidates = record.get("candidates")
+    if not candidates:
+        return record
+    best = max(range(n), key=lambda j: candidates[j]["reward"])
+    return {**record, "answer": candidates[best]["answer"], "best_index": best, "best_of": n,
+            "candidates": candidates[:n]}  # fmt: skip
+
+
+def _curve_markdown(curve: dict[str, Any]) -> str:
+    pairs = list(dict.fromkeys(pair for point in curve.values() for pair in point["winrates"]))
+    rows = [
+        "Win rates on unseen users and the trait values FSPO's answers carry as N grows (each record",
+        "re-chosen among its first N samples by its system's own implicit reward).",
+        "",
+        "| N | " + " | ".join(pairs) + " | FSPO: unseen trait share |",
+        "|---" * (len(pairs) + 2) + "|",
+    ]
+    for n, point in curve.items():
+        cells = [_pct(point["winrates"].get(pair, {}).get("unseen")) for pair in pairs]
+        rows.append(f"| {n} | " + " | ".join(cells) + f" | {_pct(point['trait_share_unseen'].get('fspo'))} |")
+    return "\n".join(rows)
+
+
+def _loops_markdown(loops: dict[str, dict[str, dict[str, float]]]) -> str:
+    rows = [
+        "Share of each system's answers that are repetition loops (`fspo.eval.personal.repetition_loop`).",
+        "",
+        "| system | unseen | seen |",
+        "|---|---|---|",
+    ]
+    for system, per in loops.items():
+        cells = [f"{_pct(c['loop_share'])} ({c['loops']}/{c['n']})" if c else "-"
+                 for c in (per.get("test_unseen"), per.get("test_seen"))]  # fmt: skip
+        rows.append(f"| {system} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -133,6 +133,32 @@ class Domain(ABC):
     def reward(self, traits: Traits, question: str, text: str) -> float:
         return float(self.score(traits, self.features(question, [text]))[0])
 
+    # Columns whose values do not lie in [0, 1] (a signed score such as sentiment), as (bottom, top).
+    column_bounds: ClassVar[dict[str, tuple[float, float]]] = {}
+
+    def ideal_features(self, traits: Traits, question: str) -> np.ndarray:
+        """The feature row of an ideal answer to `question` for `traits`: fully relevant and carrying
+        every one of the user's trait values. Relevance and each of the user's value columns are at
+        their top, the trait's other value columns at their bottom (top and bottom are 1 and 0 unless
+        `column_bounds` says otherwise); columns of traits the user lacks are 0 (no weight reads them).
+        Every detector's range is the same for every question, so the default does not read it; a
+        domain whose features are not per-value columns (a numeric level) overrides this."""
+        row = np.zeros(len(self.columns))
+        row[self._col[RELEVANCE]] = self.column_bounds.get(RELEVANCE, (0.0, 1.0))[1]
+        for trait, spec in traits.items():
+            own = f"{trait}={spec['value']}"
+            for column, i in self._col.items():
+                if column.startswith(f"{trait}="):
+                    bottom, top = self.column_bounds.get(column, (0.0, 1.0))
+                    row[i] = top if column == own else bottom
+        return row
+
+    def ideal_reward(self, traits: Traits, question: str) -> float:
+        """The user's exact reward of an ideal answer to `question` (`ideal_features`): with
+        non-negative trait weights (every domain draws them so) no text scores higher, so it is the
+        ceiling any system's answer can reach for this user and question."""
+        return float(self.score(traits, self.ideal_features(traits, question)[None, :])[0])
+
     def carried(self, traits: Traits, feats: np.ndarray) -> list[bool]:
         """Per trait of the persona, whether a text (its feature row `feats`) carries the persona's
         value of it: its feature for that value is above its feature for every other value of the

@@ -150,6 +150,11 @@ class Elix(Domain):
             + RELEVANCE_WEIGHT * feats[..., 1]
         )
 
+    def ideal_features(self, traits: Traits, question: str) -> np.ndarray:
+        """Written exactly at the user's level (a half level too: `estimate_level` is continuous) and
+        naming the concept: reward ``2 * relevance``, the most any text earns."""
+        return np.array([float(traits["level"]["value"]), 1.0])
+
     def carried(self, traits: Traits, feats: np.ndarray) -> list[bool]:
         """The text's level is within half a level of the user's (a half-level user: between theirs)."""
         return [bool(abs(feats[0] - float(traits["level"]["value"])) <= 0.5)]

@@ -97,6 +97,7 @@ class Reviews(Domain):
     columns = tuple(f"{t}={v}" for t, values in TRAITS.items() for v in values) + (RELEVANCE,)
     Options = ReviewsOptions
     options: ReviewsOptions
+    column_bounds = {"sentiment=positive": (-1.0, 1.0), "sentiment=negative": (-1.0, 1.0)}
     description_patterns = {
         "sentiment": {"positive": r"\bpositive\b", "negative": r"\bnegative\b"},
         "length": {"concise": r"\bshort\b", "verbose": r"\blong\b"},

@@ -153,6 +153,7 @@ class RoleplayOptions(DomainOptions):
 class Roleplay(Domain):
     name = "roleplay"
     columns = _COLUMNS
+    column_bounds = {"tone=casual": (-1.0, 1.0), "tone=formal": (-1.0, 1.0)}
     description_patterns = _PATTERNS
     Options = RoleplayOptions
     options: RoleplayOptions

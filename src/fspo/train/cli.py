@@ -245,3 +245,55 @@ _command(
     "RAT's description pairs (v2): sample descriptions, pair the closest to the truth with the farthest.\n\n"
     "Train on the result with `fspo train fspo --rat description --episodes OUT/train.jsonl --model MODEL`.",
 )
+
+
+def onpolicy(
+    config: str | None = typer.Option(
+        None, help="On-policy config file (JSON/YAML), e.g. a run's onpolicy_config.json: under flags."
+    ),
+    overwrite: bool = typer.Option(False, help="Replace the on-policy run in --out (one of other settings)."),
+    **flags: Any,
+) -> None:
+    from rich.console import Console
+
+    from fspo.train.onpolicy import OnPolicyConfig, onpolicy_config, run_onpolicy
+
+    values = given_values(OnPolicyConfig, flags)
+    train = given_values(TrainConfig, flags, "train_")
+    if train:
+        values["train"] = train
+    cfg = onpolicy_config(values, config_file=config, source="flag")
+    summary = run_onpolicy(cfg, progress=True, overwrite=overwrite)
+    console = Console()
+    for rec in summary["rounds"]:
+        reward = "n/a" if rec["mean_reward"] is None else f"{rec['mean_reward']:.4g}"
+        console.print(
+            f"round {rec['round']}: {rec['pairs']} pairs, {rec['ties']} ties, mean reward {reward}, "
+            f"{rec['mean_words']:.1f} words, {rec['degenerate_share']:.0%} loops"
+        )
+    console.print(f"model saved to [bold]{summary['model']}[/]; per round: {cfg.out}/summary.json")
+
+
+def _onpolicy_flags() -> list[inspect.Parameter]:
+    """OnPolicyConfig's flags, ``--decoding-*`` for its `Decoding`, and ``--train-*`` for the rounds'
+    `TrainConfig` overrides (less the fields each round sets)."""
+    from fspo.infer.generate import Decoding
+    from fspo.train.onpolicy import SET_BY_ROUND, OnPolicyConfig
+
+    return (
+        model_flags(OnPolicyConfig, show_defaults=True, skip=("decoding", "train"))
+        + model_flags(Decoding, prefix="decoding_")
+        + model_flags(TrainConfig, prefix="train_", skip=SET_BY_ROUND)
+    )
+
+
+_command(
+    "onpolicy",
+    onpolicy,
+    _onpolicy_flags(),
+    "On-policy FSPO: rounds of sampling the model's own answers for training users' episodes, pairing "
+    "the best and worst by the labeller of the training data, and training IPO on them.\n\n"
+    "Sampling defaults to temperature 1 (--decoding-* lie over that). Each round's IPO run: the fspo "
+    "recipe < the model's layout < --config's `train` < --train-* flags. Rerunning resumes; a finished "
+    "round is skipped; more --rounds extend a finished run. See docs/train.md, On-policy FSPO.",
+)

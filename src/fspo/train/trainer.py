@@ -207,6 +207,12 @@ def _setup_data(cfg: TrainConfig, accelerator: Any, tokenizer: Any) -> _TrainDat
                 "the rejected answer was written for; their rejected targets carry the user's own "
                 "description, which then cancels in the preference margin"
             )
+        if stats.shots_dropped or stats.over_budget:  # else said only in metrics.jsonl's render stats
+            accelerator.print(
+                f"max_tokens {cfg.max_tokens}: {stats.episodes_with_dropped_shots} of {stats.episodes} "
+                f"training episodes lost {stats.shots_dropped} shots to fit and {stats.over_budget} did not "
+                "fit at all (skipped); a very long answer does this: raise max_tokens or shorten it"
+            )
     return _TrainData(units, stats, file, shot_spans, batches_per_epoch)
 
 
