@@ -15,13 +15,17 @@ options.) The training is `fspo train fspo --config <recipe>` (`fspo.train.train
 after a kill: run the same command again) into ``<out>/fspo``. Then, on the first ``--n`` unseen-user
 episodes of ``--eval-episodes``:
 
-* answers of four systems (greedy, ``--max-new-tokens``): the untuned model without shots ("base"),
+* answers of four systems (one decoding for all: greedy by default, or sampled with ``--temperature``,
+  ``--top-p``, ``--repetition-penalty``, ``--no-repeat-ngram-size``; with ``--best-of N`` each system
+  keeps the best of N samples by its own implicit reward, `fspo.infer.best_of`; ``--max-new-tokens``):
+  the untuned model without shots ("base"),
   few-shot prompting of the untuned model (the same 8 shots in its chat template), the FSPO model
   without shots (its own no-shot control: what it learned about the population), and FSPO with the
   shots;
 * win rates by each user's exact reward: FSPO vs its no-shot control, vs few-shot prompting, vs base;
   few-shot prompting vs base (Wilson 95% intervals, ties count half);
-* the share of each user's trait values the answers carry (`fspo.eval.personal.trait_shares`);
+* the share of each user's trait values the answers carry (`fspo.eval.personal.trait_shares`) and the
+  share of answers that are repetition loops (`fspo.eval.personal.loop_shares`);
 * implicit-reward accuracy of the FSPO model (reference: the untuned model, which is the recipe's
   IPO reference) on held-out preferences of the same users at 0, 2, 4 and 8 shots;
 * example answers, so that one can read whether they are English.
@@ -48,8 +52,10 @@ from fspo.core.stages import StageRunner
 from fspo.data.episodes import load_episodes
 from fspo.data.template import TemplateOptions
 from fspo.eval import accuracy_curve, generate_for_episodes, winrate
-from fspo.eval.personal import trait_shares
+from fspo.eval.personal import loop_shares, trait_shares
 from fspo.eval.readers import read_generations, users_by_id
+from fspo.infer.best_of import SELF, Reference, training_reference
+from fspo.infer.generate import Decoding
 from fspo.models.gguf_import import import_gguf
 from fspo.models.loading import load_model, load_tokenizer
 from fspo.train.card import SUMMARY_FILE, write_model_card
@@ -95,8 +101,17 @@ def main() -> None:
     ap.add_argument("--accuracy-shots", default="0,2,4,8")
     ap.add_argument("--examples", type=int, default=4, help="example answers in the report")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (every system alike)")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--repetition-penalty", type=float, default=1.0)
+    ap.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    ap.add_argument("--best-of", type=int, default=1, help="N samples per answer, best by implicit reward")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
+    decoding = Decoding.of(
+        "options", temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, seed=0,
+    )  # fmt: skip
     torch.set_num_threads(args.threads)
     console = Console()
     out = Path(args.out)
@@ -116,6 +131,8 @@ def main() -> None:
     settings = {
         "n": args.n,
         "max_new_tokens": args.max_new_tokens,
+        "decoding": decoding.model_dump(),
+        "best_of": args.best_of,
         "eval": str(args.eval_episodes),
         **model_id,
     }
@@ -127,9 +144,15 @@ def main() -> None:
         for name, path, shots in systems:
             model, tokenizer = load_model(path), load_tokenizer(path)
             console.print(f"  generating: {name} ({len(episodes)} episodes)")
+            reference = None
+            if args.best_of > 1:  # each system ranks by its own implicit reward (the module doc)
+                ref, ref_beta = training_reference(path)
+                reference = Reference(None, SELF) if ref is None else Reference(load_model(ref), "base", ref_beta)
             rows = generate_for_episodes(
-                model, tokenizer, episodes, shots=shots, system=name, seed=0, batch_size=8, options=CHAT,
-                max_new_tokens=args.max_new_tokens, out=folder / f"{name}.jsonl", progress=progress,
+                model, tokenizer, episodes, shots=shots, system=name, decoding=decoding, batch_size=8,
+                options=CHAT, max_new_tokens=args.max_new_tokens, best_of=args.best_of,
+                reference=reference, out=folder / f"{name}.jsonl",
+                progress=progress,
             )  # fmt: skip
             counts[name] = len(rows)
         return counts
@@ -154,6 +177,7 @@ def main() -> None:
     users = users_by_id(args.users)
     rows = {name: {row["episode_id"]: row for _, row in read_generations(f)} for name, f in files.items()}
     carried = trait_shares(users, [row for by_id in rows.values() for row in by_id.values()])  # per system
+    loops = loop_shares(row for by_id in rows.values() for row in by_id.values())
     examples = []
     for ep in episodes[: args.examples]:
         desc = users[ep.user_id].description if ep.user_id in users else ""
@@ -198,6 +222,9 @@ def main() -> None:
         "accuracy": [{k: p[k] for k in ("shots", "accuracy", "ci_low", "ci_high", "n")} for p in acc],
         "accuracy_gain": round(acc[-1]["accuracy"] - acc[0]["accuracy"], 4),
         "trait_values_carried": carried,
+        "loops": loops,
+        "decoding": decoding.describe(),
+        "best_of": args.best_of,
         "train_seconds": train_s,
         "eval_seconds": {
             n: round((runner.marker(n) or {}).get("seconds", 0), 1) for n in ("generate", "accuracy")

@@ -399,6 +399,63 @@ def test_bad_input(case: Case, outcomes: dict[str, Outcome]) -> None:
     assert changed == allowed, f"files changed or created: {sorted(changed - allowed)}\n{shown}"
 
 
+# --- files fspo did not make, and inputs that do not fit together (tests/test_consistency.py has more) ---
+
+
+def _other_apps_db(case: Path, shared: Path) -> None:
+    """A SQLite file of another application (its own table, the default rollback journal)."""
+    import sqlite3
+
+    conn = sqlite3.connect(case / "other_app.db")
+    conn.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, item TEXT)")
+    conn.commit()
+    conn.close()
+
+
+# A GGUF header cut short: magic, version 3, 5 tensors and 10 metadata entries announced, one byte more.
+GGUF_CUT = (
+    b"GGUF" + (3).to_bytes(4, "little") + (5).to_bytes(8, "little") + (10).to_bytes(8, "little") + b"\x05"
+)
+
+CASES.extend(
+    [
+        # the bytes of the file, its journal mode included, are checked unchanged, and no -wal/-shm is made
+        Case(
+            "serve-keys-other-apps-db",
+            "serve keys create --user u --db sqlite:///{c}/other_app.db",
+            "the database holds tables fspo did not make (orders)",
+            files={"other_app.db": _other_apps_db},
+        ),
+        Case(
+            "serve-keys-db-not-sqlite",
+            "serve keys create --user u --db sqlite:///{c}/notes.db",
+            "notes.db is not a SQLite database",
+            files={"notes.db": "my notes, not a database\n"},
+        ),
+        Case(
+            "model-import-gguf-magic-only",
+            "model import {c}/h.gguf --out {c}/m",
+            "h.gguf: not a complete GGUF file (4 bytes): it is cut short or damaged",
+            files={"h.gguf": b"GGUF"},
+        ),
+        Case(
+            "model-import-gguf-cut-short",
+            "model import {c}/c.gguf --out {c}/m",
+            "c.gguf: not a complete GGUF file (25 bytes)",
+            files={"c.gguf": GGUF_CUT},
+        ),
+        Case(
+            "winrate-same-file-twice", WINRATE.replace("b.jsonl", "a.jsonl"), "--a and --b are the same file"
+        ),
+        Case(
+            "generate-rat-without-shots",
+            GENERATE + " --out {c}/g.jsonl --mode rat --shots 0",
+            "--mode rat --shots 0",
+        ),
+    ]
+)
+
+
 # --- repeated records in a data folder (tests/test_duplicates.py has the policy itself) ---
 
 

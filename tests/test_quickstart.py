@@ -53,6 +53,10 @@ def test_quickstart_tiny_runs_every_stage_and_caches(tmp_path):
     assert again == summary
     assert {p: p.stat().st_mtime_ns for p in out.glob(f"*/{MARKER}")} == marker_times
     assert summary["loops"]["fspo"]["test_unseen"]["n"] > 0  # degenerate answers counted per system
+    ceiling = summary["ceilings"]["population-ipo"]["unseen"]  # the most any system can win against it
+    assert ceiling["n"] == summary["winrates"]["fspo vs population-ipo"]["unseen"]["n"]
+    assert 0.5 <= ceiling["win_rate"] <= 1.0
+    assert "Win rates against their ceilings" in (out / "report" / "report.md").read_text()
 
     # Sampled decoding with personalized best-of-N: only generation and the report run again.
     sampled = tmp_path / "sampled.yaml"

@@ -22,7 +22,13 @@ def report(
     return the summary (the quickstart's `report` stage)."""
     from fspo.data.io import read_dataset_dir
     from fspo.eval import collect_examples, write_report
-    from fspo.eval.personal import description_quality, loop_shares, shot_ceiling, trait_shares
+    from fspo.eval.personal import (
+        description_quality,
+        loop_shares,
+        shot_ceiling,
+        trait_shares,
+        winrate_ceiling,
+    )
     from fspo.sim import disagreement_matrix
 
     gen = runner.folder("generate")
@@ -38,6 +44,8 @@ def report(
         s.name: description_quality(user_map, generations[s.name]) for s in systems if s.mode == "rat"
     }
     loops = loop_shares(r for recs in generations.values() for r in recs)
+    opponents = dict.fromkeys(o for _, o in comparisons(systems))
+    ceilings = {o: winrate_ceiling(user_map, generations[o]) for o in opponents}
     curve = _best_of_curve(p, systems, gen, folder, user_map)
     notes = [
         f"Profile: {p.model_dump_json()}",
@@ -63,6 +71,7 @@ def report(
             "Trait values the answers carry": _shares_markdown(shares),
             "What the shots can tell: the Bayes ceiling": _ceiling_markdown(ceiling, accuracy),
             "RAT's inferred descriptions": _descriptions_markdown(descriptions),
+            "Win rates against their ceilings": _ceilings_markdown(results, ceilings),
             "Degenerate answers": _loops_markdown(loops),
             **({"Best-of-N curve": _curve_markdown(curve)} if curve else {}),
         },
@@ -71,6 +80,7 @@ def report(
         "winrates": _merged(results),
         "trait_shares": shares,
         "loops": loops,
+        "ceilings": ceilings,
         **({"best_of_curve": curve} if curve else {}),
         "descriptions": descriptions,
         "ceiling": ceiling,
@@ -156,6 +166,29 @@ def _curve_markdown(curve: dict[str, Any]) -> str:
     for n, point in curve.items():
         cells = [_pct(point["winrates"].get(pair, {}).get("unseen")) for pair in pairs]
         rows.append(f"| {n} | " + " | ".join(cells) + f" | {_pct(point['trait_share_unseen'].get('fspo'))} |")
+    return "\n".join(rows)
+
+
+def _ceilings_markdown(results: list, ceilings: dict[str, dict[str, Any]]) -> str:
+    rows = [
+        "A win rate read against the most any system could win against that opponent: the exact judge's",
+        "verdict of an ideal answer (every one of the user's trait values, fully relevant:",
+        "`fspo.sim.base.Domain.ideal_reward`) against each of the opponent's answers",
+        "(`fspo.eval.personal.winrate_ceiling`). An opponent whose answers already satisfy the users leaves",
+        "little to win.",
+        "",
+        "| comparison | unseen: win rate | unseen: ceiling | share of it | seen: win rate | seen: ceiling |",
+        "|---|---|---|---|---|---|",
+    ]
+    cell = {(w.system, w.opponent, w.split): w.win_rate for w in results}
+    pairs = list(dict.fromkeys((w.system, w.opponent) for w in results if w.opponent != "base"))
+    for system, opponent in pairs:
+        ceiling = ceilings.get(opponent, {})
+        unseen, top = cell.get((system, opponent, "unseen")), ceiling.get("unseen", {}).get("win_rate")
+        share = _pct(unseen / top) if unseen is not None and top else "-"
+        seen, top_seen = cell.get((system, opponent, "seen")), ceiling.get("seen", {}).get("win_rate")
+        cells = [_pct(unseen), _pct(top), share, _pct(seen), _pct(top_seen)]
+        rows.append(f"| {system} vs {opponent} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

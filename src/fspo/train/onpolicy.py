@@ -231,10 +231,9 @@ def round_episodes(episodes: Sequence[Episode], cfg: OnPolicyConfig, r: int) -> 
 
 
 # --------------------------------------------------------------------------------------- sampling
-def _sample_settings(cfg: OnPolicyConfig, r: int, start: str, tc: TrainConfig) -> dict[str, Any]:
+def _sample_settings(cfg: OnPolicyConfig, r: int, tc: TrainConfig) -> dict[str, Any]:
     return {
-        "round": r,
-        "model": start,
+        "round": r,  # with the run's settings (its `fspo_run.json`), the round names its start model
         "samples": cfg.samples,
         "max_new_tokens": cfg.max_new_tokens,
         "batch_size": cfg.batch_size,
@@ -262,7 +261,7 @@ def sample_round(
     episode to `log_path`; returns the records in episode order. Resumes the log of a killed run."""
     from fspo.models.loading import load_model, load_tokenizer
 
-    settings = _sample_settings(cfg, r, tc.model, tc)
+    settings = _sample_settings(cfg, r, tc)
     done = _read_samples(log_path, settings)
     tokenizer = load_tokenizer(tc.model)
     options = tc.template_options()
@@ -424,10 +423,12 @@ def run_round(
     cfg: OnPolicyConfig, r: int, start: str, episodes: Sequence[Episode], users: dict[str, User],
     labeller: Labeller, progress: bool,
 ) -> dict[str, Any]:  # fmt: skip
-    """Round `r` from policy `start`, or its record if it finished before."""
+    """Round `r` from policy `start`, or its record if it finished before; with the round's start
+    model and trained model (paths under `cfg.out`, so a moved run folder still reads right)."""
     folder = Path(cfg.out) / f"round-{r}"
+    paths = {"start_model": start, "model": str(round_model(cfg, r))}
     if (folder / ROUND_FILE).is_file():
-        return read_fields(folder / ROUND_FILE)
+        return {**read_fields(folder / ROUND_FILE), **paths}
     tc = round_train_config(cfg, start, folder, progress)
     chosen = round_episodes(episodes, cfg, r)
     records = sample_round(cfg, r, tc, chosen, users, labeller, folder / SAMPLES_FILE, progress)
@@ -445,15 +446,18 @@ def run_round(
     ]  # fmt: skip
     record = {
         "round": r,
-        "start_model": start,
         **counts,
         **sample_stats(records, users, labeller),
         "train": _train_round(tc),
-        "model": str(Path(tc.out) / MODEL_DIR),
         "examples": examples,
     }
     atomic_write_json(folder / ROUND_FILE, record)
-    return record
+    return {**record, **paths}
+
+
+def round_model(cfg: OnPolicyConfig, r: int) -> Path:
+    """The model round `r` trains: round r + 1's policy and reference."""
+    return Path(cfg.out) / f"round-{r}" / "train" / MODEL_DIR
 
 
 def _place_model(src: Path, out: Path) -> None:
@@ -489,7 +493,7 @@ def run_onpolicy(
         start = cfg.model
         for r in range(cfg.rounds):
             rounds.append(run_round(cfg, r, start, episodes, users, labeller, progress))
-            start = rounds[-1]["model"]
+            start = str(round_model(cfg, r))
             atomic_write_json(out / SUMMARY_FILE, {"rounds": rounds, "model": None})
         _place_model(Path(start), out)
         summary = {"rounds": rounds, "model": str(out / MODEL_DIR)}
