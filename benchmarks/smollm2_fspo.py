@@ -147,7 +147,8 @@ def main() -> None:
             reference = None
             if args.best_of > 1:  # each system ranks by its own implicit reward (the module doc)
                 ref, ref_beta = training_reference(path)
-                reference = Reference(None, SELF) if ref is None else Reference(load_model(ref), "base", ref_beta)
+                ref_model = None if ref is None else load_model(ref)
+                reference = Reference(ref_model, SELF if ref is None else "base", ref_beta)
             rows = generate_for_episodes(
                 model, tokenizer, episodes, shots=shots, system=name, decoding=decoding, batch_size=8,
                 options=CHAT, max_new_tokens=args.max_new_tokens, best_of=args.best_of,
