@@ -112,6 +112,22 @@ def test_an_fspo_database_changed_by_someone_else_is_refused(tmp_path: Path, mak
     assert sha(db) == before
 
 
+def test_a_shared_server_database_keeps_other_tables_but_not_lookalikes():
+    from sqlalchemy import create_engine, text
+
+    from fspo.serve.store.database import check_ours
+
+    engine = create_engine("sqlite://")  # stands in for a PostgreSQL database other applications share
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE invoices (id INTEGER)"))
+        assert check_ours(conn, "db", whole=False) is None  # fspo's schema is not there yet: created beside
+        with pytest.raises(UserError, match=r"tables fspo did not make \(invoices\)"):
+            check_ours(conn, "db", whole=True)
+        conn.execute(text("CREATE TABLE users (id INTEGER)"))
+        with pytest.raises(UserError, match=r"named like fspo's but no alembic_version \(users\)"):
+            check_ours(conn, "db", whole=False)
+
+
 def _hold_folder_lock(folder: Path, seconds: float) -> subprocess.Popen:
     """Another process holding an exclusive flock on `folder` for `seconds` (as a migration does)."""
     script = (
@@ -386,3 +402,15 @@ def test_shots_dropped_for_the_token_budget_are_said_at_training_start(world, tm
     assert code == 0, out[-3000:]
     flat = " ".join(out.split())
     assert "max_tokens 256: 8 of 8 training episodes lost 8 shots to fit" in flat, out[-3000:]
+
+
+# ----------------------------------------------------------------------------------------- serve import
+
+
+def test_serve_import_suggests_only_the_options_it_has(tmp_path: Path):
+    prefs = tmp_path / "p.jsonl"
+    prefs.write_text('{"user_id": "u", "question": "q", "chosen": "a"}\n')
+    code, out = fspo("serve", "import", prefs, "--db", f"sqlite:///{tmp_path / 's.db'}")
+    refused(code, out, "p.jsonl:1: rejected: Field required")
+    assert "--skip-invalid" not in out  # `data convert` has it; `serve import` does not
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]

@@ -57,9 +57,27 @@ def test_half_written_folder_is_refused(tmp_path):
     src.write_bytes(b"GGUF" + b"\0" * 16)
     out = tmp_path / "out"
     out.mkdir()
-    (out / "junk").write_text("x")
-    with pytest.raises(UserError, match="--force"):
+    (out / "config.json").write_text("{}")  # a model file, without the marker of a finished import
+    with pytest.raises(UserError, match="not a finished import; remove it or pass --force"):
         import_gguf(str(src), out)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_folder_of_other_files_is_never_replaced(monkeypatch, tmp_path, force: bool):
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"GGUF" + b"\0" * 16)
+    out = tmp_path / "docs"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setattr(gguf_import, "load_gguf", lambda *a: pytest.fail("should not load"))
+    with pytest.raises(UserError, match=r"docs holds files that are not a model's \(notes.txt\)"):
+        import_gguf(str(src), out, force=force)  # --force replaces the folder whole: not this one
+    assert (out / "notes.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        import_gguf(str(src), tmp_path / "file", force=force)
+    assert (tmp_path / "file").read_text() == "mine"
 
 
 def test_cli_command_reports_user_errors(tmp_path):

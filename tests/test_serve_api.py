@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient
 from conftest import write_jsonl
 from fspo.core.errors import UserError
 from fspo.data.schema import Preference
-from fspo.infer.generate import Mode
+from fspo.infer.best_of import SELF, Reference, best_of_n
+from fspo.infer.generate import Decoding, Mode
 from fspo.serve.answerers import Answer, AnswerRequest, System, local_answerer
 from fspo.serve.app import create_app
 from fspo.serve.completions import StopCut
@@ -60,11 +61,18 @@ def _pref(i: int, tag: str = "") -> dict:
 class World:
     """An app with users A and B (B has preferences whose every text holds SECRET) and an admin."""
 
-    def __init__(self, tmp: Path, answerer, study: StudyConfig | None, limits: Limits = Limits()):
+    def __init__(
+        self,
+        tmp: Path,
+        answerer,
+        study: StudyConfig | None,
+        limits: Limits = Limits(),
+        decoding: Decoding = Decoding(),
+    ):
         self.store = Store(f"sqlite:///{tmp / 'serve.db'}")
         self.answerer = answerer
         systems = [System("fspo", answerer, shots=8), System("base", answerer, shots=0)]
-        self.app = create_app(self.store, systems, study=study, limits=limits)
+        self.app = create_app(self.store, systems, study=study, limits=limits, decoding=decoding)
         self.client = TestClient(self.app)
         self.keys = {u: self.store.create_key(u)[1] for u in ("A", "B")}
         self.keys["admin"] = self.store.create_key("root", scope="admin")[1]
@@ -336,7 +344,22 @@ BAD = [
         400,
         "max_tokens",
     ),
+    # Several samples (n, best_of): sampled, at most 16 (the limit), unstreamed, best_of >= n, not rat.
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ("POST", "/v1/completions", {"prompt": "hi", "best_of": 2}, 400, "best_of"),
+    ("POST", "/v1/completions", {"prompt": "hi", "n": 17, "temperature": 1}, 400, "n"),
+    ("POST", "/v1/completions", {"prompt": "hi", "best_of": 17, "temperature": 1}, 400, "best_of"),
+    ("POST", "/v1/completions", {"prompt": "hi", "n": 2, "best_of": 1, "temperature": 1}, 400, "best_of"),
+    (
+        "POST",
+        "/v1/completions",
+        {"prompt": "hi", "best_of": 2, "temperature": 1, "stream": True},
+        400,
+        "best_of",
+    ),
+    ("POST", "/v1/completions", {"prompt": "hi", "n": 2, "temperature": 1, "mode": "rat"}, 400, "n"),
+    ("POST", "/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
+    ("POST", "/v1/completions", {"prompt": "hi", "best_of": "2"}, 400, "best_of"),
     (
         "POST",
         "/v1/chat/completions",
@@ -692,6 +715,45 @@ def test_numbers_may_be_integers_and_every_json_route_has_a_response_model(world
     assert untyped == []
 
 
+def test_best_of_and_n_answer_as_offline_best_of_n_with_the_servers_decoding(tmp_path: Path, answerer):
+    """best_of N ranks the samples `fspo.infer.best_of.best_of_n` ranks for the caller's shots and
+    question, under the server's repetition controls with the request's sampling; `n` alone returns
+    the first n samples unranked; usage counts every sample generated and the scoring's tokens."""
+    w = World(tmp_path, answerer, None, decoding=Decoding(repetition_penalty=1.2, no_repeat_ngram_size=3))
+    w.call("A", "POST", "/v1/users/me/preferences", json={"preferences": [_pref(i) for i in range(3)]})
+    question = "Which colour for thing 1?"
+    sampling = {"max_tokens": LIMIT, "temperature": 1, "seed": 4}
+    r = w.call("A", "POST", "/v1/completions", json={"prompt": question, **sampling, "best_of": 4, "n": 2})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    decoding = Decoding(temperature=1.0, seed=4, repetition_penalty=1.2, no_repeat_ngram_size=3)
+    assert got["fspo"]["decoding"] == decoding.model_dump() and got["fspo"]["reference"] == SELF
+    shots = [p.record() for p in w.store.shots("A", n=8)]
+    offline = best_of_n(
+        answerer.model, answerer.tokenizer, shots, question, n=4, decoding=decoding, key="",
+        reference=Reference(None, SELF), max_new_tokens=LIMIT, options=answerer.layout,
+    )  # fmt: skip
+    best = sorted(range(4), key=lambda j: -offline.rewards[j])[:2]
+    assert [(c["index"], c["text"]) for c in got["choices"]] == [
+        (i, offline.answers[j]) for i, j in enumerate(best)
+    ]
+    assert got["fspo"]["rewards"] == pytest.approx([offline.rewards[j] for j in best], abs=1e-5)
+    usage = got["usage"]
+    assert usage["completion_tokens"] == offline.generated_tokens == sum(map(len, offline.new_ids))
+    assert usage["scored_tokens"] == offline.scored_tokens > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+    chat = {"messages": [{"role": "user", "content": question}], **sampling}
+    three = w.call("A", "POST", "/v1/chat/completions", json={**chat, "n": 3}).json()
+    assert [c["message"]["content"] for c in three["choices"]] == offline.answers[:3]
+    assert three["fspo"]["rewards"] is None and three["usage"]["scored_tokens"] == 0
+    assert three["usage"]["completion_tokens"] == sum(map(len, offline.new_ids[:3]))
+    one = w.call("A", "POST", "/v1/completions", json={"prompt": question, **sampling}).json()
+    assert one["choices"][0]["text"] == offline.answers[0]  # one answer is sample 0
+    w.client.close()
+    w.store.close()
+
+
 def test_stop_sequences_cut_the_answer_even_across_deltas():
     cut = StopCut(["STOP", "\n\n"])
     out = "".join(cut.feed(d) for d in ["Get the re", "d hat ST", "OP and more"]) + cut.flush()
@@ -870,7 +932,7 @@ def test_the_official_openai_client_works_unchanged(world: World):
         pieces = list(client.completions.create(model="fspo", prompt="Which hat?", max_tokens=4, stream=True))
         assert pieces[-1].choices[0].finish_reason in ("stop", "length")
 
-        with pytest.raises(openai.BadRequestError, match="n=1"):
+        with pytest.raises(openai.BadRequestError, match="temperature > 0"):
             client.chat.completions.create(model="fspo", messages=messages, n=2)
         with pytest.raises(openai.NotFoundError) as err:
             client.chat.completions.create(
@@ -944,6 +1006,11 @@ def test_serve_command_errors_are_one_line_user_errors(tmp_path: Path, tiny_llam
         (["--model", tiny_llama_folder, "--baseline", f"b={tiny_llama_folder}:many", "--db", db], "SHOTS"),
         (["--model", tiny_llama_folder, "--baseline", f"fspo={tiny_llama_folder}", "--db", db], "distinct"),
         (["--model", tiny_llama_folder, "--backend", "vllm", "--db", db], "--backend-url"),
+        (["--model", tiny_llama_folder, "--repetition-penalty", "0.5", "--db", db], "repetition_penalty"),
+        (
+            ["--model", tiny_llama_folder, "--backend", "vllm", "--no-repeat-ngram-size", "3", "--db", db],
+            "--no-repeat",
+        ),
         (["keys", "list", "--db", "not a url"], "--db"),
         (["keys", "list", "--db", f"sqlite:///{tmp_path / 'none.db'}"], "--db"),
         (["keys", "create", "--user", "x", "--db", f"sqlite:///{tmp_path / 'no' / 'dir.db'}"], "--db"),
@@ -953,6 +1020,23 @@ def test_serve_command_errors_are_one_line_user_errors(tmp_path: Path, tiny_llam
     for args, needle in cases:
         code, message = _serve_cli(*args)
         assert code == 2 and needle in message and "\n" not in message.strip(), (args, message)
+
+
+def test_serve_gives_the_app_its_decoding_and_sample_limit(
+    tmp_path: Path, tiny_llama_folder: Path, monkeypatch
+):
+    import uvicorn
+
+    served: list = []
+    monkeypatch.setattr(uvicorn, "run", lambda api, **kwargs: served.append(api))
+    db = f"sqlite:///{tmp_path / 'serve.db'}"
+    flags = ["--repetition-penalty", "1.3", "--no-repeat-ngram-size", "3", "--max-samples", "4"]
+    assert _serve_cli("--model", tiny_llama_folder, "--db", db, *flags)[0] == 0
+    state = served[0].state
+    assert state.decoding == Decoding(repetition_penalty=1.3, no_repeat_ngram_size=3)
+    assert state.limits.max_samples == 4 and state.systems["fspo"].answerer.reference.name == SELF
+    assert _serve_cli("--model", tiny_llama_folder, "--db", db)[0] == 0
+    assert served[1].state.decoding == Decoding() and served[1].state.limits == Limits()  # the defaults
 
 
 def test_serve_never_prints_the_database_password(tmp_path: Path, tiny_llama_folder: Path, monkeypatch):

@@ -1,5 +1,5 @@
-"""The serving engine: served answers equal `fspo eval generate`'s, streaming, the prefix KV cache, limits,
-and the remote (vLLM-style) backend against the stub server.
+"""The serving engine: served answers equal `fspo eval generate`'s (greedy, sampled, best-of-N), streaming,
+the prefix KV cache, limits, and the remote (vLLM-style) backend against the stub server.
 
 The Llama is the tiny default model briefly pretrained on the toy episodes in both layouts (plain and
 RAT), so greedy answers are real template continuations that end at a heading; the GPT-2 is random
@@ -19,18 +19,19 @@ from fspo.core.errors import UserError
 from fspo.data.schema import Episode
 from fspo.data.template import DescriptionMode, TemplateOptions, parse_generation, render
 from fspo.eval.generate import generate_for_episodes
-from fspo.infer.generate import Mode, generate_batch, prompt_ids_for
+from fspo.infer.best_of import SELF, Reference
+from fspo.infer.generate import Decoding, Mode, generate_batch, prompt_ids_for
 from fspo.serve.answerers import (
     Answer,
     AnswerRequest,
     LocalAnswerer,
     System,
-    _AnswerStream,
-    _default_model_id,
     local_answerer,
     remote_answerer,
 )
 from fspo.serve.cache import PrefixCache, kv_bytes
+from fspo.serve.references import ServedReference, model_id_of
+from fspo.serve.streaming import AnswerStream
 from fspo.testing import Reply, serve_openai, toy_episodes, toy_users
 
 RAT_CONFIG = {"include_dispreferred": True, "rat": "target", "chat_template": False}
@@ -53,7 +54,8 @@ def episodes(users) -> list[Episode]:
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, tiny_llama_folder, episodes) -> dict[str, Path]:
     """`plain`: the tiny Llama pretrained on the episodes in both layouts; `rat`: the same weights
-    with a training config saying RAT (so its default mode is RAT); `gpt2`: a random tiny GPT-2."""
+    with a training config saying RAT (so its default mode is RAT) and that training started from
+    `plain`; `gpt2`: a random tiny GPT-2 with the same tokenizer."""
     from transformers import AutoTokenizer
 
     from fspo.models.pretrain import pretrain
@@ -68,7 +70,7 @@ def model_dirs(tmp_path_factory, tiny_llama_folder, episodes) -> dict[str, Path]
     pretrain(plain, docs * 4, steps=150, lr=1e-2, batch_size=8, block_size=256)
     rat_dir = root / "rat"
     shutil.copytree(plain, rat_dir)
-    (rat_dir / "fspo_config.json").write_text(json.dumps(RAT_CONFIG))
+    (rat_dir / "fspo_config.json").write_text(json.dumps({**RAT_CONFIG, "model": str(plain)}))
     gpt2 = root / "gpt2"
     tokenizer = AutoTokenizer.from_pretrained(plain)
     tiny_gpt2(tokenizer).save_pretrained(gpt2)
@@ -121,12 +123,142 @@ def test_same_prompt_ids_and_tokens_as_generate_batch(backends, episodes, model_
     backend = backends["gpt2-nocache"]
     e = episodes[0]
     ids = prompt_ids_for(e.shots, e.query.question, backend.tokenizer, Mode.PLAIN, backend.layout)
-    sampling = {"max_new_tokens": 40, "temperature": 1.0, "top_p": 0.9, "seed": 3}
-    new = generate_batch(backend.model, backend.tokenizer, [ids], rat=False, **sampling)[0]
-    answer, deltas = ask(backend, e, **sampling)
+    decoding = Decoding(temperature=1.0, top_p=0.9, seed=3)
+    new = generate_batch(
+        backend.model, backend.tokenizer, [ids], rat=False, max_new_tokens=40, decoding=decoding
+    )[0]
+    answer, deltas = ask(backend, e, max_new_tokens=40, decoding=decoding)
     assert answer.text == parse_generation(backend.tokenizer.decode(new, skip_special_tokens=True)).answer
     assert answer.completion_tokens == len(new) and answer.prompt_tokens == len(ids)
     assert "".join(deltas) == answer.text
+
+
+# --------------------------------------------------------------------------------------------
+# Sampled decoding, n samples and best-of-N: the same as offline
+# --------------------------------------------------------------------------------------------
+
+SAMPLED = Decoding(temperature=1.0, top_p=0.95, repetition_penalty=1.3, no_repeat_ngram_size=3, seed=5)
+
+
+@pytest.fixture(scope="module")
+def trained_dir(model_dirs, tmp_path_factory) -> Path:
+    """`plain`'s weights, recorded as trained with β 0.5 from the random GPT-2 (the same tokenizer):
+    a training reference that differs from the model itself."""
+    folder = tmp_path_factory.mktemp("trained") / "model"
+    shutil.copytree(model_dirs["plain"], folder)
+    config = {"include_dispreferred": True, "rat": "none", "chat_template": False, "beta": 0.5}
+    (folder / "fspo_config.json").write_text(json.dumps({**config, "model": str(model_dirs["gpt2"])}))
+    return folder
+
+
+def _request(e: Episode, decoding: Decoding = SAMPLED, **kw) -> AnswerRequest:
+    """The served request of `e`'s question, its seeds keyed by the episode id as offline generation's are."""
+    return AnswerRequest(
+        e.shots, e.query.question, max_new_tokens=32, decoding=decoding, key=e.episode_id,
+        cache_owner=e.user_id, **kw,
+    )  # fmt: skip
+
+
+def test_sampled_served_answer_equals_fspo_generate(backends, episodes):
+    backend = backends["plain"]
+    chosen = episodes[:6]
+    kw = {"max_new_tokens": 32, "batch_size": 4, "options": backend.layout}
+    records = generate_for_episodes(backend.model, backend.tokenizer, chosen, decoding=SAMPLED, **kw)
+    backend.cache.clear()
+    for _ in range(2):  # the prefix cache missed, then hit
+        answers = [backend.answer(_request(e)) for e in chosen]
+        assert [a.text for a in answers] == [r["answer"] for r in records]
+        assert [a.completion_tokens for a in answers] == [r["new_tokens"] for r in records]
+    assert answers[-1].cached_tokens > 0
+    greedy = generate_for_episodes(backend.model, backend.tokenizer, chosen, **kw)
+    assert [r["answer"] for r in greedy] != [r["answer"] for r in records]  # the decoding mattered
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_best_of_picks_what_fspo_generate_picks(backends, model_dirs, trained_dir, episodes, trained):
+    """best_of N draws the samples offline best-of-N draws, ranks them by the same implicit reward
+    (against the model's training reference, or itself without shots), returns the n best, best
+    first, and counts every sample's tokens."""
+    from fspo.models.loading import load_model
+
+    if trained:
+        backend = local_answerer(trained_dir, cache_bytes=64 << 20)
+        reference = Reference(load_model(model_dirs["gpt2"]), "gpt2", 0.5)
+    else:
+        backend, reference = backends["plain"], Reference(None, SELF)
+    backend.cache.clear()
+    chosen = episodes[:3]
+    records = generate_for_episodes(
+        backend.model, backend.tokenizer, chosen, max_new_tokens=32, decoding=SAMPLED, best_of=4,
+        reference=reference, options=backend.layout,
+    )  # fmt: skip
+    first = []
+    for e, record in zip(chosen, records, strict=True):
+        got = backend.choose(_request(e), n=2, best_of=4)
+        ranked = sorted(record["candidates"], key=lambda c: -c["reward"])[:2]  # stable: ties in order
+        assert [a.text for a in got.answers] == [c["answer"] for c in ranked]
+        assert got.answers[0].text == record["answer"]
+        assert got.rewards == pytest.approx([c["reward"] for c in ranked], abs=1e-5)
+        assert got.rewards[0] >= got.rewards[1] and got.reference == reference.name
+        assert (
+            got.completion_tokens
+            == record["generated_tokens"]
+            == sum(c["new_tokens"] for c in record["candidates"])
+        )
+        assert (got.scored_tokens, got.prompt_tokens) == (record["scored_tokens"], record["prompt_tokens"])
+        first.append(got)
+    again = backend.choose(_request(chosen[0]), n=2, best_of=4)  # the user's cached prefix feeds it
+    assert first[0].cached_tokens == 0 and again.cached_tokens > 0
+    assert [a.text for a in again.answers] == [a.text for a in first[0].answers]
+
+
+def test_n_samples_are_best_ofs_samples_in_order(backends, episodes):
+    backend = backends["plain"]
+    e = episodes[1]
+    (record,) = generate_for_episodes(
+        backend.model, backend.tokenizer, [e], max_new_tokens=32, decoding=SAMPLED, best_of=4,
+        options=backend.layout,
+    )  # fmt: skip
+    samples = backend.choose(_request(e), n=3)
+    assert [a.text for a in samples.answers] == [c["answer"] for c in record["candidates"][:3]]
+    assert samples.answers[0].text == backend.answer(_request(e)).text  # sample 0 is the one answer
+    assert samples.completion_tokens == sum(a.completion_tokens for a in samples.answers)
+    assert (samples.rewards, samples.reference, samples.scored_tokens) == (None, None, 0)
+
+
+def test_choose_refuses_what_cannot_be_sampled(backends, episodes):
+    backend, e = backends["plain"], episodes[0]
+    with pytest.raises(UserError, match=r"^n: 2 samples need temperature > 0"):
+        backend.choose(_request(e, Decoding()), n=2)
+    with pytest.raises(UserError, match=r"^best_of: 4 samples are plain or oracle answers, not rat"):
+        backend.choose(_request(e, mode=Mode.RAT), n=1, best_of=4)
+    with pytest.raises(UserError, match=r"^best_of: must be at least n \(3\)"):
+        backend.choose(_request(e), n=3, best_of=2)
+
+
+def test_a_reference_is_found_at_start_and_loaded_once_on_first_use(
+    model_dirs, trained_dir, tmp_path, monkeypatch
+):
+    import fspo.models.loading as loading
+
+    loads: list[str] = []
+    real = loading.load_model
+    monkeypatch.setattr(loading, "load_model", lambda folder: loads.append(str(folder)) or real(folder))
+    known: dict = {}
+    first, again = ServedReference.of(trained_dir, known), ServedReference.of(trained_dir, known)
+    assert first is again and (first.folder, first.beta, first.name) == (str(model_dirs["gpt2"]), 0.5, "gpt2")
+    assert loads == []  # found, not loaded
+    assert first.reference("cpu").model is again.reference("cpu").model
+    assert loads == [str(model_dirs["gpt2"])]
+    untrained = ServedReference.of(model_dirs["plain"]).reference("cpu")
+    assert (untrained.model, untrained.name, untrained.beta) == (None, SELF, 1.0)
+    # A recorded starting model that is not here is an error when the server starts, naming the field.
+    moved = tmp_path / "moved"
+    shutil.copytree(trained_dir, moved)
+    config = json.loads((moved / "fspo_config.json").read_text())
+    (moved / "fspo_config.json").write_text(json.dumps({**config, "model": str(tmp_path / "gone")}))
+    with pytest.raises(UserError, match="field 'model'"):
+        ServedReference.of(moved)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,7 +300,7 @@ def _stream_by_token(tokenizer, raw: str) -> tuple[list[str], list[str]]:
     """Feed `raw` token by token as the streamer does; (deltas, what had been sent after each token)."""
     ids = tokenizer(raw, add_special_tokens=False)["input_ids"]
     deltas: list[str] = []
-    stream = _AnswerStream(deltas.append)
+    stream = AnswerStream(deltas.append)
     sent = []
     for k in range(1, len(ids) + 1):
         stream.update(tokenizer.decode(ids[:k], skip_special_tokens=True))
@@ -213,7 +345,7 @@ def test_cached_greedy_answers_equal_uncached(backends, episodes, name):
     prefix = cached.prefix_ids(AnswerRequest(shots=shots, question="x"), Mode.PLAIN)
     assert len(prefix) > cached.min_prefix_tokens
     for i, q in enumerate(questions):
-        for kw in ({}, {"temperature": 1.0, "seed": i}):
+        for kw in ({}, {"decoding": Decoding(temperature=1.0, seed=i)}):
             req = AnswerRequest(shots=shots, question=q, max_new_tokens=24, cache_owner="u0", **kw)
             a, b = cached.answer(req), uncached.answer(req)
             assert a.text == b.text and a.completion_tokens == b.completion_tokens
@@ -298,9 +430,9 @@ def test_a_prefix_too_large_for_the_cache_is_used_without_a_copy(backends, episo
 
 
 def test_model_id_names_the_run_of_a_model_folder(backends, tmp_path):
-    assert _default_model_id("runs/quickstart/fspo/model") == "fspo"
-    assert _default_model_id(tmp_path / "sft_rat" / "model") == "sft_rat"
-    assert _default_model_id(tmp_path / "my-model") == "my-model"
+    assert model_id_of("runs/quickstart/fspo/model") == "fspo"
+    assert model_id_of(tmp_path / "sft_rat" / "model") == "sft_rat"
+    assert model_id_of(tmp_path / "my-model") == "my-model"
     assert backends["plain"].model_id == "plain"
 
 
@@ -335,8 +467,6 @@ def test_limits_and_bad_requests_are_user_errors(backends, episodes):
         backend.answer(AnswerRequest(shots=e.shots, question="q", max_new_tokens=512))
     with pytest.raises(UserError, match="question"):
         backend.answer(AnswerRequest(shots=e.shots, question="  "))
-    with pytest.raises(UserError, match="top_p"):
-        backend.answer(AnswerRequest(shots=e.shots, question="q", top_p=0))
     with pytest.raises(UserError, match="description"):
         backend.answer(AnswerRequest(shots=e.shots, question="q", mode=Mode.ORACLE))
     # Near the end of the context the budget shrinks to what is left, and the answer is cut short.
@@ -388,7 +518,9 @@ def test_remote_answerer_sends_the_local_prompt_ids_and_cuts_the_stream(model_di
         backend = remote_answerer(server.base_url, model_dirs["rat"], remote_model="served-fspo")
         assert backend.default_mode is Mode.RAT
         deltas: list[str] = []
-        req = AnswerRequest(e.shots, e.query.question, Mode.RAT, max_new_tokens=100, seed=7)
+        req = AnswerRequest(
+            e.shots, e.query.question, Mode.RAT, max_new_tokens=100, decoding=Decoding(seed=7)
+        )
         answer = backend.answer(req, on_text=deltas.append)
     local = prompt_ids_for(e.shots, e.query.question, backend.tokenizer, Mode.RAT, backend.layout)
     body = server.requests[0]
@@ -418,6 +550,17 @@ def test_remote_answerer_stops_at_the_heading_and_reports_cached_tokens(model_di
     assert answer.cached_tokens == 57 and answer.completion_tokens == 6  # the server's usage
     assert answer.prompt_tokens == len(body["prompt"])
     assert server.chunks_sent == [4]  # the server ended the answer, not a closed connection
+
+
+def test_remote_answerer_gives_one_answer_of_its_servers_decoding(model_dirs, episodes):
+    """No best-of-N (the log-probabilities are the remote server's) and no repetition controls (vLLM's
+    penalty counts the prompt too): both refused before any request is sent."""
+    backend = remote_answerer("http://127.0.0.1:9/v1", model_dirs["plain"], remote_model="m")
+    assert backend.max_samples == 1
+    with pytest.raises(UserError, match="n, best_of"):
+        backend.choose(_request(episodes[0]), n=1, best_of=2)
+    with pytest.raises(UserError, match="repetition penalty 1.3"):
+        backend.answer(_request(episodes[0]))
 
 
 def test_remote_answerer_plain_and_length(model_dirs, episodes):

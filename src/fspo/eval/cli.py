@@ -126,6 +126,20 @@ def accuracy(
     console.print(f"wrote {out}")
 
 
+def _require_two_files(a: str | Path, b: str | Path) -> None:
+    """Refuse one file given as both systems: every pair would tie and report 0.500 as if measured
+    (the Python API allows it, as a check that a judge ties a system with itself)."""
+    try:
+        same = Path(a).samefile(b)  # also through a link or another spelling of the path
+    except OSError:
+        return  # a missing file: reading it says so
+    if same:
+        raise UserError(
+            f"--a and --b are the same file ({a}): a system judged against itself ties every pair; "
+            "give the opponent's generations as --b"
+        )
+
+
 def winrate(
     a: Path = typer.Option(..., "--a", help="Generations of the system under test (JSONL)."),
     b: Path = typer.Option(..., "--b", help="Generations of the opponent, e.g. the base model (JSONL)."),
@@ -146,6 +160,7 @@ def winrate(
     from fspo.eval.judges import JUDGES
     from fspo.eval.winrates import winrate as run_winrate
 
+    _require_two_files(a, b)
     claim_file(out, overwrite=overwrite)
     options: dict = {}
     if judge == "openai":

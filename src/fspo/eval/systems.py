@@ -76,6 +76,10 @@ TRAININGS: tuple[Training, ...] = (
     Training("fspo_rat_pairs", "fspo", start="fspo_rat", overrides={"rat": "description"}),
 )
 RAT_PAIRS_TRAINING = "fspo_rat_pairs"
+# On-policy FSPO (`fspo.train.onpolicy`): rounds of sampling the FSPO model's own answers for training
+# users, labelling them with the simulator's reward and training IPO on them. It is a stage of its own
+# (not one `TrainConfig` run), run when the profile asks for rounds; its model answers `fspo-onpolicy`.
+ONPOLICY = "onpolicy"
 
 # In the paper's table order (the order reports list systems in).
 SYSTEMS: tuple[System, ...] = (
@@ -138,6 +142,14 @@ SYSTEMS: tuple[System, ...] = (
         versus=("fspo", "fspo-rat", "population-ipo", "fspo-no-shots"),
         verdicts=("fspo-rat", "fspo-no-shots"),
         paper=_cells(roleplay=90.9),
+    ),
+    System(
+        "fspo-onpolicy",
+        "FSPO, on-policy rounds",
+        ONPOLICY,
+        versus=("fspo", "population-ipo", "few-shot-prompting"),
+        verdicts=("fspo",),
+        accuracy_reference="sft",
     ),
     # The control: the FSPO model without the user's shots.
     System("fspo-no-shots", "FSPO without shots", "fspo", shots=0),

@@ -135,19 +135,6 @@ def pair_generations(
     return pairs, _system_name(a_rows, a_path), _system_name(b_rows, b_path)
 
 
-def _require_two_files(a: str | Path, b: str | Path) -> None:
-    """Refuse one file given as both systems: every pair would tie and report 0.500 as if measured."""
-    try:
-        same = Path(a).samefile(b)  # also through a link or another spelling of the path
-    except OSError:
-        return  # a missing file: reading it says so
-    if same:
-        raise UserError(
-            f"--a and --b are the same file ({a}): a system judged against itself ties every pair; "
-            "give the opponent's generations as --b"
-        )
-
-
 def winrate(
     a: str | Path,
     b: str | Path,
@@ -167,7 +154,6 @@ def winrate(
     for ``all`` and one per split found, the per-pair scores, and the judge's usage (requests,
     cache hits, tokens, cost, order flips) when it keeps one. With `out`, writes it all as JSON.
     """
-    _require_two_files(a, b)
     users_path = str(users) if not isinstance(users, dict) else "the users given"
     user_map = users if isinstance(users, dict) else users_by_id(users)
     pairs, sys_a, sys_b = pair_generations(a, b, user_map, users_path)

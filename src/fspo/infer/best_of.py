@@ -143,6 +143,15 @@ def check_best_of(n: int, decoding: Decoding, mode: Mode | str) -> None:
         raise UserError(f"best-of-{n} needs sampled decoding (temperature > 0), got {decoding.describe()}")
 
 
+def _shared(model: Any, ids: list[int], rows: int, cache: Any) -> Any:
+    """The KV cache the `rows` samples of prompt `ids` start from: `cache` (a prefix's) repeated, or a
+    prefill of all but the last token (which `generate` needs to feed itself)."""
+    if cache is not None:
+        cache.batch_repeat_interleave(rows)
+        return cache
+    return prefill(model, ids[:-1], rows=rows) if len(ids) > 1 else None
+
+
 def best_of_n(
     model: Any,
     tokenizer: Any,
@@ -157,9 +166,12 @@ def best_of_n(
     mode: Mode | str = Mode.PLAIN,
     options: TemplateOptions | None = None,
     description: str | None = None,
+    cache: Any = None,
 ) -> BestOf:
     """Sample `n` answers to `question` for the user behind `shots` and rank them by the implicit
-    reward (see the module). `key` names the question in the seeds (an episode id)."""
+    reward (see the module). `key` names the question in the seeds (an episode id). `cache`, a KV
+    cache of the prompt's first tokens for one row (the server's per-user prefix cache; extended in
+    place), replaces the prefill of the prompt."""
     mode = Mode(mode)
     if mode is Mode.RAT:
         raise UserError("best-of-N ranks answers of plain or oracle mode, not rat")
@@ -173,7 +185,7 @@ def best_of_n(
         max_new_tokens=max_new_tokens,
         decoding=decoding,
         seeds=[decoding.row_seed(key, j) for j in range(n)],
-        cache=prefill(model, ids[:-1], rows=n) if len(ids) > 1 else None,
+        cache=_shared(model, ids, n, cache),
     )
     raws = [tokenizer.decode(row, skip_special_tokens=True) for row in new_ids]
     answers = [parse_generation(raw).answer for raw in raws]

@@ -143,8 +143,7 @@ def import_gguf(source: str, out_dir: Path | None = None, force: bool = False) -
     out = Path(out_dir).expanduser() if out_dir else cache_root() / "models" / name
     if is_complete(out) and not force:
         return out
-    if out.exists() and not force and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not a finished import; remove it or pass --force")
+    _check_replaceable(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     tokenizer, model = load_gguf(gguf)
@@ -169,6 +168,25 @@ def import_gguf(source: str, out_dir: Path | None = None, force: bool = False) -
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _check_replaceable(out: Path, force: bool) -> None:
+    """Refuse an `out` the import would replace but should not: a folder holding anything but a model's
+    files is someone else's (the import replaces the folder whole, so --force must not reach it), and
+    an unfinished import is replaced only with `force`."""
+    from fspo.models.default import is_model_file
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder; choose a new or empty folder")
+    if not out.exists():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    foreign = [name for name in entries if name != MARKER and not is_model_file(name)]
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise UserError(f"{out} holds files that are not a model's ({shown}); choose a new or empty folder")
+    if entries and not force:
+        raise UserError(f"{out} exists and is not a finished import; remove it or pass --force")
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

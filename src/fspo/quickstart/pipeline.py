@@ -24,7 +24,7 @@ from rich.console import Console
 from fspo.core.outputs import OutputFolder
 from fspo.core.stages import StageRunner
 from fspo.eval import systems as registry
-from fspo.eval.systems import RAT_PAIRS_TRAINING, System, expand
+from fspo.eval.systems import ONPOLICY, RAT_PAIRS_TRAINING, System, expand
 from fspo.quickstart.profile import Profile, load_profile
 from fspo.quickstart.report import acc_at, print_table, report
 from fspo.quickstart.trainings import cache_key, training_configs, trainings_of
@@ -37,15 +37,23 @@ def rat_stage(p: Profile) -> str:
 
 
 def generated_systems(p: Profile) -> tuple[System, ...]:
-    """The registry's systems for `p`: the shots curve at `p.also_shots`, RAT's answers from `rat_stage`."""
+    """The registry's systems for `p`: the shots curve at `p.also_shots`, RAT's answers from `rat_stage`,
+    and only systems whose model `p` trains."""
     rat = rat_stage(p)
-    return tuple(s if s.model != "fspo_rat" else replace(s, model=rat) for s in expand(p.also_shots))
+    models = {None, *trained_stages(p)}
+    systems = (s if s.model != "fspo_rat" else replace(s, model=rat) for s in expand(p.also_shots))
+    return tuple(s for s in systems if s.model in models)
+
+
+def trained_stages(p: Profile) -> tuple[str, ...]:
+    """The stages of `p` that leave a model: its trainings, and on-policy FSPO when it asks for rounds."""
+    return tuple(t.name for t in trainings_of(p)) + ((ONPOLICY,) if p.onpolicy else ())
 
 
 def stages() -> tuple[str, ...]:
     """The stage folders the quickstart writes under its `out` (its output policy's own files)."""
     trainings = tuple(t.name for t in registry.TRAININGS)
-    return ("sim", "episodes", "model", *trainings, "rat_pairs", "generate", "accuracy", "report")
+    return ("sim", "episodes", "model", *trainings, "rat_pairs", ONPOLICY, "generate", "accuracy", "report")
 
 
 def run_quickstart(
@@ -95,7 +103,11 @@ def _run_stages(p: Profile, runner: StageRunner, params: dict[str, Any]) -> dict
             ),
             ("episodes", "model", *upstream),
         )
-    trained = tuple(t.name for t in trainings_of(p))
+    if p.onpolicy:
+        cfg = _onpolicy_config(p, configs["fspo"], runner)
+        key = cache_key_of(cfg)
+        runner.run(ONPOLICY, key, lambda d: _onpolicy(cfg, runner), ("sim", "episodes", "fspo"))
+    trained = trained_stages(p)
     systems = generated_systems(p)
     runner.run(
         "generate",
@@ -239,6 +251,41 @@ def _train_on_pairs(cfg: TrainConfig, runner: StageRunner) -> dict[str, Any]:
         shutil.copytree(cfg.model, Path(cfg.out) / "model")
         return {"steps": 0, "pairs": pairs}
     return _train(cfg, runner)
+
+
+def _onpolicy_config(p: Profile, fspo: TrainConfig, runner: StageRunner) -> Any:
+    """On-policy FSPO from the FSPO model, labelled by the simulator: each round's IPO run takes the
+    FSPO runs' settings (but their step budget) under the profile's own `onpolicy.train`."""
+    from fspo.train.onpolicy import onpolicy_config
+
+    fspo_values = {k: v for k, v in {**p.train, **p.fspo}.items() if k not in ("max_steps", "save_every")}
+    values = {
+        "seed": p.seed,
+        **p.onpolicy,
+        "train": {**fspo_values, **p.onpolicy.get("train", {})},
+        "model": fspo.out + "/model",
+        "episodes": str(runner.folder("episodes")),
+        "users": str(runner.folder("sim")),
+        "out": str(runner.folder(ONPOLICY)),
+        "judge": "exact",
+    }
+    return onpolicy_config(values, source="profile field 'onpolicy'")
+
+
+def cache_key_of(cfg: Any) -> dict[str, Any]:
+    """An on-policy stage's cache key: its settings but the paths."""
+    return cfg.model_dump(mode="json", exclude={"model", "episodes", "users", "out"})
+
+
+def _onpolicy(cfg: Any, runner: StageRunner) -> dict[str, Any]:
+    from fspo.train.onpolicy import run_onpolicy
+
+    summary = run_onpolicy(cfg, progress=True)  # a killed stage resumes its rounds
+    for r in summary["rounds"]:
+        runner.console.print(f"  on-policy round {r.get('round')}: " + ", ".join(
+            f"{k} {v}" for k, v in r.items() if isinstance(v, int | float) and k != "round"
+        ))  # fmt: skip
+    return {"rounds": len(summary["rounds"])}
 
 
 def test_episodes(p: Profile, runner: StageRunner) -> list:

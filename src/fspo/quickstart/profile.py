@@ -60,9 +60,18 @@ class Profile(BaseModel):
     accuracy_shots: tuple[int, ...]
     max_new_tokens: int
     gen_batch_size: int
+    onpolicy: dict[str, Any]
     decoding: dict[str, Any]
     best_of: Annotated[int, Field(ge=1)]
     best_of_curve: tuple[int, ...]
+
+    @field_validator("onpolicy")
+    @classmethod
+    def _onpolicy_settings(cls, value: dict[str, Any]) -> dict[str, Any]:
+        taken = sorted({"model", "episodes", "users", "out", "judge"} & set(value))
+        if taken:
+            raise ValueError(f"{', '.join(taken)}: set by the quickstart (its FSPO model, data, simulator)")
+        return value
 
     @field_validator("decoding")
     @classmethod

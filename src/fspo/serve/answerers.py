@@ -14,20 +14,22 @@ its server.) An answerer renders the request exactly as evaluation does
 * `RemoteAnswerer` (``--backend vllm``) sends the same prompt token ids to an OpenAI-compatible
   ``/v1/completions`` server (vLLM, SGLang), which batches requests and caches prefixes itself.
 
-Streaming: `answer(req, on_text)` calls `on_text` with the answer's text as it grows. Only text
-that belongs to the final answer is sent: nothing of RAT's description or of any heading, and
-nothing past the cut (a line is only sent once its first character shows it is no heading; a
-decode ending in a partial UTF-8 character waits for the next token). The deltas concatenate to
-`Answer.text`. `on_text` runs in the generating thread while the model is held, so it must not
+Streaming: `answer(req, on_text)` calls `on_text` with the answer's text as it grows
+(`fspo.serve.streaming`: only text that belongs to the final answer; the deltas concatenate to
+`Answer.text`). `on_text` runs in the generating thread while the model is held, so it must not
 block; an exception it raises stops the generation and propagates (e.g. the client went away).
+
+Several answers (`LocalAnswerer.choose`, never streamed): n samples, or the n best of N samples by
+the model's implicit reward against its training reference (`fspo.serve.references`), ranked as
+``fspo generate --best-of N`` ranks them (`fspo.infer.best_of.best_of_n`). How every token is chosen
+is the request's `Decoding`, sample j drawn from its seed for (`AnswerRequest.key`, j) as offline.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -36,6 +38,7 @@ from fspo.core.errors import UserError
 from fspo.data.schema import Preference
 from fspo.data.template import DescriptionMode, TemplateOptions, parse_generation
 from fspo.infer.generate import (
+    Decoding,
     Mode,
     answer_finished,
     cache_kwarg,
@@ -45,11 +48,10 @@ from fspo.infer.generate import (
 )
 from fspo.infer.shots import shots_prefix_ids
 from fspo.serve.cache import PrefixCache
-
-log = logging.getLogger(__name__)
+from fspo.serve.references import ServedReference, model_id_of
+from fspo.serve.streaming import AnswerStream, TextSink, token_streamer
 
 FinishReason = Literal["stop", "length"]
-TextSink = Callable[[str], None]
 
 DEFAULT_MAX_NEW_TOKENS_LIMIT = 512
 # Prefixes shorter than this are not worth a cache entry (the copy costs about what the prefill does).
@@ -65,9 +67,9 @@ class AnswerRequest:
     mode: Mode = Mode.PLAIN
     description: str | None = None  # oracle mode only: the user's true description
     max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
+    decoding: Decoding = Decoding()  # greedy
+    # Names the question in the sampling seeds (`Decoding.row_seed(key, j)`); offline, the episode id.
+    key: str = ""
     cache_owner: str | None = None  # the user whose shots these are (`Answerer.forget` drops them)
 
 
@@ -81,12 +83,29 @@ class Answer:
     finish_reason: FinishReason
 
 
+@dataclass(frozen=True)
+class Choices:
+    """The answers of one request for several, and what all its samples cost (OpenAI's `usage`
+    counts every sample generated, kept or not)."""
+
+    answers: list[Answer]  # best_of: best first; else in sample order
+    rewards: list[float] | None  # best_of: each answer's implicit reward; None for unranked samples
+    reference: str | None  # best_of: what the reward subtracts (a run's name, or "self")
+    prompt_tokens: int
+    completion_tokens: int  # every sample's generated tokens
+    cached_tokens: int
+    scored_tokens: int  # tokens the reward's scoring passes read (prompts and answers, both models)
+
+
 class Answerer(Protocol):
     model_id: str
     max_new_tokens_limit: int
+    max_samples: int | None  # the most samples `choose` takes (None: only the server's limit)
     default_mode: Mode
 
     def answer(self, req: AnswerRequest, on_text: TextSink | None = None) -> Answer: ...
+
+    def choose(self, req: AnswerRequest, n: int, best_of: int = 1) -> Choices: ...
 
     def forget(self, user_id: str) -> None: ...
 
@@ -106,63 +125,6 @@ class System:
         return self.mode if self.mode is not None else self.answerer.default_mode
 
 
-class _AnswerStream:
-    """Turns the growing raw continuation into deltas of the answer `parse_generation` will cut.
-
-    Monotone by construction: a delta is sent only when the answer parsed so far extends what was
-    sent. For text without '#' lines that holds token by token, because a line that does not start
-    with '#' can never become a heading and the RAT answer only starts after the response heading's
-    line is complete.
-    """
-
-    def __init__(self, on_text: TextSink | None):
-        self.on_text = on_text
-        self.sent = ""
-
-    def update(self, raw: str) -> None:
-        if self.on_text is None or raw.endswith("\ufffd"):  # a partial UTF-8 character so far
-            return
-        self._send(parse_generation(raw).answer)
-
-    def finish(self, answer: str) -> None:
-        if self.on_text is None:
-            return
-        if not answer.startswith(self.sent):
-            # Only when the whole continuation reinterprets earlier text (parse_generation reads a
-            # '## User Description' anywhere as RAT's description): what was sent cannot be taken back.
-            log.warning("streamed answer text %r is not a prefix of the final answer %r", self.sent, answer)
-            return
-        self._send(answer)
-
-    def _send(self, answer: str) -> None:
-        if len(answer) > len(self.sent) and answer.startswith(self.sent):
-            delta, self.sent = answer[len(self.sent) :], answer
-            assert self.on_text is not None
-            self.on_text(delta)
-
-
-def _token_streamer(tokenizer: Any, stream: _AnswerStream) -> Any:
-    """A transformers streamer feeding the decoded new tokens to `stream` as `generate` makes them."""
-    from transformers.generation.streamers import BaseStreamer
-
-    class AnswerStreamer(BaseStreamer):
-        def __init__(self) -> None:
-            self.ids: list[int] = []
-            self.prompt_seen = False
-
-        def put(self, value: Any) -> None:
-            if not self.prompt_seen:  # generate first puts the prompt's ids
-                self.prompt_seen = True
-                return
-            self.ids.extend(int(i) for i in value.reshape(-1).tolist())
-            stream.update(tokenizer.decode(self.ids, skip_special_tokens=True))
-
-        def end(self) -> None:
-            pass
-
-    return AnswerStreamer()
-
-
 def _max_positions(config: Any) -> int | None:
     """The model's context length, when its config states one."""
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
@@ -177,14 +139,27 @@ def _check_request(req: AnswerRequest, limit: int) -> Mode:
         raise UserError("question: must be non-empty text")
     if not 1 <= req.max_new_tokens <= limit:
         raise UserError(f"max_new_tokens: must be between 1 and {limit} (got {req.max_new_tokens})")
-    if req.temperature < 0:
-        raise UserError(f"temperature: must be >= 0 (got {req.temperature})")
-    if not 0 < req.top_p <= 1:
-        raise UserError(f"top_p: must be in (0, 1] (got {req.top_p})")
     try:
         return Mode(req.mode)
     except ValueError:
         raise UserError(f"mode: {req.mode!r} is not one of {', '.join(m.value for m in Mode)}") from None
+
+
+def samples_problem(n: int, best_of: int, decoding: Decoding, mode: Mode) -> tuple[str, str] | None:
+    """(the field, why) when a request for `n` answers of `best_of` samples (1: unranked) cannot be
+    answered; None when it can. Several samples must differ (temperature > 0) and be plain or oracle
+    answers: RAT writes a description before each answer, and best-of-N does not score descriptions."""
+    for field, value in (("n", n), ("best_of", best_of)):
+        if value < 1:
+            return field, f"must be at least 1, got {value}"
+    field, value = ("best_of", best_of) if best_of > 1 else ("n", n)
+    if best_of > 1 and n > best_of:
+        return "best_of", f"must be at least n ({n}), got {best_of}"
+    if value > 1 and not decoding.sampled:
+        return field, f"{value} samples need temperature > 0 (greedy decoding gives one answer)"
+    if value > 1 and mode is Mode.RAT:
+        return field, f"{value} samples are plain or oracle answers, not rat (ask mode plain)"
+    return None
 
 
 class _Prompting:
@@ -229,7 +204,7 @@ class _Prompting:
         completion_tokens: int,
         cached_tokens: int,
         ran_out: bool,
-        stream: _AnswerStream,
+        stream: AnswerStream,
     ) -> Answer:
         """The cut answer; `ran_out`: generation stopped at its token budget (not at eos)."""
         parsed = parse_generation(raw)
@@ -250,8 +225,11 @@ class LocalAnswerer(_Prompting):
     """Generation in this process with a Hugging Face causal LM, plus the per-user prefix cache.
 
     One lock serializes use of the model (and tokenizer): requests from the server's threadpool
-    generate one at a time, each as a batch of one, as `generate_batch` with no padding.
+    generate one at a time, each as a batch of one (or of its samples), as `generate_batch` with no
+    padding. `reference` is best-of-N's (default: the model itself, without shots).
     """
+
+    max_samples = None
 
     def __init__(
         self,
@@ -263,6 +241,7 @@ class LocalAnswerer(_Prompting):
         cache: PrefixCache | None = None,
         max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
         min_prefix_tokens: int = MIN_PREFIX_TOKENS,
+        reference: ServedReference | None = None,
     ):
         super().__init__(
             tokenizer,
@@ -274,11 +253,16 @@ class LocalAnswerer(_Prompting):
         self.model = model.eval()
         self.cache = cache
         self.min_prefix_tokens = min_prefix_tokens
+        self.reference = reference or ServedReference()
+        if self.reference.folder is not None:  # checked now: a mismatch must stop the server starting
+            from fspo.models.loading import require_same_tokenizer
+
+            require_same_tokenizer(tokenizer, self.reference.folder, "best-of-N's reference", repr(model_id))
         self._lock = threading.Lock()
 
     def answer(self, req: AnswerRequest, on_text: TextSink | None = None) -> Answer:
         mode = _check_request(req, self.max_new_tokens_limit)
-        stream = _AnswerStream(on_text)
+        stream = AnswerStream(on_text)
         with self._lock:
             ids, budget = self._prompt(req, mode)
             kv, cached = self._prefix_kv(req, mode, ids)
@@ -288,18 +272,92 @@ class LocalAnswerer(_Prompting):
                 [ids],
                 rat=mode is Mode.RAT,
                 max_new_tokens=budget,
-                temperature=req.temperature,
-                top_p=req.top_p,
-                seed=req.seed,
+                decoding=req.decoding,
+                seeds=[req.decoding.row_seed(req.key)],
                 cache=kv,
-                streamer=_token_streamer(self.tokenizer, stream) if on_text is not None else None,
+                streamer=token_streamer(self.tokenizer, stream) if on_text is not None else None,
             )[0]
-            raw = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+            return self._generated(new_ids, mode, len(ids), budget, cached, stream)
+
+    def choose(self, req: AnswerRequest, n: int, best_of: int = 1) -> Choices:
+        """`n` answers to `req`'s question: with `best_of` > 1, the `n` of `best_of` samples with the
+        highest implicit reward against `reference`, best first, as ``fspo generate --best-of``
+        ranks them; else `n` samples in order. Sample j is drawn from the seed of (`req.key`, j), so
+        best-of-N's samples are those of n = N and sample 0 is `answer`'s. All extend one copy of the
+        user's cached prefix, and best_of_n shares the scoring pass over the prompt."""
+        mode = _check_request(req, self.max_new_tokens_limit)
+        problem = samples_problem(n, best_of, req.decoding, mode)
+        if problem is not None:
+            raise UserError(": ".join(problem))
+        with self._lock:
+            ids, budget = self._prompt(req, mode)
+            kv, cached = self._prefix_kv(req, mode, ids)
+            if best_of > 1:
+                ranked = self._best_of(req, mode, best_of, budget, kv)
+                new_ids, scored = ranked.new_ids, ranked.scored_tokens
+                order = sorted(range(best_of), key=lambda j: -ranked.rewards[j])[:n]  # stable: ties in order
+                rewards: list[float] | None = [ranked.rewards[j] for j in order]
+            else:
+                if kv is not None:
+                    kv.batch_repeat_interleave(n)
+                new_ids = generate_batch(
+                    self.model,
+                    self.tokenizer,
+                    [ids] * n,
+                    rat=mode is Mode.RAT,
+                    max_new_tokens=budget,
+                    decoding=req.decoding,
+                    seeds=[req.decoding.row_seed(req.key, j) for j in range(n)],
+                    cache=kv,
+                )
+                order, rewards, scored = list(range(n)), None, 0
+            silent = AnswerStream(None)
+            answers = [self._generated(new_ids[j], mode, len(ids), budget, cached, silent) for j in order]
+        return Choices(
+            answers=answers,
+            rewards=rewards,
+            reference=self.reference.name if rewards is not None else None,
+            prompt_tokens=len(ids),
+            completion_tokens=sum(map(len, new_ids)),
+            cached_tokens=cached,
+            scored_tokens=scored,
+        )
+
+    def _best_of(self, req: AnswerRequest, mode: Mode, n: int, budget: int, kv: Any) -> Any:
+        """`fspo.infer.best_of.best_of_n` of `req` (a `BestOf`), from the prefix cache `kv` if any."""
+        from fspo.infer.best_of import best_of_n
+
+        return best_of_n(
+            self.model,
+            self.tokenizer,
+            req.shots,
+            req.question,
+            n=n,
+            decoding=req.decoding,
+            key=req.key,
+            reference=self.reference.reference(self.model.device),
+            max_new_tokens=budget,
+            mode=mode,
+            options=self.layout,
+            description=req.description,
+            cache=kv,
+        )
+
+    def _generated(
+        self,
+        new_ids: list[int],
+        mode: Mode,
+        prompt_tokens: int,
+        budget: int,
+        cached: int,
+        stream: AnswerStream,
+    ) -> Answer:
+        """The `Answer` of one row's generated ids (decoded here, under the lock: the tokenizer is shared)."""
         eos = self.tokenizer.eos_token_id
         return self._answer(
-            raw,
+            self.tokenizer.decode(new_ids, skip_special_tokens=True),
             mode,
-            prompt_tokens=len(ids),
+            prompt_tokens=prompt_tokens,
             completion_tokens=len(new_ids),
             cached_tokens=cached,
             ran_out=(eos is None or eos not in new_ids) and len(new_ids) >= budget,
@@ -365,7 +423,13 @@ class RemoteAnswerer(_Prompting):
     mark its end: the stream is closed as soon as the answer is finished, so that the server stops
     generating the next example, and the usage chunk never comes: cached tokens are then unknown and
     reported as 0, and the completion tokens are counted here.
+
+    One answer a request: best-of-N scores with the model's own log-probabilities, which are here only
+    in the remote server. The repetition controls are refused: vLLM's penalty also counts the prompt's
+    tokens and it has no n-gram rule, so its answers would not be `fspo generate`'s.
     """
+
+    max_samples = 1
 
     def __init__(
         self,
@@ -391,18 +455,21 @@ class RemoteAnswerer(_Prompting):
 
     def answer(self, req: AnswerRequest, on_text: TextSink | None = None) -> Answer:
         mode = _check_request(req, self.max_new_tokens_limit)
+        decoding = req.decoding
+        if decoding.repetition_penalty != 1.0 or decoding.no_repeat_ngram_size:
+            raise UserError(f"decoding: {decoding.describe()} is not available with a remote backend")
         rat = mode is Mode.RAT
         with self._lock:
             ids, budget = self._prompt(req, mode)
-        stream = _AnswerStream(on_text)
+        stream = AnswerStream(on_text)
         raw, finish, usage = "", None, None
         response = self.client.completions.create(
             model=self.remote_model,
             prompt=ids,
             max_tokens=budget,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            seed=req.seed,
+            temperature=decoding.temperature,
+            top_p=decoding.top_p,
+            seed=decoding.seed,
             stream=True,
             stream_options={"include_usage": True},
             **({} if rat else {"stop": [HEADING_STOP]}),
@@ -438,16 +505,11 @@ class RemoteAnswerer(_Prompting):
             stream=stream,
         )
 
+    def choose(self, req: AnswerRequest, n: int, best_of: int = 1) -> Choices:
+        raise UserError(f"n, best_of: one answer a request with a remote backend (asked {max(n, best_of)})")
+
     def forget(self, user_id: str) -> None:
         """Nothing to drop here: the remote server's prefix cache is keyed on the tokens themselves."""
-
-
-def _default_model_id(model_dir: str | Path) -> str:
-    """The folder's name, or its run's when the folder is a run's ``model`` output (a training run
-    saves its model as ``<run>/model``: ``runs/quickstart/fspo/model`` is "fspo"), so that the
-    models of one quickstart are told apart in ``GET /v1/models``."""
-    path = Path(model_dir).resolve()
-    return path.parent.name if path.name == "model" and path.parent.name else path.name
 
 
 def local_answerer(
@@ -457,10 +519,12 @@ def local_answerer(
     cache_bytes: int = 256 << 20,
     device: str | None = None,
     max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
+    reference: ServedReference | None = None,
 ) -> LocalAnswerer:
     """Load `model_dir` for in-process serving with the layout it was trained with.
 
-    `cache_bytes` bounds the prefix cache (0: no cache); `device` defaults to CUDA when available.
+    `cache_bytes` bounds the prefix cache (0: no cache); `device` defaults to CUDA when available;
+    `reference` is best-of-N's (default: the training reference its folder records, `ServedReference.of`).
     """
     import torch
 
@@ -474,10 +538,11 @@ def local_answerer(
     return LocalAnswerer(
         model,
         tokenizer,
-        model_id=model_id or _default_model_id(model_dir),
+        model_id=model_id or model_id_of(model_dir),
         layout=layout,
         cache=PrefixCache(cache_bytes) if cache_bytes > 0 else None,
         max_new_tokens_limit=max_new_tokens_limit,
+        reference=reference or ServedReference.of(model_dir),
     )
 
 
@@ -510,7 +575,7 @@ def remote_answerer(
         client,
         tokenizer,
         remote_model=remote_model,
-        model_id=model_id or _default_model_id(model_dir),
+        model_id=model_id or model_id_of(model_dir),
         layout=layout,
         max_positions=_max_positions(config),
         max_new_tokens_limit=max_new_tokens_limit,

@@ -38,6 +38,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from fspo.core.errors import UserError
+from fspo.infer.generate import Decoding
 from fspo.serve.answerers import System
 from fspo.serve.auth import admin_principal, user_principal
 from fspo.serve.completions import CHAT, TEXT, complete
@@ -255,8 +256,12 @@ def create_app(
     default_system: str | None = None,
     study: StudyConfig | None = None,
     limits: Limits = Limits(),
+    decoding: Decoding = Decoding(),
 ) -> FastAPI:
-    """The serving app over `store` and the served `systems` (the first is the default unless named)."""
+    """The serving app over `store` and the served `systems` (the first is the default unless named).
+
+    `decoding` is the server's: its repetition controls apply to every system's answers, and each
+    request's ``temperature``, ``top_p`` and ``seed`` replace its own (`fspo.serve.serving.prepare`)."""
     if not systems:
         raise UserError("serve: no system to serve")
     by_name = {s.name: s for s in systems}
@@ -288,6 +293,7 @@ def create_app(
     app.state.default_system = default
     app.state.study = study
     app.state.limits = limits
+    app.state.decoding = decoding
     app.state.generation_pool = pool
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)

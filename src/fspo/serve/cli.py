@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fspo.core.errors import UserError
+from fspo.infer.generate import Decoding
 
 if TYPE_CHECKING:
     from fspo.serve.answerers import Answerer, System
@@ -35,6 +36,7 @@ app.add_typer(keys_app, name="keys")
 console = Console(soft_wrap=True)
 
 DB_HELP = "The database: a SQLAlchemy URL (sqlite:///FILE, postgresql://...)."
+_DECODING = Decoding.model_fields  # the decoding options' defaults and help live in `Decoding`
 
 
 def open_store(db: str, *, create: bool = True) -> Store:
@@ -103,10 +105,14 @@ def build_systems(
     backend_model: str | None = None,
     backend_key: str | None = None,
     cache_mb: int = 256,
+    ranked: bool = True,
 ) -> list[System]:
     """The served systems: `model` as `name`, then each baseline; one answerer per distinct folder
-    (`backend` says where the main model runs: in this process, or on a vLLM server)."""
+    (`backend` says where the main model runs: in this process, or on a vLLM server). `ranked`: they
+    answer best_of, each in-process model against its training reference (systems trained from one
+    model share it)."""
     from fspo.serve.answerers import System, local_answerer, remote_answerer
+    from fspo.serve.references import ServedReference
 
     specs = [parse_baseline(b) for b in baselines or []]
     names = [name, *(s.name for s in specs)]
@@ -119,6 +125,7 @@ def build_systems(
     main = _model_folder("--model", model).resolve()
     folders = [main, *(_model_folder(f"--baseline {s.name}", s.model).resolve() for s in specs)]
     answerers: dict[Path, Answerer] = {}
+    references: dict[Any, ServedReference] = {}
 
     def load(folder: Path) -> Answerer:
         # A baseline that is the same folder (e.g. FSPO's model with 0 shots) shares its answerer.
@@ -131,13 +138,25 @@ def build_systems(
                     api_key=backend_key,  # type: ignore[arg-type]
                 )
             else:
-                answerers[folder] = local_answerer(folder, cache_bytes=cache_mb << 20)
+                ref = ServedReference.of(folder, references) if ranked else ServedReference()
+                answerers[folder] = local_answerer(folder, cache_bytes=cache_mb << 20, reference=ref)
         return answerers[folder]
 
     systems = [System(name, load(main), shots=shots)]
     for spec, folder in zip(specs, folders[1:], strict=True):
         systems.append(System(spec.name, load(folder), shots=shots if spec.shots is None else spec.shots))
     return systems
+
+
+def _decoding(backend: str, repetition_penalty: float, no_repeat_ngram_size: int) -> Decoding:
+    """The server's decoding (a `UserError` naming the field of a bad value). A remote backend has none
+    of its own: vLLM's penalty counts the prompt too and it has no n-gram rule."""
+    decoding = Decoding.of(
+        "fspo serve", repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size
+    )
+    if backend == "vllm" and decoding != Decoding():
+        raise UserError("--repetition-penalty, --no-repeat-ngram-size: not available with --backend vllm")
+    return decoding
 
 
 @app.callback(invoke_without_command=True)
@@ -164,6 +183,15 @@ def serve(
         None, envvar="FSPO_BACKEND_API_KEY", help="--backend vllm: its key."
     ),
     cache_mb: int = typer.Option(256, min=0, help="Per-user prefix cache size in MiB (0: off)."),
+    repetition_penalty: float = typer.Option(
+        _DECODING["repetition_penalty"].default, help=_DECODING["repetition_penalty"].description
+    ),
+    no_repeat_ngram_size: int = typer.Option(
+        _DECODING["no_repeat_ngram_size"].default, help=_DECODING["no_repeat_ngram_size"].description
+    ),
+    max_samples: int | None = typer.Option(
+        None, min=1, help="At most this many samples a request (n, best_of); default 16, 1: one answer."
+    ),
 ) -> None:
     """Serve --model (and baselines) until interrupted; sub-commands manage keys and preferences."""
     if ctx.invoked_subcommand is not None:
@@ -173,8 +201,11 @@ def serve(
     import uvicorn
 
     from fspo.serve.app import create_app
+    from fspo.serve.serving import Limits
     from fspo.serve.store import shown_url
 
+    decoding = _decoding(backend, repetition_penalty, no_repeat_ngram_size)
+    limits = Limits() if max_samples is None else Limits(max_samples=max_samples)
     study_config = None
     if study is not None:
         from fspo.serve.study import StudyConfig
@@ -190,10 +221,11 @@ def serve(
         backend_model=backend_model,
         backend_key=backend_key,
         cache_mb=cache_mb,
+        ranked=limits.max_samples > 1,
     )
     store = open_store(db)
     try:
-        api = create_app(store, systems, study=study_config)
+        api = create_app(store, systems, study=study_config, limits=limits, decoding=decoding)
         url = f"http://{host}:{port}"
         console.print(f"fspo serve: {url}  (systems: {', '.join(s.name for s in systems)})", highlight=False)
         console.print(f"  database: {store!r}", highlight=False)

@@ -3,6 +3,7 @@ answer the same way (`fspo.serve.serving` resolves the request, the system gener
 stop sequences cut the text) and differ only in the shape of their response (`Shape`).
 
 Streamed (``"stream": true``), the answer goes out as server-sent events as the system generates it.
+A request for several samples (``n``, ``best_of``) is answered whole, one choice per answer kept.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from fspo.serve.protocol import (
     Completion,
     CompletionRequest,
     CompletionResponse,
+    Finished,
     FspoInfo,
     GenerationBody,
     Head,
     Usage,
 )
-from fspo.serve.serving import Prepared, generate, prepare
+from fspo.serve.serving import Prepared, choose, generate, prepare
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class Shape:
     delta, or None for none, and the finish reason once known), and the event that opens a stream."""
 
     id_prefix: str
-    reply: Callable[[Head, str, str, Usage, FspoInfo], CompletionResponse]
+    reply: Callable[[Head, list[Finished], Usage, FspoInfo], CompletionResponse]
     chunk: Callable[[Head, str | None, str | None], CompletionResponse]
     opening: Callable[[Head], CompletionResponse] | None = None
 
@@ -95,10 +97,19 @@ async def complete(
     )
     if body.stream:
         return await _start_stream(app, prepared, body, shape, head)
+    if prepared.several:
+        choices = await choose(app, prepared)
+        finished = [_finished(body, answer) for answer in choices.answers]
+        return shape.reply(head, finished, Usage.of(choices), prepared.fspo(choices.answers[0], choices))
     answer = await generate(app, prepared.system, prepared.request)
+    return shape.reply(head, [_finished(body, answer)], Usage.of(answer), prepared.fspo(answer))
+
+
+def _finished(body: GenerationBody, answer: Answer) -> Finished:
+    """`answer`'s text cut at the request's first stop sequence, and why it ended."""
     cut = StopCut(body.stop_sequences)
     text = cut.feed(answer.text) + cut.flush()
-    return shape.reply(head, text, cut.finish_reason(answer), Usage.of(answer), prepared.fspo(answer))
+    return text, cut.finish_reason(answer)
 
 
 class _ClientGone(Exception):

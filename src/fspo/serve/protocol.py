@@ -3,8 +3,8 @@
 Requests (`Body`): OpenAI's chat/completions fields, FSPO's options, preferences, keys. Two rules:
 - ``extra="forbid"``: a misspelt or unsupported option (``n_shots``, ``logprobs``) is refused with its
   name, not silently ignored, since the answer would then not be the one the caller asked for. The
-  OpenAI fields the official client sends are all accepted; those this server cannot honour (``n`` > 1,
-  non-zero penalties) are refused by name too.
+  OpenAI fields the official client sends are all accepted; those this server cannot honour (non-zero
+  presence or frequency penalties) are refused by name too.
 - ``strict=True``: a field's type is the protocol's, never coerced (``"max_tokens": "10"`` or
   ``"stream": "yes"`` is a 400 naming the field), as OpenAI's own server answers. An integer is still
   a number where the protocol says number (``"temperature": 1``).
@@ -31,7 +31,8 @@ from pydantic import (
 )
 
 from fspo.data.schema import User
-from fspo.serve.answerers import Answer
+from fspo.infer.generate import Decoding
+from fspo.serve.answerers import Answer, Choices
 from fspo.serve.store import Event, KeyInfo, NewPreference, StoredPreference, storable
 
 # Integers the database and the generator can hold: a larger one (2**70) is refused with its field's
@@ -84,7 +85,10 @@ class GenerationBody(Body):
     # Greedy by default (OpenAI's default is 1.0) so that the same shots and question give the same answer.
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = 1
+    n: int = Field(1, ge=1, le=INT64_MAX)  # answers returned
+    # Samples ranked by the model's implicit reward, of which the n best are returned (OpenAI's
+    # completions field; on chat too, as FSPO's). None: the n samples, unranked.
+    best_of: int | None = Field(None, ge=1, le=INT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: Seed | None = None
@@ -96,13 +100,6 @@ class GenerationBody(Body):
     shots: Count | None = None  # the newest N (default: the system's number)
     preference_ids: list[RowId] | None = None  # exactly these of the caller's preferences
     mode: Literal["plain", "rat"] | None = None  # None: the model's trained mode
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported (one answer per request)")
-        return n
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -233,28 +230,39 @@ class PromptTokensDetails(Response):
 
 
 class Usage(Response):
+    """What a request cost: with ``n`` or ``best_of``, `completion_tokens` counts every sample generated
+    (kept or not), and FSPO's `scored_tokens` the tokens best_of's scoring read (prompts and answers,
+    through the model and its reference; 0 without ranking)."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    scored_tokens: int = 0
 
     @classmethod
-    def of(cls, answer: Answer) -> Usage:
+    def of(cls, answer: Answer | Choices) -> Usage:
         return cls(
             prompt_tokens=answer.prompt_tokens,
             completion_tokens=answer.completion_tokens,
             total_tokens=answer.prompt_tokens + answer.completion_tokens,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=answer.cached_tokens),
+            scored_tokens=answer.scored_tokens if isinstance(answer, Choices) else 0,
         )
 
 
 class FspoInfo(Response):
-    """FSPO's part of a completion: which of the caller's preferences were the shots, RAT's description."""
+    """FSPO's part of a completion: which of the caller's preferences were the shots, RAT's description,
+    how tokens were chosen (the server's repetition controls with the request's sampling), and with
+    ``best_of`` each choice's implicit reward against which reference (a run's name, or "self")."""
 
     description: str | None
     shots_used: int
     preference_ids: list[int]
     mode: str
+    decoding: Decoding
+    rewards: list[float] | None = None  # in choice order
+    reference: str | None = None
 
 
 class Head(Response):
@@ -292,15 +300,20 @@ class ChatChoice(Response):
     logprobs: None = None
 
 
+Finished = tuple[str, str]  # a choice's text and finish reason
+
+
 class ChatCompletion(CompletionResponse):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
 
     @classmethod
-    def of(cls, head: Head, text: str, finish: str, usage: Usage, fspo: FspoInfo) -> ChatCompletion:
-        message = AssistantMessage(content=text)
-        choice = ChatChoice(message=message, finish_reason=finish)
-        return cls(**dict(head), choices=[choice], usage=usage, fspo=fspo)
+    def of(cls, head: Head, finished: list[Finished], usage: Usage, fspo: FspoInfo) -> ChatCompletion:
+        choices = [
+            ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=finish)
+            for i, (text, finish) in enumerate(finished)
+        ]
+        return cls(**dict(head), choices=choices, usage=usage, fspo=fspo)
 
 
 class ChatDelta(Response):
@@ -351,12 +364,12 @@ class Completion(CompletionResponse):
     choices: list[CompletionChoice]
 
     @classmethod
-    def of(
-        cls, head: Head, text: str, finish: str, usage: Usage | None = None, fspo: FspoInfo | None = None
-    ) -> Completion:
-        return cls(
-            **dict(head), choices=[CompletionChoice(text=text, finish_reason=finish)], usage=usage, fspo=fspo
-        )
+    def of(cls, head: Head, finished: list[Finished], usage: Usage, fspo: FspoInfo) -> Completion:
+        choices = [
+            CompletionChoice(index=i, text=text, finish_reason=finish)
+            for i, (text, finish) in enumerate(finished)
+        ]
+        return cls(**dict(head), choices=choices, usage=usage, fspo=fspo)
 
     @classmethod
     def chunk(cls, head: Head, delta: str | None, finish: str | None) -> Completion:

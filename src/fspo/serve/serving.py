@@ -1,21 +1,27 @@
 """The handlers' shared part, from a request to an answer: which served system, which of the caller's
-preferences are its shots, and where the generation runs. The completion routes
-(`fspo.serve.completions`), the caller's description and the study all answer through here, so a
-study's FSPO answer is exactly what ``POST /v1/completions`` gives the participant by default.
+preferences are its shots, how its tokens are chosen, and where the generation runs. The completion
+routes (`fspo.serve.completions`), the caller's description and the study all answer through here, so
+a study's FSPO answer is exactly what ``POST /v1/completions`` gives the participant by default.
+
+The decoding is the server's (`create_app`'s `decoding`: the repetition controls, the same for every
+system) with the request's OpenAI fields (``temperature``, ``top_p``, ``seed``), so a served answer is
+``fspo generate``'s for the same settings. ``n`` and ``best_of`` ask for several samples
+(`fspo.serve.answerers.LocalAnswerer.choose`), within `Limits.max_samples`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from fspo.data.schema import Preference
-from fspo.infer.generate import Mode
-from fspo.serve.answerers import Answer, AnswerRequest, System
+from fspo.infer.generate import Decoding, Mode
+from fspo.serve.answerers import Answer, AnswerRequest, Choices, System, samples_problem
 from fspo.serve.errors import APIError, raise_generation_failure
 from fspo.serve.protocol import (
     ChatCompletionRequest,
@@ -41,23 +47,35 @@ class Limits:
     max_messages: int = 64  # messages of one chat request (only the last is answered)
     max_batch: int = 100  # preferences added by one request
     max_page: int = 200  # preferences listed by one request
+    max_samples: int = 16  # answers generated for one request (n, best_of): each costs a generation
     generation_threads: int = 4  # requests generating (or waiting for their model) at once
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """What a completion request resolves to: the system, the generation request, the shots' ids."""
+    """What a completion request resolves to: the system, the generation request, the shots' ids, and
+    how many answers of how many samples (`n` of `best_of`; best_of 1: unranked samples)."""
 
     system: System
     request: AnswerRequest
     preference_ids: list[int]
+    n: int = 1
+    best_of: int = 1
 
-    def fspo(self, answer: Answer) -> FspoInfo:
+    @property
+    def several(self) -> bool:
+        """Whether the request asks for more than one sample (`choose`, not `generate`)."""
+        return max(self.n, self.best_of) > 1
+
+    def fspo(self, answer: Answer, choices: Choices | None = None) -> FspoInfo:
         return FspoInfo(
             description=answer.description,
             shots_used=len(self.preference_ids),
             preference_ids=self.preference_ids,
             mode=str(self.request.mode),
+            decoding=self.request.decoding,
+            rewards=None if choices is None else choices.rewards,
+            reference=None if choices is None else choices.reference,
         )
 
 
@@ -87,12 +105,37 @@ def prepare(app: FastAPI, user_id: str, body: ChatCompletionRequest | Completion
         question=body.question,
         mode=Mode(body.mode) if body.mode else system.served_mode,
         max_new_tokens=asked or min(DEFAULT_MAX_TOKENS, limit),
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed or 0,
+        decoding=Decoding.of(
+            "request",
+            **{
+                **app.state.decoding.model_dump(),
+                "temperature": body.temperature,
+                "top_p": body.top_p,
+                "seed": body.seed or 0,
+            },
+        ),
         cache_owner=user_id,
     )
-    return Prepared(system, request, ids)
+    return Prepared(system, request, ids, *_samples(limits, system, body, request))
+
+
+def _samples(limits: Limits, system: System, body: GenerationBody, request: AnswerRequest) -> tuple[int, int]:
+    """(n, best_of) of `body`, within the server's and the system's limits; a 400 naming the field."""
+    n, best_of = body.n, body.best_of or 1
+    if body.best_of is not None and body.best_of < n:  # an explicit best_of of 1 is no unranked request
+        raise APIError(400, f"best_of: must be at least n ({n}), got {body.best_of}", param="best_of")
+    own = system.answerer.max_samples
+    cap = limits.max_samples if own is None else min(own, limits.max_samples)
+    for field, value in (("n", n), ("best_of", best_of)):
+        if value > cap:
+            raise APIError(400, f"{field}: at most {cap} for model {system.name!r}, got {value}", param=field)
+    problem = samples_problem(n, best_of, request.decoding, request.mode)
+    if problem is None and max(n, best_of) > 1 and body.stream:
+        problem = ("best_of" if best_of > 1 else "n", "several samples are not streamed (ask stream: false)")
+    if problem is not None:
+        field, why = problem
+        raise APIError(400, f"{field}: {why}", param=field)
+    return n, best_of
 
 
 def _shots(
@@ -123,6 +166,17 @@ async def generate(app: FastAPI, system: System, request: AnswerRequest) -> Answ
     loop = asyncio.get_running_loop()
     try:
         return await loop.run_in_executor(app.state.generation_pool, system.answerer.answer, request)
+    except Exception as err:
+        raise_generation_failure(system.name, err)
+
+
+async def choose(app: FastAPI, prepared: Prepared) -> Choices:
+    """The `prepared.n` answers of `prepared.best_of` samples, generated in the generation pool too."""
+    loop = asyncio.get_running_loop()
+    system = prepared.system
+    work = functools.partial(system.answerer.choose, prepared.request, prepared.n, prepared.best_of)
+    try:
+        return await loop.run_in_executor(app.state.generation_pool, work)
     except Exception as err:
         raise_generation_failure(system.name, err)
 

@@ -244,7 +244,7 @@ def _sample_settings(cfg: OnPolicyConfig, r: int, tc: TrainConfig) -> dict[str, 
 
 
 def _read_samples(path: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The episodes a killed run already sampled and labelled (opening the log cuts a torn last line)."""
+    """The episodes a killed run already sampled and labelled."""
     log = AppendLog(path)  # opening cuts a torn last line
     log.close()
     records = list(log.read())
@@ -336,7 +336,8 @@ def make_pairs(
 ) -> tuple[list[Episode], dict[str, int]]:
     """Each episode's best and worst scored answer as its query's chosen and rejected (the first of
     equal scores); an episode whose two are within `fspo.sim.reward.TIE_MARGIN`, or the same text, is
-    a tie and left out."""
+    a tie and left out (counted with the ties, too: the rare pair equal to one of its own shots,
+    which an episode cannot hold)."""
     from fspo.sim.reward import TIE_MARGIN
 
     pairs: list[Episode] = []

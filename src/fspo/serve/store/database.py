@@ -23,11 +23,12 @@ safe to share between threads (the app calls it from a threadpool).
 
 A database fspo did not make is never changed: before the engine's first connection (which would switch
 a SQLite file to WAL), `check_ours` looks at the existing schema through a read-only connection and
-refuses tables of another application, or an alembic revision fspo does not know. A database that needs
-migrating (new, or made by an older fspo) is upgraded under an exclusive `flock` on its folder, so a
-second process opening it meanwhile waits for the migration, however long, instead of failing when
-SQLite's busy timeout runs out (no lock file is left behind; the kernel drops the lock when its process
-dies). A database already at head takes no lock.
+refuses a SQLite file holding another application's tables, or an alembic revision fspo does not know.
+A SQLite database that needs migrating (new, or made by an older fspo) is upgraded under an exclusive
+`flock` on its folder, so a second process opening it meanwhile waits for the migration, however long,
+instead of failing when SQLite's busy timeout runs out (no lock file is left behind; the kernel drops
+the lock when its process dies). A database already at head takes no lock. A server database has no
+folder to lock: there two first opens can still race to create the schema, and one fails.
 """
 
 from __future__ import annotations
@@ -97,10 +98,12 @@ def known_revisions() -> set[str]:
     return {rev.revision for rev in ScriptDirectory.from_config(migration_config(None)).walk_revisions()}
 
 
-def check_ours(conn: Connection, shown: str) -> str | None:
-    """The alembic revision of the database behind `conn` (None: it has no tables yet), or a `UserError`
-    naming --db `shown` when fspo did not make it: tables without fspo's revision table, a revision
-    fspo does not know (another application's, or a newer fspo's), or tables fspo has none of.
+def check_ours(conn: Connection, shown: str, *, whole: bool) -> str | None:
+    """The alembic revision of fspo's schema in the database behind `conn` (None: not there yet), or a
+    `UserError` naming --db `shown` when the tables there are not fspo's: a revision fspo does not know
+    (another application's alembic, or a newer fspo's), tables named like fspo's without its revision,
+    or, with `whole` (a SQLite file is one application's), any table fspo does not make. A server
+    database (PostgreSQL) is often shared, so other tables there are left alone, not refused.
 
     A later revision that drops or renames a table must keep accepting the old name here (as one of
     ours), or a database made before it would be refused instead of migrated.
@@ -110,15 +113,18 @@ def check_ours(conn: Connection, shown: str) -> str | None:
     from fspo.serve.store.tables import Base
 
     tables = set(inspect(conn).get_table_names())
-    if not tables:
-        return None
-    foreign = sorted(tables - set(Base.metadata.tables) - {VERSION_TABLE})
-    named = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-    if VERSION_TABLE not in tables or foreign:
+    ours = set(Base.metadata.tables)
+    foreign = sorted(tables - ours - {VERSION_TABLE}) if whole else []
+    lookalikes = sorted(tables & ours) if VERSION_TABLE not in tables else []
+    if foreign or lookalikes:
+        named = _names(foreign or lookalikes)
+        what = "tables fspo did not make" if foreign else "tables named like fspo's but no alembic_version"
         raise UserError(
-            f"--db {shown}: the database holds tables fspo did not make ({named or 'no fspo schema'}); "
-            "it belongs to another application and is left unchanged: give fspo a database of its own"
+            f"--db {shown}: the database holds {what} ({named}); it belongs to another application and "
+            "is left unchanged: give fspo a database of its own"
         )
+    if VERSION_TABLE not in tables:
+        return None
     revision = MigrationContext.configure(conn).get_current_revision()
     if revision not in known_revisions():
         raise UserError(
@@ -126,6 +132,10 @@ def check_ours(conn: Connection, shown: str) -> str | None:
             "fspo's database, or another application's); it is left unchanged"
         )
     return revision
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _sqlite_revision(file: Path, shown: str) -> str | None:
@@ -151,7 +161,7 @@ def _sqlite_revision(file: Path, shown: str) -> str | None:
     look = create_engine("sqlite://", creator=lambda: sqlite3.connect(uri, uri=True), poolclass=NullPool)
     try:
         with look.connect() as conn:
-            return check_ours(conn, shown)
+            return check_ours(conn, shown, whole=True)
     finally:
         look.dispose()
 
@@ -159,8 +169,13 @@ def _sqlite_revision(file: Path, shown: str) -> str | None:
 @contextmanager
 def _folder_lock(folder: Path, shown: str) -> Iterator[None]:
     """An exclusive `flock` on `folder` (see the module docstring), waited for up to `MIGRATION_WAIT_S`;
-    nothing on a file system without locks, where SQLite's write lock still keeps migrations apart."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    nothing on a file system without locks or a folder that cannot be opened, where SQLite's write lock
+    still keeps migrations apart (up to its busy timeout)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield
+        return
     try:
         deadline = time.monotonic() + MIGRATION_WAIT_S
         while True:
@@ -172,8 +187,9 @@ def _folder_lock(folder: Path, shown: str) -> Iterator[None]:
                     break
                 if time.monotonic() > deadline:
                     raise UserError(
-                        f"--db {shown}: waited {MIGRATION_WAIT_S:.0f} s for another process that holds "
-                        f"the folder {folder} (migrating a database there?); try again when it is done"
+                        f"--db {shown}: waited {MIGRATION_WAIT_S:.0f} s for the lock on the folder {folder}, "
+                        "which another process holds (fspo migrating a database there, or writing an --out "
+                        "there); try again when it is done"
                     ) from None
                 time.sleep(0.05)
         yield
@@ -214,7 +230,7 @@ class Database:
             revision = _sqlite_revision(file, shown) if file.exists() else None
         elif self._engine.dialect.name != "sqlite":
             with self._engine.connect() as conn:  # no pragmas off SQLite: looking writes nothing
-                revision = check_ours(conn, shown)
+                revision = check_ours(conn, shown, whole=False)
         else:
             revision = None  # in memory: always new
         if revision == head_revision():
