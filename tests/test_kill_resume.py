@@ -41,7 +41,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "episodes": write_jsonl(root / "episodes.jsonl", eps),
         "model": _roughen(tiny_llama_dir(root / "policy", corpus * 3)),
-        "ref": tiny_llama_dir(root / "ref", corpus[: len(corpus) // 2] * 2),
+        # The same tokenizer (a reference must read the policy's token ids) and the policy's weights
+        # before `_roughen`: the two models differ.
+        "ref": tiny_llama_dir(root / "ref", corpus * 3),
     }
 
 

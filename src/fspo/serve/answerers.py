@@ -229,7 +229,7 @@ class LocalAnswerer(_Prompting):
     padding. `reference` is best-of-N's (default: the model itself, without shots).
     """
 
-    max_samples = None
+    max_samples: int | None = None  # only the server's limit
 
     def __init__(
         self,
@@ -429,7 +429,7 @@ class RemoteAnswerer(_Prompting):
     tokens and it has no n-gram rule, so its answers would not be `fspo generate`'s.
     """
 
-    max_samples = 1
+    max_samples: int | None = 1
 
     def __init__(
         self,
