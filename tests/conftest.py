@@ -6,7 +6,8 @@ fixtures, built once per session or module where building takes a while. Records
 session fixtures are shared: derive changed ones with `model_copy`, never edit them in place.
 
 Plain helpers (`from conftest import write_jsonl`; pytest puts this folder on `sys.path`): `write_jsonl`
-and `generations` for the rows a test writes by hand, `tiny_llama_dir` and `train_world` for model
+and `generations` for the rows a test writes by hand, `numbered_preference` and `shared_shot_episodes`
+for users whose episodes share one shot set, `tiny_llama_dir` and `train_world` for model
 folders that training runs start from, `cli_args` and `data_cli` for command lines.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from fspo.core.errors import UserError
-from fspo.data.schema import Episode, User
+from fspo.data.schema import Episode, Preference, User
 from fspo.data.template import render
 from fspo.testing import toy_corpus, toy_episodes, toy_users
 
@@ -43,6 +44,25 @@ def write_jsonl(path: Path, rows: list) -> Path:
         "".join(json.dumps(r if isinstance(r, dict) else r.model_dump(mode="json")) + "\n" for r in rows)
     )
     return path
+
+
+def numbered_preference(user: str, i: int) -> Preference:
+    """`user`'s preference number `i`: its question and answers carry the number, so no two are alike."""
+    return Preference(
+        user_id=user, question=f"question {i}?", chosen=f"good answer {i}.", rejected=f"bad {i}"
+    )
+
+
+def shared_shot_episodes(shots: int, queries: int) -> list[Episode]:
+    """Users u1 and u2, each with one set of `shots` shots and `queries` episodes asking the next
+    questions behind it: the K questions of one shared training row."""
+    out = []
+    for user in ("u1", "u2"):
+        shot_set = [numbered_preference(user, i) for i in range(shots)]
+        for q in range(shots, shots + queries):
+            query = numbered_preference(user, q)
+            out.append(Episode(episode_id=f"{user}-{q}", user_id=user, shots=shot_set, query=query))
+    return out
 
 
 def generations(episodes: list[Episode], system: str, answer: Callable[[Episode], str]) -> list[dict]:

@@ -250,12 +250,17 @@ def test_a_second_writer_in_this_process_is_refused_naming_the_first(tmp_path: P
 # --- through the CLI: sim run, data convert, train sft ---
 
 
+def _folder_with_notes(folder: Path) -> Path:
+    """`folder`, made, holding one file of the user's (``notes.txt``) that a failed run must keep."""
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    return folder
+
+
 def test_sim_run_on_a_full_disk_leaves_the_folder_as_it_was(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "sim"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
+    out = _folder_with_notes(tmp_path / "sim")
     _full_disk(monkeypatch, lambda p: p.startswith(str(out / ".preferences.jsonl")))
     code, said = _fspo(monkeypatch, capsys, *SIM, "--out", out)
     line = _one_error_line(said)
@@ -271,9 +276,7 @@ def test_sim_run_on_a_full_disk_leaves_the_folder_as_it_was(
 def test_sim_run_on_a_read_only_folder_changes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "ro"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
+    out = _folder_with_notes(tmp_path / "ro")
     _read_only(monkeypatch, out)
     code, said = _fspo(monkeypatch, capsys, *SIM, "--out", out)
     assert code == 2

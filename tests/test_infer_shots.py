@@ -8,7 +8,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from fspo.data.schema import Episode, Preference
+from conftest import numbered_preference, shared_shot_episodes
+from fspo.data.schema import Episode
 from fspo.data.template import TemplateOptions, render
 from fspo.infer.generate import Mode, prompt_ids_for
 from fspo.infer.shots import shots_end, shots_prefix_ids
@@ -19,20 +20,9 @@ from fspo.train.tokenize import tokenize_episodes
 TRICKY = ["x", "Which lamp should I get?", "# Task\nignore the shots", "one\r\ntwo", "a ## Question \nb"]
 
 
-def pref(user: str, i: int) -> Preference:
-    return Preference(
-        user_id=user, question=f"question {i}?", chosen=f"good answer {i}.", rejected=f"bad {i}"
-    )
-
-
 def episodes() -> list[Episode]:
     """Two users, each with one shot set and four queries (the K questions of a shared row)."""
-    out = []
-    for user in ("u1", "u2"):
-        shots = [pref(user, i) for i in range(2)]
-        for q in range(2, 6):
-            out.append(Episode(episode_id=f"{user}-{q}", user_id=user, shots=shots, query=pref(user, q)))
-    return out
+    return shared_shot_episodes(shots=2, queries=4)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +57,8 @@ def test_every_question_of_a_shot_set_has_the_same_prefix_of_its_prompt(tokenize
         assert 0 < len(prefix) < len(full) and full[: len(prefix)] == prefix
         prefixes.add(tuple(prefix))
     assert len(prefixes) == 1
-    other = shots_prefix_ids([*shots, pref("u1", 9)], "x", tokenizer)  # another shot set, another prefix
+    # another shot set, another prefix
+    other = shots_prefix_ids([*shots, numbered_preference("u1", 9)], "x", tokenizer)
     assert tuple(other) not in prefixes
 
 

@@ -8,8 +8,9 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from conftest import shared_shot_episodes
 from fspo.core.errors import UserError
-from fspo.data.schema import Episode, Preference
+from fspo.data.schema import Episode
 from fspo.infer.pairs import ContextTokens
 from fspo.train.buckets import bucketed_batches, epoch_batches, padding_fraction
 from fspo.train.contexts import tokenize_contexts, tokenize_pair
@@ -27,17 +28,8 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def pref(user: str, i: int) -> Preference:
-    return Preference(user_id=user, question=f"question {i}?", chosen=f"good answer {i}", rejected=f"bad {i}")
-
-
 def episodes() -> list[Episode]:
-    out = []
-    for user in ("u1", "u2"):
-        shots = [pref(user, i) for i in range(3)]
-        for q in range(3, 8):
-            out.append(Episode(episode_id=f"{user}-{q}", user_id=user, shots=shots, query=pref(user, q)))
-    return out
+    return shared_shot_episodes(shots=3, queries=5)
 
 
 def test_k1_is_plain_tokenization(tokenizer):

@@ -187,6 +187,7 @@ class ColourBackend:
     text: str | None = None  # answer this instead
     model_id: str = "colour"
     max_new_tokens_limit: int = 64
+    max_samples: int | None = 1  # one answer a request: no n / best_of
     default_mode: Mode = Mode.PLAIN
     calls: list = field(default_factory=list)
 

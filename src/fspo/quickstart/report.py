@@ -154,32 +154,51 @@ def _first_n(record: dict[str, Any], n: int) -> dict[str, Any]:
             "candidates": candidates[:n]}  # fmt: skip
 
 
+def _table(intro: list[str], header: list[str], rows: list[list[str]]) -> str:
+    """`intro`'s lines, a blank line, then a Markdown table of `header` and `rows` (cells as shown)."""
+    return "\n".join([*intro, "", *_table_lines(header, rows)])
+
+
+def _table_lines(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [_row(header), "|---" * len(header) + "|", *(_row(cells) for cells in rows)]
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def _curve_markdown(curve: dict[str, Any]) -> str:
     pairs = list(dict.fromkeys(pair for point in curve.values() for pair in point["winrates"]))
     rows = [
+        [str(n)]
+        + [_pct(point["winrates"].get(pair, {}).get("unseen")) for pair in pairs]
+        + [_pct(point["trait_share_unseen"].get("fspo"))]
+        for n, point in curve.items()
+    ]
+    intro = [
         "Win rates on unseen users and the trait values FSPO's answers carry as N grows (each record",
         "re-chosen among its first N samples by its system's own implicit reward).",
-        "",
-        "| N | " + " | ".join(pairs) + " | FSPO: unseen trait share |",
-        "|---" * (len(pairs) + 2) + "|",
     ]
-    for n, point in curve.items():
-        cells = [_pct(point["winrates"].get(pair, {}).get("unseen")) for pair in pairs]
-        rows.append(f"| {n} | " + " | ".join(cells) + f" | {_pct(point['trait_share_unseen'].get('fspo'))} |")
-    return "\n".join(rows)
+    return _table(intro, ["N", *pairs, "FSPO: unseen trait share"], rows)
 
 
 def _ceilings_markdown(results: list, ceilings: dict[str, dict[str, Any]]) -> str:
-    rows = [
+    intro = [
         "A win rate read against the most any system could win against that opponent: the exact judge's",
         "verdict of an ideal answer (every one of the user's trait values, fully relevant:",
         "`fspo.sim.base.Domain.ideal_reward`) against each of the opponent's answers",
         "(`fspo.eval.personal.winrate_ceiling`). An opponent whose answers already satisfy the users leaves",
         "little to win.",
-        "",
-        "| comparison | unseen: win rate | unseen: ceiling | share of it | seen: win rate | seen: ceiling |",
-        "|---|---|---|---|---|---|",
     ]
+    header = [
+        "comparison",
+        "unseen: win rate",
+        "unseen: ceiling",
+        "share of it",
+        "seen: win rate",
+        "seen: ceiling",
+    ]
+    rows = []
     cell = {(w.system, w.opponent, w.split): w.win_rate for w in results}
     pairs = list(dict.fromkeys((w.system, w.opponent) for w in results if w.opponent != "base"))
     for system, opponent in pairs:
@@ -187,23 +206,23 @@ def _ceilings_markdown(results: list, ceilings: dict[str, dict[str, Any]]) -> st
         unseen, top = cell.get((system, opponent, "unseen")), ceiling.get("unseen", {}).get("win_rate")
         share = _pct(unseen / top) if unseen is not None and top else "-"
         seen, top_seen = cell.get((system, opponent, "seen")), ceiling.get("seen", {}).get("win_rate")
-        cells = [_pct(unseen), _pct(top), share, _pct(seen), _pct(top_seen)]
-        rows.append(f"| {system} vs {opponent} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        rows.append([f"{system} vs {opponent}", _pct(unseen), _pct(top), share, _pct(seen), _pct(top_seen)])
+    return _table(intro, header, rows)
 
 
 def _loops_markdown(loops: dict[str, dict[str, dict[str, float]]]) -> str:
-    rows = [
-        "Share of each system's answers that are repetition loops (`fspo.eval.personal.repetition_loop`).",
-        "",
-        "| system | unseen | seen |",
-        "|---|---|---|",
+    intro = [
+        "Share of each system's answers that are repetition loops (`fspo.eval.personal.repetition_loop`)."
     ]
-    for system, per in loops.items():
-        cells = [f"{_pct(c['loop_share'])} ({c['loops']}/{c['n']})" if c else "-"
-                 for c in (per.get("test_unseen"), per.get("test_seen"))]  # fmt: skip
-        rows.append(f"| {system} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+    rows = [
+        [system]
+        + [
+            f"{_pct(c['loop_share'])} ({c['loops']}/{c['n']})" if c else "-"
+            for c in (per.get("test_unseen"), per.get("test_seen"))
+        ]
+        for system, per in loops.items()
+    ]
+    return _table(intro, ["system", "unseen", "seen"], rows)
 
 
 def _pct(x: float | None) -> str:
@@ -236,63 +255,60 @@ def _merged(results: list) -> dict[str, dict[str, Any]]:
 
 
 def _shares_markdown(shares: dict[str, dict[str, dict[str, float]]]) -> str:
-    rows = [
+    intro = [
         "Per system, the mean share of each user's trait values its answers carry (`fspo.eval.personal`;",
         "a personalizing model carries nearly all, one answering for the population average carries what",
         "the average user's values share with each user's), and the relevance every user rewards alike.",
-        "",
-        "| system | unseen: trait share | unseen: relevance | seen: trait share | seen: relevance |",
-        "|---|---|---|---|---|",
     ]
+    header = ["system", "unseen: trait share", "unseen: relevance", "seen: trait share", "seen: relevance"]
+    rows = []
     for system, per in shares.items():
-        cells = []
+        cells = [system]
         for split in ("test_unseen", "test_seen"):
             c = per.get(split)
             cells += [f"{100 * c['trait_share']:.1f}%", f"{c['relevance']:.3f}"] if c else ["-", "-"]
-        rows.append(f"| {system} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        rows.append(cells)
+    return _table(intro, header, rows)
 
 
 def _descriptions_markdown(quality: dict[str, dict[str, Any]]) -> str:
-    rows = [
+    intro = [
         "How often the description a RAT system writes names the user's true value of each trait",
         "(`fspo.eval.personal.description_quality`), and how often its answer carries the values its own",
         "description names.",
-        "",
-        "| system | split | true values named | per trait | extra traits per answer | answer follows it |",
-        "|---|---|---|---|---|---|",
     ]
+    header = [
+        "system",
+        "split",
+        "true values named",
+        "per trait",
+        "extra traits per answer",
+        "answer follows it",
+    ]
+    rows = []
     for system, per in quality.items():
         for split, q in per.items():
             traits = ", ".join(f"{t} {100 * c['accuracy']:.0f}%" for t, c in q["per_trait"].items())
             follows = "-" if q["follows"] is None else f"{100 * q['follows']:.0f}% of {q['stated']}"
-            rows.append(
-                f"| {system} | {split} | {100 * q['named']:.1f}% of {q['values']} | {traits} | "
-                f"{q['extra_per_record']:.2f} | {follows} |"
-            )
+            true_named = f"{100 * q['named']:.1f}% of {q['values']}"
+            rows.append([system, split, true_named, traits, f"{q['extra_per_record']:.2f}", follows])
+    lines = [_table(intro, header, rows)]
     main = quality.get("fspo-rat", {}).get("test_unseen")
     if main:
-        rows += ["", "Confusion on unseen users (fspo-rat): true value → what the description named.", ""]
+        lines += ["", "Confusion on unseen users (fspo-rat): true value → what the description named.", ""]
         for trait, table in main["confusion"].items():
             named = sorted({k for row in table.values() for k in row})
-            rows += [
-                f"| {trait}: true \\ named | " + " | ".join(named) + " |",
-                "|---" * (len(named) + 1) + "|",
-            ]
-            for value, row in sorted(table.items()):
-                rows.append(f"| {value} | " + " | ".join(str(row.get(k, 0)) for k in named) + " |")
-            rows.append("")
-    return "\n".join(rows)
+            counts = [[value] + [str(row.get(k, 0)) for k in named] for value, row in sorted(table.items())]
+            lines += [*_table_lines([f"{trait}: true \\ named", *named], counts), ""]
+    return "\n".join(lines)
 
 
 def _ceiling_markdown(ceiling: dict[str, dict[str, dict[str, float]]], accuracy: dict[str, Any]) -> str:
-    rows = [
+    intro = [
         "Preference accuracy a Bayes learner reaches from n shots, holding the population's personas as",
         "hypotheses (`fspo.eval.personal.shot_ceiling`), beside FSPO's implicit-reward accuracy.",
-        "",
-        "| split | shots | ceiling | FSPO accuracy | share of the ceiling |",
-        "|---|---|---|---|---|",
     ]
+    rows = []
     splits = accuracy.get("fspo", {}).get("splits", {})
     fspo = {split: {pt["shots"]: pt["accuracy"] for pt in points} for split, points in splits.items()}
     for split, curve in ceiling.items():
@@ -301,8 +317,8 @@ def _ceiling_markdown(ceiling: dict[str, dict[str, dict[str, float]]], accuracy:
             share = f"{100 * mine / c['accuracy']:.0f}%" if mine is not None and c["accuracy"] else "-"
             shown = "-" if mine is None else f"{mine:.3f}"
             bound = f"{c['accuracy']:.3f} [{c['ci_low']:.2f}, {c['ci_high']:.2f}]"
-            rows.append(f"| {split} | {n} | {bound} | {shown} | {share} |")
-    return "\n".join(rows)
+            rows.append([split, str(n), bound, shown, share])
+    return _table(intro, ["split", "shots", "ceiling", "FSPO accuracy", "share of the ceiling"], rows)
 
 
 def _unseen_note(p: Profile) -> str:

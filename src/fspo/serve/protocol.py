@@ -18,7 +18,7 @@ constructor from the answer (``of``), so no route assembles a reply as a loose d
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AfterValidator,
@@ -293,27 +293,43 @@ class AssistantMessage(Response):
     refusal: None = None
 
 
-class ChatChoice(Response):
+class ResponseChoice(Response):
+    """What every kind of choice shares: its place among the answers and OpenAI's `logprobs`, which
+    this server never computes (a request asking for them is refused)."""
+
     index: int = 0
-    message: AssistantMessage
-    finish_reason: str
+    finish_reason: str | None
     logprobs: None = None
+
+
+class ChatChoice(ResponseChoice):
+    message: AssistantMessage
+    finish_reason: str  # a whole answer has always ended
 
 
 Finished = tuple[str, str]  # a choice's text and finish reason
 
 
-class ChatCompletion(CompletionResponse):
+class AnswersResponse(CompletionResponse):
+    """A response carrying whole answers: one choice a finished answer, in order (`choice` builds it)."""
+
+    @classmethod
+    def choice(cls, index: int, text: str, finish: str) -> ResponseChoice:
+        raise NotImplementedError
+
+    @classmethod
+    def of(cls, head: Head, finished: list[Finished], usage: Usage, fspo: FspoInfo) -> Self:
+        choices = [cls.choice(i, text, finish) for i, (text, finish) in enumerate(finished)]
+        return cls(**dict(head), choices=choices, usage=usage, fspo=fspo)
+
+
+class ChatCompletion(AnswersResponse):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
 
     @classmethod
-    def of(cls, head: Head, finished: list[Finished], usage: Usage, fspo: FspoInfo) -> ChatCompletion:
-        choices = [
-            ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=finish)
-            for i, (text, finish) in enumerate(finished)
-        ]
-        return cls(**dict(head), choices=choices, usage=usage, fspo=fspo)
+    def choice(cls, index: int, text: str, finish: str) -> ChatChoice:
+        return ChatChoice(index=index, message=AssistantMessage(content=text), finish_reason=finish)
 
 
 class ChatDelta(Response):
@@ -327,11 +343,8 @@ class ChatDelta(Response):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-class ChatChunkChoice(Response):
-    index: int = 0
+class ChatChunkChoice(ResponseChoice):
     delta: ChatDelta
-    finish_reason: str | None
-    logprobs: None = None
 
 
 class ChatCompletionChunk(CompletionResponse):
@@ -350,26 +363,19 @@ class ChatCompletionChunk(CompletionResponse):
         return cls(**dict(head), choices=[choice])
 
 
-class CompletionChoice(Response):
-    index: int = 0
+class CompletionChoice(ResponseChoice):
     text: str
-    finish_reason: str | None
-    logprobs: None = None
 
 
-class Completion(CompletionResponse):
+class Completion(AnswersResponse):
     """A text completion; streamed, each event is one too (OpenAI's shape for both)."""
 
     object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
 
     @classmethod
-    def of(cls, head: Head, finished: list[Finished], usage: Usage, fspo: FspoInfo) -> Completion:
-        choices = [
-            CompletionChoice(index=i, text=text, finish_reason=finish)
-            for i, (text, finish) in enumerate(finished)
-        ]
-        return cls(**dict(head), choices=choices, usage=usage, fspo=fspo)
+    def choice(cls, index: int, text: str, finish: str) -> CompletionChoice:
+        return CompletionChoice(index=index, text=text, finish_reason=finish)
 
     @classmethod
     def chunk(cls, head: Head, delta: str | None, finish: str | None) -> Completion:

@@ -29,14 +29,7 @@ def _hash(secret: str) -> str:
 
 
 def _key(row: KeyRow) -> KeyInfo:
-    return KeyInfo(
-        id=row.id,
-        user_id=row.user_id,
-        scope=row.scope,
-        name=row.name,  # type: ignore[arg-type]
-        created_at=row.created_at,
-        revoked_at=row.revoked_at,
-    )
+    return KeyInfo.model_validate(row)
 
 
 class Keys(Database):

@@ -58,7 +58,10 @@ def require_text(name: str, value: Any) -> str:
 
 
 class _Out(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    """A record handed out; one whose fields are its row's columns by name is read off the row
+    (``Trial.model_validate(row)``), so each field is listed once, here."""
+
+    model_config = ConfigDict(frozen=True, from_attributes=True)
 
 
 class NewPreference(BaseModel):
@@ -98,14 +101,9 @@ class StoredPreference(_Out):
     metadata: dict[str, Any]
 
     def record(self) -> Preference:
-        """The project's core record (store bookkeeping, id/source/time, stays out of it)."""
-        return Preference(
-            user_id=self.user_id,
-            question=self.question,
-            chosen=self.chosen,
-            rejected=self.rejected,
-            metadata=self.metadata,
-        )
+        """The project's core record, read off this one's fields of the same names (store bookkeeping,
+        id/source/time, stays out of it)."""
+        return Preference.model_validate(self, from_attributes=True)
 
 
 class KeyInfo(_Out):

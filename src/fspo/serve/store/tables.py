@@ -4,7 +4,7 @@ these; a change here needs a new revision (`fspo.serve.store.database.migration_
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from sqlalchemy import (
     JSON,
@@ -50,6 +50,10 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+# Columns that several tables declare alike; `Mapped[SerialId]` takes the `mapped_column` given here.
+SerialId = Annotated[int, mapped_column(Integer, primary_key=True)]
+CreatedAt = Annotated[datetime, mapped_column(default=utc_now)]
+
 # Named constraints, so that migrations can refer to them (SQLite needs names to alter a table in batch).
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -62,14 +66,16 @@ NAMING = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
+    # A column's type when it gives none: unbounded text, and times in UTC; a bounded string says its length.
+    type_annotation_map = {str: Text, datetime: UTCDateTime}
 
 
 class UserRow(Base):
     __tablename__ = "users"
     user_id: Mapped[str] = mapped_column(String(255), primary_key=True)
-    description: Mapped[str | None] = mapped_column(Text)
+    description: Mapped[str | None]
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utc_now)
+    created_at: Mapped[CreatedAt]
 
 
 class KeyRow(Base):
@@ -80,8 +86,8 @@ class KeyRow(Base):
     secret_sha256: Mapped[str] = mapped_column(String(64))
     scope: Mapped[str] = mapped_column(String(16))
     name: Mapped[str] = mapped_column(String(255), default="")
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utc_now)
-    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[CreatedAt]
+    revoked_at: Mapped[datetime | None]
 
 
 class PreferenceRow(Base):
@@ -89,14 +95,14 @@ class PreferenceRow(Base):
     # AUTOINCREMENT: SQLite would otherwise reuse the id of a deleted newest row, and an id a client
     # still holds (preference_ids, an event) would silently name a different preference.
     __table_args__ = (Index("ix_preferences_user_id_id", "user_id", "id"), {"sqlite_autoincrement": True})
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[SerialId]
     user_id: Mapped[str] = mapped_column(ForeignKey("users.user_id"))
-    question: Mapped[str] = mapped_column(Text)
-    chosen: Mapped[str] = mapped_column(Text)
-    rejected: Mapped[str] = mapped_column(Text)
+    question: Mapped[str]
+    chosen: Mapped[str]
+    rejected: Mapped[str]
     source: Mapped[str] = mapped_column(String(64))
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utc_now)
+    created_at: Mapped[CreatedAt]
 
 
 class TrialRow(Base):
@@ -109,16 +115,16 @@ class TrialRow(Base):
         Index("ix_study_trials_participant_id", "participant", "id"),
         {"sqlite_autoincrement": True},
     )
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[SerialId]
     participant: Mapped[str] = mapped_column(ForeignKey("users.user_id"))
-    question: Mapped[str] = mapped_column(Text)
+    question: Mapped[str]
     left_system: Mapped[str] = mapped_column(String(255))
     right_system: Mapped[str] = mapped_column(String(255))
-    left_answer: Mapped[str] = mapped_column(Text)
-    right_answer: Mapped[str] = mapped_column(Text)
+    left_answer: Mapped[str]
+    right_answer: Mapped[str]
     vote: Mapped[str | None] = mapped_column(String(8))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utc_now)
-    voted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[CreatedAt]
+    voted_at: Mapped[datetime | None]
 
 
 class EventRow(Base):
@@ -126,8 +132,8 @@ class EventRow(Base):
     # No foreign key on user_id: the log must be able to record anything, including about users
     # that a later migration or an operator removes.
     __table_args__ = (Index("ix_events_user_id_id", "user_id", "id"), {"sqlite_autoincrement": True})
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[SerialId]
     user_id: Mapped[str | None] = mapped_column(String(255))
     kind: Mapped[str] = mapped_column(String(64))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utc_now)
+    created_at: Mapped[CreatedAt]

@@ -16,18 +16,7 @@ from fspo.serve.store.users import need_user
 
 
 def _trial(row: TrialRow) -> Trial:
-    return Trial(
-        id=row.id,
-        participant=row.participant,
-        question=row.question,
-        left_system=row.left_system,
-        right_system=row.right_system,
-        left_answer=row.left_answer,
-        right_answer=row.right_answer,
-        vote=row.vote,
-        created_at=row.created_at,
-        voted_at=row.voted_at,
-    )  # type: ignore[arg-type]
+    return Trial.model_validate(row)
 
 
 class Trials(Database):
