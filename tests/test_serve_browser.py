@@ -122,7 +122,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, bank: list
         max_new_tokens=16,
     )
     backend = local_answerer(model_dir)
-    systems = [System(name="fspo", backend=backend), System(name="zero-shot", backend=backend, shots=0)]
+    systems = [System(name="fspo", answerer=backend), System(name="zero-shot", answerer=backend, shots=0)]
     store = Store(f"sqlite:///{root / 'serve.db'}")
     app = create_app(store, systems, default_system="fspo", study=study)
     try:
