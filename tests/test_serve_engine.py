@@ -20,7 +20,7 @@ from fspo.data.schema import Episode
 from fspo.data.template import DescriptionMode, TemplateOptions, parse_generation, render
 from fspo.eval.generate import generate_for_episodes
 from fspo.infer.best_of import SELF, Reference
-from fspo.infer.generate import Decoding, Mode, generate_batch, prompt_ids_for
+from fspo.infer.generate import Decoding, Mode, generate_batch, prefill, prompt_ids_for
 from fspo.serve.answerers import (
     Answer,
     AnswerRequest,
@@ -389,7 +389,7 @@ def test_cache_eviction_forget_and_changed_shots(backends, episodes):
 
 def test_prefix_cache_lru_by_bytes(backends, episodes):
     backend = backends["gpt2"]
-    kvs = [backend._prefill(prompt_ids_for(e.shots, "q", backend.tokenizer)[:40]) for e in episodes[:3]]
+    kvs = [prefill(backend.model, prompt_ids_for(e.shots, "q", backend.tokenizer)[:40]) for e in episodes[:3]]
     size = kv_bytes(kvs[0])
     assert size == sum(t.nbytes for layer in kvs[0].layers for t in (layer.keys, layer.values)) > 0
     cache = PrefixCache(max_bytes=2 * size)
@@ -413,13 +413,15 @@ def test_a_prefix_too_large_for_the_cache_is_used_without_a_copy(backends, episo
     e = episodes[0]
     req = AnswerRequest(shots=e.shots, question=e.query.question, cache_owner=e.user_id)
     ids = prompt_ids_for(e.shots, e.query.question, backend.tokenizer, Mode.PLAIN, backend.layout)
-    real_prefill, prefilled = backend._prefill, []
+    import fspo.serve.answerers as answerers
 
-    def prefill(prefix):
-        prefilled.append(real_prefill(prefix))
+    prefilled = []
+
+    def spy(model, prefix):
+        prefilled.append(prefill(model, prefix))
         return prefilled[-1]
 
-    monkeypatch.setattr(backend, "_prefill", prefill)
+    monkeypatch.setattr(answerers, "prefill", spy)
     monkeypatch.setattr(backend, "cache", PrefixCache(max_bytes=1))  # refuses every entry
     kv, cached = backend._prefix_kv(req, Mode.PLAIN, ids)
     assert kv is prefilled[-1] and cached == 0 and len(backend.cache) == 0

@@ -41,8 +41,8 @@ from fspo.infer.generate import (
     Decoding,
     Mode,
     answer_finished,
-    cache_kwarg,
     generate_batch,
+    prefill,
     prompt_ids_for,
     template_options,
 )
@@ -388,23 +388,10 @@ class LocalAnswerer(_Prompting):
         kv = self.cache.get(key)
         if kv is not None:
             return kv, len(prefix)
-        stored = self._prefill(prefix)
+        stored = prefill(self.model, prefix)
         if self.cache.put(key, stored, owner=req.cache_owner):
             return copy.deepcopy(stored), 0  # `generate` extends what it gets; the entry stays the prefix
         return stored, 0  # not kept (larger than the whole cache): nothing else will read it
-
-    def _prefill(self, prefix: list[int]) -> Any:
-        import torch
-        from transformers import DynamicCache
-
-        kv = DynamicCache(config=self.model.config)
-        with torch.no_grad():
-            self.model(
-                input_ids=torch.tensor([prefix], device=self.model.device),
-                use_cache=True,
-                **{cache_kwarg(self.model): kv},
-            )
-        return kv
 
 
 class RemoteAnswerer(_Prompting):
