@@ -28,7 +28,7 @@ def world(eval_users, eval_episodes, eval_lm):
 
 def test_batch_and_single_give_the_same_greedy_output(world):
     _, episodes, model, tok = world
-    kw = {"max_new_tokens": 12, "seed": 0}
+    kw = {"max_new_tokens": 12, "decoding": Decoding(seed=0)}
     batched = generate_for_episodes(model, tok, episodes, batch_size=8, **kw)
     single = generate_for_episodes(model, tok, episodes, batch_size=1, **kw)
     assert [r["raw"] for r in batched] == [r["raw"] for r in single]

@@ -21,6 +21,7 @@ from conftest import tiny_llama_dir, write_jsonl
 from fspo.core.errors import UserError
 from fspo.eval.accuracy import accuracy_curve, pair_margins
 from fspo.eval.generate import generate_for_episodes, partial_path
+from fspo.infer.generate import Decoding
 from fspo.testing import toy_corpus, toy_episodes, toy_users
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -138,7 +139,7 @@ def test_accuracy_killed_and_rerun_is_byte_identical(world, tmp_path: Path) -> N
 
 def test_generate_redoes_a_torn_last_line(eval_episodes, eval_lm, tmp_path: Path) -> None:
     model, tok = eval_lm
-    kw = {"max_new_tokens": 8, "temperature": 1.0, "top_p": 0.9, "seed": 2, "batch_size": 3}
+    kw = {"max_new_tokens": 8, "decoding": Decoding(temperature=1.0, top_p=0.9, seed=2), "batch_size": 3}
     whole = tmp_path / "whole.jsonl"
     generate_for_episodes(model, tok, eval_episodes, out=whole, **kw)
     lines = whole.read_bytes().splitlines(keepends=True)

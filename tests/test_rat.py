@@ -47,7 +47,7 @@ class ScriptedSamples:
         self.descriptions: list[str] = []
 
     def __call__(self, model, tokenizer, rows, **kwargs):
-        assert kwargs["description_only"] and kwargs["rat"] and kwargs["temperature"] > 0
+        assert kwargs["description_only"] and kwargs["rat"] and kwargs["decoding"].temperature > 0
         if self.fail_after is not None and self.calls >= self.fail_after:
             raise KeyboardInterrupt  # a kill between batches
         self.calls += 1

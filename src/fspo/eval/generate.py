@@ -17,7 +17,7 @@ from fspo.core.files import AppendLog, atomic_write_jsonl, json_lines
 from fspo.data.schema import Episode, User
 from fspo.data.template import TemplateOptions, parse_generation
 from fspo.infer.best_of import SELF, Reference, best_of_n, check_best_of
-from fspo.infer.generate import Decoding, Mode, answer_finished, generate_batch, prompt_ids, resolve_decoding
+from fspo.infer.generate import Decoding, Mode, answer_finished, generate_batch, prompt_ids
 
 # Everything that decides a record's text. `batch_size` is among them: it decides which episodes
 # share a batch, hence the padding (a sampled row's seed is its episode's, whatever its batch).
@@ -224,9 +224,6 @@ def generate_for_episodes(
     decoding: Decoding | None = None,
     best_of: int = 1,
     reference: Reference | None = None,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
     batch_size: int = 8,
     options: TemplateOptions | None = None,
     users: dict[str, User] | None = None,
@@ -235,18 +232,17 @@ def generate_for_episodes(
 ) -> list[dict[str, Any]]:
     """Generate one answer per episode; returns the records (and writes them to `out` if given).
 
-    `shots` keeps each episode's first k shots (None: all). `system` names the system in reports
-    (default: the mode). `decoding` (default greedy; `temperature`, `top_p`, `seed` are its
-    shorthand) is recorded in every record. `best_of` > 1 samples that many answers per episode and
-    keeps the one with the highest implicit reward against `reference` (default: the model itself
-    without shots); the record adds ``candidates`` (answer, reward, logp, ref_logp, new_tokens of
-    each), ``best_index``, ``generated_tokens`` and ``scored_tokens``. `users` supplies descriptions
-    for oracle mode when episodes lack them. With `out`, episodes already in `out` or in its
-    ``.partial`` append log (a killed run's finished records) are kept, not generated again; the
-    settings must match theirs (`UserError` otherwise).
+    `shots` keeps each episode's first k shots (None: all). `system` names the system in reports (default:
+    the mode). `decoding` (default greedy) is recorded in every record. `best_of` > 1 samples that many
+    answers per episode and keeps the one with the highest implicit reward against `reference` (default:
+    the model itself without shots); the record adds ``candidates`` (answer, reward, logp, ref_logp,
+    new_tokens of each), ``best_index``, ``generated_tokens`` and ``scored_tokens``. `users` supplies
+    descriptions for oracle mode when episodes lack them. With `out`, episodes already in `out` or in its
+    ``.partial`` append log (a killed run's finished records) are kept, not generated again; the settings
+    must match theirs (`UserError` otherwise).
     """
     mode = Mode(mode)
-    decoding = resolve_decoding(decoding, temperature, top_p, seed)
+    decoding = decoding or Decoding()
     reference = reference or Reference(None, SELF)
     check_best_of(best_of, decoding, mode)
     if len({e.episode_id for e in episodes}) != len(episodes):

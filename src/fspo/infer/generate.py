@@ -292,19 +292,6 @@ def logits_processors(decoding: Decoding, answer_start: int, seeds: Sequence[int
     return out
 
 
-def resolve_decoding(
-    decoding: Decoding | None, temperature: float | None, top_p: float | None, seed: int | None
-) -> Decoding:
-    """`decoding`, or the one its shorthand `temperature`, `top_p` and `seed` stand for (for callers
-    that have no `Decoding`)."""
-    if decoding is not None:
-        if (temperature, top_p, seed) != (None, None, None):
-            raise ValueError("pass either decoding or temperature/top_p/seed, not both")
-        return decoding
-    top_p = 1.0 if top_p is None else top_p
-    return Decoding.of("generate_batch", temperature=temperature or 0.0, top_p=top_p, seed=seed or 0)
-
-
 def generate_batch(
     model: Any,
     tokenizer: Any,
@@ -314,19 +301,15 @@ def generate_batch(
     max_new_tokens: int,
     decoding: Decoding | None = None,
     seeds: Sequence[int] | None = None,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
     cache: Any = None,
     streamer: Any = None,
     description_only: bool = False,
 ) -> list[list[int]]:
     """New token ids for each prompt of `batch` (left-padded, KV-cached `model.generate`).
 
-    `decoding` chooses the tokens (default greedy); `temperature`, `top_p` and `seed` are its
-    shorthand. A sampled row draws from `seeds[i]` (default: `decoding.row_seed("", i)`), so its
-    answer depends on its prompt and seed alone. `description_only` (RAT prompts) stops each row
-    once its user description is written.
+    `decoding` chooses the tokens (default greedy). A sampled row draws from `seeds[i]` (default:
+    `decoding.row_seed("", i)`), so its answer depends on its prompt and seed alone.
+    `description_only` (RAT prompts) stops each row once its user description is written.
 
     `cache` (a KV cache of the first tokens every row shares, e.g. a user's shots prefilled once by
     the server, or `prefill`; `model.generate` extends it in place) and `streamer` (a transformers
@@ -334,7 +317,7 @@ def generate_batch(
     """
     import torch
 
-    decoding = resolve_decoding(decoding, temperature, top_p, seed)
+    decoding = decoding or Decoding()
     seeds = [decoding.row_seed("", i) for i in range(len(batch))] if seeds is None else list(seeds)
     if len(seeds) != len(batch):
         raise ValueError(f"{len(seeds)} seeds for {len(batch)} rows")

@@ -39,7 +39,7 @@ from fspo.core.files import AppendLog, atomic_write_json
 from fspo.data.io import write_records
 from fspo.data.schema import Episode
 from fspo.data.template import TemplateOptions, parse_generation
-from fspo.infer.generate import Mode, batch_seed, generate_batch, prompt_ids
+from fspo.infer.generate import Decoding, Mode, batch_seed, generate_batch, prompt_ids
 
 Scorer = Callable[[Sequence[str], Sequence[str]], list[float]]
 PAIRS_FILE = "train.jsonl"
@@ -131,9 +131,12 @@ def build_rat_pairs(
                 rat=True,
                 description_only=True,
                 max_new_tokens=s.max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=batch_seed(seed, [e.episode_id for e, _ in chunk]),
+                decoding=Decoding.of(
+                    "rat-pairs",
+                    temperature=temperature,
+                    top_p=top_p,
+                    seed=batch_seed(seed, [e.episode_id for e, _ in chunk]),
+                ),
             )
             texts = [_description(tokenizer.decode(ids, skip_special_tokens=True)) for ids in new]
             truths = [e.description or "" for e, _ in chunk for _ in range(samples)]
