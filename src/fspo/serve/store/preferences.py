@@ -69,9 +69,9 @@ def check_record(pref: Preference, index: int) -> None:
     can hold faithfully (`storable`); records built from a `NewPreference` are already checked."""
     for name in ("user_id", "question", "chosen", "rejected", "metadata"):
         try:
-            storable(getattr(pref, name))
+            storable(getattr(pref, name), f"preferences[{index}].{name}")
         except ValueError as e:
-            raise InvalidRecord(f"preferences[{index}].{name}: {e}", field=name, index=index) from None
+            raise InvalidRecord(str(e), field=name, index=index) from None
 
 
 def preference_row(pref: Preference, source: str) -> PreferenceRow:

@@ -6,14 +6,13 @@ session or lazy-load a column after its transaction ended.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from fspo.data.schema import Preference
+from fspo.data.validate import storable_problems
 from fspo.serve.store.errors import InvalidRecord
 
 Scope = Literal["user", "admin"]
@@ -22,32 +21,14 @@ SCOPES: tuple[str, ...] = ("user", "admin")
 VOTES: tuple[str, ...] = ("left", "right", "tie")
 
 
-def storable(value: Any) -> Any:
-    """`value` unchanged if every database stores it faithfully, else a `ValueError` saying where not.
-
-    Two things are refused: a NUL character in a string (PostgreSQL's text and JSON types reject it:
-    the insert would fail) and a non-finite float, NaN or Infinity, anywhere in a JSON value (JSON has
-    none: the JSON column would silently store null, or fail).
-    """
-    _check_storable(value, "")
+def storable(value: Any, where: str = "") -> Any:
+    """`value` unchanged if every database stores it faithfully, else a `ValueError` naming where in it
+    (`where`: the field) what is not: `fspo.data.validate.storable_problems`, the rule `fspo data
+    validate` applies to files, so a record the validator passes is one the store takes."""
+    problems = storable_problems(value, where)
+    if problems:
+        raise ValueError("; ".join(problems))
     return value
-
-
-def _check_storable(value: Any, where: str) -> None:
-    at = f" at {where}" if where else ""
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise ValueError(f"contains a NUL character (\\u0000){at}, which cannot be stored")
-    elif isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{value} is not a finite number{at} (JSON has no NaN or Infinity)")
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            _check_storable(key, where)
-            _check_storable(item, f"{where}.{key}" if where else str(key))
-    elif isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            _check_storable(item, f"{where}[{i}]")
 
 
 def require_text(name: str, value: Any) -> str:
@@ -80,8 +61,8 @@ class NewPreference(BaseModel):
 
     @field_validator("*")
     @classmethod
-    def _storable(cls, value: Any) -> Any:
-        return storable(value)
+    def _storable(cls, value: Any, info: ValidationInfo) -> Any:
+        return storable(value, info.field_name or "")
 
     @model_validator(mode="after")
     def _core_rules(self) -> NewPreference:

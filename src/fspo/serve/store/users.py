@@ -28,9 +28,9 @@ def ensure_user_row(
     require_text("user_id", user_id)
     for name, value in (("user_id", user_id), ("description", description), ("metadata", metadata)):
         try:
-            storable(value)
+            storable(value, name)
         except ValueError as e:
-            raise InvalidRecord(f"{name}: {e}", field=name) from None
+            raise InvalidRecord(str(e), field=name) from None
     row = s.get(UserRow, user_id)
     if row is None:
         row = UserRow(user_id=user_id, description=description, meta=dict(metadata or {}))
