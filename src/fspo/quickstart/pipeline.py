@@ -105,7 +105,7 @@ def _run_stages(p: Profile, runner: StageRunner, params: dict[str, Any]) -> dict
         )
     if p.onpolicy:
         cfg = _onpolicy_config(p, configs["fspo"], runner)
-        key = cache_key_of(cfg)
+        key = _onpolicy_key(cfg)
         runner.run(ONPOLICY, key, lambda d: _onpolicy(cfg, runner), ("sim", "episodes", "fspo"))
     trained = trained_stages(p)
     systems = generated_systems(p)
@@ -272,7 +272,7 @@ def _onpolicy_config(p: Profile, fspo: TrainConfig, runner: StageRunner) -> Any:
     return onpolicy_config(values, source="profile field 'onpolicy'")
 
 
-def cache_key_of(cfg: Any) -> dict[str, Any]:
+def _onpolicy_key(cfg: Any) -> dict[str, Any]:
     """An on-policy stage's cache key: its settings but the paths."""
     return cfg.model_dump(mode="json", exclude={"model", "episodes", "users", "out"})
 

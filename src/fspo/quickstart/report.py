@@ -29,12 +29,13 @@ def report(
         trait_shares,
         winrate_ceiling,
     )
+    from fspo.eval.readers import read_generations
     from fspo.sim import disagreement_matrix
 
     gen = runner.folder("generate")
     results = _winrates(systems, gen, runner.folder("sim") / "users.jsonl")
     prefs, users, _ = read_dataset_dir(runner.folder("sim"))
-    generations = {s.name: _read_jsonl(gen / f"{s.name}.jsonl") for s in systems}
+    generations = {s.name: [row for _, row in read_generations(gen / f"{s.name}.jsonl")] for s in systems}
     user_map = {u.user_id: u for u in users}
     accuracy = json.loads((runner.folder("accuracy") / "accuracy.json").read_text())
     shares = trait_shares(user_map, [r for recs in generations.values() for r in recs])
@@ -46,7 +47,7 @@ def report(
     loops = loop_shares(r for recs in generations.values() for r in recs)
     opponents = dict.fromkeys(o for _, o in comparisons(systems))
     ceilings = {o: winrate_ceiling(user_map, generations[o]) for o in opponents}
-    curve = _best_of_curve(p, systems, gen, folder, user_map)
+    curve = _best_of_curve(p, systems, generations, folder, user_map)
     notes = [
         f"Profile: {p.model_dump_json()}",
         "Win rates are judged by each simulated user's exact reward r_u(text); ties count as half.",
@@ -111,7 +112,11 @@ CURVE_PAIRS = (("fspo", "population-ipo"), ("fspo", "few-shot-prompting"), ("fsp
 
 
 def _best_of_curve(
-    p: Profile, systems: tuple[System, ...], gen: Path, folder: Path, user_map: dict[str, Any]
+    p: Profile,
+    systems: tuple[System, ...],
+    generations: dict[str, list[dict[str, Any]]],
+    folder: Path,
+    user_map: dict[str, Any],
 ) -> dict[str, Any]:
     """Win rates and trait values at each N of `p.best_of_curve`: every record re-chosen among its first
     N candidates (samples nest: best-of-N's are the first N of best-of-`p.best_of`'s), written to
@@ -124,17 +129,15 @@ def _best_of_curve(
     names = [s.name for s in systems if s.mode != "rat"]
     for n in p.best_of_curve:
         sub = folder / f"best-of-{n}"
-        for name in names:
-            atomic_write_jsonl(
-                sub / f"{name}.jsonl", (_first_n(r, n) for r in _read_jsonl(gen / f"{name}.jsonl"))
-            )
+        chosen = {name: [_first_n(r, n) for r in generations[name]] for name in names}
+        for name, records in chosen.items():
+            atomic_write_jsonl(sub / f"{name}.jsonl", records)  # the files the win rates judge
         rates = {}
         for a, b in CURVE_PAIRS:
             if a in names and b in names:
                 res = winrate(sub / f"{a}.jsonl", sub / f"{b}.jsonl", user_map, "exact", system=a, opponent=b)
                 rates[f"{a} vs {b}"] = {w.split: round(w.win_rate, 4) for w in res.results}
-        records = [r for name in names for r in _read_jsonl(sub / f"{name}.jsonl")]
-        shares = trait_shares(user_map, records)
+        shares = trait_shares(user_map, [r for records in chosen.values() for r in records])
         curve[str(n)] = {
             "winrates": rates,
             "trait_share_unseen": {
@@ -227,10 +230,6 @@ def _loops_markdown(loops: dict[str, dict[str, dict[str, float]]]) -> str:
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def acc_at(curve: dict[str, Any], shots: int) -> dict[str, float]:
