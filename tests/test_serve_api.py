@@ -23,6 +23,8 @@ from fspo.infer.generate import Decoding, Mode
 from fspo.serve.answerers import Answer, AnswerRequest, System, local_answerer
 from fspo.serve.app import create_app
 from fspo.serve.completions import StopCut
+from fspo.serve.cli import allowed_hosts
+from fspo.serve.middleware import SECURITY_HEADERS, HostCheck
 from fspo.serve.serving import Limits
 from fspo.serve.store import Store
 from fspo.serve.study import StudyConfig
@@ -73,7 +75,7 @@ class World:
         self.answerer = answerer
         systems = [System("fspo", answerer, shots=8), System("base", answerer, shots=0)]
         self.app = create_app(self.store, systems, study=study, limits=limits, decoding=decoding)
-        self.client = TestClient(self.app)
+        self.client = TestClient(self.app, base_url="http://localhost")
         self.keys = {u: self.store.create_key(u)[1] for u in ("A", "B")}
         self.keys["admin"] = self.store.create_key("root", scope="admin")[1]
         self.b_ids = [
@@ -288,6 +290,10 @@ def test_the_page_and_the_api_carry_the_security_headers(world: World):
 # ---------------------------------------------------------------------------------- bad input
 
 
+DEEP: object = "x"
+for _ in range(400):
+    DEEP = {"a": DEEP}
+
 BAD = [
     # (method, path, json body or raw bytes, status, param)
     ("POST", "/v1/chat/completions", b'{"model": "fspo", "messages": [', 400, None),
@@ -491,6 +497,39 @@ BAD = [
         400,
         "preferences[1].metadata",
     ),
+    # Texts no database or tokenizer takes: refused at their field, before anything is stored.
+    (
+        "POST",
+        "/v1/users/me/preferences",
+        json.dumps({**_pref(1), "metadata": {"x": "\ud800"}}).encode(),
+        400,
+        "metadata",
+    ),
+    (
+        "POST",
+        "/v1/users/me/preferences",
+        json.dumps({**_pref(1), "metadata": DEEP}).encode(),
+        400,
+        "metadata",
+    ),
+    ("POST", "/v1/users/me/preferences", {**_pref(1), "chosen": "x" * 4001}, 400, "chosen"),
+    ("POST", "/v1/users/me/preferences", {**_pref(1), "metadata": {"x": "y" * 5000}}, 400, "metadata"),
+    (
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({"messages": [{"role": "user", "content": "hi \ud800"}]}).encode(),
+        400,
+        "messages[0].content",
+    ),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi \u0000"}]},
+        400,
+        "messages[0].content",
+    ),
+    ("POST", "/v1/completions", json.dumps({"prompt": "hi \udfff", "stream": True}).encode(), 400, "prompt"),
+    ("GET", "/v1/models/nowhere", None, 404, "model"),
     ("GET", "/v1/nowhere", None, 404, None),
     ("PUT", "/v1/models", None, 405, None),
 ]
@@ -508,6 +547,38 @@ def test_bad_requests_get_a_clear_4xx_naming_the_field(world, method, path, body
     if body in (b'{"model": "fspo", "messages": [',):
         assert error["code"] == "invalid_json" and "JSON" in error["message"]
     assert world.store.count_preferences("A") == 0  # a refused batch stores none of its items
+
+
+def test_a_user_keeps_at_most_the_limit_of_preferences(tmp_path: Path, answerer):
+    w = World(tmp_path, answerer, None, limits=Limits(max_preferences_per_user=3))
+    assert (
+        w.call(
+            "A", "POST", "/v1/users/me/preferences", json={"preferences": [_pref(1), _pref(2)]}
+        ).status_code
+        == 201
+    )
+    over = w.call("A", "POST", "/v1/users/me/preferences", json={"preferences": [_pref(3), _pref(4)]})
+    assert assert_clear_error(over, 409, "preferences")["code"] == "too_many_preferences"
+    assert w.store.count_preferences("A") == 2  # nothing of the refused batch
+    assert w.call("A", "POST", "/v1/users/me/preferences", json=_pref(3)).status_code == 201
+    w.store.close()
+
+
+def test_a_request_must_name_an_allowed_host(tmp_path: Path, answerer):
+    w = World(tmp_path, answerer, None)
+    for host in ("localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000"):
+        assert w.call("A", "GET", "/v1/users/me", headers={"Host": host}).status_code == 200, host
+    # DNS rebinding: another site's name resolving to this machine.
+    refused = w.call("A", "GET", "/v1/users/me", headers={"Host": "evil.example:8000"})
+    assert assert_clear_error(refused, 400)["code"] == "invalid_host"
+    assert refused.headers["cache-control"] == "no-store" and refused.headers["x-frame-options"] == "DENY"
+    w.store.close()
+    named = HostCheck(None, ["fspo.example.org", "*.lab.example"])
+    assert named.allows("fspo.example.org:443") and named.allows("a.lab.example")
+    assert not named.allows("lab.example.evil.com") and not named.allows("localhost")
+    assert allowed_hosts("0.0.0.0", ["*"]) == ["*"] and "10.0.0.5" in allowed_hosts("10.0.0.5", [])
+    with pytest.raises(UserError, match="--allowed-host"):
+        allowed_hosts("0.0.0.0", [])
 
 
 def test_bodies_over_the_limit_get_413_declared_or_streamed(tmp_path: Path, answerer):
@@ -546,10 +617,14 @@ def test_bodies_over_the_limit_get_413_declared_or_streamed(tmp_path: Path, answ
 def test_a_crash_is_a_500_json_without_traceback(tmp_path: Path, answerer, monkeypatch):
     w = World(tmp_path, answerer, None)
     monkeypatch.setattr(answerer, "answer", lambda req, on_text=None: 1 / 0)
-    client = TestClient(w.app, raise_server_exceptions=False)
+    # TestClient re-raises what reaches the server: a crash that escaped the app would fail here.
+    client = TestClient(w.app, base_url="http://localhost")
     r = client.post("/v1/completions", headers=w.headers("A"), json={"prompt": "Which hat?"})
     assert r.status_code == 500 and "Traceback" not in r.text and "ZeroDivision" not in r.text
     assert r.json()["error"]["type"] == "server_error"
+    # The 500 carries what every answer carries.
+    assert r.headers["cache-control"] == "no-store"
+    assert all(r.headers[name] == value for name, value in SECURITY_HEADERS.items())
     # Streamed, a crash before any text is the response's status too; one after text is an error event.
     streamed = client.post(
         "/v1/completions", headers=w.headers("A"), json={"prompt": "Which hat?", "stream": True}
@@ -762,6 +837,30 @@ def test_stop_sequences_cut_the_answer_even_across_deltas():
     assert "".join(cut.feed(d) for d in ["a", "b"]) + cut.flush() == "ab" and not cut.stopped
 
 
+def test_usage_counts_the_tokens_returned_before_a_stop_sequence(world: World):
+    # Sampled with a seed: the same answer every time, and (unlike the untrained model's greedy one) text.
+    ask = {"prompt": "Which hat should I get?", "max_tokens": LIMIT, "temperature": 1.0, "seed": 3}
+    whole = world.call("A", "POST", "/v1/completions", json=ask).json()
+    text = whole["choices"][0]["text"]
+    stop = text[len(text) // 2 :][:2]  # two characters from the middle of the answer
+    kept = text[: text.index(stop)]
+    assert kept
+    cut = world.call("A", "POST", "/v1/completions", json={**ask, "stop": stop}).json()
+    assert cut["choices"][0]["text"] == kept and cut["choices"][0]["finish_reason"] == "stop"
+    expected = whole["usage"]["completion_tokens"] - (
+        world.answerer.count_tokens(text) - world.answerer.count_tokens(kept)
+    )
+    assert cut["usage"]["completion_tokens"] == expected < whole["usage"]["completion_tokens"]
+    assert cut["usage"]["total_tokens"] == cut["usage"]["prompt_tokens"] + expected
+    streamed = world.call(
+        "A",
+        "POST",
+        "/v1/completions",
+        json={**ask, "stop": stop, "stream": True, "stream_options": {"include_usage": True}},
+    )
+    assert _events(streamed)[-1]["usage"] == cut["usage"]
+
+
 def test_preferences_add_list_page_delete(world: World, monkeypatch):
     forgotten: list[str] = []
     monkeypatch.setattr(world.answerer, "forget", forgotten.append)
@@ -809,7 +908,7 @@ def test_a_description_needs_a_rat_system_and_shots(tmp_path: Path, answerer, mo
         System("rat", answerer, mode=Mode.RAT, shots=8),
         System("rat-zero", answerer, mode=Mode.RAT, shots=0),
     ]
-    client = TestClient(create_app(store, systems))
+    client = TestClient(create_app(store, systems), base_url="http://localhost")
     headers = {"Authorization": f"Bearer {store.create_key('A')[1]}"}
     ids = [p.id for p in store.add_preferences("A", [Preference(user_id="A", **_pref(i)) for i in range(3)])]
 
@@ -885,6 +984,9 @@ def test_the_official_openai_client_works_unchanged(world: World):
     with serve_in_thread(world.app) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=world.keys["A"], max_retries=0)
         assert [m.id for m in client.models.list()] == ["fspo", "base"]
+        assert client.models.retrieve("base").id == "base"
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("nowhere")
         messages = [{"role": "user", "content": "Which colour for thing 2?"}]
         chat = client.chat.completions.create(
             model="fspo", messages=messages, max_tokens=LIMIT, extra_body={"shots": 2}

@@ -238,7 +238,7 @@ def test_study_routes_end_to_end(tmp_path, study_file):
 
     app, store, fspo, base = _colour_app(tmp_path, study_file)
     user = toy_users(4)[1]  # likes blue
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         r = client.post("/v1/study/join", json={"code": "wrong"})
         assert r.status_code == 403 and r.json()["error"]["param"] == "code"
         r = client.post("/v1/study/join", json={"code": "letmein", "name": "x"})
@@ -320,7 +320,7 @@ def test_join_without_a_study_is_404(tmp_path):
 
     store = Store(f"sqlite:///{tmp_path / 'serve.db'}")
     app = create_app(store, [System("fspo", ColourBackend())])
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         r = client.post("/v1/study/join", json={"code": "x"})
     assert r.status_code == 404 and "no study" in r.json()["error"]["message"]
 
@@ -501,7 +501,7 @@ def test_an_empty_answer_is_stored_and_shown_as_said(tmp_path, study_file):
     store = Store(f"sqlite:///{tmp_path / 'serve.db'}")
     systems = [System("fspo", ColourBackend()), System("base", ColourBackend(text=""), shots=0)]
     app = create_app(store, systems, study=StudyConfig.load(study_file))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         key = client.post("/v1/study/join", json={"code": "letmein"}).json()["api_key"]
         _label(client, key, client.get("/v1/study/pairs", headers=_auth(key)).json(), toy_users(4)[0])
         trial = client.get("/v1/study/next", headers=_auth(key)).json()

@@ -21,27 +21,45 @@ from fspo.core.errors import DataError
 from fspo.data.io import ReadReport, iter_located, resolve_duplicates
 from fspo.data.schema import Preference, User
 
+# JSON deeper than this is refused: no record needs it, and serializing it again (pydantic, a JSON
+# column) recurses once per level, so a few hundred levels would fail only when the record is read back.
+MAX_JSON_DEPTH = 32
 
-def storable_problems(value: Any, where: str = "") -> list[str]:
+
+def storable_problems(value: Any, where: str = "", depth: int = 0) -> list[str]:
     """What in `value` (a record's fields as JSON values) no database stores faithfully, one 'field:
-    message' each: a NUL character in a string (PostgreSQL's text and JSON types refuse it) and a
-    non-finite float anywhere (JSON has no NaN or Infinity: a JSON column stores null, or fails)."""
+    message' each: a NUL character in a string (PostgreSQL's text and JSON types refuse it), a lone
+    surrogate (a string UTF-8 cannot encode: the record could be stored but never sent or written
+    again), a non-finite float anywhere (JSON has no NaN or Infinity: a JSON column stores null, or
+    fails), and containers nested deeper than `MAX_JSON_DEPTH`."""
     field = where or "record"
     if isinstance(value, str):
-        nul = "\x00" in value
-        return [f"{field}: contains a NUL character (\\u0000), which cannot be stored"] if nul else []
+        return [f"{field}: {p}" for p in text_problems(value)]
     if isinstance(value, float):
         finite = math.isfinite(value)
         return [] if finite else [f"{field}: {value} is not a finite number (JSON has no NaN or Infinity)"]
+    if isinstance(value, Mapping | list | tuple) and depth >= MAX_JSON_DEPTH:
+        return [f"{field}: nested deeper than {MAX_JSON_DEPTH} levels"]
     problems: list[str] = []
     if isinstance(value, Mapping):
         for key, item in value.items():
-            problems += storable_problems(key, where)
-            problems += storable_problems(item, f"{where}.{key}" if where else str(key))
+            problems += storable_problems(key, where, depth + 1)
+            problems += storable_problems(item, f"{where}.{key}" if where else str(key), depth + 1)
     elif isinstance(value, list | tuple):
         for i, item in enumerate(value):
-            problems += storable_problems(item, f"{where}[{i}]")
+            problems += storable_problems(item, f"{where}[{i}]", depth + 1)
     return problems
+
+
+def text_problems(text: str) -> list[str]:
+    """Why `text` is no text a database or a tokenizer can take (a NUL, a lone surrogate), if it is not."""
+    if "\x00" in text:
+        return ["contains a NUL character (\\u0000), which is no text"]
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return [f"contains a lone surrogate ({text[err.start]!a}), which UTF-8 cannot encode"]
+    return []
 
 
 def validate_file(path: str | Path, kind: type[BaseModel], skip_invalid: bool = False) -> ReadReport:

@@ -109,6 +109,8 @@ class Answerer(Protocol):
 
     def forget(self, user_id: str) -> None: ...
 
+    def count_tokens(self, text: str) -> int: ...
+
 
 @dataclass(frozen=True)
 class System:
@@ -181,6 +183,10 @@ class _Prompting:
         cap = max_new_tokens_limit if max_positions is None else min(max_new_tokens_limit, max_positions - 1)
         self.max_new_tokens_limit = max(1, cap)
         self.default_mode = Mode.RAT if layout.description is DescriptionMode.TARGET else Mode.PLAIN
+
+    def count_tokens(self, text: str) -> int:
+        """`text`'s length in the model's tokens (what `usage` counts of an answer cut short)."""
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _prompt(self, req: AnswerRequest, mode: Mode) -> tuple[list[int], int]:
         """The prompt ids and the generation budget (max_new_tokens, capped by the context left)."""

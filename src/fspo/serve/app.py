@@ -10,7 +10,8 @@ handler (`fspo.serve.completions`, `fspo.serve.serving`, the store); every reque
 is a typed model of `fspo.serve.protocol`.
 
 Routes (user-scope keys, except ``/v1/admin/*``, which only admin-scope keys reach):
-  POST /v1/chat/completions, POST /v1/completions (``stream`` for server-sent events), GET /v1/models
+  POST /v1/chat/completions, POST /v1/completions (``stream`` for server-sent events), GET /v1/models,
+  GET /v1/models/{model}
   GET /v1/users/me; POST/GET/DELETE /v1/users/me/preferences; DELETE /v1/users/me/preferences/{id}
   GET /v1/users/me/description (RAT's description of the caller, inferred from their preferences)
   GET /v1/admin/users, GET/POST /v1/admin/keys, DELETE /v1/admin/keys/{key_id}, GET /v1/admin/events
@@ -43,7 +44,7 @@ from fspo.serve.answerers import System
 from fspo.serve.auth import admin_principal, user_principal
 from fspo.serve.completions import CHAT, TEXT, complete
 from fspo.serve.errors import APIError, install_error_handlers, validate_body
-from fspo.serve.middleware import BodySizeLimit, SecurityHeaders
+from fspo.serve.middleware import LOOPBACK_HOSTS, BodySizeLimit, CrashGuard, HostCheck, SecurityHeaders
 from fspo.serve.protocol import (
     INT64_MAX,
     ChatCompletion,
@@ -70,7 +71,7 @@ from fspo.serve.protocol import (
     UserList,
     UserSummary,
 )
-from fspo.serve.serving import Limits, describe
+from fspo.serve.serving import Limits, check_preference_limits, describe
 from fspo.serve.store import NewPreference, Principal, Store
 from fspo.serve.study import StudyConfig
 from fspo.serve.study import router as study_router
@@ -97,6 +98,14 @@ def page() -> FileResponse:
 def models(request: Request, principal: Principal = Depends(user_principal)) -> ModelList:
     systems: dict[str, System] = request.app.state.systems
     return ModelList(data=[ModelCard(id=name, root=s.answerer.model_id) for name, s in systems.items()])
+
+
+@router.get("/v1/models/{model}")
+def model_card(request: Request, model: str, principal: Principal = Depends(user_principal)) -> ModelCard:
+    system: System | None = request.app.state.systems.get(model)
+    if system is None:
+        raise APIError(404, f"model: {model!r} is not served here", param="model", code="model_not_found")
+    return ModelCard(id=model, root=system.answerer.model_id)
 
 
 # ``response_model``: the whole answer's type; a streamed answer is a `StreamingResponse` of chunks.
@@ -142,7 +151,9 @@ def add_preferences(
         items = [validate_body(NewPreference, payload)]
     if len(items) > limits.max_batch:
         raise APIError(400, f"preferences: at most {limits.max_batch} a request", param="preferences")
-    stored = request.app.state.store.add_preferences(principal.user_id, items, source="api")
+    store: Store = request.app.state.store
+    check_preference_limits(limits, items, store.count_preferences(principal.user_id))
+    stored = store.add_preferences(principal.user_id, items, source="api")
     _forget(request.app, principal.user_id)
     return PreferenceList.of(stored)
 
@@ -257,8 +268,11 @@ def create_app(
     study: StudyConfig | None = None,
     limits: Limits = Limits(),
     decoding: Decoding = Decoding(),
+    allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
 ) -> FastAPI:
     """The serving app over `store` and the served `systems` (the first is the default unless named).
+
+    `allowed_hosts`: the names a request's Host header may give (`fspo.serve.middleware.HostCheck`).
 
     `decoding` is the server's: its repetition controls apply to every system's answers, and each
     request's ``temperature``, ``top_p`` and ``seed`` replace its own (`fspo.serve.serving.prepare`)."""
@@ -296,8 +310,12 @@ def create_app(
     app.state.decoding = decoding
     app.state.generation_pool = pool
     install_error_handlers(app)
+    # Each add wraps the ones before: CrashGuard innermost, SecurityHeaders outermost, so every answer
+    # of the layers inside it (a 500, a 413, a refused Host) carries the headers.
+    app.add_middleware(CrashGuard)
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
-    app.add_middleware(SecurityHeaders)  # added last: outermost, so the 413s above get the headers too
+    app.add_middleware(HostCheck, allowed=allowed_hosts)
+    app.add_middleware(SecurityHeaders)
     app.include_router(router)
     app.include_router(study_router)
     app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")

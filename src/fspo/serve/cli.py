@@ -159,6 +159,26 @@ def _decoding(backend: str, repetition_penalty: float, no_repeat_ngram_size: int
     return decoding
 
 
+WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")
+
+
+def allowed_hosts(host: str, given: list[str]) -> list[str]:
+    """The Host names the server answers (`fspo.serve.middleware.HostCheck`): `given`, else the loopback
+    names and `host`. Listening on every address (``--host 0.0.0.0``) without naming them is refused:
+    the server cannot know by which names people reach it, and answering any name is what DNS
+    rebinding needs."""
+    from fspo.serve.middleware import LOOPBACK_HOSTS
+
+    if given:
+        return given
+    if host in WILDCARD_ADDRESSES:
+        raise UserError(
+            f"serve: --host {host!r} listens on every address; name the hosts people reach the server "
+            "by with --allowed-host NAME (repeatable, or '*' for any)"
+        )
+    return [*LOOPBACK_HOSTS, host.strip("[]")]
+
+
 @app.callback(invoke_without_command=True)
 def serve(
     ctx: typer.Context,
@@ -192,6 +212,11 @@ def serve(
     max_samples: int | None = typer.Option(
         None, min=1, help="At most this many samples a request (n, best_of); default 16, 1: one answer."
     ),
+    allowed_host: list[str] = typer.Option(
+        [],
+        help="A name requests may give as Host (repeatable; '*.example.org' for subdomains, '*' for any). "
+        "Default: loopback names and --host.",
+    ),
 ) -> None:
     """Serve --model (and baselines) until interrupted; sub-commands manage keys and preferences."""
     if ctx.invoked_subcommand is not None:
@@ -205,6 +230,7 @@ def serve(
     from fspo.serve.store import shown_url
 
     decoding = _decoding(backend, repetition_penalty, no_repeat_ngram_size)
+    hosts = allowed_hosts(host, allowed_host)
     limits = Limits() if max_samples is None else Limits(max_samples=max_samples)
     study_config = None
     if study is not None:
@@ -225,7 +251,9 @@ def serve(
     )
     store = open_store(db)
     try:
-        api = create_app(store, systems, study=study_config, limits=limits, decoding=decoding)
+        api = create_app(
+            store, systems, study=study_config, limits=limits, decoding=decoding, allowed_hosts=hosts
+        )
         url = f"http://{host}:{port}"
         console.print(f"fspo serve: {url}  (systems: {', '.join(s.name for s in systems)})", highlight=False)
         console.print(f"  database: {store!r}", highlight=False)

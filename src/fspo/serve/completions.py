@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from fspo.serve.answerers import Answer
+from fspo.serve.answerers import Answer, Answerer
 from fspo.serve.errors import raise_generation_failure, stream_error
 from fspo.serve.protocol import (
     ChatCompletion,
@@ -97,12 +97,19 @@ async def complete(
     )
     if body.stream:
         return await _start_stream(app, prepared, body, shape, head)
+    answerer = prepared.system.answerer
     if prepared.several:
         choices = await choose(app, prepared)
         finished = [_finished(body, answer) for answer in choices.answers]
-        return shape.reply(head, finished, Usage.of(choices), prepared.fspo(choices.answers[0], choices))
+        cut_off = sum(
+            _cut_tokens(answerer, a, text) for a, (text, _) in zip(choices.answers, finished, strict=True)
+        )
+        usage = Usage.of(choices, cut_off)
+        return shape.reply(head, finished, usage, prepared.fspo(choices.answers[0], choices))
     answer = await generate(app, prepared.system, prepared.request)
-    return shape.reply(head, [_finished(body, answer)], Usage.of(answer), prepared.fspo(answer))
+    text, finish = _finished(body, answer)
+    usage = Usage.of(answer, _cut_tokens(answerer, answer, text))
+    return shape.reply(head, [(text, finish)], usage, prepared.fspo(answer))
 
 
 def _finished(body: GenerationBody, answer: Answer) -> Finished:
@@ -110,6 +117,16 @@ def _finished(body: GenerationBody, answer: Answer) -> Finished:
     cut = StopCut(body.stop_sequences)
     text = cut.feed(answer.text) + cut.flush()
     return text, cut.finish_reason(answer)
+
+
+def _cut_tokens(answerer: Answerer, answer: Answer, returned: str) -> int:
+    """The completion tokens of `answer` that a stop sequence cut off (0 when `returned` is its whole
+    text), so that `usage` counts what was returned, as a server stopping at the sequence would. The
+    generation itself ran to its end, so the cut part is counted by tokenizing it: the tokens of the
+    whole answer less those of the part returned."""
+    if returned == answer.text:
+        return 0
+    return max(answerer.count_tokens(answer.text) - answerer.count_tokens(returned), 0)
 
 
 class _ClientGone(Exception):
@@ -181,14 +198,17 @@ async def _events(
     head: Head,
 ) -> AsyncIterator[str]:
     """The events of `_start_stream`, from its generation's `first` event on."""
+    answerer = prepared.system.answerer
     cut = StopCut(body.stop_sequences)
     usage = body.include_usage
     kind, value = first
+    sent = ""
     try:
         if shape.opening is not None:
             yield shape.opening(head).event(usage)
         while kind == "text":
             text = cut.feed(value)
+            sent += text
             if text:
                 yield shape.chunk(head, text, None).event(usage)
             kind, value = await queue.get()
@@ -197,13 +217,14 @@ async def _events(
         else:
             answer: Answer = value
             rest = cut.flush()
+            sent += rest
             if rest:
                 yield shape.chunk(head, rest, None).event(usage)
             end = shape.chunk(head, None, cut.finish_reason(answer))
             yield end.model_copy(update={"fspo": prepared.fspo(answer)}).event(usage)
             if usage:  # OpenAI's last event: no choices, the usage
                 totals = shape.chunk(head, None, None).model_copy(
-                    update={"choices": [], "usage": Usage.of(answer)}
+                    update={"choices": [], "usage": Usage.of(answer, _cut_tokens(answerer, answer, sent))}
                 )
                 yield totals.event(usage)
         yield "data: [DONE]\n\n"

@@ -4,7 +4,8 @@ Why OpenAI's: the official client raises these as its own exceptions, with their
 caller using it sees what was wrong. `param` names the request field at fault, `code` is for
 programs. `install_error_handlers` gives every failure this shape: a bad request body (400 naming
 the field), an `APIError`, the store's `UserError`s (`NotFound` 404, `Conflict` 409, the rest 400)
-and anything unexpected (500, logged on the server, never a traceback to the caller). A generation's
+and anything unexpected (500, logged on the server, never a traceback to the caller:
+`fspo.serve.middleware.CrashGuard`). A generation's
 failure is mapped here too: a remote model server's is a 502 naming the system (`remote_failure`),
 raised as the response's error or, once a stream has begun, sent as its last event (`stream_error`).
 """
@@ -138,18 +139,13 @@ async def _on_user_error(request: Request, exc: UserError) -> JSONResponse:
     return error_response(status, str(exc), getattr(exc, "field", None), type(exc).__name__.lower())
 
 
-async def _on_crash(request: Request, exc: Exception) -> JSONResponse:
-    # Starlette re-raises the exception after this response, so the server logs its traceback;
-    # the caller only learns that it was the server's fault.
-    return error_response(500, "internal server error (logged on the server)", code="internal_error")
-
-
 def install_error_handlers(app: FastAPI) -> None:
     """Give every failure of `app`'s routes the API's error shape."""
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(HTTPException, _on_http_error)
     app.add_exception_handler(UserError, _on_user_error)
-    app.add_exception_handler(Exception, _on_crash)
+    # Anything else is `fspo.serve.middleware.CrashGuard`'s: a handler for Exception here would run in
+    # Starlette's outermost layer, outside the security headers, and the server would drop the connection.
 
 
 # ------------------------------------------------------------------------- a generation's failure

@@ -1,12 +1,25 @@
-"""The ASGI layers around every route: a bound on request bodies and the browser protections."""
+"""The ASGI layers around every route: the browser protections, the Host check, a bound on request
+bodies, and the last resort that turns a crash into the API's 500.
+
+Each is a small ASGI class of its own rather than Starlette's equivalent because every answer they
+give must be the API's JSON error (`fspo.serve.errors`) with the same headers as any other response:
+Starlette's TrustedHostMiddleware answers in plain text, and its ServerErrorMiddleware sits outside
+every middleware added to the app, so its 500 would carry none of `SECURITY_HEADERS` and the server
+would drop the keep-alive connection after it.
+"""
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fspo.serve.errors import error_response
+
+logger = logging.getLogger("fspo.serve")
 
 
 class _TooLarge(HTTPException):
@@ -92,3 +105,67 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_secured)
+
+
+class CrashGuard:
+    """A logged 500 in the API's error shape for anything a route raised that no handler took.
+
+    It sits inside `SecurityHeaders`, so the 500 carries every header an answer does, and it does not
+    re-raise, so the server keeps the connection. Once a response has begun (a stream), its status line
+    is gone: the exception is logged and the response ends there (streams send their own error event
+    first, `fspo.serve.completions`)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception:
+            logger.exception("%s %s failed", scope.get("method"), scope.get("path"))
+            if not started:
+                response = error_response(
+                    500, "internal server error (logged on the server)", code="internal_error"
+                )
+                await response(scope, receive, send)
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+class HostCheck:
+    """400 for a request whose Host header names none of `allowed` (``*``: any): a page served to a
+    name the operator did not choose is how DNS rebinding lets another site's script call a server on
+    this machine with the browser's own access to it. A name matches exactly, without its port;
+    ``*.example.org`` matches its subdomains."""
+
+    def __init__(self, app: ASGIApp, allowed: Iterable[str]):
+        self.app = app
+        self.allowed = [a.lower() for a in allowed]
+        self.any = "*" in self.allowed
+
+    def allows(self, host: str) -> bool:
+        host = host.lower()
+        name = host[1 : host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+        return any(name == a or (a.startswith("*.") and name.endswith(a[1:])) for a in self.allowed)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.any:
+            await self.app(scope, receive, send)
+            return
+        host = Headers(scope=scope).get("host", "")
+        if not self.allows(host):
+            message = f"Host {host!r} is not served here (fspo serve --allowed-host names the hosts)"
+            await error_response(400, message, code="invalid_host")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

@@ -31,6 +31,7 @@ from pydantic import (
 )
 
 from fspo.data.schema import User
+from fspo.data.validate import text_problems
 from fspo.infer.generate import Decoding
 from fspo.serve.answerers import Answer, Choices
 from fspo.serve.store import Event, KeyInfo, NewPreference, StoredPreference, storable
@@ -42,6 +43,19 @@ RowId = Annotated[int, Field(ge=1, le=INT64_MAX)]  # a preference's or a trial's
 Seed = Annotated[int, Field(ge=-(2**63), le=INT64_MAX)]  # OpenAI's range for `seed`
 Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
 StoredText = Annotated[str, AfterValidator(storable)]
+
+
+def _plain_text(text: str) -> str:
+    # A lone surrogate cannot reach the tokenizer (it takes UTF-8), and a NUL is no character of any
+    # question: both are refused at the field instead of failing the generation.
+    problems = text_problems(text)
+    if problems:
+        raise ValueError(problems[0])
+    return text
+
+
+# A text of a request that the model reads (a message, a prompt, a stop sequence) or that names something.
+Text = Annotated[str, AfterValidator(_plain_text)]
 
 # ============================================================================================ requests
 
@@ -56,13 +70,13 @@ class TextPart(Body):
     """One part of a message's content; only text parts exist for a text model."""
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -79,7 +93,7 @@ class StreamOptions(Body):
 class GenerationBody(Body):
     """Fields shared by chat completions and completions, plus FSPO's own options."""
 
-    model: str | None = None  # a served system's name; None: the server's default system
+    model: Text | None = None  # a served system's name; None: the server's default system
     max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     # Greedy by default (OpenAI's default is 1.0) so that the same shots and question give the same answer.
@@ -92,8 +106,8 @@ class GenerationBody(Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: Seed | None = None
-    stop: str | list[str] | None = None
-    user: str | None = None  # accepted for compatibility, never used: the caller is the API key's user
+    stop: Text | list[Text] | None = None
+    user: Text | None = None  # accepted for compatibility, never used: the caller is the API key's user
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     # FSPO: which of the caller's stored preferences become the episode's shots, and how to answer.
@@ -158,7 +172,7 @@ class ChatCompletionRequest(GenerationBody):
 
 
 class CompletionRequest(GenerationBody):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
 
     @field_validator("prompt")
     @classmethod
@@ -241,11 +255,13 @@ class Usage(Response):
     scored_tokens: int = 0
 
     @classmethod
-    def of(cls, answer: Answer | Choices) -> Usage:
+    def of(cls, answer: Answer | Choices, cut_off: int = 0) -> Usage:
+        """The usage of `answer`, less `cut_off` completion tokens that a stop sequence cut off."""
+        completion = answer.completion_tokens - cut_off
         return cls(
             prompt_tokens=answer.prompt_tokens,
-            completion_tokens=answer.completion_tokens,
-            total_tokens=answer.prompt_tokens + answer.completion_tokens,
+            completion_tokens=completion,
+            total_tokens=answer.prompt_tokens + completion,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=answer.cached_tokens),
             scored_tokens=answer.scored_tokens if isinstance(answer, Choices) else 0,
         )

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fastapi import FastAPI
@@ -30,7 +32,7 @@ from fspo.serve.protocol import (
     GenerationBody,
     UserDescription,
 )
-from fspo.serve.store import NotFound, Store
+from fspo.serve.store import NewPreference, NotFound, Store
 
 DEFAULT_MAX_TOKENS = 128  # an answer's tokens when the request names no max_tokens
 # The question RAT's description is generated under (`describe`): the model writes the description
@@ -48,7 +50,41 @@ class Limits:
     max_batch: int = 100  # preferences added by one request
     max_page: int = 200  # preferences listed by one request
     max_samples: int = 16  # answers generated for one request (n, best_of): each costs a generation
+    # A stored preference: each text (question, chosen, rejected) and its metadata as JSON. A shot much
+    # longer than an answer would crowd every later prompt of its user out of the model's context.
+    max_text_chars: int = 4000
+    max_metadata_bytes: int = 4096
+    max_preferences_per_user: int = 10000  # a user's stored preferences (delete some to add more)
     generation_threads: int = 4  # requests generating (or waiting for their model) at once
+
+
+def check_preference_limits(limits: Limits, items: Sequence[NewPreference], stored: int) -> None:
+    """A 400 naming the field of the first of `items` over a per-field limit of `limits`, and a 409 when
+    they would take their user (who has `stored` preferences) past `limits.max_preferences_per_user`."""
+    for i, item in enumerate(items):
+        for field in ("question", "chosen", "rejected"):
+            size = len(getattr(item, field))
+            if size > limits.max_text_chars:
+                raise APIError(
+                    400,
+                    f"preferences[{i}].{field}: {size} characters, at most {limits.max_text_chars}",
+                    param=field,
+                )
+        size = len(json.dumps(item.metadata, ensure_ascii=False).encode())
+        if size > limits.max_metadata_bytes:
+            raise APIError(
+                400,
+                f"preferences[{i}].metadata: {size} bytes as JSON, at most {limits.max_metadata_bytes}",
+                param="metadata",
+            )
+    if stored + len(items) > limits.max_preferences_per_user:
+        raise APIError(
+            409,
+            f"preferences: you have {stored} stored and at most {limits.max_preferences_per_user} are kept; "
+            "delete some first",
+            param="preferences",
+            code="too_many_preferences",
+        )
 
 
 @dataclass(frozen=True)
