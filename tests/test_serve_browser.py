@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -114,7 +115,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, bank: list
     study = StudyConfig(
         code=CODE,
         pairs=write_jsonl(root / "pairs.jsonl", bank),
-        label_count=len(bank),
+        label_count=len(bank) - 1,  # one spare pair, for a "no preference"
         questions=root / "questions.txt",
         trials_per_participant=2,
         fspo="fspo",
@@ -148,39 +149,158 @@ def _no_overflow(page) -> None:
     assert width <= inner, f"the page is {width}px wide in a {inner}px window"
 
 
-def test_person_labels_asks_and_votes(browser, served, bank, tmp_path: Path) -> None:
+def _vote(page, trial_id: int, choice: str):
+    """Two clicks in one task, as a double click: the first disables every vote button at once."""
+    vote_url = f"/trials/{trial_id}/vote"
+    with page.expect_response(lambda r: r.url.endswith(vote_url)) as voted:
+        disabled = page.evaluate(
+            """(choice) => {
+                const button = document.querySelector(`#trial .vote[data-choice=${choice}]`);
+                button.click();
+                button.click();
+                return [...document.querySelectorAll('#trial .vote')].map((b) => b.disabled);
+            }""",
+            choice,
+        )
+    assert disabled == [True, True, True]
+    assert voted.value.status == 200
+
+
+def _shown_trial(page, n: int, total: int) -> tuple[int, str, str]:
+    from playwright.sync_api import expect
+
+    trial = page.locator("#trial")
+    expect(trial).to_be_visible(timeout=WAIT)
+    expect(page.locator("#trial-progress")).to_have_text(f"Question {n} of {total}.", timeout=WAIT)
+    expect(trial.get_by_role("button", name="Left is better")).to_be_enabled()
+    return (
+        int(trial.get_attribute("data-trial-id")),
+        page.locator("#trial-left").text_content(),
+        page.locator("#trial-right").text_content(),
+    )
+
+
+def test_participant_labels_votes_leaves_and_comes_back(browser, served, bank, tmp_path: Path) -> None:
     import httpx
     from playwright.sync_api import expect
+
+    from fspo.serve.study_report import summarize_trials
 
     url, store, study = served
     page = browser.new_page(viewport={"width": 1100, "height": 850})
     seen = _watch(page)
     page.goto(url)
 
-    # Sign in with the study code; the key lives in the tab's sessionStorage.
+    # Join: the resume code is shown once, before anything else.
     page.get_by_label("Study code").fill(CODE)
     page.get_by_role("button", name="Join the study").click()
-    expect(page.locator("#label-progress")).to_have_text(f"Labeled 0 of {len(bank)} pairs.", timeout=WAIT)
+    expect(page.locator("#joined-code")).to_have_text(re.compile(r"^(\w{4}-){3}\w{4}$"), timeout=WAIT)
+    resume_code = page.locator("#joined-code").text_content()
     key = page.evaluate("() => sessionStorage.getItem('fspo.apiKey')")
     principal = store.authenticate(key)
-    assert principal is not None and principal.scope == "user"
+    assert principal is not None and principal.scope == "study"
     participant = principal.user_id
+    # Blind by construction: the participant's key can neither list the systems nor ask one by name.
+    for method, path, body in [
+        ("GET", "/v1/models", None),
+        ("GET", "/v1/models/fspo", None),
+        ("POST", "/v1/completions", {"prompt": QUESTIONS[0], "model": "fspo"}),
+        ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": QUESTIONS[0]}]}),
+    ]:
+        r = httpx.request(method, url + path, json=body, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "study_key", (path, r.text)
+    page.get_by_role("button", name="I have written it down: start").click()
+    expect(page.locator("#tab-ask")).to_be_hidden()
 
-    # Label every pair: the answer naming blue is the one preferred.
+    # Label: "no preference" on the first pair brings on a spare; the answer naming blue is preferred.
+    expect(page.locator("#label-progress")).to_have_text(
+        f"Labeled 0 of {study.label_count} pairs.", timeout=WAIT
+    )
+    skipped_question = page.locator("#label-question").text_content()
+    skipped = page.locator("#label-a").text_content(), page.locator("#label-b").text_content()
+    page.get_by_role("button", name="No preference").click()
+    expect(page.locator("#label-progress")).to_contain_text("1 answered “no preference”")
     expected = {}
-    for i in range(len(bank)):
-        expect(page.locator("#label-progress")).to_have_text(f"Labeled {i} of {len(bank)} pairs.")
+    for i in range(study.label_count):
+        expect(page.locator("#label-progress")).to_contain_text(f"Labeled {i} of {study.label_count} pairs.")
         question = page.locator("#label-question").text_content()
         answers = {side: page.locator(f"#label-{side}").text_content() for side in "ab"}
         side = "a" if "blue" in answers["a"] else "b"
         expected[question] = (answers[side], answers["b" if side == "a" else "a"])
         page.locator(f"#label-{side}").click()
+        expect(page.locator("#label-progress")).not_to_contain_text(f"Labeled {i} of")
     expect(page.locator("#label-done")).to_be_visible()
-    assert MARKUP_QUESTION in expected, "the markup-looking question is shown as its own text"
+    assert set(skipped) not in [set(answers) for answers in expected.values()]
+    assert len(expected) == study.label_count
+    shown_questions = {*expected, skipped_question}
+    assert MARKUP_QUESTION in shown_questions, "the markup-looking question is shown as its own text"
     assert page.evaluate("() => window.__pwned") is None and page.locator("#view-label img").count() == 0
     stored = store.preferences(participant)
     assert {p.question: (p.chosen, p.rejected) for p in stored} == expected
-    assert all(p.user_id == participant for p in stored) and len(stored) == len(bank)
+
+    # The first trial, then leave: signing out says how to come back.
+    page.get_by_role("button", name="3. Compare").click()
+    shown_trials = [_shown_trial(page, 1, 2)]
+    shot = tmp_path / "page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    if os.environ.get("FSPO_SCREENSHOT"):
+        Path(os.environ["FSPO_SCREENSHOT"]).parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=os.environ["FSPO_SCREENSHOT"], full_page=True)
+    page.set_viewport_size({"width": 360, "height": 740})  # a phone
+    _no_overflow(page)
+    page.set_viewport_size({"width": 1100, "height": 850})
+    _vote(page, shown_trials[0][0], "left")
+    expect(page.locator("#trial")).not_to_have_attribute(
+        "data-trial-id", str(shown_trials[0][0]), timeout=WAIT
+    )
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.locator("#status")).to_contain_text(resume_code)
+    assert page.evaluate("() => sessionStorage.getItem('fspo.apiKey')") is None
+
+    # Come back in a new tab with the resume code (typed in lower case, with spaces): the same person,
+    # on their second question.
+    page.close()
+    page = browser.new_page(viewport={"width": 1100, "height": 850})
+    seen = {k: v + _watch(page)[k] for k, v in seen.items()}
+    page.goto(url)
+    page.get_by_role("textbox", name="Resume code").fill(resume_code.lower().replace("-", " "))
+    page.get_by_role("button", name="Continue where I stopped").click()
+    shown_trials.append(_shown_trial(page, 2, 2))
+    again = store.authenticate(page.evaluate("() => sessionStorage.getItem('fspo.apiKey')"))
+    assert again is not None and again.user_id == participant
+    _vote(page, shown_trials[1][0], "right")
+    expect(page.locator("#study-done")).to_be_visible(timeout=WAIT)
+
+    trials = store.trials(participant)
+    assert sorted((t.id, t.left_answer, t.right_answer) for t in trials) == sorted(shown_trials)
+    assert [t.vote for t in sorted(trials, key=lambda t: t.id)] == ["left", "right"]
+    assert {t.question for t in trials} <= set(QUESTIONS)
+    # The report counts the person once, with both votes.
+    report = summarize_trials(store.trials(), "fspo", "zero-shot")
+    assert (report.participants, report.trials) == (1, 2)
+
+    # A reload keeps the session (the key is in sessionStorage) and the finished study.
+    page.reload()
+    expect(page.locator("#study-done")).to_be_visible(timeout=WAIT)
+    problems = {k: seen[k] for k in ("pageerror", "console") if seen[k]}
+    assert not problems, json.dumps(problems, indent=1)
+    page.close()
+
+
+def test_user_with_a_key_asks_and_manages_preferences(browser, served, bank) -> None:
+    import httpx
+    from playwright.sync_api import expect
+
+    url, store, _ = served
+    _, key = store.create_key("page-user")
+    store.add_preferences("page-user", [p.model_copy(update={"user_id": "page-user"}) for p in bank])
+    page = browser.new_page(viewport={"width": 1100, "height": 850})
+    seen = _watch(page)
+    page.goto(url)
+    page.get_by_text("I have an API key").click()
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Use this key").click()
+    expect(page.locator("#label-done-text")).to_have_text("This server has no pairs to label: ask away.")
 
     # Your preferences, listed as text; delete the markup-looking one (the tiny model, which never saw
     # such text, stops at once when it is a shot).
@@ -190,8 +310,7 @@ def test_person_labels_asks_and_votes(browser, served, bank, tmp_path: Path) -> 
     expect(markup.locator(".pref-question")).to_have_text(MARKUP_QUESTION)
     markup.get_by_role("button", name="Delete").click()
     expect(page.locator("#prefs-list li")).to_have_count(len(bank) - 1)
-    assert MARKUP_QUESTION not in {p.question for p in store.preferences(participant)}
-    assert store.count_preferences(participant) == len(bank) - 1
+    assert store.count_preferences("page-user") == len(bank) - 1
     assert page.evaluate("() => window.__pwned") is None and page.locator("#view-ask img").count() == 0
 
     # Ask: the streamed answer on the page is the API's (greedy) answer with the same shots, in full.
@@ -212,67 +331,6 @@ def test_person_labels_asks_and_votes(browser, served, bank, tmp_path: Path) -> 
     )
     assert reply.status_code == 200, reply.text
     assert shown == reply.json()["choices"][0]["message"]["content"]
-
-    # The study: every trial, one vote each, the buttons disabled by the click itself.
-    page.get_by_role("button", name="3. Compare").click()
-    choices = ["left", "right"]
-    shown_trials = []
-    for n, choice in enumerate(choices):
-        trial = page.locator("#trial")
-        expect(trial).to_be_visible(timeout=WAIT)
-        expect(page.locator("#trial-progress")).to_have_text(
-            f"Question {n + 1} of {len(choices)}.", timeout=WAIT
-        )
-        expect(trial.get_by_role("button", name="Left is better")).to_be_enabled()
-        trial_id = int(trial.get_attribute("data-trial-id"))
-        shown_trials.append(
-            (
-                trial_id,
-                page.locator("#trial-left").text_content(),
-                page.locator("#trial-right").text_content(),
-            )
-        )
-        if n == 0:
-            shot = tmp_path / "page.png"
-            page.screenshot(path=str(shot), full_page=True)
-            if os.environ.get("FSPO_SCREENSHOT"):
-                Path(os.environ["FSPO_SCREENSHOT"]).parent.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=os.environ["FSPO_SCREENSHOT"], full_page=True)
-            assert shot.stat().st_size > 0
-            page.set_viewport_size({"width": 360, "height": 740})  # a phone
-            _no_overflow(page)
-            page.set_viewport_size({"width": 1100, "height": 850})
-        # Two clicks in one task, as a double click: the first disables every vote button at once.
-        vote_url = f"/trials/{trial_id}/vote"
-        with page.expect_response(lambda r, vote_url=vote_url: r.url.endswith(vote_url)) as voted:
-            disabled = page.evaluate(
-                """(choice) => {
-                    const button = document.querySelector(`#trial .vote[data-choice=${choice}]`);
-                    button.click();
-                    button.click();
-                    return [...document.querySelectorAll('#trial .vote')].map((b) => b.disabled);
-                }""",
-                choice,
-            )
-        assert disabled == [True, True, True]
-        assert voted.value.status == 200
-        if n + 1 < len(choices):
-            expect(trial).not_to_have_attribute("data-trial-id", str(trial_id), timeout=WAIT)
-    expect(page.locator("#study-done")).to_be_visible(timeout=WAIT)
-    expect(page.locator("#trial")).to_be_hidden()
-
-    trials = store.trials(participant)
-    # Each answer on the side the database says it was shown on.
-    assert sorted((t.id, t.left_answer, t.right_answer) for t in trials) == sorted(shown_trials)
-    assert [t.vote for t in sorted(trials, key=lambda t: t.id)] == choices
-    assert len({t.question for t in trials}) == len(trials) and {t.question for t in trials} <= set(QUESTIONS)
-    assert len(seen["votes"]) == len(choices), "one vote request per trial"
-    assert all({t.left_system, t.right_system} == {"fspo", "zero-shot"} for t in trials)
-
-    # A reload keeps the session (the key is in sessionStorage) and the finished study.
-    page.reload()
-    expect(page.locator("#study-done")).to_be_visible(timeout=WAIT)
-
     problems = {k: seen[k] for k in ("pageerror", "console", "http") if seen[k]}
     assert not problems, json.dumps(problems, indent=1)
     page.close()

@@ -19,8 +19,11 @@ from fspo.eval.stats import wilson_interval
 from fspo.infer.generate import Mode
 from fspo.serve.answerers import Answer, System
 from fspo.serve.app import create_app
+from fspo.serve.errors import APIError
 from fspo.serve.store import Store
-from fspo.serve.study import StudyConfig, participant_interval, summarize_trials
+from fspo.serve.study import StudyConfig
+from fspo.serve.study_report import participant_interval, summarize_trials
+from fspo.serve.throttle import Throttle
 from fspo.testing import COLOURS, toy_preferences, toy_reward_for, toy_users
 
 
@@ -145,7 +148,7 @@ def test_study_config_draws_are_per_participant_and_seeded(study_file):
     assert len(study.bank) == 12 and study.question_bank == QUESTIONS
     a = study.pairs_for("alice")
     assert a == study.pairs_for("alice") and a != study.pairs_for("bob")
-    assert len({p["pair_id"] for p in a}) == 4
+    assert len({p["pair_id"] for p in a}) == len(a) == 8  # 4 to label, then 4 spares
     for p in a:  # the pair's two answers, in a drawn order
         pair = study.bank[p["pair_id"]]
         assert {p["a"], p["b"]} == {pair.chosen, pair.rejected} and p["question"] == pair.question
@@ -217,15 +220,18 @@ def _colour_app(tmp_path, study_file, fixed="red"):
     return create_app(store, systems, study=StudyConfig.load(study_file)), store, fspo, base
 
 
-def _label(client, key, pairs, user):
-    """Label every pair as `user` would; on a pair they are indifferent to, pick a (as a person must)."""
+def _label(client, key, user):
+    """Label the pairs the study shows next as `user` would, "none" where they are indifferent; the
+    labels given."""
     labels = []
-    for p in pairs:
+    state = client.get("/v1/study/state", headers=_auth(key)).json()
+    while state["pair"] is not None:
+        p = state["pair"]
         s = toy_prefer(user, p["question"], p["a"], p["b"])
-        chosen, rejected = (p["a"], p["b"]) if s >= 0.5 else (p["b"], p["a"])
-        labels.append({"question": p["question"], "chosen": chosen, "rejected": rejected})
-    r = client.post("/v1/users/me/preferences", json={"preferences": labels}, headers=_auth(key))
-    assert r.status_code < 300, r.text
+        labels.append({"pair_id": p["pair_id"], "choice": "a" if s > 0.5 else "b" if s < 0.5 else "none"})
+        r = client.post("/v1/study/labels", json=labels[-1], headers=_auth(key))
+        assert r.status_code == 200, r.text
+        state = r.json()
     return labels
 
 
@@ -251,8 +257,16 @@ def test_study_routes_end_to_end(tmp_path, study_file):
 
         pairs = client.get("/v1/study/pairs", headers=_auth(key)).json()
         assert pairs == client.get("/v1/study/pairs", headers=_auth(key)).json()
-        assert len(pairs) == 4 and all(set(p) == {"pair_id", "question", "a", "b"} for p in pairs)
-        labels = _label(client, key, pairs, user)
+        assert len(pairs) == 8 and all(set(p) == {"pair_id", "question", "a", "b"} for p in pairs)
+        # Only the pair shown next is taken, once.
+        r = client.post(
+            "/v1/study/labels", json={"pair_id": pairs[1]["pair_id"], "choice": "a"}, headers=_auth(key)
+        )
+        assert r.status_code == 409 and r.json()["error"]["code"] == "not_next_pair"
+        labels = _label(client, key, user)
+        assert [lab["pair_id"] for lab in labels] == [p["pair_id"] for p in pairs[: len(labels)]]
+        r = client.post("/v1/study/labels", json=labels[0], headers=_auth(key))
+        assert r.status_code == 409
 
         trial = client.get("/v1/study/next", headers=_auth(key)).json()
         assert set(trial) == {"trial_id", "question", "left", "right", "done", "index", "total"}
@@ -260,7 +274,7 @@ def test_study_routes_end_to_end(tmp_path, study_file):
         assert client.get("/v1/study/next", headers=_auth(key)).json() == trial  # unvoted: shown again
         # FSPO answered from this participant's labels (oldest first), the zero-shot baseline from none.
         assert [list(r.shots) for r in fspo.calls] == [[p.record() for p in store.shots(me)]]
-        assert len(labels) == 4
+        assert sum(lab["choice"] != "none" for lab in labels) == len(store.shots(me)) == 4
         assert [len(r.shots) for r in base.calls] == [0]
         assert fspo.calls[0].cache_owner == me and fspo.calls[0].max_new_tokens == 16
         (stored,) = store.trials(me)
@@ -292,10 +306,15 @@ def test_study_routes_end_to_end(tmp_path, study_file):
         store.ensure_user("admin")
         admin = store.create_key("admin", "admin")[1]
         assert client.get("/v1/study/pairs", headers=_auth(admin)).status_code == 403
-        # A user key of someone who did not join: refused on every study route, even with labels.
+        # A user key of someone who did not join: refused on every study route.
         outsider = store.create_key("outsider")[1]
-        _label(client, outsider, pairs, user)
-        for method, path in [("GET", "/v1/study/pairs"), ("GET", "/v1/study/next"), ("POST", vote)]:
+        for method, path in [
+            ("GET", "/v1/study/pairs"),
+            ("GET", "/v1/study/state"),
+            ("POST", "/v1/study/labels"),
+            ("GET", "/v1/study/next"),
+            ("POST", vote),
+        ]:
             r = client.request(method, path, json={"choice": "left"}, headers=_auth(outsider))
             assert r.status_code == 403 and r.json()["error"]["code"] == "not_a_participant", path
         assert store.trials("outsider") == []
@@ -315,6 +334,79 @@ def test_study_routes_end_to_end(tmp_path, study_file):
     assert store.trials(other["participant"]) == []
 
 
+def test_participants_come_back_and_cannot_unblind_the_study(tmp_path, study_file):
+    from fastapi.testclient import TestClient
+
+    (study_file.parent / "invites.txt").write_text("# one a person\nAAAA-BBBB\nCCCC-DDDD\nEEEE-FFFF\n")
+    with study_file.open("a") as f:
+        f.write("invites: invites.txt\nmax_participants: 2\n")
+    app, store, *_ = _colour_app(tmp_path, study_file)
+    app.state.study_throttle = Throttle(max_failures=4, window_s=60)
+    with TestClient(app, base_url="http://localhost") as client:
+        r = client.post("/v1/study/join", json={"code": "letmein"})
+        assert r.status_code == 403 and r.json()["error"]["param"] == "invite"
+        joined = client.post("/v1/study/join", json={"code": "letmein", "invite": "aaaa bbbb"}).json()
+        key, me, code = joined["api_key"], joined["participant"], joined["resume_code"]
+        # The invite is one person's: used again, it sends them to their resume code.
+        r = client.post("/v1/study/join", json={"code": "letmein", "invite": "AAAA-BBBB"})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "invite_used"
+        # Blind: the participant's key reaches the study only, so no system can be listed or named.
+        for method, path in [
+            ("GET", "/v1/models"),
+            ("GET", "/v1/models/fspo"),
+            ("POST", "/v1/completions"),
+            ("POST", "/v1/chat/completions"),
+            ("GET", "/v1/users/me/preferences"),
+            ("POST", "/v1/users/me/preferences"),
+            ("GET", "/v1/users/me/description"),
+        ]:
+            r = client.request(
+                method, path, json={"prompt": QUESTIONS[0], "model": "fspo"}, headers=_auth(key)
+            )
+            assert r.status_code == 403 and r.json()["error"]["code"] == "study_key", path
+        _label(client, key, toy_users(4)[1])
+        first = client.get("/v1/study/next", headers=_auth(key)).json()
+        client.post(f"/v1/study/trials/{first['trial_id']}/vote", json={"choice": "left"}, headers=_auth(key))
+        # Back with the resume code (as typed by hand): the same participant, at their second question.
+        back = client.post("/v1/study/resume", json={"resume_code": code.lower().replace("-", " ")}).json()
+        assert back["participant"] == me and back["api_key"] != key and back.get("resume_code") is None
+        state = client.get("/v1/study/state", headers=_auth(back["api_key"])).json()
+        assert state["pair"] is None and state["trials_voted"] == 1
+        assert client.get("/v1/study/next", headers=_auth(back["api_key"])).json()["index"] == 2
+        # Seats: the second invite joins, the third finds the study full.
+        assert (
+            client.post("/v1/study/join", json={"code": "letmein", "invite": "CCCC-DDDD"}).status_code == 200
+        )
+        r = client.post("/v1/study/join", json={"code": "letmein", "invite": "EEEE-FFFF"})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "study_full"
+        # Wrong codes from one client are slowed down: after four (the first join above was one), even a
+        # right code waits.
+        for wrong in ({"code": "nope"}, {"code": "letmein", "invite": "ZZZZ"}):
+            assert client.post("/v1/study/join", json=wrong).status_code == 403
+        assert client.post("/v1/study/resume", json={"resume_code": "QQQQ"}).status_code == 403
+        r = client.post("/v1/study/resume", json={"resume_code": code})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_attempts"
+        assert int(r.headers["retry-after"]) >= 1
+    report = summarize_trials(store.trials(), "fspo", "base")
+    assert (report.participants, report.trials) == (1, 1)
+
+
+def test_throttle_forgets_failures_after_its_window():
+    now = [0.0]
+    throttle = Throttle(max_failures=2, window_s=10, max_clients=2, clock=lambda: now[0])
+    throttle.failed("a")
+    throttle.failed("a")
+    with pytest.raises(APIError) as refused:
+        throttle.check("a")
+    assert refused.value.status_code == 429 and refused.value.headers["Retry-After"] == "10"
+    throttle.check("b")
+    now[0] = 10.5
+    throttle.check("a")  # both failures left the window
+    for client in ("b", "c", "d"):
+        throttle.failed(client)
+    assert len(throttle._failures) == 2  # bounded: the stalest client went first
+
+
 def test_join_without_a_study_is_404(tmp_path):
     from fastapi.testclient import TestClient
 
@@ -327,8 +419,8 @@ def test_join_without_a_study_is_404(tmp_path):
 
 # ----------------------------------------------------------------------------------------- simulate
 def test_simulate_over_http_votes_as_each_user_would(tmp_path, study_file):
-    from fspo.serve.study import report
     from fspo.serve.study_cli import simulate
+    from fspo.serve.study_report import report
     from fspo.testing import serve_in_thread
 
     app, store, _, _ = _colour_app(tmp_path, study_file, fixed="red")
@@ -339,10 +431,10 @@ def test_simulate_over_http_votes_as_each_user_would(tmp_path, study_file):
     by_participant = {p.participant: next(u for u in users if u.user_id == p.user_id) for p in done}
     trials = store.trials()
     assert trials and all(t.vote is not None for t in trials)
-    for p in done:  # labels skip the pairs the user is indifferent to; each voter finished the study
-        assert p.labels + p.ties_skipped == 4
+    for p in done:  # "no preference" on the pairs the user is indifferent to, until 4 labels or no spares
+        assert p.labels == 4 or p.labels + p.ties_skipped == 8
         mine = [t for t in trials if t.participant == p.participant]
-        assert len(mine) == (3 if p.labels else 0) == sum(p.votes.values())
+        assert len(mine) == 3 == sum(p.votes.values())
     # Every vote is the user's exact preference between the two sides shown.
     expected = []
     for t in trials:
@@ -503,7 +595,7 @@ def test_an_empty_answer_is_stored_and_shown_as_said(tmp_path, study_file):
     app = create_app(store, systems, study=StudyConfig.load(study_file))
     with TestClient(app, base_url="http://localhost") as client:
         key = client.post("/v1/study/join", json={"code": "letmein"}).json()["api_key"]
-        _label(client, key, client.get("/v1/study/pairs", headers=_auth(key)).json(), toy_users(4)[0])
+        _label(client, key, toy_users(4)[0])
         trial = client.get("/v1/study/next", headers=_auth(key)).json()
         voted = client.post(
             f"/v1/study/trials/{trial['trial_id']}/vote", json={"choice": "left"}, headers=_auth(key)

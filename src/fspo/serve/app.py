@@ -75,6 +75,7 @@ from fspo.serve.serving import Limits, check_preference_limits, describe
 from fspo.serve.store import NewPreference, Principal, Store
 from fspo.serve.study import StudyConfig
 from fspo.serve.study import router as study_router
+from fspo.serve.throttle import Throttle
 
 STATIC = Path(__file__).parent / "static"
 
@@ -306,6 +307,7 @@ def create_app(
     app.state.systems = by_name
     app.state.default_system = default
     app.state.study = study
+    app.state.study_throttle = Throttle()
     app.state.limits = limits
     app.state.decoding = decoding
     app.state.generation_pool = pool

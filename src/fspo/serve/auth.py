@@ -2,7 +2,8 @@
 
 A request's user is the user of its ``Authorization: Bearer <key>`` key, never a field of the body,
 so no request can act for another user. Keys have a scope: admin keys reach only ``/v1/admin/*``,
-user keys only the rest, so a leaked admin key cannot read or write as a user and the reverse.
+study keys (a participant's) only ``/v1/study/*``, user keys the rest, so a leaked admin key cannot
+read or write as a user and the reverse, and a participant cannot unblind the study.
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ def principal_of(request: Request) -> Principal:
 
 
 def user_principal(principal: Principal = Depends(principal_of)) -> Principal:
-    """The caller, who must hold a user-scope key (an admin key cannot act as a user)."""
+    """The caller, who must hold a user-scope key: an admin key cannot act as a user, and a study
+    participant's key reaches only the study (`fspo.serve.study`), so that a participant cannot list the
+    compared systems or ask either of them by name and learn which answer was whose."""
+    if principal.scope == "study":
+        raise APIError(403, "a study participant's key takes only the study (/v1/study/*)", code="study_key")
     if principal.scope != "user":
         raise APIError(403, "an admin key cannot use user routes; use a user key", code="wrong_scope")
     return principal

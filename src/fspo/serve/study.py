@@ -15,23 +15,17 @@ Every random draw (which pairs, which sides of a pair, which questions, which si
 function of (study seed, participant, item) alone: a participant's study is the same whatever the
 order in which people arrive, and the server keeps no state beyond the database.
 
-`report` turns the votes into the paper's numbers: FSPO's win rate over the baseline (ties count
-half), a 95% interval from a bootstrap that resamples *participants*, since one person's votes are
-not independent of each other (a person who likes FSPO's style likes it on every question), the
-share of votes for the left side (the position-bias check), and results per question.
+`fspo.serve.study_report` turns the votes into the paper's numbers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import math
-import secrets
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi import Path as PathParam
@@ -41,11 +35,12 @@ from starlette.concurrency import run_in_threadpool
 from fspo.core.errors import UserError
 from fspo.core.rng import seeded_rng
 from fspo.data.schema import Preference
-from fspo.serve.auth import user_principal
+from fspo.serve.auth import principal_of
 from fspo.serve.errors import APIError
-from fspo.serve.protocol import INT64_MAX, Body, CompletionRequest, Response
+from fspo.serve.protocol import INT64_MAX, Body, CompletionRequest, Response, Text
 from fspo.serve.serving import generate, prepare
-from fspo.serve.store import Conflict, Principal, Trial
+from fspo.serve.store import Conflict, Label, Principal, Trial
+from fspo.serve.store.participants import code_hash
 
 Choice = Literal["left", "right", "tie"]
 
@@ -65,6 +60,12 @@ class StudyConfig(BaseModel):
     baseline: str = Field(min_length=1, description="The served system FSPO is compared with.")
     seed: int = 0
     max_new_tokens: int = Field(128, ge=1, description="Answer length for both systems (capped by each).")
+    max_participants: int | None = Field(None, ge=1, description="Seats: joins past this many are refused.")
+    invites: Path | None = Field(
+        None,
+        description="One-time invite codes, one a line (`fspo study invites` writes them): each lets one "
+        "person join, once; with them the study code alone is not enough.",
+    )
 
     @model_validator(mode="after")
     def _two_systems(self) -> StudyConfig:
@@ -79,7 +80,7 @@ class StudyConfig(BaseModel):
 
         file = Path(file)
         values = read_fields(file)
-        for name in ("pairs", "questions"):
+        for name in ("pairs", "questions", "invites"):
             if isinstance(values.get(name), str):
                 values[name] = str(file.parent / values[name])  # an absolute path stays as it is
         try:
@@ -121,8 +122,22 @@ class StudyConfig(BaseModel):
             raise UserError(f"study questions: {str(path)!r} holds no question")
         return questions
 
+    @cached_property
+    def invite_hashes(self) -> frozenset[str] | None:
+        """The stored form (`code_hash`) of every invite code, or None for a study without invites."""
+        if self.invites is None:
+            return None
+        if not self.invites.is_file():
+            raise UserError(f"study invites: {str(self.invites)!r} does not exist")
+        codes = [line.strip() for line in self.invites.read_text(encoding="utf-8").splitlines()]
+        hashes = frozenset(code_hash(c) for c in codes if c and not c.startswith("#"))
+        if not hashes:
+            raise UserError(f"study invites: {str(self.invites)!r} holds no invite code")
+        return hashes
+
     def check(self) -> None:
-        """Load the bank and the questions and check that every participant can be served in full."""
+        """Load the bank, the questions and the invites and check that every participant can be served."""
+        self.invite_hashes  # noqa: B018 - read (and checked) now, not at the first join
         if len(self.bank) < self.label_count:
             raise UserError(
                 f"study label_count {self.label_count}: the bank {self.pairs} has {len(self.bank)} pairs"
@@ -145,14 +160,21 @@ class StudyConfig(BaseModel):
 
     # The draws: functions of (seed, participant, item) only.
     def pairs_for(self, participant: str) -> list[dict[str, Any]]:
-        """`label_count` distinct pairs of the bank, each with its two answers in a drawn order."""
+        """The participant's pairs, in the order they are asked, each with its two answers in a drawn
+        order: `label_count` distinct pairs of the bank, then as many spares (as the bank allows) for
+        the pairs they answer "no preference", which store no label."""
         rng = seeded_rng(self.seed, participant, "pairs")
-        shown = []
-        for i in rng.sample(range(len(self.bank)), self.label_count):
-            pair = self.bank[i]
-            a, b = (pair.chosen, pair.rejected) if rng.random() < 0.5 else (pair.rejected, pair.chosen)
-            shown.append({"pair_id": i, "question": pair.question, "a": a, "b": b})
-        return shown
+        drawn = rng.sample(range(len(self.bank)), self.label_count)
+        shown = [self._shown(i, rng) for i in drawn]
+        spares_rng = seeded_rng(self.seed, participant, "spare pairs")
+        rest = sorted(set(range(len(self.bank))) - set(drawn))
+        spares = spares_rng.sample(rest, min(self.label_count, len(rest)))
+        return shown + [self._shown(i, spares_rng) for i in spares]
+
+    def _shown(self, i: int, rng: Any) -> dict[str, Any]:
+        pair = self.bank[i]
+        a, b = (pair.chosen, pair.rejected) if rng.random() < 0.5 else (pair.rejected, pair.chosen)
+        return {"pair_id": i, "question": pair.question, "a": a, "b": b}
 
     def questions_for(self, participant: str) -> list[str]:
         """The participant's `trials_per_participant` questions, distinct, in the order they are asked."""
@@ -171,7 +193,17 @@ router = APIRouter(prefix="/v1/study", tags=["study"])
 
 
 class JoinBody(Body):
-    code: str = Field(min_length=1, max_length=256)
+    code: Text = Field(min_length=1, max_length=256)
+    invite: Text | None = Field(None, min_length=1, max_length=256)
+
+
+class ResumeBody(Body):
+    resume_code: Text = Field(min_length=1, max_length=256)
+
+
+class LabelBody(Body):
+    pair_id: int = Field(ge=0, le=INT64_MAX)
+    choice: Label  # the answer preferred, or "none": no preference
 
 
 class VoteBody(Body):
@@ -181,6 +213,7 @@ class VoteBody(Body):
 class Joined(Response):
     api_key: str  # shown this once
     participant: str
+    resume_code: str | None = None  # at join only, shown this once: how the participant comes back
 
 
 class StudyPair(Response):
@@ -190,6 +223,17 @@ class StudyPair(Response):
     question: str
     a: str
     b: str
+
+
+class StudyState(Response):
+    """Where a participant is: labeling (`pair` is the next pair to label) or comparing."""
+
+    labeled: int  # pairs with a preferred answer: the participant's shots
+    skipped: int  # pairs answered "no preference"
+    label_count: int  # labels the study asks for
+    pair: StudyPair | None  # the next pair to label; None once labeling is over
+    trials_voted: int
+    trials_total: int
 
 
 class ShownTrial(Response):
@@ -234,43 +278,122 @@ def _study(request: Request) -> StudyConfig:
     return study
 
 
-# The user metadata that marks a participant: set at join, the one way into the study's routes.
-PARTICIPANT = "study"
+def participant_principal(request: Request, principal: Principal = Depends(principal_of)) -> Principal:
+    """The caller, who must hold a participant's key (made by ``POST /v1/study/join`` or ``/resume``).
 
-
-def participant_principal(request: Request, principal: Principal = Depends(user_principal)) -> Principal:
-    """The caller, who must be a participant (a user made by ``POST /v1/study/join``).
-
-    Any other user key is refused (403): the study's trials and votes must come only from people who
-    joined with the code, labelled the study's pairs and were shown blind answers, or the report would
-    mix in answers chosen by anyone holding a key.
+    Any other key is refused (403): the study's trials and votes must come only from people who joined
+    with the code, labelled the study's pairs and were shown blind answers, or the report would mix in
+    answers chosen by anyone holding a key. A participant's key reaches nothing else
+    (`fspo.serve.auth.user_principal`), so no participant can ask a compared system by name.
     """
     _study(request)
-    user = request.app.state.store.get_user(principal.user_id)
-    if user is None or user.metadata.get(PARTICIPANT) is not True:
+    if principal.scope != "study":
         raise APIError(
             403, "only study participants (joined with the code) take the study", code="not_a_participant"
         )
     return principal
 
 
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
 @router.post("/join")
 def join(body: JoinBody, request: Request) -> Joined:
-    """A new participant: a user of their own and a user-scope key, shown this once."""
-    study = _study(request)
+    """A new participant: a user of their own, a participant's key and a resume code, both shown this once.
+
+    Wrong codes are slowed down per client (429 once `Throttle` says so); a study with invites needs one
+    of them, once; a study with seats refuses joins once they are taken."""
+    study, throttle = _study(request), request.app.state.study_throttle
+    client = _client(request)
+    throttle.check(client)
+    invites = study.invite_hashes
     if not hmac.compare_digest(body.code.encode(), study.code.encode()):
+        throttle.failed(client)
         raise APIError(403, "wrong study code", param="code", code="wrong_study_code")
-    store = request.app.state.store
-    participant = f"study-{secrets.token_hex(8)}"
-    store.ensure_user(participant, metadata={PARTICIPANT: True})
-    _, key = store.create_key(participant, "user", name="study")
-    return Joined(api_key=key, participant=participant)
+    if invites is not None and (body.invite is None or code_hash(body.invite) not in invites):
+        throttle.failed(client)
+        why = "this study needs your invite code" if body.invite is None else "no such invite code"
+        raise APIError(403, why, param="invite", code="wrong_invite")
+    if invites is None and body.invite is not None:
+        raise APIError(400, "invite: this study has no invites", param="invite")
+    try:
+        participant, key, resume = request.app.state.store.join_study(
+            invite=body.invite, max_participants=study.max_participants
+        )
+    except Conflict as err:
+        code = "study_full" if err.field == "code" else "invite_used"
+        raise APIError(409, str(err), param=err.field, code=code) from None
+    return Joined(api_key=key, participant=participant.user_id, resume_code=resume)
+
+
+@router.post("/resume")
+def resume(body: ResumeBody, request: Request) -> Joined:
+    """A new key for the participant of a resume code: they go on where they stopped, as themselves."""
+    _study(request)
+    throttle, client = request.app.state.study_throttle, _client(request)
+    throttle.check(client)
+    found = request.app.state.store.resume_study(body.resume_code)
+    if found is None:
+        throttle.failed(client)
+        raise APIError(
+            403, "no participant has this resume code", param="resume_code", code="wrong_resume_code"
+        )
+    participant, key = found
+    return Joined(api_key=key, participant=participant.user_id)
 
 
 @router.get("/pairs")
 def pairs(request: Request, principal: Principal = Depends(participant_principal)) -> list[StudyPair]:
-    """The pairs this participant labels; each label goes to ``POST /v1/users/me/preferences``."""
+    """Every pair this participant may be asked to label, in order (spares last)."""
     return [StudyPair(**p) for p in _study(request).pairs_for(principal.user_id)]
+
+
+@router.get("/state")
+def state(request: Request, principal: Principal = Depends(participant_principal)) -> StudyState:
+    """Where the participant is: the next pair to label, or how far the comparison has come."""
+    return _state(request, principal.user_id)
+
+
+@router.post("/labels")
+def label(
+    body: LabelBody, request: Request, principal: Principal = Depends(participant_principal)
+) -> StudyState:
+    """The participant's label of one of their pairs: the answer they prefer (stored as their preference,
+    a shot of FSPO's) or "none". Only the pair `state` shows next is taken (409 for another), so the
+    labels are the pairs the study drew, in its order."""
+    study, store, participant = _study(request), request.app.state.store, principal.user_id
+    now = _state(request, participant)
+    if now.pair is None or now.pair.pair_id != body.pair_id:
+        expected = "labeling is over" if now.pair is None else f"the next pair is {now.pair.pair_id}"
+        raise APIError(409, f"pair_id: {expected}, not {body.pair_id}", param="pair_id", code="not_next_pair")
+    pair = study.bank[body.pair_id]
+    preference = None
+    if body.choice != "none":
+        chosen = now.pair.a if body.choice == "a" else now.pair.b
+        rejected = now.pair.b if body.choice == "a" else now.pair.a
+        preference = pair.model_copy(update={"chosen": chosen, "rejected": rejected, "user_id": participant})
+    store.add_label(participant, body.pair_id, body.choice, preference)
+    for answerer in {id(s.answerer): s.answerer for s in request.app.state.systems.values()}.values():
+        answerer.forget(participant)  # their shots changed
+    return _state(request, participant)
+
+
+def _state(request: Request, participant: str) -> StudyState:
+    study, store = _study(request), request.app.state.store
+    labels = store.labels(participant)
+    done = {lab.pair_id for lab in labels}
+    labeled = sum(lab.choice != "none" for lab in labels)
+    todo = [p for p in study.pairs_for(participant) if p["pair_id"] not in done]
+    trials = store.trials(participant)
+    return StudyState(
+        labeled=labeled,
+        skipped=len(labels) - labeled,
+        label_count=study.label_count,
+        pair=StudyPair(**todo[0]) if todo and labeled < study.label_count else None,
+        trials_voted=sum(t.vote is not None for t in trials),
+        trials_total=study.trials_per_participant,
+    )
 
 
 @router.get("/next")
@@ -279,8 +402,8 @@ async def next_trial(
 ) -> ShownTrial | StudyDone:
     """The participant's unvoted trial, else a new one for their next question, else ``done``.
 
-    A new trial needs at least one of the participant's preferences (409 ``no_labels`` before that):
-    FSPO's side answers from them, so without any the trial would compare two unpersonalized answers.
+    A new trial needs the labeling done (409 ``no_labels`` before that): FSPO's side answers from the
+    participant's labels, so an early trial would compare answers personalized from fewer of them.
 
     Database work runs in the default threadpool, generation in the app's generation pool, as the
     completion routes do, so participants waiting for answers never hold the threads others need.
@@ -295,7 +418,7 @@ async def next_trial(
     todo = [q for q in study.questions_for(participant) if q not in asked]
     if len(trials) >= total or not todo:
         return StudyDone(total=total)
-    if not await run_in_threadpool(store.count_preferences, participant):
+    if (await run_in_threadpool(_state, request, participant)).pair is not None:
         raise APIError(
             409, "label the study's pairs first: FSPO answers from your own preferences", code="no_labels"
         )
@@ -341,174 +464,3 @@ async def _answer(request: Request, study: StudyConfig, name: str, participant: 
     )
     prepared = await run_in_threadpool(prepare, app, participant, body)
     return (await generate(app, system, prepared.request)).text
-
-
-# ------------------------------------------------------------------------------------------- report
-class TrialLike(Protocol):
-    participant: str
-    question: str
-    left_system: str
-    right_system: str
-    vote: str | None
-
-
-class QuestionResult(BaseModel):
-    question: str
-    n: int
-    fspo_wins: int
-    ties: int
-    baseline_wins: int
-    win_rate: float
-
-
-class StudyReport(BaseModel):
-    """The study's numbers. `left_share` is the share of *decisive* votes (ties excluded) for the left
-    side: about 0.5 when position does not sway people, whatever the systems' win rate, since FSPO's side
-    is drawn per trial."""
-
-    fspo: str
-    baseline: str
-    participants: int
-    trials: int  # voted trials of the two systems
-    unvoted: int
-    fspo_wins: int
-    ties: int
-    baseline_wins: int
-    win_rate: float  # (fspo_wins + ties / 2) / trials
-    ci_low: float | None  # None with a single participant: there is nothing to resample
-    ci_high: float | None
-    confidence: float
-    interval: str  # how the interval was computed
-    resamples: int
-    seed: int
-    left_votes: int
-    right_votes: int
-    left_share: float | None  # None when every vote was a tie
-    per_question: list[QuestionResult]
-
-
-def report(
-    store: Any, fspo: str, baseline: str, *, resamples: int = 10000, seed: int = 0, confidence: float = 0.95
-) -> StudyReport:
-    """The report of every trial in `store` between systems `fspo` and `baseline`."""
-    return summarize_trials(
-        store.trials(), fspo, baseline, resamples=resamples, seed=seed, confidence=confidence
-    )
-
-
-def summarize_trials(
-    trials: Sequence[TrialLike],
-    fspo: str,
-    baseline: str,
-    *,
-    resamples: int = 10000,
-    seed: int = 0,
-    confidence: float = 0.95,
-) -> StudyReport:
-    """`report` on trials given (store `Trial`s or anything with their fields); trials of other systems
-    are left out. `UserError` when there is no such trial or none has a vote yet."""
-    mine = [t for t in trials if {t.left_system, t.right_system} == {fspo, baseline}]
-    if not mine:
-        found = sorted({f"{t.left_system} vs {t.right_system}" for t in trials})
-        raise UserError(
-            f"no study trials of {fspo!r} vs {baseline!r}"
-            + (f" (the trials hold: {', '.join(found)})" if found else "")
-        )
-    voted = [t for t in mine if t.vote is not None]
-    if not voted:
-        raise UserError(f"{len(mine)} study trials of {fspo!r} vs {baseline!r}, but none has a vote yet")
-    scores = [_fspo_score(t, fspo) for t in voted]
-    by_participant: dict[str, list[float]] = defaultdict(list)
-    by_question: dict[str, list[float]] = defaultdict(list)
-    for t, s in zip(voted, scores, strict=True):
-        by_participant[t.participant].append(s)
-        by_question[t.question].append(s)
-    low, high = participant_interval(
-        [sum(v) for v in by_participant.values()],
-        [len(v) for v in by_participant.values()],
-        resamples=resamples,
-        seed=seed,
-        confidence=confidence,
-    )
-    left = sum(t.vote == "left" for t in voted)
-    right = sum(t.vote == "right" for t in voted)
-    return StudyReport(
-        fspo=fspo,
-        baseline=baseline,
-        participants=len(by_participant),
-        trials=len(voted),
-        unvoted=len(mine) - len(voted),
-        fspo_wins=sum(s == 1.0 for s in scores),
-        ties=sum(s == 0.5 for s in scores),
-        baseline_wins=sum(s == 0.0 for s in scores),
-        win_rate=sum(scores) / len(scores),
-        ci_low=None if math.isnan(low) else low,
-        ci_high=None if math.isnan(high) else high,
-        confidence=confidence,
-        interval="percentile bootstrap over participants (a resample draws people with all their trials)",
-        resamples=resamples,
-        seed=seed,
-        left_votes=left,
-        right_votes=right,
-        left_share=left / (left + right) if left + right else None,
-        per_question=[
-            QuestionResult(
-                question=q,
-                n=len(v),
-                fspo_wins=sum(s == 1.0 for s in v),
-                ties=sum(s == 0.5 for s in v),
-                baseline_wins=sum(s == 0.0 for s in v),
-                win_rate=sum(v) / len(v),
-            )
-            for q, v in sorted(by_question.items())
-        ],
-    )
-
-
-def _fspo_score(trial: TrialLike, fspo: str) -> float:
-    """1 when the vote went to FSPO's side, 0 to the baseline's, 0.5 for a tie."""
-    if trial.vote == "tie":
-        return 0.5
-    winner = trial.left_system if trial.vote == "left" else trial.right_system
-    return 1.0 if winner == fspo else 0.0
-
-
-def participant_interval(
-    score_sums: Sequence[float],
-    counts: Sequence[int],
-    *,
-    resamples: int = 10000,
-    seed: int = 0,
-    confidence: float = 0.95,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the pooled win rate sum(scores) / sum(trials), resampling people.
-
-    Participant i brings `score_sums[i]` (wins + ties/2) over `counts[i]` trials; a resample draws
-    participants with replacement, each with all their trials, so the interval is as wide as the
-    disagreement *between people* makes it, not as narrow as counting every vote as independent would.
-    With one participant there is nothing to resample: (nan, nan).
-    """
-    import numpy as np
-    from scipy import stats
-
-    s, n = np.asarray(score_sums, dtype=float), np.asarray(counts, dtype=float)
-    if len(s) < 2:
-        return (math.nan, math.nan)
-    rates = s / n
-    if np.all(rates == rates[0]):  # every resample gives the same rate
-        return (float(rates[0]), float(rates[0]))
-
-    def pooled(s: Any, n: Any, axis: int = -1) -> Any:
-        return s.sum(axis=axis) / n.sum(axis=axis)
-
-    res = stats.bootstrap(
-        (s, n),
-        pooled,
-        paired=True,
-        vectorized=True,
-        n_resamples=resamples,
-        confidence_level=confidence,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
-    return (float(res.confidence_interval.low), float(res.confidence_interval.high))

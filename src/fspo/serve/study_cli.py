@@ -44,7 +44,7 @@ def study_report(
     """`fspo.serve.study.report` on the database at `db`; `baseline` defaults to the one other system
     the trials hold (a `UserError` naming them when there are several)."""
     from fspo.serve.cli import open_store
-    from fspo.serve.study import report
+    from fspo.serve.study_report import report
 
     store = open_store(db, create=False)  # a missing file is an error, not a new empty database
     try:
@@ -159,33 +159,21 @@ def _choice(p: float, first: str, second: str, tie: str | None) -> str | None:
     return first if p > 0.5 else second if p < 0.5 else tie
 
 
-def participate(client: Any, code: str, user: User, prefer: Prefer) -> Participation:
-    """One simulated user takes the study through the HTTP API, as the page does."""
-    joined = _check(client.post("/v1/study/join", json={"code": code}), "join")
+def participate(client: Any, code: str, user: User, prefer: Prefer, invite: str | None = None) -> Participation:
+    """One simulated user takes the study through the HTTP API, as the page does: the pairs it is
+    indifferent to are answered "no preference" (labelling them would teach noise), which brings on
+    the study's spare pairs."""
+    body = {"code": code} if invite is None else {"code": code, "invite": invite}
+    joined = _check(client.post("/v1/study/join", json=body), "join")
     me = Participation(user.user_id, joined["participant"])
     auth = {"Authorization": f"Bearer {joined['api_key']}"}
-    labels = []
-    for pair in _check(client.get("/v1/study/pairs", headers=auth), "GET /v1/study/pairs"):
-        chosen = _choice(prefer(user, pair["question"], pair["a"], pair["b"]), "a", "b", None)
-        if chosen is None:
-            me.ties_skipped += 1
-            continue
-        rejected = "b" if chosen == "a" else "a"
-        labels.append(
-            {
-                "question": pair["question"],
-                "chosen": pair[chosen],
-                "rejected": pair[rejected],
-                "metadata": {"pair_id": pair["pair_id"]},
-            }
-        )
-    if not labels:
-        return me  # indifferent to every pair shown: no shots, so the study has no trial for them
-    _check(
-        client.post("/v1/users/me/preferences", json={"preferences": labels}, headers=auth),
-        "POST /v1/users/me/preferences",
-    )
-    me.labels = len(labels)
+    state = _check(client.get("/v1/study/state", headers=auth), "GET /v1/study/state")
+    while state["pair"] is not None:
+        pair = state["pair"]
+        choice = _choice(prefer(user, pair["question"], pair["a"], pair["b"]), "a", "b", "none")
+        label = {"pair_id": pair["pair_id"], "choice": choice}
+        state = _check(client.post("/v1/study/labels", json=label, headers=auth), "POST /v1/study/labels")
+    me.labels, me.ties_skipped = state["labeled"], state["skipped"]
     while True:
         trial = _check(client.get("/v1/study/next", headers=auth), "GET /v1/study/next")
         if trial["done"]:

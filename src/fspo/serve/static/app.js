@@ -1,4 +1,5 @@
-// The page for people: sign in with a study code, label pairs, ask questions, compare answers blind.
+// The page for people: join a study (or come back with a resume code), label pairs, compare answers
+// blind; or, signed in with an API key, ask questions and manage one's preferences.
 // Plain browser JavaScript, no build step and nothing fetched from elsewhere. All text from the API is
 // put on the page with textContent, never parsed as HTML. URLs are relative, so the page also works
 // when the app is mounted under a path prefix.
@@ -7,13 +8,15 @@
 (() => {
   const KEY_STORE = "fspo.apiKey";      // sessionStorage: the key lives as long as the tab
   const VIEW_STORE = "fspo.view";
+  // "study" for a participant (their key reaches only the study: no Ask, no list of systems), else "user".
+  const MODE_STORE = "fspo.mode";
+  const RESUME_STORE = "fspo.resumeCode";  // a participant's resume code, to remind them at sign-out
   const PREFS_PAGE = 20;
 
   const $ = (id) => document.getElementById(id);
+  const participant = () => sessionStorage.getItem(MODE_STORE) === "study";
   const state = {
-    queue: [],          // pairs still to label
-    total: 0,           // pairs to label in all
-    labeled: 0,
+    pair: null,         // the pair on the page, null when none
     prefsBefore: null,  // the id the next page of "your preferences" starts below
     trialId: null,      // the trial on the page, null when none
     voting: false,      // a vote is on its way
@@ -95,7 +98,7 @@
     }
   }
 
-  const VIEWS = ["signin", "label", "ask", "study"];
+  const VIEWS = ["signin", "joined", "label", "ask", "study"];
 
   // Moving focus to a view's heading when it opens tells keyboard and screen-reader users where they are.
   function show(view) {
@@ -106,12 +109,13 @@
       heading.tabIndex = -1;
       heading.focus();
     }
-    $("nav").hidden = view === "signin";
+    $("nav").hidden = view === "signin" || view === "joined";
+    $("tab-ask").hidden = participant();
     for (const tab of document.querySelectorAll("#nav .tab")) {
       if (tab.dataset.view === view) tab.setAttribute("aria-current", "step");
       else tab.removeAttribute("aria-current");
     }
-    if (view !== "signin") sessionStorage.setItem(VIEW_STORE, view);
+    if (view !== "signin" && view !== "joined") sessionStorage.setItem(VIEW_STORE, view);
     state.shown = true;
   }
 
@@ -119,23 +123,24 @@
     clearError();
     setStatus("");
     if (view === "label") return guarded(startLabeling);
-    if (view === "ask") return guarded(startAsking);
+    if (view === "ask") return guarded(participant() ? startLabeling : startAsking);
     if (view === "study") return guarded(startStudy);
     show("signin");
   }
 
   // ---- sign in -------------------------------------------------------------------------------
 
-  function signIn(key) {
+  function signIn(key, mode) {
     sessionStorage.setItem(KEY_STORE, key);
-    go("label");
+    sessionStorage.setItem(MODE_STORE, mode);
   }
 
   function signOut(message) {
-    sessionStorage.removeItem(KEY_STORE);
-    sessionStorage.removeItem(VIEW_STORE);
+    const resume = sessionStorage.getItem(RESUME_STORE);
+    for (const item of [KEY_STORE, VIEW_STORE, MODE_STORE, RESUME_STORE]) sessionStorage.removeItem(item);
     show("signin");
-    setStatus(message || "Signed out.");
+    const comeBack = resume ? " To come back, enter your resume code " + resume + " under “Come back to the study”." : "";
+    setStatus((message || "Signed out.") + comeBack);
   }
 
   async function join(event) {
@@ -144,10 +149,34 @@
     button.disabled = true;
     await guarded(async () => {
       setStatus("Joining…");
-      const code = $("join-code").value.trim();
-      const joined = await api("POST", "v1/study/join", { code });
+      const body = { code: $("join-code").value.trim() };
+      const invite = $("join-invite").value.trim();
+      if (invite) body.invite = invite;
+      const joined = await api("POST", "v1/study/join", body);
       $("join-code").value = "";
-      signIn(joined.api_key);
+      $("join-invite").value = "";
+      signIn(joined.api_key, "study");
+      sessionStorage.setItem(RESUME_STORE, joined.resume_code);
+      $("joined-code").textContent = joined.resume_code;
+      setStatus("");
+      show("joined");
+    });
+    button.disabled = false;
+  }
+
+  async function resume(event) {
+    event.preventDefault();
+    const button = event.submitter || event.target.querySelector("button");
+    button.disabled = true;
+    await guarded(async () => {
+      setStatus("Finding where you stopped…");
+      const code = $("resume-code").value.trim();
+      const back = await api("POST", "v1/study/resume", { resume_code: code });
+      $("resume-code").value = "";
+      signIn(back.api_key, "study");
+      sessionStorage.setItem(RESUME_STORE, code);
+      const where = await api("GET", "v1/study/state");
+      go(where.pair ? "label" : "study");
     });
     button.disabled = false;
   }
@@ -156,94 +185,69 @@
     event.preventDefault();
     const key = $("key-input").value.trim();
     $("key-input").value = "";
-    if (key) signIn(key);
+    if (!key) return;
+    signIn(key, "user");
+    go("label");
   }
 
   // ---- labeling pairs ------------------------------------------------------------------------
 
-  // A pair is labeled when one of the user's preferences has its question and its two answers, in
-  // either order: so a reload resumes where the person stopped, and a label is never asked twice.
-  const pairKey = (question, x, y) => JSON.stringify([question, ...[x, y].sort()]);
-
-  async function labeledKeys() {
-    const keys = new Set();
-    let before = null;
-    for (let page = 0; page < 20; page++) {
-      const query = "?limit=100" + (before === null ? "" : "&before=" + before);
-      const prefs = (await api("GET", "v1/users/me/preferences" + query)).data;
-      for (const p of prefs) keys.add(pairKey(p.question, p.chosen, p.rejected));
-      if (prefs.length < 100) break;
-      before = prefs[prefs.length - 1].id;
-    }
-    return keys;
-  }
-
+  // The server says which pair comes next (`GET v1/study/state`), so a reload or a return with the
+  // resume code goes on where the person stopped, and a pair is never asked twice. Only participants
+  // label: a user signed in with a key has no study pairs.
   async function startLabeling() {
     show("label");
     $("label-pair").hidden = true;
     $("label-done").hidden = true;
-    setStatus("Loading the pairs to label…");
-    let pairs;
-    try {
-      pairs = await api("GET", "v1/study/pairs");
-    } catch (err) {
-      // 404: no study on this server; 403: a key of a user who did not join it. Nothing to label.
-      if (!(err instanceof ApiError) || (err.status !== 404 && err.status !== 403)) throw err;
-      pairs = [];
+    $("goto-ask").hidden = participant();
+    if (!participant()) {
+      await api("GET", "v1/users/me");  // a key that is not valid (any more) signs the page out here
+      renderLabels(null);
+      return;
     }
-    const done = await labeledKeys();
-    state.total = pairs.length;
-    state.queue = pairs.filter((p) => !done.has(pairKey(p.question, p.a, p.b)));
-    state.labeled = state.total - state.queue.length;
+    setStatus("Loading the pairs to label…");
+    renderLabels(await api("GET", "v1/study/state"));
     setStatus("");
-    renderPair();
   }
 
-  function renderProgress() {
+  function renderLabels(where) {
     const bar = $("label-bar");
-    bar.max = Math.max(state.total, 1);
-    bar.value = state.labeled;
-    $("label-progress").textContent = state.total
-      ? "Labeled " + state.labeled + " of " + state.total + " pairs."
+    bar.max = Math.max(where ? where.label_count : 0, 1);
+    bar.value = where ? where.labeled : 0;
+    $("label-progress").textContent = where
+      ? "Labeled " + where.labeled + " of " + where.label_count + " pairs." +
+        (where.skipped ? " " + where.skipped + " answered “no preference”." : "")
       : "There are no pairs to label.";
-  }
-
-  function renderPair() {
-    renderProgress();
-    const pair = state.queue[0];
-    if (!pair) {
+    state.pair = where ? where.pair : null;
+    if (!state.pair) {
       $("label-pair").hidden = true;
-      $("label-done-text").textContent = state.total
-        ? "All pairs are labeled: answers now take your preferences into account."
+      $("label-done-text").textContent = where
+        ? "Labeling is done: the answers you compare next are written from your labels."
         : "This server has no pairs to label: ask away.";
       $("label-done").hidden = false;
       return;
     }
     $("label-done").hidden = true;
     $("label-pair").hidden = false;
-    $("label-question").textContent = pair.question;
-    for (const [id, text] of [["label-a", pair.a], ["label-b", pair.b]]) {
-      const button = $(id);
-      button.textContent = text;
-      button.disabled = false;
+    $("label-question").textContent = state.pair.question;
+    for (const [id, text] of [["label-a", state.pair.a], ["label-b", state.pair.b]]) {
+      $(id).textContent = text;
     }
+    $("label-none").hidden = false;
+    for (const id of ["label-a", "label-b", "label-none"]) $(id).disabled = false;
   }
 
-  async function label(side) {
-    const pair = state.queue[0];
+  async function label(choice) {
+    const pair = state.pair;
     if (!pair || $("label-a").disabled) return;
-    $("label-a").disabled = true;
-    $("label-b").disabled = true;
-    const [chosen, rejected] = side === "a" ? [pair.a, pair.b] : [pair.b, pair.a];
+    for (const id of ["label-a", "label-b", "label-none"]) $(id).disabled = true;
     await guarded(async () => {
-      await api("POST", "v1/users/me/preferences", { question: pair.question, chosen, rejected });
-      state.queue.shift();
-      state.labeled += 1;
-      setStatus("Saved. " + state.queue.length + " left.");
+      renderLabels(await api("POST", "v1/study/labels", { pair_id: pair.pair_id, choice }));
+      setStatus(choice === "none" ? "Noted: no preference." : "Saved.");
     });
-    renderPair();
+    if (state.pair === pair) for (const id of ["label-a", "label-b", "label-none"]) $(id).disabled = false;
     // The clicked button was disabled, which drops keyboard focus: give it to what comes next.
-    ($("label-done").hidden ? $("label-a") : $("label-done").querySelector("button")).focus();
+    ($("label-done").hidden ? $("label-a") : $("label-done").querySelector("button:not([hidden])")).focus();
   }
 
   // ---- asking --------------------------------------------------------------------------------
@@ -474,6 +478,7 @@
 
   function init() {
     $("join-form").addEventListener("submit", join);
+    $("resume-form").addEventListener("submit", resume);
     $("key-form").addEventListener("submit", useKey);
     $("signout").addEventListener("click", () => signOut());
     for (const tab of document.querySelectorAll("#nav .tab")) {
@@ -484,6 +489,7 @@
     }
     $("label-a").addEventListener("click", () => label("a"));
     $("label-b").addEventListener("click", () => label("b"));
+    $("label-none").addEventListener("click", () => label("none"));
     $("ask-form").addEventListener("submit", ask);
     $("prefs-more").addEventListener("click", () => guarded(() => loadPrefs(false)));
     for (const button of voteButtons()) {

@@ -32,6 +32,17 @@ def _key(row: KeyRow) -> KeyInfo:
     return KeyInfo.model_validate(row)
 
 
+def new_key(s: Session, user_id: str, scope: Scope, name: str) -> tuple[KeyInfo, str]:
+    """A new key of existing user `user_id`, written in session `s`: its info and the plaintext (never
+    stored)."""
+    key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+    row = KeyRow(id=key_id, user_id=user_id, secret_sha256=_hash(secret), scope=scope, name=name)
+    s.add(row)
+    s.flush()
+    log_event(s, "key.create", user_id, key_id=key_id, scope=scope, name=name)
+    return _key(row), f"{KEY_PREFIX}-{key_id}-{secret}"
+
+
 class Keys(Database):
     def create_key(self, user_id: str, scope: Scope = "user", name: str = "") -> tuple[KeyInfo, str]:
         """A new key for `user_id` (created if missing): its info and the plaintext, which is never stored."""
@@ -42,17 +53,12 @@ class Keys(Database):
             storable(name)
         except ValueError as e:
             raise InvalidRecord(f"name: {e}", field="name") from None
-        key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
 
-        def write(s: Session) -> KeyInfo:
+        def write(s: Session) -> tuple[KeyInfo, str]:
             ensure_user_row(s, user_id, None, None)
-            row = KeyRow(id=key_id, user_id=user_id, secret_sha256=_hash(secret), scope=scope, name=name)
-            s.add(row)
-            s.flush()
-            log_event(s, "key.create", user_id, key_id=key_id, scope=scope, name=name)
-            return _key(row)
+            return new_key(s, user_id, scope, name)
 
-        return self._write_creating_user(write), f"{KEY_PREFIX}-{key_id}-{secret}"
+        return self._write_creating_user(write)
 
     def authenticate(self, key: str) -> Principal | None:
         """The key's principal, or None for anything else: malformed, unknown, wrong secret, revoked."""

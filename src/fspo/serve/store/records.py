@@ -15,9 +15,13 @@ from fspo.data.schema import Preference
 from fspo.data.validate import storable_problems
 from fspo.serve.store.errors import InvalidRecord
 
-Scope = Literal["user", "admin"]
+# A study participant's key has the "study" scope: it reaches the study's routes only, so no participant
+# can ask a compared system by name or list the systems (`fspo.serve.auth`).
+Scope = Literal["user", "admin", "study"]
 Vote = Literal["left", "right", "tie"]
-SCOPES: tuple[str, ...] = ("user", "admin")
+Label = Literal["a", "b", "none"]
+SCOPES: tuple[str, ...] = ("user", "admin", "study")
+LABELS: tuple[str, ...] = ("a", "b", "none")
 VOTES: tuple[str, ...] = ("left", "right", "tie")
 
 
@@ -113,6 +117,20 @@ class Trial(_Out):
     vote: Vote | None
     created_at: datetime
     voted_at: datetime | None
+
+
+class Participant(_Out):
+    user_id: str
+    seat: int
+    created_at: datetime
+
+
+class StudyLabel(_Out):
+    participant: str
+    pair_id: int
+    choice: Label
+    preference_id: int | None
+    created_at: datetime
 
 
 class Event(_Out):

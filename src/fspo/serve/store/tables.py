@@ -80,7 +80,7 @@ class UserRow(Base):
 
 class KeyRow(Base):
     __tablename__ = "api_keys"
-    __table_args__ = (CheckConstraint("scope IN ('user', 'admin')", name="scope"),)
+    __table_args__ = (CheckConstraint("scope IN ('user', 'admin', 'study')", name="scope"),)
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     user_id: Mapped[str] = mapped_column(ForeignKey("users.user_id"), index=True)
     secret_sha256: Mapped[str] = mapped_column(String(64))
@@ -125,6 +125,38 @@ class TrialRow(Base):
     vote: Mapped[str | None] = mapped_column(String(8))
     created_at: Mapped[CreatedAt]
     voted_at: Mapped[datetime | None]
+
+
+class ParticipantRow(Base):
+    """A study participant: how they come back (their resume code's hash), the one-time invite they
+    joined with, if the study has invites, and their seat (1, 2, ...): a UNIQUE seat is how the
+    database itself keeps a capped study from taking more participants than it has seats, whatever
+    the race between joins."""
+
+    __tablename__ = "study_participants"
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.user_id"), primary_key=True)
+    resume_sha256: Mapped[str | None] = mapped_column(String(64), unique=True)
+    invite_sha256: Mapped[str | None] = mapped_column(String(64), unique=True)
+    seat: Mapped[int] = mapped_column(Integer, unique=True)
+    created_at: Mapped[CreatedAt]
+
+
+class LabelRow(Base):
+    """A participant's answer to one pair of the study's bank: a, b, or no preference ("none"). A or b
+    is also stored as their preference (`preference_id`), which is what their shots are made of."""
+
+    __tablename__ = "study_labels"
+    __table_args__ = (
+        UniqueConstraint("participant", "pair_id"),
+        CheckConstraint("choice IN ('a', 'b', 'none')", name="choice"),
+        {"sqlite_autoincrement": True},
+    )
+    id: Mapped[SerialId]
+    participant: Mapped[str] = mapped_column(ForeignKey("users.user_id"))
+    pair_id: Mapped[int] = mapped_column(Integer)
+    choice: Mapped[str] = mapped_column(String(8))
+    preference_id: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[CreatedAt]
 
 
 class EventRow(Base):
