@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from urllib.parse import quote
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
@@ -95,7 +95,8 @@ ROUTES = [  # (method, path): the app's, read once without a store
     ("DELETE", "/v1/admin/keys/{key_id}"), ("DELETE", "/v1/users/me/preferences"),
     ("DELETE", "/v1/users/me/preferences/{pref_id}"), ("GET", "/v1/admin/events"), ("GET", "/v1/admin/keys"),
     ("GET", "/v1/admin/users"), ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),
-    ("GET", "/v1/study/next"), ("GET", "/v1/study/pairs"), ("GET", "/v1/study/state"), ("GET", "/v1/users/me"),
+    ("GET", "/v1/study/next"), ("GET", "/v1/study/pairs"), ("GET", "/v1/study/state"),
+    ("GET", "/v1/users/me"),
     ("GET", "/v1/users/me/description"), ("GET", "/v1/users/me/preferences"), ("POST", "/v1/admin/keys"),
     ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/study/join"),
     ("POST", "/v1/study/labels"), ("POST", "/v1/study/resume"), ("POST", "/v1/study/trials/{trial_id}/vote"),
@@ -127,8 +128,11 @@ def test_arbitrary_json_never_breaks_a_route_or_the_store(world, method: str, pa
         database=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     )
-    @given(body=bodies, query=st.dictionaries(st.sampled_from(FIELDS + ["limit", "before"]), texts, max_size=3),
-           segment=st.one_of(texts, st.integers(min_value=-(2**70), max_value=2**70).map(str)))  # fmt: skip
+    @given(
+        body=bodies,
+        query=st.dictionaries(st.sampled_from([*FIELDS, "limit", "before"]), texts, max_size=3),
+        segment=st.one_of(texts, st.integers(min_value=-(2**70), max_value=2**70).map(str)),
+    )
     def one(body, query, segment):
         url = re.sub(r"\{[^}]+\}", lambda _: quote(_sendable(segment), safe="") or "x", path)
         events = len(store.events())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,7 +338,15 @@ def test_study_routes_end_to_end(tmp_path, study_file):
 def test_participants_come_back_and_cannot_unblind_the_study(tmp_path, study_file):
     from fastapi.testclient import TestClient
 
-    (study_file.parent / "invites.txt").write_text("# one a person\nAAAA-BBBB\nCCCC-DDDD\nEEEE-FFFF\n")
+    invites = study_file.parent / "invites.txt"
+    assert study_cli("invites", "--out", invites, "--count", "3")[0] == 0
+    written = invites.read_text().split()
+    assert len(set(written)) == 3 and all(re.fullmatch(r"([A-Z2-9]{4}-){3}[A-Z2-9]{4}", c) for c in written)
+    assert study_cli("invites", "--out", invites, "--count", "3") == (
+        2,
+        f"--out {invites}: exists; invites are never overwritten (codes may be handed out)",
+    )
+    invites.write_text("# one a person\nAAAA-BBBB\nCCCC-DDDD\nEEEE-FFFF\n")
     with study_file.open("a") as f:
         f.write("invites: invites.txt\nmax_participants: 2\n")
     app, store, *_ = _colour_app(tmp_path, study_file)

@@ -159,7 +159,9 @@ def _choice(p: float, first: str, second: str, tie: str | None) -> str | None:
     return first if p > 0.5 else second if p < 0.5 else tie
 
 
-def participate(client: Any, code: str, user: User, prefer: Prefer, invite: str | None = None) -> Participation:
+def participate(
+    client: Any, code: str, user: User, prefer: Prefer, invite: str | None = None
+) -> Participation:
     """One simulated user takes the study through the HTTP API, as the page does: the pairs it is
     indifferent to are answered "no preference" (labelling them would teach noise), which brings on
     the study's spare pairs."""
@@ -238,6 +240,21 @@ def pick_users(users: Sequence[User], participants: int | None, seed: int) -> li
     return random.Random(seed).sample(list(users), participants)
 
 
+@app.command("invites")
+def invites_cmd(
+    out: Path = typer.Option(..., help="The invites file to write (name it in the study file's `invites`)."),
+    count: int = typer.Option(..., min=1, max=100000, help="How many one-time invite codes."),
+) -> None:
+    """Write `count` one-time invite codes, one a line: hand each to one person."""
+    from fspo.core.files import atomic_write_text
+    from fspo.serve.store import new_code
+
+    if out.exists():
+        raise UserError(f"--out {out}: exists; invites are never overwritten (codes may be handed out)")
+    atomic_write_text(out, "".join(f"{new_code()}\n" for _ in range(count)))
+    console.print(f"{count} invite codes written to {out}", highlight=False)
+
+
 @app.command("simulate")
 def simulate_cmd(
     url: str = typer.Option(..., help="The study server, e.g. http://127.0.0.1:8000."),
@@ -259,9 +276,15 @@ def simulate_cmd(
     from fspo.core.files import atomic_write_json, read_fields
     from fspo.data.io import read_records
 
-    code = read_fields(study).get("code")
+    fields = read_fields(study)
+    code = fields.get("code")
     if not isinstance(code, str) or not code:
         raise UserError(f"{study}: code: the study file needs its sign-in code")
+    if fields.get("invites"):
+        raise UserError(
+            f"{study}: invites: simulated participants join with the code alone; "
+            "simulate a study without invites"
+        )
     chosen = pick_users(read_records(users, User), participants, seed)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("simulated participants", total=len(chosen))
