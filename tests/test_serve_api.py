@@ -22,8 +22,8 @@ from fspo.infer.best_of import SELF, Reference, best_of_n
 from fspo.infer.generate import Decoding, Mode
 from fspo.serve.answerers import Answer, AnswerRequest, System, local_answerer
 from fspo.serve.app import create_app
-from fspo.serve.completions import StopCut
 from fspo.serve.cli import allowed_hosts
+from fspo.serve.completions import StopCut
 from fspo.serve.middleware import SECURITY_HEADERS, HostCheck
 from fspo.serve.serving import Limits
 from fspo.serve.store import Store
