@@ -5,6 +5,11 @@ The toy world (users who prefer answers naming their favourite colour) and the t
 fixtures, built once per session or module where building takes a while. Records handed out by
 session fixtures are shared: derive changed ones with `model_copy`, never edit them in place.
 
+`postgres` is a throwaway PostgreSQL server for the session (`fspo.testing.postgres_cluster`) and
+`postgres_url` a fresh database on it for one test. Without PostgreSQL they skip, saying why, except
+where the environment says CI=true: CI installs PostgreSQL (.ci/run), so there a skip would hide a
+broken install, and they fail instead.
+
 Plain helpers (`from conftest import write_jsonl`; pytest puts this folder on `sys.path`): `write_jsonl`
 and `generations` for the rows a test writes by hand, `numbered_preference` and `shared_shot_episodes`
 for users whose episodes share one shot set, `tiny_llama_dir` and `train_world` for model
@@ -16,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -176,3 +181,25 @@ def eval_lm(eval_episodes: list[Episode]):
 
     rendered = [render(e) for e in eval_episodes]
     return tiny_lm([r.prompt + r.chosen for r in rendered] * 3)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A `fspo.testing.PostgresCluster` for the whole session (see the module docstring)."""
+    from fspo.testing import postgres_cluster, postgres_missing
+
+    if missing := postgres_missing():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true, but {missing}", pytrace=False)
+        pytest.skip(missing)
+    with postgres_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def postgres_url(postgres) -> Iterator[str]:
+    """The SQLAlchemy URL of a new, empty PostgreSQL database, dropped after the test: no test sees
+    another's rows."""
+    url = postgres.create_database()
+    yield url
+    postgres.drop_database(url)

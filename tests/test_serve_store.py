@@ -1,11 +1,17 @@
 """The serving store (`fspo.serve.store`): schema migrations, SQLite settings, identity scoping, keys,
-study trials, the event log, import/export, and concurrent writers on a real file."""
+study trials, the event log, import/export, and concurrent writers on a real file.
+
+What the store promises runs on both backends it supports: each test taking `db_url` (or `store`, `two`)
+runs once on a SQLite file and once on a PostgreSQL database of its own (`postgres_url` in conftest.py,
+skipped without PostgreSQL). Tests of SQLite's own settings take `sqlite_url` or `sqlite_store`."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC
@@ -37,13 +43,24 @@ def _new(i: int, tag: str = "") -> NewPreference:
 
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
+def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'serve.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
 
 
 @pytest.fixture
 def store(db_url: str):
     with Store(db_url) as s:
+        yield s
+
+
+@pytest.fixture
+def sqlite_store(sqlite_url: str):
+    with Store(sqlite_url) as s:
         yield s
 
 
@@ -56,10 +73,43 @@ def two(store: Store) -> Store:
     return store
 
 
+def _schema(conn) -> list[tuple]:
+    """The schema as the database describes it (SQLite: each object's SQL; PostgreSQL: columns, indexes)."""
+    if conn.dialect.name == "sqlite":
+        return conn.execute(text("SELECT type, name, sql FROM sqlite_master ORDER BY name")).all()
+    columns = text(
+        "SELECT table_name, column_name, data_type, is_nullable, column_default "
+        "FROM information_schema.columns WHERE table_schema = 'public' ORDER BY table_name, column_name"
+    )
+    indexes = text(
+        "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY indexname"
+    )
+    return conn.execute(columns).all() + conn.execute(indexes).all()
+
+
 def _statements(store: Store) -> list[str]:
     seen: list[str] = []
     event.listen(store.engine, "before_cursor_execute", lambda conn, cur, stmt, *a: seen.append(stmt))
     return seen
+
+
+def _at_once(count: int, work) -> list:
+    """`work(i)` in `count` threads released together; each one's result, or the exception it raised."""
+    go, out = threading.Barrier(count), [None] * count
+
+    def run(i: int) -> None:
+        go.wait()
+        try:
+            out[i] = work(i)
+        except Exception as e:  # noqa: BLE001 - returned to the test, which asserts on it
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
 
 
 # ------------------------------------------------------------------------------------- migrations
@@ -67,13 +117,13 @@ def _statements(store: Store) -> list[str]:
 
 def test_fresh_db_is_migrated_to_head_and_matches_the_orm(store: Store):
     with store.engine.connect() as conn:
-        assert conn.scalar(text("SELECT version_num FROM alembic_version")) == head_revision() == "0001"
+        assert conn.scalar(text("SELECT version_num FROM alembic_version")) == head_revision() == "0002"
         ctx = MigrationContext.configure(conn)
         assert ctx.get_current_revision() == head_revision()
         assert compare_metadata(ctx, Base.metadata) == []
-        # The comparison does look at the database: against no tables it wants all five removed.
+        # The comparison does look at the database: against no tables it wants every table removed.
         removed = {d[1].name for d in compare_metadata(ctx, MetaData()) if d[0] == "remove_table"}
-        assert removed == {"users", "api_keys", "preferences", "study_trials", "events"}
+        assert removed == set(Base.metadata.tables) and "study_labels" in removed
 
 
 def test_reopening_is_a_no_op(db_url: str):
@@ -81,15 +131,30 @@ def test_reopening_is_a_no_op(db_url: str):
         s.ensure_user("a")
         s.add_preferences("a", [_new(0)])
         with s.engine.connect() as conn:
-            schema = conn.execute(text("SELECT type, name, sql FROM sqlite_master ORDER BY name")).all()
+            schema = _schema(conn)
     with Store(db_url) as s:
         with s.engine.connect() as conn:
-            assert (
-                conn.execute(text("SELECT type, name, sql FROM sqlite_master ORDER BY name")).all() == schema
-            )
+            assert _schema(conn) == schema
             assert conn.execute(text("SELECT version_num FROM alembic_version")).all() == [(head_revision(),)]
         assert [p.question for p in s.preferences("a")] == ["question 0?"]
         assert [e.kind for e in s.events()] == ["user.create", "preference.add"]
+
+
+def test_first_opens_at_once_all_migrate_safely(db_url: str):
+    """Servers started together on a new database: one creates the schema, the others wait for it (SQLite:
+    a lock on the file's folder; PostgreSQL: an advisory lock), and none fails. Processes, as servers
+    are: alembic's own state is per process, so threads would not open at once."""
+    opener = "import sys; from fspo.serve.store import Store; Store(sys.argv[1]).close()"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", opener, db_url], stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    failures = [
+        err.strip().splitlines()[-1] for p in procs if (err := p.communicate(timeout=120)[1]) and p.returncode
+    ]
+    assert failures == []
+    with Store(db_url) as s, s.engine.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).all() == [(head_revision(),)]
 
 
 def test_bad_url_is_a_user_error():
@@ -97,11 +162,21 @@ def test_bad_url_is_a_user_error():
         Store("no url at all")
 
 
+def test_foreign_keys_are_enforced(store: Store):
+    with pytest.raises(DatabaseError, match="(?i)foreign key"), store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO preferences (user_id, question, chosen, rejected, source, metadata, "
+                "created_at) VALUES ('nobody', 'q', 'a', 'b', 'x', '{}', '2026-01-01')"
+            )
+        )
+
+
 # ---------------------------------------------------------------------------------------- sqlite
 
 
-def test_pragmas_are_set_on_every_connection(store: Store):
-    conns = [store.engine.connect() for _ in range(3)]  # three pooled connections, each set on connect
+def test_pragmas_are_set_on_every_connection(sqlite_store: Store):
+    conns = [sqlite_store.engine.connect() for _ in range(3)]  # three pooled connections, each set on connect
     try:
         for conn in conns:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
@@ -112,17 +187,8 @@ def test_pragmas_are_set_on_every_connection(store: Store):
             conn.close()
 
 
-def test_foreign_keys_are_enforced(store: Store):
-    with pytest.raises(DatabaseError, match="FOREIGN KEY"), store.engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO preferences (user_id, question, chosen, rejected, source, metadata, "
-                "created_at) VALUES ('nobody', 'q', 'a', 'b', 'x', '{}', '2026-01-01')"
-            )
-        )
-
-
-def test_writes_begin_immediate_and_reads_begin_deferred(store: Store):
+def test_writes_begin_immediate_and_reads_begin_deferred(sqlite_store: Store):
+    store = sqlite_store
     store.ensure_user("a")
     seen = _statements(store)
     store.add_preferences("a", [_new(0)])
@@ -133,7 +199,8 @@ def test_writes_begin_immediate_and_reads_begin_deferred(store: Store):
     assert [s for s in seen if s.startswith("BEGIN")] == ["BEGIN", "BEGIN"]
 
 
-def test_a_writer_waits_for_the_write_lock(tmp_path: Path, store: Store):
+def test_a_writer_waits_for_the_write_lock(tmp_path: Path, sqlite_store: Store):
+    store = sqlite_store
     store.ensure_user("a")
     holder = sqlite3.connect(tmp_path / "serve.db", isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN IMMEDIATE")
@@ -148,7 +215,8 @@ def test_a_writer_waits_for_the_write_lock(tmp_path: Path, store: Store):
     assert store.count_preferences("a") == 1
 
 
-def test_events_are_append_only_in_the_database(store: Store):
+def test_events_are_append_only_in_the_database(sqlite_store: Store):
+    store = sqlite_store
     store.ensure_user("a")
     for sql in ("UPDATE events SET kind = 'x'", "DELETE FROM events"):
         with pytest.raises(DatabaseError, match="append-only"), store.engine.begin() as conn:
@@ -325,7 +393,8 @@ def test_delete(two: Store):
 # ------------------------------------------------------------------------------------------- keys
 
 
-def test_keys_are_stored_hashed(tmp_path: Path, store: Store):
+def test_keys_are_stored_hashed(tmp_path: Path, sqlite_store: Store):
+    store = sqlite_store
     info, plaintext = store.create_key("a", name="laptop")  # creates the user
     assert store.get_user("a") is not None
     prefix, key_id, secret = plaintext.split("-", 2)
@@ -434,6 +503,33 @@ def test_vote_once(store: Store):
         store.vote("p", t.id, "left")
     assert [x.vote for x in store.trials("p")] == ["tie"]
     assert [e.payload["choice"] for e in store.events(kind="trial.vote")] == ["tie"]
+
+
+def test_first_keys_racing_for_one_new_user_all_succeed(store: Store):
+    """Off SQLite nothing serializes two writers: both find no user and insert it, one insert fails on
+    the primary key, and the store runs that write again (`Database._write_creating_user`)."""
+    made = _at_once(8, lambda i: store.create_key("new"))
+    assert all(isinstance(m, tuple) for m in made), made
+    assert len(store.keys("new")) == 8 and [u.user_id for u in store.users()] == ["new"]
+    assert len(store.events(kind="user.create")) == 1
+
+
+def test_racing_trials_for_one_question_make_one(store: Store):
+    store.ensure_user("p")
+    made = _at_once(6, lambda i: _trial(store))
+    assert sum(not isinstance(m, Exception) for m in made) == 1
+    assert all(isinstance(m, Conflict) for m in made if isinstance(m, Exception)), made
+    assert len(store.trials("p")) == 1 and len(store.events(kind="trial.create")) == 1
+
+
+def test_racing_joins_take_one_seat_each_and_no_more_than_there_are(store: Store):
+    """Off SQLite, racing joins read the same highest seat and insert the same next one: the UNIQUE
+    seat refuses all but one, and the others try the seat after it."""
+    joined = _at_once(6, lambda i: store.join_study(max_participants=4))
+    seats = sorted(j[0].seat for j in joined if isinstance(j, tuple))
+    assert seats == [1, 2, 3, 4]
+    assert all(isinstance(j, Conflict) for j in joined if not isinstance(j, tuple)), joined
+    assert len(store.events(kind="study.join")) == 4
 
 
 def test_racing_votes_land_once(store: Store):

@@ -5,16 +5,25 @@
 server: ``keys create|list|revoke``, ``import`` and ``export`` (preferences in the project's record
 formats, so what people labelled can become training data).
 
+``--workers N`` serves from N processes behind the one port (uvicorn's workers, each building the app
+from the command's options: `ServeOptions`, `worker_app`).
+
 Heavy imports (torch, FastAPI, SQLAlchemy) happen inside the commands, so `fspo --help` stays fast.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
+import tempfile
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
+from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 from rich.table import Table
 
@@ -22,8 +31,11 @@ from fspo.core.errors import UserError
 from fspo.infer.generate import Decoding
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from fspo.serve.answerers import Answerer, System
     from fspo.serve.store import Store
+    from fspo.serve.study import StudyConfig
 
 DEFAULT_DB = "sqlite:///fspo-serve.db"
 
@@ -179,6 +191,99 @@ def allowed_hosts(host: str, given: list[str]) -> list[str]:
     return [*LOOPBACK_HOSTS, host.strip("[]")]
 
 
+class ServeOptions(BaseModel):
+    """What `fspo serve` builds its app from: the command's options, less --host, --port and --workers.
+
+    With --workers N, uvicorn starts each worker as a fresh process that imports its app by name
+    (`worker_app`), so the options travel to the workers as this model's JSON in an environment variable
+    (`WORKER_ENV`; only processes of the same user can read it, which matters for `backend_key`).
+    `error_dir`: where a worker that cannot start writes why, for the command to say it.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    model: Path
+    db: str
+    name: str
+    shots: int
+    baselines: list[str]
+    study: Path | None
+    backend: str
+    backend_url: str | None
+    backend_model: str | None
+    backend_key: str | None
+    cache_mb: int
+    repetition_penalty: float
+    no_repeat_ngram_size: int
+    max_samples: int | None
+    allowed_hosts: list[str]
+    error_dir: Path | None = None
+
+    def system_names(self) -> list[str]:
+        return [self.name, *(parse_baseline(b).name for b in self.baselines)]
+
+
+WORKER_ENV = "FSPO_SERVE_WORKER"
+# How long uvicorn's supervisor waits for a worker's answer to its health check before killing it as
+# hung. Its default (5 s) can pass while a worker loads a model and the machine is busy, and a worker
+# killed while starting is started again, and again.
+WORKER_HEALTHCHECK_S = 60
+
+
+def build_app(options: ServeOptions) -> tuple[FastAPI, Store, StudyConfig | None]:
+    """The app `options` describe, over its store, which the caller closes; the study, if any."""
+    from fspo.serve.app import create_app
+    from fspo.serve.serving import Limits
+
+    decoding = _decoding(options.backend, options.repetition_penalty, options.no_repeat_ngram_size)
+    limits = Limits() if options.max_samples is None else Limits(max_samples=options.max_samples)
+    study = _study(options.study)
+    systems = build_systems(
+        options.model,
+        name=options.name,
+        shots=options.shots,
+        baselines=options.baselines,
+        backend=options.backend,
+        backend_url=options.backend_url,
+        backend_model=options.backend_model,
+        backend_key=options.backend_key,
+        cache_mb=options.cache_mb,
+        ranked=limits.max_samples > 1,
+    )
+    store = open_store(options.db)
+    try:
+        api = create_app(
+            store, systems, study=study, limits=limits, decoding=decoding, allowed_hosts=options.allowed_hosts
+        )
+        return api, store, study
+    except BaseException:
+        store.close()
+        raise
+
+
+def _study(path: Path | None) -> StudyConfig | None:
+    if path is None:
+        return None
+    from fspo.serve.study import StudyConfig
+
+    return StudyConfig.load(path)
+
+
+def _banner(store: Store, options: ServeOptions, study: StudyConfig | None, url: str, workers: int) -> None:
+    from fspo.serve.store import shown_url
+
+    processes = f", {workers} worker processes" if workers > 1 else ""
+    systems = ", ".join(options.system_names())
+    console.print(f"fspo serve: {url}  (systems: {systems}{processes})", highlight=False)
+    console.print(f"  database: {store!r}", highlight=False)
+    if study is not None:
+        console.print(f"  study: sign-in code [bold]{study.code}[/] at {url}/", highlight=False)
+    keys = store.keys()  # noqa: SIM118 - Store.keys is a query of API keys, not a dict's keys
+    if not any(k.scope == "user" and k.revoked_at is None for k in keys):
+        hint = f"fspo serve keys create --user NAME --db {shown_url(options.db)}"
+        console.print(f"  no user keys yet: {hint}", highlight=False)
+
+
 @app.callback(invoke_without_command=True)
 def serve(
     ctx: typer.Context,
@@ -186,6 +291,12 @@ def serve(
     db: str = typer.Option(DEFAULT_DB, help=DB_HELP),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8000, min=0, max=65535),
+    workers: int = typer.Option(
+        1,
+        min=1,
+        help="Worker processes behind the one port, each with the model and its own prefix cache "
+        "(connections are not sticky by user: see docs/serve.md, Scale-out).",
+    ),
     name: str = typer.Option("fspo", help="The served name of --model (the `model` field of requests)."),
     shots: int = typer.Option(
         8, min=0, help="At most this many of the caller's newest preferences as shots."
@@ -225,47 +336,89 @@ def serve(
         raise UserError("serve: --model DIR is required (or use a sub-command: keys, import, export)")
     import uvicorn
 
-    from fspo.serve.app import create_app
-    from fspo.serve.serving import Limits
-    from fspo.serve.store import shown_url
-
-    decoding = _decoding(backend, repetition_penalty, no_repeat_ngram_size)
-    hosts = allowed_hosts(host, allowed_host)
-    limits = Limits() if max_samples is None else Limits(max_samples=max_samples)
-    study_config = None
-    if study is not None:
-        from fspo.serve.study import StudyConfig
-
-        study_config = StudyConfig.load(study)
-    systems = build_systems(
-        model,
+    options = ServeOptions(
+        model=model,
+        db=db,
         name=name,
         shots=shots,
         baselines=baseline,
+        study=study,
         backend=backend,
         backend_url=backend_url,
         backend_model=backend_model,
         backend_key=backend_key,
         cache_mb=cache_mb,
-        ranked=limits.max_samples > 1,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        max_samples=max_samples,
+        allowed_hosts=allowed_hosts(host, allowed_host),
     )
-    store = open_store(db)
+    if workers > 1:
+        _serve_workers(options, host, port, workers)
+        return
+    api, store, study_config = build_app(options)
     try:
-        api = create_app(
-            store, systems, study=study_config, limits=limits, decoding=decoding, allowed_hosts=hosts
-        )
-        url = f"http://{host}:{port}"
-        console.print(f"fspo serve: {url}  (systems: {', '.join(s.name for s in systems)})", highlight=False)
-        console.print(f"  database: {store!r}", highlight=False)
-        if study_config is not None:
-            console.print(f"  study: sign-in code [bold]{study_config.code}[/] at {url}/", highlight=False)
-        keys = store.keys()  # noqa: SIM118 - Store.keys is a query of API keys, not a dict's keys
-        if not any(k.scope == "user" and k.revoked_at is None for k in keys):
-            hint = f"fspo serve keys create --user NAME --db {shown_url(db)}"
-            console.print(f"  no user keys yet: {hint}", highlight=False)
+        _banner(store, options, study_config, f"http://{host}:{port}", workers)
         uvicorn.run(api, host=host, port=port, log_level="info")
     finally:
         store.close()
+
+
+def _serve_workers(options: ServeOptions, host: str, port: int, workers: int) -> None:
+    """`workers` uvicorn worker processes behind one port, each building the app from `options`.
+
+    What can be checked without loading a model is checked here first, before any worker starts: the
+    decoding, the study file, the database (which this process also migrates, once). What only
+    loading finds (a model folder, a reference), a worker writes to the error folder before it exits;
+    uvicorn then stops the others, and this raises the first message, as one process would have.
+    """
+    import uvicorn
+
+    _decoding(options.backend, options.repetition_penalty, options.no_repeat_ngram_size)
+    study = _study(options.study)
+    with open_store(options.db) as store:
+        _banner(store, options, study, f"http://{host}:{port}", workers)
+    with tempfile.TemporaryDirectory(prefix="fspo-serve-") as errors:
+        os.environ[WORKER_ENV] = options.model_copy(update={"error_dir": Path(errors)}).model_dump_json()
+        try:
+            uvicorn.run(
+                "fspo.serve.cli:worker_app",
+                factory=True,
+                workers=workers,
+                host=host,
+                port=port,
+                log_level="info",
+                timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
+            )
+        finally:
+            del os.environ[WORKER_ENV]
+        if failed := sorted(Path(errors).iterdir()):
+            raise UserError(failed[0].read_text())
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker of ``fspo serve --workers N``: uvicorn calls this in each worker process.
+
+    A worker that cannot build it writes why to the error folder and exits with uvicorn's
+    STARTUP_FAILURE status, on which uvicorn stops all workers instead of starting this one again and
+    again (it restarts a worker that dies of anything else).
+    """
+    from uvicorn.config import STARTUP_FAILURE
+
+    options = ServeOptions.model_validate_json(os.environ[WORKER_ENV])
+    try:
+        api, store, _ = build_app(options)
+    except Exception as err:
+        if isinstance(err, UserError):
+            message = str(err)
+        else:
+            traceback.print_exc()
+            message = f"serve: a worker failed to start: {type(err).__name__}: {err}"
+        if options.error_dir is not None:
+            (options.error_dir / f"worker-{os.getpid()}.txt").write_text(message)
+        sys.exit(STARTUP_FAILURE)
+    atexit.register(store.close)  # a worker ends when uvicorn stops it: its connections close then
+    return api
 
 
 @keys_app.command("create")

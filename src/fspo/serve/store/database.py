@@ -27,8 +27,10 @@ refuses a SQLite file holding another application's tables, or an alembic revisi
 A SQLite database that needs migrating (new, or made by an older fspo) is upgraded under an exclusive
 `flock` on its folder, so a second process opening it meanwhile waits for the migration, however long,
 instead of failing when SQLite's busy timeout runs out (no lock file is left behind; the kernel drops
-the lock when its process dies). A database already at head takes no lock. A server database has no
-folder to lock: there two first opens can still race to create the schema, and one fails.
+the lock when its process dies). A database already at head takes no lock. A PostgreSQL database has
+no folder to lock: there the migration's transaction takes an advisory lock first (`_server_lock`),
+with the same effect. Other server databases have neither: two first opens there can still race to
+create the schema, and one fails.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -57,6 +59,7 @@ T = TypeVar("T")
 SQLITE_MAGIC = b"SQLite format 3\x00"
 VERSION_TABLE = "alembic_version"
 MIGRATION_WAIT_S = 120.0  # how long an opener waits for another process's migration before giving up
+MIGRATION_LOCK = 0x6673706F  # PostgreSQL's advisory lock of fspo's migrations: "fspo" in ASCII
 
 
 def parse_url(url: str) -> URL:
@@ -197,6 +200,16 @@ def _folder_lock(folder: Path, shown: str) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def _server_lock(conn: Connection) -> None:
+    """On PostgreSQL, wait (up to `MIGRATION_WAIT_S`) for the advisory lock that keeps migrations of one
+    database apart, held until the transaction ends, even when its process dies. A second opener gets it
+    once the first's schema is committed; alembic, reading the revision after it, then finds head and
+    changes nothing. Transactional DDL makes the wait safe: the first's tables appear all at once."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text(f"SET LOCAL lock_timeout = '{int(MIGRATION_WAIT_S)}s'"))
+        conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK})
+
+
 class Database:
     """An engine set up as the module docstring says, with the schema at head once constructed."""
 
@@ -237,6 +250,7 @@ class Database:
             return
         lock = _folder_lock(file.resolve().parent, shown) if file is not None else nullcontext()
         with lock, self._lock, self._writer.begin() as conn:
+            _server_lock(conn)
             command.upgrade(migration_config(conn), "head")
 
     @contextmanager
