@@ -1,4 +1,5 @@
-"""Bad input through the real `fspo` command, one subprocess per case: every command family must answer
+"""Bad input through the real `fspo` command, one process per case (forked from one that imported fspo
+once: tests/cli_fork.py): every command family must answer
 a mistake with a non-zero exit status and one message naming the file, line, field or option at fault,
 never a traceback, and must leave every file it was given exactly as it was.
 
@@ -12,9 +13,9 @@ its own test, so a failure names it.
 from __future__ import annotations
 
 import hashlib
+import queue
 import shlex
 import shutil
-import subprocess
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI_ENV, FSPO_CLI, generations, tiny_llama_dir, write_jsonl
+from cli_fork import ForkedCLI
+from conftest import generations, tiny_llama_dir, write_jsonl
 from fspo.testing import toy_corpus, toy_episodes, toy_preferences, toy_users
 
 CASE_TIMEOUT_S = 90
@@ -325,7 +327,7 @@ class Outcome:
     after: dict[str, str]
 
 
-def _run(case: Case, shared: Path, folder: Path) -> Outcome:
+def _run(case: Case, shared: Path, folder: Path, runners: queue.Queue[ForkedCLI]) -> Outcome:
     folder.mkdir(parents=True)
     for name, content in case.files.items():
         path = folder / name
@@ -336,13 +338,13 @@ def _run(case: Case, shared: Path, folder: Path) -> Outcome:
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
     before = _hashes(folder)
     args = shlex.split(case.args.format(s=shared, c=folder))
+    runner = runners.get()
     try:
-        done = subprocess.run(
-            FSPO_CLI + args, env=CLI_ENV, cwd=folder, capture_output=True, text=True, timeout=CASE_TIMEOUT_S
-        )
-        code, output = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as err:
-        code, output = 0, f"still running after {CASE_TIMEOUT_S} s: {err.stdout!r} {err.stderr!r}"
+        code, output = runner.run(args, folder, CASE_TIMEOUT_S)
+    finally:
+        runners.put(runner)
+    if code is None:
+        code, output = 0, f"still running after {CASE_TIMEOUT_S} s: {output!r}"
     return Outcome(code, output, before, _hashes(folder))
 
 
@@ -371,9 +373,16 @@ def outcomes(shared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     """Every case run, two at a time; the shared inputs must be unchanged afterwards."""
     cases_root = tmp_path_factory.mktemp("bad_input_cases")
     before = _hashes(shared)
-    with ThreadPoolExecutor(2) as pool:
-        futures = {c.id: pool.submit(_run, c, shared, cases_root / c.id) for c in CASES}
-        results = {name: f.result() for name, f in futures.items()}
+    runners: queue.Queue[ForkedCLI] = queue.Queue()
+    for _ in range(2):
+        runners.put(ForkedCLI(tmp_path_factory.mktemp("cli_output")))
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            futures = {c.id: pool.submit(_run, c, shared, cases_root / c.id, runners) for c in CASES}
+            results = {name: f.result() for name, f in futures.items()}
+    finally:
+        while not runners.empty():
+            runners.get().close()
     assert _hashes(shared) == before, "a case changed a shared input"
     return results
 
