@@ -16,7 +16,7 @@ ROOT = Path(fspo.__file__).parent
 # Lowest first. A package may import itself and the packages before it, never one after it.
 # ``app`` is the face: the top-level modules (cli.py, paper.py) and the quickstart package, which wire the
 # stages together.
-# ``testing`` (fspo/testing.py: the toy world, tiny models, stub servers) is last, so nothing shipped uses it.
+# ``testing`` (fspo/testing/: the toy world, tiny models, stub servers) is last, so nothing shipped uses it.
 LAYERS = (
     "core",
     "data",
