@@ -442,7 +442,8 @@ def _fspo_options() -> set[str]:
 
 
 # Options of other programs that a message tells the user to pass to them.
-OTHER_PROGRAMS = {"--no-deps"}  # pip install --no-deps (models/gguf_import.py)
+# pip install --no-deps (models/gguf_import.py); initdb --locale (testing/postgres.py)
+OTHER_PROGRAMS = {"--no-deps", "--locale"}
 
 
 def test_every_option_a_message_names_exists() -> None:

@@ -32,7 +32,7 @@ from fspo.testing import serve_in_thread, toy_preferences, toy_users
 
 LIMIT = 12  # the answerer's max_new_tokens_limit: short answers keep the tests fast
 SECRET = "B-SECRET"  # in every text of user B's: must never appear in a response to user A
-PUBLIC = {("GET", "/healthz"), ("GET", "/"), ("POST", "/v1/study/join")}
+PUBLIC = {("GET", "/healthz"), ("GET", "/"), ("POST", "/v1/study/join"), ("POST", "/v1/study/resume")}
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,17 @@ def world(tmp_path: Path, answerer, study_files: Path):
     w.store.close()
 
 
+def label_all(world: World, who: str) -> None:
+    """Participant `who` labels every pair the study shows them, the first answer preferred."""
+    state = world.call(who, "GET", "/v1/study/state").json()
+    while state["pair"] is not None:
+        r = world.call(
+            who, "POST", "/v1/study/labels", json={"pair_id": state["pair"]["pair_id"], "choice": "a"}
+        )
+        assert r.status_code == 200, r.text
+        state = r.json()
+
+
 def _routes(app) -> list[tuple[str, str]]:
     """(METHOD, path) of every route that takes a key, from the app's OpenAPI schema (the public list of
     its routes, included routers too)."""
@@ -131,6 +142,7 @@ def assert_clear_error(response: httpx.Response, status: int, param: str | None 
 def test_every_route_needs_a_live_key_of_the_right_scope(world: World):
     revoked_info, revoked = world.store.create_key("A", name="old")
     assert world.store.revoke_key(revoked_info.id)
+    world.keys["P"] = world.client.post("/v1/study/join", json={"code": "let-me-in"}).json()["api_key"]
     bad = {
         "none": {},
         "unknown": {"Authorization": "Bearer fspo-0123456789abcdef-" + "x" * 43},
@@ -152,6 +164,8 @@ def test_every_route_needs_a_live_key_of_the_right_scope(world: World):
             assert r.headers.get("www-authenticate") == "Bearer", (method, path, why)
         wrong = "A" if path.startswith("/v1/admin/") else "admin"
         assert_clear_error(world.call(wrong, method, _fill(path), json={}), 403)
+        if not path.startswith("/v1/study/"):  # a participant's key reaches nothing but the study
+            assert_clear_error(world.call("P", method, _fill(path), json={}), 403)
 
 
 def test_no_route_lets_one_user_reach_anothers_preferences_or_votes(world: World):
@@ -160,9 +174,7 @@ def test_no_route_lets_one_user_reach_anothers_preferences_or_votes(world: World
     p = world.client.post("/v1/study/join", json={"code": "let-me-in"}).json()
     q = world.client.post("/v1/study/join", json={"code": "let-me-in"}).json()
     world.keys["P"], world.keys["Q"] = p["api_key"], q["api_key"]
-    for pair in world.call("Q", "GET", "/v1/study/pairs").json():
-        label = {"question": pair["question"], "chosen": pair["a"], "rejected": pair["b"]}
-        assert world.call("Q", "POST", "/v1/users/me/preferences", json=label).status_code == 201
+    label_all(world, "Q")
     q_trial = world.call("Q", "GET", "/v1/study/next").json()
     assert q_trial["done"] is False
 
@@ -184,6 +196,7 @@ def test_no_route_lets_one_user_reach_anothers_preferences_or_votes(world: World
         ],
         ("POST", "/v1/users/me/preferences"): [_pref(9, "A-")],
         ("POST", "/v1/study/trials/{trial_id}/vote"): [{"choice": "left"}],
+        ("POST", "/v1/study/labels"): [{"pair_id": 0, "choice": "a"}],
         ("POST", "/v1/admin/keys"): [{"user_id": "A2"}],
     }
     ids = {"{pref_id}": b_id, "{trial_id}": q_trial["trial_id"], "{key_id}": "0123456789abcdef"}
@@ -237,12 +250,15 @@ def test_only_participants_take_the_study(world: World):
     study_routes = [(m, p) for m, p in _routes(world.app) if p.startswith("/v1/study/")]
     assert {p for _, p in study_routes} == {
         "/v1/study/pairs",
+        "/v1/study/state",
+        "/v1/study/labels",
         "/v1/study/next",
         "/v1/study/trials/{trial_id}/vote",
     }
     world.call("A", "POST", "/v1/users/me/preferences", json=_pref(1))  # labels would not let A in either
     for method, path in study_routes:
-        error = assert_clear_error(world.call("A", method, _fill(path), json={"choice": "left"}), 403)
+        body = {"choice": "a", "pair_id": 0} if path.endswith("labels") else {"choice": "left"}
+        error = assert_clear_error(world.call("A", method, _fill(path), json=body), 403)
         assert error["code"] == "not_a_participant", (method, path)
     assert world.store.trials() == []
 
@@ -679,7 +695,7 @@ def test_a_remote_answerers_failure_is_a_502_naming_it(
 
         joined = w.client.post("/v1/study/join", json={"code": "let-me-in"}).json()
         w.keys["P"] = joined["api_key"]
-        assert w.call("P", "POST", "/v1/users/me/preferences", json=_pref(1)).status_code == 201
+        label_all(w, "P")
         assert_backend_error(w.call("P", "GET", "/v1/study/next"), server.base_url, "500")
         assert w.store.trials() == []
     messages = [{"role": "user", "content": "Which hat?"}]
