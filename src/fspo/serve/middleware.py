@@ -22,6 +22,22 @@ from fspo.serve.errors import error_response
 logger = logging.getLogger("fspo.serve")
 
 
+class HTTPLayer:
+    """An ASGI layer that acts on HTTP requests (`http`) and passes anything else (lifespan) through."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.http(scope, receive, send)
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
 class _TooLarge(HTTPException):
     # An HTTPException so that FastAPI, reading the body when this is raised, lets it through to the
     # error handlers (it turns any other error of reading the body into a 400).
@@ -29,7 +45,7 @@ class _TooLarge(HTTPException):
         super().__init__(413, f"request body too large (limit {limit} bytes)")
 
 
-class BodySizeLimit:
+class BodySizeLimit(HTTPLayer):
     """413 for a request body over `max_bytes`, declared (Content-Length) or streamed (chunked).
 
     A declared length over the limit is refused before a byte is read; a body without one is
@@ -39,13 +55,10 @@ class BodySizeLimit:
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app = app
+        super().__init__(app)
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and not declared.isdigit():
             await error_response(400, "invalid Content-Length header")(scope, receive, send)
@@ -81,18 +94,12 @@ SECURITY_HEADERS = {
 }
 
 
-class SecurityHeaders:
+class SecurityHeaders(HTTPLayer):
     """The browser protections of `SECURITY_HEADERS` on every response, and ``Cache-Control: no-store``
     on the API's (``/v1/*``): they hold a user's preferences and answers, which no shared cache or
     browser history should keep."""
 
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         api = scope["path"].startswith("/v1/")
 
         async def send_secured(message: Message) -> None:
@@ -107,7 +114,7 @@ class SecurityHeaders:
         await self.app(scope, receive, send_secured)
 
 
-class CrashGuard:
+class CrashGuard(HTTPLayer):
     """A logged 500 in the API's error shape for anything a route raised that no handler took.
 
     It sits inside `SecurityHeaders`, so the 500 carries every header an answer does, and it does not
@@ -115,13 +122,7 @@ class CrashGuard:
     is gone: the exception is logged and the response ends there (streams send their own error event
     first, `fspo.serve.completions`)."""
 
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
         async def send_tracked(message: Message) -> None:
@@ -143,14 +144,14 @@ class CrashGuard:
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
-class HostCheck:
+class HostCheck(HTTPLayer):
     """400 for a request whose Host header names none of `allowed` (``*``: any): a page served to a
     name the operator did not choose is how DNS rebinding lets another site's script call a server on
     this machine with the browser's own access to it. A name matches exactly, without its port;
     ``*.example.org`` matches its subdomains."""
 
     def __init__(self, app: ASGIApp, allowed: Iterable[str]):
-        self.app = app
+        super().__init__(app)
         self.allowed = [a.lower() for a in allowed]
         self.any = "*" in self.allowed
 
@@ -159,12 +160,9 @@ class HostCheck:
         name = host[1 : host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
         return any(name == a or (a.startswith("*.") and name.endswith(a[1:])) for a in self.allowed)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.any:
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         host = Headers(scope=scope).get("host", "")
-        if not self.allows(host):
+        if not self.any and not self.allows(host):
             message = f"Host {host!r} is not served here (fspo serve --allowed-host names the hosts)"
             await error_response(400, message, code="invalid_host")(scope, receive, send)
             return
