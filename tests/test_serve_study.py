@@ -632,3 +632,37 @@ def test_simulated_votes_tie_exactly_where_the_offline_judge_ties(monkeypatch):
     user = toy_users(1)[0]
     for a, b, expected in [("a", "b", 0.5), ("b", "a", 0.5), ("c", "a", 1.0), ("a", "c", 0.0)]:
         assert sim_reward.prefer(user, "q", a, b) == judge.prefer(user, "q", a, b) == expected, (a, b)
+
+
+def test_init_from_synth_holds_questions_out_of_the_bank_for_the_trials(tmp_path):
+    """A synth export (users.jsonl, preferences.jsonl) becomes a study for people: the bank is its answer
+    pairs, once each, and the trials' questions are never among the bank's."""
+    synth = tmp_path / "synth"
+    synth.mkdir()
+    users = toy_users(4)
+    prefs = toy_preferences(users, per_user=10)
+    write_jsonl(synth / "users.jsonl", users)
+    write_jsonl(synth / "preferences.jsonl", prefs)
+    out = tmp_path / "study"
+    args = ["init", "--from-synth", synth, "--out", out, "--label-count", "4", "--trials", "2"]
+    code, text = study_cli(
+        *args, "--fspo-model", "runs/smollm2/fspo", "--baseline-model", "base=runs/smollm2:0"
+    )
+    assert code == 0, text
+    assert "fspo serve --model runs/smollm2/fspo --shots 8 --baseline base=runs/smollm2:0 --study" in text
+    study = StudyConfig.load(out / "study.yaml")
+    assert (study.fspo, study.baseline, study.label_count, study.trials_per_participant) == (
+        "fspo",
+        "base",
+        4,
+        2,
+    )
+    held = set(study.question_bank)
+    assert held and not held & {p.question for p in study.bank}
+    assert held | {p.question for p in study.bank} == {p.question for p in prefs}
+    assert len({(p.question, frozenset((p.chosen, p.rejected))) for p in study.bank}) == len(study.bank)
+    assert study_cli(*args) == (
+        2,
+        "study init --from-synth: name the models to serve with --fspo-model and --baseline-model",
+    )
+    assert study_cli("init", "--out", out)[0] == 2  # neither source

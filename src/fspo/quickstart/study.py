@@ -182,7 +182,11 @@ def _labels_needed(shots: int, decided: float, most: int, coverage: float = 0.9)
 
 
 def init_cmd(
-    from_quickstart: Path = typer.Option(..., help="A `fspo quickstart` output folder."),
+    from_quickstart: Path | None = typer.Option(None, help="A `fspo quickstart` output folder."),
+    from_synth: Path | None = typer.Option(
+        None,
+        help="A `fspo synth` output folder: its answer pairs are the bank, held-out questions the trials.",
+    ),
     out: Path = typer.Option(..., help="Folder for study.yaml, pairs.jsonl, questions.jsonl, users.jsonl."),
     code: str | None = typer.Option(None, help="The sign-in code (default: a random one)."),
     label_count: int | None = typer.Option(
@@ -195,8 +199,20 @@ def init_cmd(
     baseline: str = typer.Option(
         "population-ipo", help="The system FSPO is compared with (a trained system of fspo.eval.systems)."
     ),
+    fspo_model: Path | None = typer.Option(None, help="--from-synth: the FSPO model folder to serve."),
+    baseline_model: str | None = typer.Option(
+        None, help="--from-synth: the baseline served beside it, NAME=DIR[:SHOTS] (as fspo serve --baseline)."
+    ),
+    heldout: float = typer.Option(0.2, help="--from-synth: the share of questions kept for the trials."),
 ) -> None:
-    """A study of the quickstart's FSPO vs a baseline on its unseen users, and how to run it."""
+    """A study of FSPO vs a baseline, and how to run it: on a quickstart's unseen users, or on a synth
+    export's questions and answers for real people."""
+    if (from_quickstart is None) == (from_synth is None):
+        raise UserError("study init: give one of --from-quickstart and --from-synth")
+    if from_synth is not None:
+        _init_synth(from_synth, out, code, label_count, trials, seed, fspo_model, baseline_model, heldout)
+        return
+    assert from_quickstart is not None
     info = init_from_quickstart(
         from_quickstart, out, code=code, label_count=label_count, trials=trials, seed=seed, baseline=baseline
     )
@@ -220,3 +236,41 @@ def init_cmd(
             f"offline (fspo eval winrate, exact reward, unseen users): {w['win_rate']:.1%} "
             f"[{w['ci'][0]:.1%}, {w['ci'][1]:.1%}] n={w['n']}"
         )
+
+
+def _init_synth(
+    synth: Path,
+    out: Path,
+    code: str | None,
+    label_count: int | None,
+    trials: int | None,
+    seed: int,
+    fspo_model: Path | None,
+    baseline_model: str | None,
+    heldout: float,
+) -> None:
+    from fspo.quickstart.synth_study import init_from_synth
+
+    if fspo_model is None or baseline_model is None:
+        raise UserError(
+            "study init --from-synth: name the models to serve with --fspo-model and --baseline-model"
+        )
+    info = init_from_synth(
+        synth,
+        out,
+        code=code,
+        label_count=label_count or 8,
+        trials=trials or 5,
+        seed=seed,
+        heldout=heldout,
+        fspo_model=fspo_model,
+        baseline=baseline_model,
+    )
+    s = info["study"]
+    console.print(
+        f"wrote {out}/study.yaml, pairs.jsonl ({info['pairs']} answer pairs), questions.jsonl "
+        f"({info['questions']} held-out questions): {s['label_count']} labels and "
+        f"{s['trials_per_participant']} trials per participant"
+    )
+    console.print("serve it:")
+    console.print(f"  {info['serve']}", highlight=False, markup=False, soft_wrap=True)
