@@ -414,13 +414,21 @@ def test_ctrl_c_during_training_says_what_to_rerun_and_resume_finishes(
     train_inputs: dict[str, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    # 400 steps: on a loaded machine the first logged step can be seen late, and on an idle one 120
-    # steps ran to their end before the signal arrived.
+    # 120 steps: on a loaded machine the first logged step can be seen late.
     cmd = [*FSPO_CLI, "train", "fspo", "--model", str(train_inputs["llama"]),
            "--episodes", str(train_inputs["train"]), "--out", str(out), "--batch-size", "2",
-           "--max-steps", "400", "--save-every", "2", "--log-every", "1", "--no-progress",
+           "--max-steps", "120", "--save-every", "2", "--log-every", "1", "--no-progress",
            "--seed", "5"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as at a terminal: a suite started in the background by a shell (`make test &`) inherits
+    # SIGINT ignored, and so would the command, which would then rightly train on to the end.
+    proc = subprocess.Popen(
+        cmd,
+        env=CLI_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 90
     while not _logged_step(out):
         assert proc.poll() is None, "the run ended before its first step"
