@@ -239,7 +239,7 @@ def test_participant_labels_votes_leaves_and_comes_back(browser, served, bank, t
     assert {p.question: (p.chosen, p.rejected) for p in stored} == expected
 
     # The first trial, then leave: signing out says how to come back.
-    page.get_by_role("button", name="3. Compare").click()
+    page.get_by_role("button", name="2. Compare").click()
     shown_trials = [_shown_trial(page, 1, 2)]
     shot = tmp_path / "page.png"
     page.screenshot(path=str(shot), full_page=True)

@@ -111,6 +111,7 @@
     }
     $("nav").hidden = view === "signin" || view === "joined";
     $("tab-ask").hidden = participant();
+    $("tab-study").textContent = participant() ? "2. Compare" : "3. Compare";  // a participant has no Ask
     for (const tab of document.querySelectorAll("#nav .tab")) {
       if (tab.dataset.view === view) tab.setAttribute("aria-current", "step");
       else tab.removeAttribute("aria-current");
