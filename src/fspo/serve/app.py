@@ -71,7 +71,7 @@ from fspo.serve.protocol import (
     UserList,
     UserSummary,
 )
-from fspo.serve.serving import Limits, check_preference_limits, describe
+from fspo.serve.serving import Limits, check_preference_limits, describe, forget_shots
 from fspo.serve.store import NewPreference, Principal, Store
 from fspo.serve.study import StudyConfig
 from fspo.serve.study import router as study_router
@@ -127,12 +127,6 @@ async def completions(
 # --- the caller's preferences -----------------------------------------------------------------
 
 
-def _forget(app: FastAPI, user_id: str) -> None:
-    """Drop `user_id`'s cached shot prefixes in every answerer: their preferences changed."""
-    for answerer in {id(s.answerer): s.answerer for s in app.state.systems.values()}.values():
-        answerer.forget(user_id)
-
-
 @router.get("/v1/users/me")
 def me(request: Request, principal: Principal = Depends(user_principal)) -> Me:
     store: Store = request.app.state.store
@@ -155,7 +149,7 @@ def add_preferences(
     store: Store = request.app.state.store
     check_preference_limits(limits, items, store.count_preferences(principal.user_id))
     stored = store.add_preferences(principal.user_id, items, source="api")
-    _forget(request.app, principal.user_id)
+    forget_shots(request.app, principal.user_id)
     return PreferenceList.of(stored)
 
 
@@ -192,7 +186,7 @@ def delete_preference(
         raise APIError(
             404, f"pref_id: no preference {pref_id} of yours", param="pref_id", code="preference_not_found"
         )
-    _forget(request.app, principal.user_id)
+    forget_shots(request.app, principal.user_id)
     return DeletedPreference(id=pref_id)
 
 
@@ -201,7 +195,7 @@ def delete_preferences(
     request: Request, principal: Principal = Depends(user_principal)
 ) -> DeletedPreferences:
     count = request.app.state.store.delete_preferences(principal.user_id)
-    _forget(request.app, principal.user_id)
+    forget_shots(request.app, principal.user_id)
     return DeletedPreferences(deleted=count)
 
 

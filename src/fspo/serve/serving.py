@@ -58,6 +58,12 @@ class Limits:
     generation_threads: int = 4  # requests generating (or waiting for their model) at once
 
 
+def forget_shots(app: FastAPI, user_id: str) -> None:
+    """Drop `user_id`'s cached shot prefixes in every answerer: their preferences changed."""
+    for answerer in {id(s.answerer): s.answerer for s in app.state.systems.values()}.values():
+        answerer.forget(user_id)
+
+
 def check_preference_limits(limits: Limits, items: Sequence[NewPreference], stored: int) -> None:
     """A 400 naming the field of the first of `items` over a per-field limit of `limits`, and a 409 when
     they would take their user (who has `stored` preferences) past `limits.max_preferences_per_user`."""

@@ -38,7 +38,7 @@ from fspo.data.schema import Preference
 from fspo.serve.auth import principal_of
 from fspo.serve.errors import APIError
 from fspo.serve.protocol import INT64_MAX, Body, CompletionRequest, Response, Text
-from fspo.serve.serving import generate, prepare
+from fspo.serve.serving import forget_shots, generate, prepare
 from fspo.serve.store import Conflict, Label, Principal, Trial
 from fspo.serve.store.participants import code_hash
 
@@ -374,8 +374,7 @@ def label(
         rejected = now.pair.b if body.choice == "a" else now.pair.a
         preference = pair.model_copy(update={"chosen": chosen, "rejected": rejected, "user_id": participant})
     store.add_label(participant, body.pair_id, body.choice, preference)
-    for answerer in {id(s.answerer): s.answerer for s in request.app.state.systems.values()}.values():
-        answerer.forget(participant)  # their shots changed
+    forget_shots(request.app, participant)
     return _state(request, participant)
 
 
