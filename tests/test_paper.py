@@ -116,6 +116,45 @@ def test_a_wrong_typed_config_value_names_the_file_and_field(tmp_path):
         load_profile(config=config)
 
 
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("questions_per_context: 0\n", "questions_per_context"),
+        ("questions_per_context: -2\n", "questions_per_context"),
+        ("questions_per_context: four\n", "questions_per_context"),
+        ("fspo: {questions_per_context: 4}\n", "fspo.questions_per_context"),
+        ("train: {questions_per_context: 2}\n", "train.questions_per_context"),
+        ("trainings: {fspo_rat: {questions_per_context: 2}}\n", "trainings.fspo_rat.questions_per_context"),
+    ],
+)
+def test_a_bad_questions_per_context_names_its_field(tmp_path, text, field):
+    config = tmp_path / "k.yaml"
+    config.write_text(text)
+    with pytest.raises(UserError) as err:
+        load_profile(config=config)
+    assert str(config) in str(err.value) and field in str(err.value), str(err.value)
+
+
+def test_questions_per_context_reaches_the_few_shot_fspo_trainings_only(tmp_path):
+    from fspo.quickstart.trainings import CONTEXTS, training_configs
+
+    config = tmp_path / "k.yaml"
+    config.write_text("questions_per_context: 4\n")
+    p = load_profile(config=config)
+    plain = training_configs(load_profile(), "m", tmp_path / "episodes", tmp_path)
+    cfgs = training_configs(p, "m", tmp_path / "episodes", tmp_path)
+    for name in ("fspo", "fspo_rat"):  # K questions share one shot set, read from the K-block file
+        assert cfgs[name].questions_per_context == 4 and cfgs[name].episodes == str(
+            tmp_path / CONTEXTS / "train.jsonl"
+        )
+        assert cfgs[name].batch_size == plain[name].batch_size  # contexts per step; 4x the pairs
+    for name in ("sft", "sft_rat", "pop_sft", "fspo_rat_pairs"):
+        assert cfgs[name].questions_per_context == 1 and cfgs[name] == plain[name], name
+    # Population IPO sees as many pairs per step as FSPO: its batch grows by K.
+    assert cfgs["pop_ipo"].questions_per_context == 1
+    assert cfgs["pop_ipo"].batch_size == 4 * plain["pop_ipo"].batch_size
+
+
 def test_an_unknown_domain_names_the_choices():
     with pytest.raises(UserError) as err:
         load_profile(domain="poetry")
@@ -261,8 +300,11 @@ def test_aggregate_pools_seeds_mean_spread_and_one_wilson_interval():
     t = list(agg["targets"].values())
     lo = cell["ci"][0]
     assert t[:4] == [lo > TARGET_CI_LOW, False, True, True]
-    assert t[4:] == [None] * 4  # no RAT numbers in these runs: RAT's targets say n/a, not met
-    assert len(agg["targets"]) == 8  # no fewer-shots system: no 8-vs-4 target
+    assert t[4:] == [None] * 5  # no oracle or RAT numbers in these runs: their targets say n/a, not met
+    assert len(agg["targets"]) == 9  # no fewer-shots system: no 8-vs-4 target
+    # No oracle: nothing says whether the model can write; reading is 0.9 of the ceiling, at target.
+    assert agg["limits"]["write"] == {"trait_share": None, "relevance": None}
+    assert agg["limits"]["holding"] == []
 
 
 def test_aggregate_without_a_number_says_so_and_render_marks_it():
@@ -275,7 +317,8 @@ def test_aggregate_without_a_number_says_so_and_render_marks_it():
     assert agg["accuracy_unseen"] is None and agg["ceiling_share"] is None
     md = render({"profile": "p", "seeds": [0], "domains": {"roleplay": agg}})
     assert "## roleplay" in md and "paper: held-out users" in md and "90.3%" in md
-    assert md.count(": n/a") == 2 + 4 and md.count("**not met**") == 1  # + RAT's four targets
+    assert md.count(": n/a") == 2 + 5 and md.count("**not met**") == 1  # + the oracle's and RAT's targets
+    assert "| roleplay | - | - | - | 50.0% |" in md  # the limits table says what it lacks
 
 
 def test_aggregate_rat_targets_from_descriptions_and_win_rates():
@@ -301,6 +344,33 @@ def test_aggregate_rat_targets_from_descriptions_and_win_rates():
     assert by_prefix["FSPO+RAT's descriptions name"] is True
     assert by_prefix["The oracle"] is True
     assert by_prefix["FSPO+RAT recovers"] is True  # 96.8% of the oracle's win rate
-    assert by_prefix["FSPO+RAT"] is True  # 45% [36, 55]: the interval reaches 50%
+    assert by_prefix["FSPO+RAT beats FSPO"] is False  # 45% [36, 55]: not above 50%
     md = render({"profile": "p", "seeds": [0, 1], "domains": {"roleplay": agg}})
     assert "| fspo-rat-2-shots vs fspo-2-shots | 60.0%" in md and "name 94.0% of unseen" in md
+
+
+def test_limits_separate_writing_from_reading():
+    """The oracle's answers say whether the model can write a user's values; FSPO's accuracy against the
+    shot ceiling whether it reads them; each limit below its target is named, computed from the numbers."""
+
+    def run(seed: int, oracle_share: float, oracle_relevance: float, acc: float) -> dict:
+        summary = _summary(seed, 0.7, 100, 0.6, acc, 1.0)
+        summary["trait_shares"]["oracle"] = {
+            "test_unseen": {"trait_share": oracle_share, "relevance": oracle_relevance, "n": 10}
+        }
+        return summary
+
+    agg = aggregate("reviews", [run(0, 0.95, 0.9, 0.95), run(1, 0.91, 0.82, 0.97)])
+    lim = agg["limits"]
+    assert lim["write"] == {"trait_share": pytest.approx(0.93), "relevance": pytest.approx(0.86)}
+    assert lim["read"]["share"] == pytest.approx(0.96) and lim["both"]["trait_share"] == pytest.approx(0.6)
+    assert lim["holding"] == []
+    oracle = next(v for t, v in agg["targets"].items() if t.startswith("The oracle's answers carry"))
+    assert oracle is True
+
+    weak_writer = aggregate(
+        "reviews", [run(0, 0.95, 0.5, 0.5)]
+    )  # on topic too rarely; reads half the ceiling
+    assert weak_writer["limits"]["holding"] == ["write", "read"]
+    md = render({"profile": "p", "seeds": [0], "domains": {"reviews": weak_writer}})
+    assert "| reviews | 95.0% | 0.50 | 0.50 / 1.00 (50.0%) | 60.0% |" in md and "| write, read |" in md

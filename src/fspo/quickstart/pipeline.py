@@ -27,7 +27,7 @@ from fspo.eval import systems as registry
 from fspo.eval.systems import ONPOLICY, RAT_PAIRS_TRAINING, System, expand
 from fspo.quickstart.profile import Profile, load_profile
 from fspo.quickstart.report import acc_at, print_table, report
-from fspo.quickstart.trainings import cache_key, training_configs, trainings_of
+from fspo.quickstart.trainings import CONTEXTS, cache_key, shares_contexts, training_configs, trainings_of
 from fspo.train.config import TrainConfig
 
 
@@ -53,7 +53,18 @@ def trained_stages(p: Profile) -> tuple[str, ...]:
 def stages() -> tuple[str, ...]:
     """The stage folders the quickstart writes under its `out` (its output policy's own files)."""
     trainings = tuple(t.name for t in registry.TRAININGS)
-    return ("sim", "episodes", "model", *trainings, "rat_pairs", ONPOLICY, "generate", "accuracy", "report")
+    return (
+        "sim",
+        "episodes",
+        CONTEXTS,
+        "model",
+        *trainings,
+        "rat_pairs",
+        ONPOLICY,
+        "generate",
+        "accuracy",
+        "report",
+    )
 
 
 def run_quickstart(
@@ -81,12 +92,15 @@ def run_quickstart(
 def _run_stages(p: Profile, runner: StageRunner, params: dict[str, Any]) -> dict[str, Any]:
     runner.run("sim", _pick(params, "domain users prefs_per_user seed sim_options"), lambda d: _sim(p, d))
     runner.run("episodes", _pick(params, "shots seed"), lambda d: _episodes(p, runner, d), ("sim",))
+    if p.questions_per_context > 1:
+        key = _pick(params, "shots seed questions_per_context")
+        runner.run(CONTEXTS, key, lambda d: _contexts(p, runner, d), ("sim",))
     runner.run("model", _pick(params, MODEL_FIELDS), lambda d: _model(p, runner, d), ("sim",))
     model_dir = str(runner.folder("model") / "model")
     configs = training_configs(p, model_dir, runner.folder("episodes"), runner.root)
     for t in trainings_of(p):
         cfg = configs[t.name]
-        upstream = (t.start,) if t.start else ()
+        upstream = ((t.start,) if t.start else ()) + ((CONTEXTS,) if shares_contexts(p, t) else ())
         if t.name == RAT_PAIRS_TRAINING:
             # RAT's description pairs (v2): sample descriptions from the RAT model, pair best and
             # worst, and train FSPO+RAT on them from where it stands.
@@ -165,6 +179,21 @@ def _episodes(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
     counts = splits.counts()
     runner.console.print("  episodes: " + ", ".join(f"{split} {n}" for split, n in counts.items()))
     return counts
+
+
+def _contexts(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:
+    """The few-shot FSPO trainings' episodes (`fspo.quickstart.trainings.shares_contexts`): the training
+    users' preferences cut into blocks of `shots` + K, K queries sharing one shot set. A stage of its own
+    beside `episodes`, whose one-query test splits (and SFT's file) stay as they are whatever K is."""
+    from fspo.data.episodes import build_episodes
+    from fspo.data.io import read_dataset_dir, write_records
+
+    prefs, users, _ = read_dataset_dir(runner.folder("sim"))
+    k = p.questions_per_context
+    splits = build_episodes(prefs, users, shots=p.shots, seed=p.seed, questions_per_context=k)
+    n = write_records(folder / "train.jsonl", splits["train"])
+    runner.console.print(f"  {n} training episodes, {k} per shot set")
+    return {"train": n}
 
 
 def _model(p: Profile, runner: StageRunner, folder: Path) -> dict[str, Any]:

@@ -38,6 +38,7 @@ class Profile(BaseModel):
     prefs_per_user: int
     sim_options: dict[str, Any]
     shots: int
+    questions_per_context: Annotated[int, Field(ge=1)]
     include_dispreferred: bool
     also_shots: tuple[int, ...]
     seed: int
@@ -106,6 +107,14 @@ class Profile(BaseModel):
             raise ValueError(
                 f"unknown training(s) {', '.join(unknown)}; the trainings are {', '.join(names)}"
             )
+        for name, table in value.items():
+            _no_contexts_in(table, f"trainings.{name}")
+        return value
+
+    @field_validator("train", "sft", "fspo")
+    @classmethod
+    def _no_contexts(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        _no_contexts_in(value, str(info.field_name))
         return value
 
     @field_validator("rat_pairs_samples", "eval_episodes", "max_new_tokens", "gen_batch_size", "users")
@@ -114,6 +123,16 @@ class Profile(BaseModel):
         if value < 0:
             raise ValueError("must be 0 or more")
         return value
+
+
+def _no_contexts_in(table: dict[str, Any], name: str) -> None:
+    # K questions per context needs episodes built with K queries per shot set: the episodes stage
+    # builds them from the profile field, so the trainings' K is that field and nothing else.
+    if "questions_per_context" in table:
+        raise ValueError(
+            f"{name}.questions_per_context: set the profile field `questions_per_context` instead "
+            "(the episodes are built for it)"
+        )
 
 
 def domains() -> list[str]:

@@ -17,6 +17,9 @@ from fspo.train.config import TrainConfig, train_config
 
 # Paths of a run, not settings: left out of a stage's cache key (the stage folders are fixed).
 PATH_FIELDS = ("model", "out", "episodes", "eval_episodes")
+# The stage holding the train split built with the profile's `questions_per_context` queries per shot
+# set (run only when that is above 1), which the few-shot FSPO-stage trainings read.
+CONTEXTS = "contexts"
 
 
 def trainings_of(p: Any) -> tuple[Training, ...]:
@@ -33,6 +36,8 @@ def training_configs(p: Any, model_dir: str, episodes: Path, out: Path) -> dict[
         start = model_dir if t.start is None else str(out / t.start / "model")
         pairs = t.name == RAT_PAIRS_TRAINING  # trains on the description pairs the `rat_pairs` stage wrote
         train_file = out / "rat_pairs" / "train.jsonl" if pairs else episodes / "train.jsonl"
+        if shares_contexts(p, t):
+            train_file = out / CONTEXTS / "train.jsonl"
         values |= {
             "model": start,
             "episodes": str(train_file),
@@ -41,6 +46,14 @@ def training_configs(p: Any, model_dir: str, episodes: Path, out: Path) -> dict[
         }
         configs[t.name] = _config(t, values)
     return configs
+
+
+def shares_contexts(p: Any, t: Training) -> bool:
+    """Whether training `t` scores `p.questions_per_context` questions per row: the few-shot
+    FSPO-stage runs on the episodes (SFT keeps one per row for its shot loss; the population sees no
+    shots to share; RAT's description pairs are a file of their own)."""
+    few_shot_fspo = t.stage == "fspo" and not t.population and t.name != RAT_PAIRS_TRAINING
+    return p.questions_per_context > 1 and few_shot_fspo
 
 
 def _values(p: Any, t: Training) -> dict[str, Any]:
@@ -57,9 +70,16 @@ def _values(p: Any, t: Training) -> dict[str, Any]:
         # batch that holds as many answers (few-shot SFT with shot_loss trains on every shot's answer
         # too, so its batch of episodes is (shots + 1) times the answers). So the two differ in what
         # they condition on, not in how much they learned from.
-        answers = p.shots + 1 if t.stage == "sft" and values.get("shot_loss") else 1
+        # Likewise a population IPO batch holds as many pairs as FSPO's, whose rows hold
+        # `questions_per_context` questions each.
+        if t.stage == "sft" and values.get("shot_loss"):
+            answers = p.shots + 1
+        else:
+            answers = p.questions_per_context if t.stage == "fspo" else 1
         batch = values.get("batch_size", TrainConfig.model_fields["batch_size"].default)
         values |= {"shots": 0, "shot_loss": False, "batch_size": batch * answers}
+    elif shares_contexts(p, t):
+        values["questions_per_context"] = p.questions_per_context
     values |= p.trainings.get(t.name, {})
     if "save_every" not in values and values.get("max_steps"):
         # Checkpoints only make a killed run resumable: four per run loses at most a quarter of it.
