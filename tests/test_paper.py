@@ -180,8 +180,13 @@ def _fspo(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         (["quickstart", "--config", "bad.yaml"], {"bad.yaml": "users: 5\nshotz: 4\n"}, ["shotz", "bad.yaml"]),
         (["quickstart", "--domain", "poetry"], {}, ["poetry", "elix, reviews, roleplay"]),
         (["paper", "--seeds", "0,x", "--profile", "tiny"], {}, ["--seeds", "0,x"]),
+        (
+            ["paper", "--profile", "tiny", "--config", "k.yaml"],
+            {"k.yaml": "questions_per_context: 0\n"},
+            ["k.yaml", "questions_per_context"],
+        ),
     ],
-    ids=["unknown-config-key", "unknown-domain", "bad-seeds"],
+    ids=["unknown-config-key", "unknown-domain", "bad-seeds", "paper-bad-config"],
 )
 def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, files, expect):
     for name, text in files.items():
@@ -344,6 +349,10 @@ def test_aggregate_rat_targets_from_descriptions_and_win_rates():
     assert by_prefix["FSPO+RAT's descriptions name"] is True
     assert by_prefix["The oracle"] is True
     assert by_prefix["FSPO+RAT recovers"] is True  # 96.8% of the oracle's win rate
+    # An oracle that does not beat population IPO is no bar to recover: n/a, not met.
+    for run in runs:
+        run["winrates"]["oracle vs population-ipo"] = cell(0.45, 0.36, 0.55)
+    assert aggregate("roleplay", runs)["oracle_recovered"] is None
     assert by_prefix["FSPO+RAT beats FSPO"] is False  # 45% [36, 55]: not above 50%
     md = render({"profile": "p", "seeds": [0, 1], "domains": {"roleplay": agg}})
     assert "| fspo-rat-2-shots vs fspo-2-shots | 60.0%" in md and "name 94.0% of unseen" in md

@@ -87,6 +87,9 @@ def paper(
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds; results are the mean over them."),
     out: str = typer.Option("runs/paper", help="Folder of the runs (<domain>-seed<N>) and report/."),
     profile: str = typer.Option("default", help="Size profile: 'default' or 'tiny' (a smoke run)."),
+    config: str | None = typer.Option(
+        None, help="YAML/JSON file of profile fields over every domain's profile (e.g. model_size)."
+    ),
     overwrite: bool = typer.Option(False, help="Allow runs in --out made with another profile."),
 ) -> None:
     """Every paper domain over several seeds (resumable): one report beside the paper's tables."""
@@ -97,7 +100,8 @@ def paper(
     except ValueError:
         raise UserError(f"--seeds: expected comma-separated integers, got {seeds!r}") from None
     domain_list = [d.strip() for d in domains.split(",") if d.strip()]
-    print_summary(run_paper(out, domain_list, seed_list, profile=profile, overwrite=overwrite))
+    result = run_paper(out, domain_list, seed_list, profile=profile, config=config, overwrite=overwrite)
+    print_summary(result)
 
 
 def _fail(message: str) -> NoReturn:
