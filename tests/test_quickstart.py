@@ -46,13 +46,7 @@ def test_quickstart_tiny_runs_every_stage_and_caches(tmp_path):
     # RAT's rejected targets knew the rejected persona: every training episode of the simulator.
     start = json.loads((out / "fspo_rat" / "metrics.jsonl").read_text().splitlines()[0])
     assert start["render"]["rejected_description_own"] == 0 and start["render"]["kept"] > 0
-    # tiny asks for 2 questions per context: FSPO's rows hold 2 queries of one user under one shot set.
-    contexts = [json.loads(r) for r in (out / "contexts" / "train.jsonl").read_text().splitlines()]
-    first, second = contexts[0], contexts[1]
-    assert first["user_id"] == second["user_id"] and first["shots"] == second["shots"]
-    assert first["query"] != second["query"]
-    fspo_start = json.loads((out / "fspo" / "metrics.jsonl").read_text().splitlines()[0])
-    assert fspo_start["questions_per_context"] > 1
+    _assert_fspo_shares_contexts(out)
     assert results  # every table number is machine-readable
 
     # A second run is served from the stage markers: no stage re-runs.
@@ -98,6 +92,16 @@ def _cell(system, opponent, rate, lo, hi, split="unseen"):
     return SimpleNamespace(
         system=system, opponent=opponent, split=split, win_rate=rate, ci_low=lo, ci_high=hi, n=150
     )
+
+
+def _assert_fspo_shares_contexts(out):
+    """tiny asks for 2 questions per context: FSPO's rows hold 2 queries of one user under one shot set."""
+    contexts = [json.loads(r) for r in (out / "contexts" / "train.jsonl").read_text().splitlines()]
+    first, second = contexts[0], contexts[1]
+    assert first["user_id"] == second["user_id"] and first["shots"] == second["shots"]
+    assert first["query"] != second["query"]
+    fspo_start = json.loads((out / "fspo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert fspo_start["questions_per_context"] > 1
 
 
 def test_findings_follow_the_table_on_unseen_users():
