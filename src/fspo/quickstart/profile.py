@@ -126,8 +126,8 @@ class Profile(BaseModel):
 
 
 def _no_contexts_in(table: dict[str, Any], name: str) -> None:
-    # K questions per context needs episodes built with K queries per shot set: the episodes stage
-    # builds them from the profile field, so the trainings' K is that field and nothing else.
+    # K questions per context needs episodes built with K queries per shot set: the quickstart's
+    # stage `contexts` builds them from the profile field, so the trainings' K is that field alone.
     if "questions_per_context" in table:
         raise ValueError(
             f"{name}.questions_per_context: set the profile field `questions_per_context` instead "
